@@ -1,0 +1,3 @@
+from npuconv.cli import main
+
+main()

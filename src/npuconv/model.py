@@ -1,0 +1,189 @@
+"""The canonical, format-free form of a quantized linear layer (readers produce it, writers consume it).
+
+One rule dequantizes every layer::
+
+    weight[..., n, k] = (decode(qweight[..., n, k]) - zero[..., n, g(k)]) * scale[..., n, g(k)]
+
+- ``n`` output feature (N = out_features), ``k`` input feature (K = in_features); an optional
+  leading ``E`` dimension stacks MoE experts.
+- ``g(k) = g_idx[k]`` when ``g_idx`` is given (GPTQ act-order), else ``k // group_size``;
+  ``group_size == -1`` means one group spanning K (per-channel).
+- ``decode``: integer codes are *unsigned* ``uint8`` in ``[0, 2**bits)``; FP8 codes are
+  ``torch.float8_e4m3fn``; FP4 codes are E2M1 nibbles ``0..15``, one per ``uint8`` (bit 3 sign,
+  bits 0–2 index into ``[0, .5, 1, 1.5, 2, 3, 4, 6]``).
+- ``zero``: integer zero points in the same unsigned code domain as ``int16``; ``None`` means
+  symmetric, i.e. ``2**(bits-1)`` for integer codes and ``0`` for float codes. So a signed code
+  ``s`` (compressed-tensors, msModelSlim) is stored as ``s + 2**(bits-1)``.
+- ``scale``: ``[..., N, G]`` float (fp16/bf16/fp32 exactly as the source stores it), or ``uint8``
+  E8M0 exponents (``2**(byte-127)``) for MX formats. ``global_scale`` (NVFP4) divides the scale:
+  the effective scale is ``scale.float() / global_scale`` (that order, fp32, as compressed-tensors).
+
+How each source format maps onto this rule is documented in its reader module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+INT = "int"
+FP8_E4M3 = "fp8_e4m3"
+FP4_E2M1 = "fp4_e2m1"
+
+SCALE_FLOAT = "float"
+SCALE_E8M0 = "e8m0"
+
+E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+@dataclass(frozen=True)
+class ActivationQuant:
+    """How a layer's input activations are quantized at run time (None on a spec: not quantized)."""
+
+    kind: str  # INT, FP8_E4M3, FP4_E2M1 (element type of the quantized activations)
+    bits: int
+    dynamic: bool  # per-token scales computed at run time; False: static input_scale in the checkpoint
+    strategy: str = "token"  # "token", "tensor", "group" (MX: group of 32)
+    symmetric: bool = True
+
+
+@dataclass(frozen=True)
+class LinearSpec:
+    """Everything about a quantized linear except its tensors (cheap; used by inspect and planning)."""
+
+    name: str  # module prefix, e.g. "model.layers.0.mlp.down_proj"
+    out_features: int  # N
+    in_features: int  # K
+    bits: int
+    group_size: int  # -1: per-channel (one group of K)
+    symmetric: bool
+    act_order: bool = False
+    weight_format: str = INT
+    scale_format: str = SCALE_FLOAT
+    scale_dtype: torch.dtype = torch.float16
+    activation: ActivationQuant | None = None
+    has_bias: bool = False
+    has_global_scale: bool = False
+    num_experts: int | None = None  # E for a stacked MoE expert tensor [E, N, K]
+    source_scheme: str = ""  # the source format's own label, e.g. "gptq_v1", "W8A8_DYNAMIC"
+    source_tensors: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def num_groups(self) -> int:
+        return 1 if self.group_size == -1 else -(-self.in_features // self.group_size)
+
+    @property
+    def effective_group_size(self) -> int:
+        return self.in_features if self.group_size == -1 else self.group_size
+
+    @property
+    def scheme(self) -> str:
+        """Short scheme label: ``w4a16``, ``w8a8_dynamic``, ``w8a8_static``, ``w8a8_mxfp8``, ``w4a8_mxfp``, …"""
+        act = self.activation
+        if self.weight_format == INT:
+            if act is None:
+                return f"w{self.bits}a16"
+            return f"w{self.bits}a{act.bits}_{'dynamic' if act.dynamic else 'static'}"
+        if self.scale_format == SCALE_E8M0:
+            weight = "mxfp8" if self.weight_format == FP8_E4M3 else "mxfp4"
+            if act is None:
+                return f"w{self.bits}a16_{weight}"
+            return f"w{self.bits}a{act.bits}_{'mxfp' if weight == 'mxfp4' and act.bits == 8 else weight}"
+        if self.weight_format == FP4_E2M1:
+            return "w4a16_nvfp4" if act is None else f"w4a{act.bits}_nvfp4"
+        return "w8a16_fp8" if act is None else f"w8a{act.bits}_fp8"
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        return () if self.num_experts is None else (self.num_experts,)
+
+
+@dataclass
+class QuantizedLinear:
+    """The tensors of one quantized linear, in canonical form (see the module docstring)."""
+
+    spec: LinearSpec
+    qweight: torch.Tensor  # [..., N, K]
+    scale: torch.Tensor  # [..., N, G]
+    zero: torch.Tensor | None = None  # [..., N, G] int16, unsigned code domain; None: symmetric
+    g_idx: torch.Tensor | None = None  # [K] int32 (or [E, K]); None: k // group_size
+    bias: torch.Tensor | None = None  # [..., N]
+    global_scale: torch.Tensor | None = None  # [...,1] fp32 divisor of scale (NVFP4)
+    input_scale: torch.Tensor | None = None  # static activation scale, fp32 [1]
+    input_zero: torch.Tensor | None = None  # static activation zero point, fp32 [1] (integer-valued)
+
+    def with_spec(self, **changes) -> "QuantizedLinear":
+        return replace(self, spec=replace(self.spec, **changes))
+
+    def group_index(self) -> torch.Tensor:
+        """``g(k)`` for every input column: int64 ``[K]`` (or ``[E, K]``)."""
+        if self.g_idx is not None:
+            return self.g_idx.long()
+        k = self.spec.in_features
+        return torch.arange(k) // self.spec.effective_group_size
+
+    def effective_scale(self) -> torch.Tensor:
+        """The float32 scale ``[..., N, G]`` applied to ``code - zero``."""
+        if self.spec.scale_format == SCALE_E8M0:
+            return decode_e8m0(self.scale)
+        scale = self.scale.float()
+        if self.global_scale is not None:
+            scale = scale / self.global_scale.float().reshape(*self.spec.batch_shape, 1, 1)
+        return scale
+
+    def decoded_codes(self) -> torch.Tensor:
+        """float32 ``decode(qweight)`` minus nothing (no zero point applied)."""
+        return decode_codes(self.qweight, self.spec.weight_format)
+
+    def zero_points(self) -> torch.Tensor:
+        """float32 zero points ``[..., N, G]`` (the symmetric default expanded)."""
+        if self.zero is not None:
+            return self.zero.float()
+        midpoint = float(2 ** (self.spec.bits - 1)) if self.spec.weight_format == INT else 0.0
+        return torch.full(self.scale.shape, midpoint)
+
+
+def decode_codes(codes: torch.Tensor, weight_format: str) -> torch.Tensor:
+    """float32 values of canonical codes (unsigned ints, FP8 e4m3, or E2M1 nibbles)."""
+    if weight_format == INT:
+        return codes.float()
+    if weight_format == FP8_E4M3:
+        return codes.float()
+    if weight_format == FP4_E2M1:
+        return E2M1_VALUES[codes.long()]
+    raise ValueError(f"unknown weight format {weight_format!r}")
+
+
+def decode_e8m0(scale: torch.Tensor) -> torch.Tensor:
+    """E8M0 bytes → float32 ``2**(byte - 127)``; byte 255 → NaN. (Byte 0 → 2**-127, the OCP value.)"""
+    exponent = scale.to(torch.int32) - 127
+    values = torch.ldexp(torch.ones_like(exponent, dtype=torch.float32), exponent)
+    return torch.where(scale == 255, torch.full_like(values, float("nan")), values)
+
+
+def dequantize(layer: QuantizedLinear, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Float weight ``[..., N, K]`` by the canonical rule, computed in float32 then cast to ``dtype``.
+
+    Done as ``(code - zero) * scale`` with one float32 product per element, which is exactly what
+    GPTQModel, AutoAWQ, compressed-tensors and msModelSlim compute for integer and MX formats.
+    """
+    values = layer.decoded_codes()
+    scale = layer.effective_scale()
+    zero = None if layer.zero is None and layer.spec.weight_format != INT else layer.zero_points()
+    if layer.g_idx is None and layer.spec.in_features % layer.spec.effective_group_size == 0:
+        # contiguous groups: view K as [G, g] and broadcast, no [N, K] scale/zero expansion
+        grouped = values.unflatten(-1, (scale.shape[-1], -1))
+        if zero is not None:
+            grouped = grouped - zero.unsqueeze(-1)
+        return (grouped * scale.unsqueeze(-1)).flatten(-2).to(dtype)
+    groups = layer.group_index()
+    if groups.dim() == 1:
+        scale = scale[..., groups]
+        zero = None if zero is None else zero[..., groups]
+    else:  # per-expert g_idx [E, K]
+        index = groups.unsqueeze(-2).expand(*scale.shape[:-1], groups.shape[-1])
+        scale = scale.gather(-1, index)
+        zero = None if zero is None else zero.gather(-1, index)
+    weight = values * scale if zero is None else (values - zero) * scale
+    return weight.to(dtype)

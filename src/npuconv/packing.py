@@ -1,0 +1,155 @@
+"""Bit-level packing primitives shared by readers and writers. All work on bytes (uint8), vectorized.
+
+Conventions (every function below):
+- A *bitstream* is LSB-first: element ``i`` of a row occupies bits ``[i*b, i*b + b)`` of the row,
+  where bit ``8*m + t`` is bit ``t`` of byte ``m``. An int32 word ``w`` stored little-endian is
+  bytes ``w & 0xFF, (w >> 8) & 0xFF, …``, so "element j of a word at bits [j*b, j*b+b)" (GPTQ,
+  compressed-tensors ≥ 0.18, Ascend int4pack) is exactly this bitstream over the word's bytes.
+- Packing is always along the **last** dimension; callers transpose first when a format packs
+  along another axis.
+- Codes are unsigned ``uint8`` in ``[0, 2**b)``; signed two's-complement nibbles are their
+  unsigned images (``v & 0xF``).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+
+# AWQ GEMM: nibble i of a word holds logical column 8c + AWQ_ORDER[i]
+# (AutoAWQ awq/utils/packing_utils.py, checkpoint_formats.md §2.2)
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # logical column j sits at nibble AWQ_REVERSE_ORDER[j]
+
+if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
+    raise ImportError("npuconv assumes a little-endian host (safetensors data is little-endian)")
+
+
+def as_bytes(words: torch.Tensor) -> torch.Tensor:
+    """Reinterpret the last dim of a contiguous integer tensor as little-endian bytes (uint8)."""
+    return words.contiguous().view(torch.uint8)
+
+
+def unpack_bitstream(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Unpack ``count`` codes of ``bits`` bits from the LSB-first bitstream along the last dim.
+
+    ``packed``: any integer dtype ``[..., W]`` (int32 words or bytes); returns uint8 ``[..., count]``.
+    Values may straddle byte and word boundaries (3-bit). Works on bytes only: no int32 temporary
+    of the unpacked size.
+    """
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+    data = as_bytes(packed)
+    nbytes_needed = math.ceil(count * bits / 8)
+    if data.shape[-1] < nbytes_needed:
+        raise ValueError(f"{data.shape[-1]} bytes hold fewer than {count} codes of {bits} bits")
+    if bits == 8:
+        return data[..., :count]
+    cycle_bytes = bits // math.gcd(bits, 8)  # bytes per repeating cycle (lcm(b, 8) / 8)
+    per_cycle = 8 * cycle_bytes // bits  # codes per cycle
+    cycles = math.ceil(count / per_cycle)
+    data = data[..., : cycles * cycle_bytes]
+    if data.shape[-1] < cycles * cycle_bytes:  # pad the last partial cycle with zero bytes
+        pad = cycles * cycle_bytes - data.shape[-1]
+        data = torch.nn.functional.pad(data, (0, pad))
+    data = data.unflatten(-1, (cycles, cycle_bytes))
+    mask = (1 << bits) - 1
+    codes = []
+    for j in range(per_cycle):
+        byte, shift = divmod(j * bits, 8)
+        value = data[..., byte] >> shift
+        if shift + bits > 8:
+            value = value | (data[..., byte + 1] << (8 - shift))
+        codes.append(value & mask)
+    return torch.stack(codes, dim=-1).flatten(-2)[..., :count]
+
+
+def pack_bitstream(codes: torch.Tensor, bits: int, word_dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """Inverse of :func:`unpack_bitstream`: codes ``[..., n]`` (values < 2**bits) → words ``[..., ceil(n*b/w)]``.
+
+    The stream is zero-padded to a whole number of words of ``word_dtype``.
+    """
+    codes = codes.to(torch.uint8)
+    n = codes.shape[-1]
+    word_bits = 8 * word_dtype.itemsize
+    nwords = math.ceil(n * bits / word_bits)
+    if bits == 8:
+        data = codes
+    else:
+        cycle_bytes = bits // math.gcd(bits, 8)
+        per_cycle = 8 * cycle_bytes // bits
+        cycles = math.ceil(n / per_cycle)
+        padded = torch.nn.functional.pad(codes, (0, cycles * per_cycle - n)).unflatten(-1, (cycles, per_cycle))
+        out = torch.zeros(*padded.shape[:-1], cycle_bytes, dtype=torch.uint8)
+        for j in range(per_cycle):
+            byte, shift = divmod(j * bits, 8)
+            value = padded[..., j]
+            out[..., byte] |= value << shift
+            if shift + bits > 8:
+                out[..., byte + 1] |= value >> (8 - shift)
+        data = out.flatten(-2)
+    total = nwords * word_dtype.itemsize
+    data = torch.nn.functional.pad(data, (0, total - data.shape[-1]))[..., :total]
+    return data.contiguous().view(word_dtype)
+
+
+def unpack_padded_words(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """compressed-tensors ≤ 0.17 layout: ``32 // bits`` codes per int32 word, unused high bits.
+
+    Code ``j`` of word ``w`` is at bits ``[j*b, j*b+b)`` of that word (3-bit: 10 per word, bits
+    30–31 unused). ``words``: int32 ``[..., W]``; returns uint8 ``[..., count]``.
+    """
+    per_word = 32 // bits
+    mask = (1 << bits) - 1
+    unsigned = words.to(torch.int64) & 0xFFFFFFFF
+    shifts = torch.arange(per_word, dtype=torch.int64) * bits
+    codes = (unsigned.unsqueeze(-1) >> shifts) & mask
+    return codes.flatten(-2)[..., :count].to(torch.uint8)
+
+
+def pack_padded_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`unpack_padded_words` (tests, and writers of the legacy layout)."""
+    per_word = 32 // bits
+    n = codes.shape[-1]
+    nwords = math.ceil(n / per_word)
+    padded = torch.nn.functional.pad(codes.to(torch.int64), (0, nwords * per_word - n)).unflatten(-1, (nwords, per_word))
+    shifts = torch.arange(per_word, dtype=torch.int64) * bits
+    words = (padded << shifts).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """Two 4-bit codes per byte along the last dim: even element in the low nibble.
+
+    ``codes``: ``[..., 2m]`` any integer dtype (only the low 4 bits are kept, so signed int4 in
+    [-8, 7] packs as two's complement); returns uint8 ``[..., m]``. This is the Ascend byte rule
+    (torch_npu_ops.md §0.1) and msModelSlim's ``_pack_int4`` along the packed axis.
+    """
+    nibbles = codes.to(torch.uint8) & 0xF
+    return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_nibbles`: uint8/int8 ``[..., m]`` → unsigned nibbles uint8 ``[..., 2m]``."""
+    data = packed.view(torch.uint8) if packed.dtype == torch.int8 else packed.to(torch.uint8)
+    return torch.stack((data & 0xF, data >> 4), dim=-1).flatten(-2)
+
+
+def signed_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
+    """Unsigned nibbles 0..15 → signed int4 values -8..7 as int8 (two's complement)."""
+    return ((nibbles.to(torch.int8) ^ 8) - 8).to(torch.int8)
+
+
+def awq_unpack(words: torch.Tensor, count: int) -> torch.Tensor:
+    """AWQ GEMM words ``[..., count/8]`` (interleaved nibble order) → uint8 codes ``[..., count]`` in logical order."""
+    nibbles = unpack_bitstream(words, 4, count)
+    grouped = nibbles.unflatten(-1, (-1, 8))
+    return grouped[..., list(AWQ_REVERSE_ORDER)].flatten(-2)
+
+
+def awq_pack(codes: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`awq_unpack`: logical codes ``[..., 8m]`` → AWQ-ordered int32 ``[..., m]``."""
+    grouped = codes.to(torch.uint8).unflatten(-1, (-1, 8))
+    return pack_bitstream(grouped[..., list(AWQ_ORDER)].flatten(-2), 4)

@@ -1,0 +1,245 @@
+"""safetensors files: a validating header parser, a tensor-at-a-time reader and a streaming writer.
+
+File layout (https://github.com/huggingface/safetensors, "Format"):
+``[u64 little-endian header length N][N bytes of UTF-8 JSON header][data]``. The header maps each
+tensor name to ``{"dtype": str, "shape": [int...], "data_offsets": [begin, end]}`` with offsets
+relative to the start of the data section, plus an optional ``"__metadata__"`` str→str map.
+Tensor bytes are little-endian, row-major.
+
+Reading is one tensor at a time with ``readinto`` into a fresh buffer, so memory is bounded by the
+tensor, not the file. Writing computes the header from the planned tensors up front and then
+streams each tensor's bytes as it is produced.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterable
+
+import torch
+
+from npuconv.errors import InputError, OutputError
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "U16": torch.uint16,
+    "I32": torch.int32,
+    "U32": torch.uint32,
+    "I64": torch.int64,
+    "U64": torch.uint64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """safetensors dtype string of a torch dtype (``torch.int32`` → ``"I32"``)."""
+    try:
+        return DTYPE_NAMES[dtype]
+    except KeyError:
+        raise OutputError(f"dtype {dtype} cannot be stored in safetensors") from None
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: file, dtype, shape and absolute byte span in the file."""
+
+    name: str
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute file offset of the first byte
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate a safetensors header.
+
+    Checks: header length within the file, JSON object, known dtypes, non-negative integer
+    shapes, ``end - begin == numel * itemsize``, spans inside the data section and not
+    overlapping. Raises :class:`InputError` naming the file (and tensor) otherwise.
+    Returns (tensors in file-offset order, metadata).
+    """
+    name = path.name
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise InputError(f"{name}: file is too short to be safetensors ({size} bytes)")
+            (hlen,) = struct.unpack("<Q", head)
+            if hlen > MAX_HEADER_BYTES or 8 + hlen > size:
+                raise InputError(
+                    f"{name}: header length {hlen} exceeds the file size {size} (truncated or not safetensors)"
+                )
+            raw = f.read(hlen)
+    except OSError as e:
+        raise InputError(f"{name}: cannot read: {e.strerror or e}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{name}: header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise InputError(f"{name}: header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise InputError(f"{name}: __metadata__ is not an object")
+    data_start = 8 + hlen
+    data_size = size - data_start
+    infos = [_tensor_info(path, key, entry, data_start, data_size) for key, entry in header.items()]
+    infos.sort(key=lambda t: (t.start, t.nbytes))
+    previous = None
+    for info in infos:
+        if previous is not None and info.start < previous.start + previous.nbytes:
+            raise InputError(f"{name}: tensors '{previous.name}' and '{info.name}' overlap")
+        if info.nbytes:
+            previous = info
+    return {t.name: t for t in infos}, {str(k): str(v) for k, v in metadata.items()}
+
+
+def _tensor_info(path: Path, key: str, entry: object, data_start: int, data_size: int) -> TensorInfo:
+    where = f"{path.name}: tensor '{key}'"
+    if not isinstance(entry, dict):
+        raise InputError(f"{where}: entry is not an object")
+    dtype = DTYPES.get(entry.get("dtype"))  # type: ignore[arg-type]
+    if dtype is None:
+        raise InputError(f"{where}: unknown dtype {entry.get('dtype')!r}")
+    shape = entry.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise InputError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    offsets = entry.get("data_offsets")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+    ):
+        raise InputError(f"{where}: data_offsets {offsets!r} is not a pair of integers")
+    begin, end = offsets
+    expected = math.prod(shape) * dtype.itemsize
+    if begin < 0 or end < begin:
+        raise InputError(f"{where}: data_offsets {offsets} are not an increasing pair")
+    if end - begin != expected:
+        raise InputError(f"{where}: byte span {end - begin} != {expected} for dtype {entry['dtype']} x shape {shape}")
+    if end > data_size:
+        raise InputError(f"{where}: data ends at {end}, beyond the {data_size} data bytes of the file (truncated?)")
+    return TensorInfo(key, path, dtype, tuple(shape), data_start + begin, end - begin)
+
+
+def read_tensor(info: TensorInfo) -> torch.Tensor:
+    """Read one tensor into a fresh, writable CPU tensor (one read, no intermediate copy)."""
+    buf = torch.empty(info.nbytes, dtype=torch.uint8)
+    if info.nbytes:
+        try:
+            with open(info.path, "rb") as f:
+                f.seek(info.start)
+                got = f.readinto(memoryview(buf.numpy()))
+        except OSError as e:
+            raise InputError(f"{info.path.name}: cannot read tensor '{info.name}': {e.strerror or e}") from None
+        if got != info.nbytes:
+            raise InputError(f"{info.path.name}: tensor '{info.name}' is truncated ({got} of {info.nbytes} bytes)")
+    return buf.view(info.dtype).reshape(info.shape)
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """A tensor that will be written: name, dtype and shape known before its bytes exist."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def encode_header(plans: Iterable[TensorPlan], metadata: dict[str, str] | None = None) -> bytes:
+    """The complete prefix of a safetensors file (length + JSON header), padded to 8 bytes.
+
+    Tensors are laid out in the given order. JSON keys are emitted in that order too, so the
+    bytes are deterministic for a given plan.
+    """
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(sorted(metadata.items()))
+    offset = 0
+    for plan in plans:
+        if plan.name in header:
+            raise OutputError(f"tensor '{plan.name}' is planned twice")
+        header[plan.name] = {
+            "dtype": dtype_name(plan.dtype),
+            "shape": list(plan.shape),
+            "data_offsets": [offset, offset + plan.nbytes],
+        }
+        offset += plan.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-(len(raw)) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class StreamingWriter:
+    """Write one safetensors file whose tensors arrive one at a time, in plan order.
+
+    Peak memory is the tensor being written; the header is written first from the plan, and
+    each :meth:`write` checks that the tensor matches its planned dtype and shape.
+    """
+
+    def __init__(self, path: Path, plans: list[TensorPlan], metadata: dict[str, str] | None = None):
+        self.path = path
+        self._plans = plans
+        self._next = 0
+        self._file: BinaryIO = open(path, "wb")
+        self._file.write(encode_header(plans, metadata))
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self._next >= len(self._plans):
+            raise OutputError(f"{self.path.name}: unplanned tensor '{name}'")
+        plan = self._plans[self._next]
+        if plan.name != name or plan.dtype != tensor.dtype or plan.shape != tuple(tensor.shape):
+            raise OutputError(
+                f"{self.path.name}: tensor '{name}' {tensor.dtype}{list(tensor.shape)} does not match "
+                f"plan '{plan.name}' {plan.dtype}{list(plan.shape)}"
+            )
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        self._file.write(memoryview(data.numpy()))
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self._plans):
+            missing = self._plans[self._next].name
+            self._file.close()
+            raise OutputError(f"{self.path.name}: tensor '{missing}' was planned but never written")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+    def abort(self) -> None:
+        self._file.close()
+
+
+def save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write a small dict of tensors in one go (tests and tiny files)."""
+    plans = [TensorPlan(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]
+    writer = StreamingWriter(path, plans, metadata)
+    for k, t in tensors.items():
+        writer.write(k, t)
+    writer.close()
