@@ -91,8 +91,10 @@ def pack_bitstream(codes: torch.Tensor, bits: int, word_dtype: torch.dtype = tor
                 out[..., byte + 1] |= value >> (8 - shift)
         data = out.flatten(-2)
     total = nwords * word_dtype.itemsize
-    data = torch.nn.functional.pad(data, (0, total - data.shape[-1]))[..., :total]
-    return data.contiguous().view(word_dtype)
+    out = torch.zeros(*data.shape[:-1], total, dtype=torch.uint8)
+    used = min(total, data.shape[-1])
+    out[..., :used] = data[..., :used]
+    return out.view(word_dtype)
 
 
 def unpack_padded_words(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:

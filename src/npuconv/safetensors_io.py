@@ -207,8 +207,17 @@ class StreamingWriter:
         self.path = path
         self._plans = plans
         self._next = 0
-        self._file: BinaryIO = open(path, "wb")
-        self._file.write(encode_header(plans, metadata))
+        try:
+            self._file: BinaryIO = open(path, "wb")
+        except OSError as e:
+            raise OutputError(f"{path}: cannot create: {e.strerror or e}") from None
+        self._emit(encode_header(plans, metadata))
+
+    def _emit(self, data) -> None:
+        try:
+            self._file.write(data)
+        except OSError as e:
+            raise OutputError(f"{self.path}: write failed: {e.strerror or e}") from None
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if self._next >= len(self._plans):
@@ -220,7 +229,7 @@ class StreamingWriter:
                 f"plan '{plan.name}' {plan.dtype}{list(plan.shape)}"
             )
         data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-        self._file.write(memoryview(data.numpy()))
+        self._emit(memoryview(data.numpy()))
         self._next += 1
 
     def close(self) -> None:
@@ -228,9 +237,13 @@ class StreamingWriter:
             missing = self._plans[self._next].name
             self._file.close()
             raise OutputError(f"{self.path.name}: tensor '{missing}' was planned but never written")
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as e:
+            raise OutputError(f"{self.path}: write failed: {e.strerror or e}") from None
+        finally:
+            self._file.close()
 
     def abort(self) -> None:
         self._file.close()

@@ -48,6 +48,11 @@ class Reader:
         """Read and decode one layer into canonical form (override)."""
         raise NotImplementedError
 
+    def consumed_files(self) -> list[str]:
+        """Format-specific side files (relative paths) that describe the source format and must not
+        be copied into a converted output (e.g. GPTQ ``quantize_config.json``)."""
+        return []
+
     def passthrough_names(self) -> list[str]:
         """Tensors that are not part of any quantized linear, in checkpoint order."""
         used = {name for spec in self.linear_specs() for name in spec.source_tensors}

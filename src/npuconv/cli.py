@@ -1,0 +1,299 @@
+"""Command-line interface: parsing, progress and output formatting only; the work is in the library.
+
+Exit codes: 0 ok, 1 verification failed, 2 bad input or usage, 3 internal error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import signal
+import sys
+import traceback
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+import npuconv
+from npuconv.errors import NpuconvError
+
+stdout = Console(highlight=False)
+stderr = Console(stderr=True, highlight=False)
+
+EXIT_INTERNAL = 3
+EXIT_INTERRUPTED = 130
+
+
+def human_bytes(n: int | float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n} B"  # pragma: no cover
+
+
+def emit_json(value: object) -> None:
+    click.echo(json.dumps(value, indent=2, sort_keys=True, default=str))
+
+
+def handle_errors(func):
+    """Turn library errors into one-line messages and exit codes (``--debug`` shows tracebacks)."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        ctx = click.get_current_context()
+        debug = (ctx.find_root().params or {}).get("debug", False)
+        as_json = kwargs.get("as_json", False)
+        try:
+            return func(*args, **kwargs)
+        except NpuconvError as e:
+            if debug:
+                traceback.print_exc()
+            _fail(str(e), e.exit_code, as_json)
+        except KeyboardInterrupt:
+            _fail("interrupted; nothing was published at the output path", EXIT_INTERRUPTED, as_json)
+        except click.exceptions.Exit:
+            raise
+        except Exception as e:  # a bug: keep it to one line unless --debug
+            if debug:
+                traceback.print_exc()
+            _fail(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", EXIT_INTERNAL, as_json)
+
+    return wrapper
+
+
+def _fail(message: str, code: int, as_json: bool) -> None:
+    message = " ".join(message.split())
+    if as_json:
+        emit_json({"ok": False, "error": message, "exit_code": code})
+    else:
+        stderr.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    sys.exit(code)
+
+
+def progress_bar(total: int, description: str, enabled: bool):
+    """A tqdm byte counter, or None when disabled (quiet, JSON, or not a terminal)."""
+    if not enabled or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=description, unit="B", unit_scale=True, unit_divisor=1000, leave=False)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(npuconv.__version__, prog_name="npuconv")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+def cli(debug: bool) -> None:
+    """Convert quantized LLM checkpoints (GPTQ, AWQ, compressed-tensors, msModelSlim) into
+    Ascend NPU-ready checkpoints, and verify them against the source.
+
+    \b
+    Examples:
+      npuconv inspect ./Qwen2-7B-GPTQ-Int4
+      npuconv convert ./Qwen2-7B-GPTQ-Int4 ./qwen-npu --to npu-int4
+      npuconv verify ./qwen-npu
+    """
+
+
+# ------------------------------------------------------------------------------------- inspect
+@cli.command("inspect")
+@click.argument("model")
+@click.option("--layers", "show_layers", is_flag=True, help="Print a per-layer table.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (for scripts).")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the format line.")
+@handle_errors
+def inspect_command(model: str, show_layers: bool, as_json: bool, quiet: bool) -> None:
+    """Detect a checkpoint's format and show its quantization.
+
+    MODEL is a local directory or a Hugging Face repo id (org/name[@revision]).
+
+    \b
+    Examples:
+      npuconv inspect ./llama-gptq
+      npuconv inspect ./llama-gptq --layers
+      npuconv inspect TheBloke/Llama-2-7B-GPTQ@main --json | jq .layers[0]
+    """
+    from npuconv.inspect import inspect_checkpoint
+    from npuconv.source import open_source
+
+    report = inspect_checkpoint(open_source(model))
+    if as_json:
+        emit_json(report)
+        return
+    if quiet:
+        click.echo(report["format"])
+        return
+    _print_inspect(report, show_layers)
+
+
+def _print_inspect(report: dict, show_layers: bool) -> None:
+    fmt = report["format"]
+    detected = report.get("checkpoint_format")
+    if detected:
+        fmt += f" ({detected})"
+    stdout.print(f"[bold]{report['model']}[/]")
+    rows = [
+        ("format", fmt),
+        ("model type", f"{report.get('model_type')} ({report.get('num_hidden_layers')} layers)"),
+        ("weights", f"{human_bytes(report['size_bytes'])} in {len(report['files'])} file(s), {report['num_tensors']} tensors"),
+    ]
+    if report.get("moe_experts"):
+        rows.append(("MoE experts", str(report["moe_experts"])))
+    for key, value in rows:
+        stdout.print(f"  {key:<12} {value}")
+    declared = report.get("declared_checkpoint_format")
+    if detected and declared and detected != declared:
+        stdout.print(
+            f"  [bold yellow]note:[/] config declares checkpoint_format={declared!r} but the zero points are "
+            f"{detected!r}; npuconv uses {detected!r}"
+        )
+    table = Table(title="quantized linears by scheme", title_justify="left")
+    for column in ("scheme", "layers", "bits", "group size", "symmetric", "act-order"):
+        table.add_column(column)
+    by_scheme: dict[str, list[dict]] = {}
+    for layer in report["layers"]:
+        by_scheme.setdefault(layer["scheme"], []).append(layer)
+    for scheme, layers in by_scheme.items():
+        table.add_row(
+            scheme,
+            str(len(layers)),
+            _distinct(l["bits"] for l in layers),
+            _distinct("per-channel" if l["group_size"] == -1 else l["group_size"] for l in layers),
+            _distinct(l["symmetric"] for l in layers),
+            _distinct(l["act_order"] for l in layers),
+        )
+    if report["layers"]:
+        stdout.print(table)
+    else:
+        stdout.print("  no quantized linears (plain float checkpoint)")
+    if show_layers and report["layers"]:
+        detail = Table(title="layers", title_justify="left")
+        for column in ("name", "scheme", "shape", "group", "sym", "act-order", "source", "bytes"):
+            detail.add_column(column)
+        for l in report["layers"]:
+            detail.add_row(
+                l["name"], l["scheme"], "×".join(map(str, l["shape"])),
+                "ch" if l["group_size"] == -1 else str(l["group_size"]),
+                str(l["symmetric"]), str(l["act_order"]), l["source_scheme"], human_bytes(l["bytes"]),
+            )
+        stdout.print(detail)
+    for warning in report["warnings"]:
+        stderr.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
+
+
+def _distinct(values) -> str:
+    return ", ".join(sorted({str(v) for v in values}))
+
+
+# ------------------------------------------------------------------------------------- convert
+def _target_help() -> str:
+    from npuconv.writers import TARGETS
+
+    return "Output layout: " + ", ".join(sorted(TARGETS)) + "."
+
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+@cli.command("convert")
+@click.argument("model")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--to", "target", required=True, help="Target layout (npu-int4, npu-int8, npu-w8a8, npu-mxfp8, npu-mxfp4, modelslim, float).")
+@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default=None, help="float target: output dtype (default bfloat16).")
+@click.option("--nz/--no-nz", default=None, help="Write weights as FRACTAL_NZ tiles (default: what the engines cast to NZ).")
+@click.option("--mx-layout", type=click.Choice(["vllm-ascend", "sglang"]), default="vllm-ascend", show_default=True,
+              help="MX targets: contiguous [K,N] (vLLM-Ascend) or the [N,K] storage that sglang views.")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard (e.g. 500MB, 5GB).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists (atomically, at the end).")
+@click.option("--dry-run", is_flag=True, help="Print the plan (layers, layouts, shards, bytes) and write nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
+@handle_errors
+def convert_command(model, out, target, dtype, nz, mx_layout, max_shard_size, force, dry_run, as_json, quiet) -> None:
+    """Convert MODEL into OUT in the layout of TARGET.
+
+    MODEL is a local directory or a Hugging Face repo id (org/name[@revision]). OUT is built in a
+    temporary sibling directory and appears only when complete; MODEL is never modified.
+
+    \b
+    Examples:
+      npuconv convert ./llama-gptq ./llama-npu --to npu-int4
+      npuconv convert ./llama-gptq ./llama-fp32 --to float --dtype float32
+      npuconv convert org/model@main ./out --to modelslim --dry-run --json
+    """
+    import torch
+
+    from npuconv.convert import ConvertOptions, convert
+    from npuconv.output import parse_size
+    from npuconv.writers import WriterOptions, writer_class
+
+    writer_class(target)  # validate the target before any I/O
+    options = ConvertOptions(
+        target=target,
+        writer=WriterOptions(dtype=getattr(torch, dtype) if dtype else None, nz=nz, mx_layout=mx_layout),
+        max_shard_bytes=parse_size(max_shard_size),
+        force=force,
+        dry_run=dry_run,
+    )
+    bar = None
+
+    def on_progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = progress_bar(total, f"convert → {target}", enabled=not (quiet or as_json))
+            if bar is None:
+                return
+        bar.update(done - bar.n)
+
+    try:
+        report = convert(model, out, options, on_progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    if as_json:
+        emit_json({"ok": True, **report})
+        return
+    for warning in report.get("warnings", report["plan"]["warnings"]):
+        stderr.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
+    if quiet:
+        return
+    plan = report["plan"]
+    if dry_run:
+        _print_plan(plan)
+        return
+    seconds = report["seconds"]
+    rate = report["bytes_in"] / seconds / 1e9 if seconds else 0.0
+    stdout.print(
+        f"[green]converted[/] {len(plan['layers'])} quantized layers ({plan['source_format']} → {target}) "
+        f"into {out}: {human_bytes(report['bytes_out'])} in {len(plan['shards'])} shard(s), "
+        f"{seconds:.1f} s ({rate:.2f} GB/s of input)"
+    )
+
+
+def _print_plan(plan: dict) -> None:
+    stdout.print(f"[bold]plan[/] {plan['source']} ({plan['source_format']}) → {plan['target']}")
+    table = Table(show_header=True)
+    for column in ("layer", "scheme", "kernel", "tensors"):
+        table.add_column(column)
+    for layer in plan["layers"]:
+        tensors = ", ".join(
+            f"{role}:{t.get('layout', 'nd')}" for role, t in layer.get("tensors", {}).items()
+        )
+        table.add_row(layer["name"], layer["scheme"], layer.get("kernel", ""), tensors)
+    stdout.print(table)
+    for shard in plan["shards"]:
+        stdout.print(f"  {shard['file']}: {shard['tensors']} tensors, {human_bytes(shard['bytes'])}")
+    stdout.print(f"  total {human_bytes(plan['total_bytes'])}; nothing written (--dry-run)")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    if hasattr(signal, "SIGXFSZ"):
+        # over a file-size limit, fail the write with EFBIG (clean error + cleanup) instead of dying
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    cli(prog_name="npuconv")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,215 @@
+"""Conversion orchestration: source → reader → plan (validated up front) → writer → atomic output.
+
+Library API (the CLI is a thin shell over it)::
+
+    from npuconv.convert import ConvertOptions, convert
+    report = convert("org/model", "out_dir", ConvertOptions(target="npu-int4"))
+
+Order of work: open and detect the source, plan every layer with the writer (kernel limits are
+checked here, before anything is written), split into shards, then stream layer by layer into a
+temporary directory that is renamed onto OUT at the end (see :mod:`npuconv.output`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import npuconv
+from npuconv.checkpoint import Checkpoint
+from npuconv.errors import InputError, UnsupportedError
+from npuconv.model import LinearSpec
+from npuconv.output import (
+    DEFAULT_MAX_SHARD,
+    AtomicDirectory,
+    Shard,
+    Unit,
+    index_json,
+    plan_shards,
+    write_json,
+    write_shards,
+)
+from npuconv.readers import open_reader
+from npuconv.readers.base import Reader
+from npuconv.source import open_source
+from npuconv.writers import Writer, WriterOptions, writer_class
+
+MANIFEST = "npuconv.json"
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    target: str
+    writer: WriterOptions = field(default_factory=WriterOptions)
+    max_shard_bytes: int = DEFAULT_MAX_SHARD
+    force: bool = False
+    dry_run: bool = False
+
+
+@dataclass
+class ConversionPlan:
+    checkpoint: Checkpoint
+    reader: Reader
+    writer: Writer
+    layers: list[LinearSpec]
+    shards: list[Shard]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.nbytes for s in self.shards)
+
+    def describe(self) -> dict:
+        """Machine-readable plan (``--dry-run``)."""
+        return {
+            "source": self.checkpoint.source_id,
+            "source_format": self.reader.format,
+            "target": self.writer.target,
+            "layers": [
+                {"name": s.name, "scheme": s.scheme, **self.writer.layer_manifest(s)} for s in self.layers
+            ],
+            "shards": [
+                {"file": s.filename, "bytes": s.nbytes, "tensors": len(s.plans)} for s in self.shards
+            ],
+            "total_bytes": self.total_bytes,
+            "warnings": self.reader.warnings + self.writer.warnings,
+        }
+
+
+def make_plan(checkpoint: Checkpoint, options: ConvertOptions) -> ConversionPlan:
+    """Detect the format, plan every tensor of the output and check every layer against the target."""
+    reader = open_reader(checkpoint)
+    writer = writer_class(options.target)(options.writer)
+    layers = reader.linear_specs()
+    units: list[Unit] = []
+    for spec in layers:
+        reason = writer.unsupported_reason(spec)
+        if reason:
+            raise UnsupportedError(f"layer '{spec.name}' ({spec.scheme}) cannot be written as {writer.target}: {reason}")
+        units.append(Unit(writer.plan_layer(spec), _layer_producer(reader, writer, spec), spec.name))
+    for name in reader.passthrough_names():
+        info = checkpoint.info(name)
+        units.append(Unit([writer.plan_passthrough(info)], _passthrough_producer(checkpoint, writer, name), name))
+    _check_unique_names(units)
+    shards = plan_shards(units, options.max_shard_bytes, writer.weight_prefix)
+    return ConversionPlan(checkpoint, reader, writer, layers, shards)
+
+
+def convert(
+    model: str | Path,
+    out: str | Path,
+    options: ConvertOptions,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Convert MODEL into OUT; returns a report dict (and writes nothing on ``dry_run``)."""
+    started = time.perf_counter()
+    checkpoint = open_source(model)
+    out = Path(out)
+    if not options.dry_run:
+        _check_paths(checkpoint.root, out)
+    plan = make_plan(checkpoint, options)
+    report = {"plan": plan.describe()}
+    if options.dry_run:
+        return report
+    total = plan.total_bytes
+    done = 0
+
+    def advance(unit: Unit) -> None:
+        nonlocal done
+        done += unit.nbytes
+        if on_progress:
+            on_progress(done, total)
+
+    with AtomicDirectory(out, force=options.force) as tmp:
+        digests = write_shards(tmp, plan.shards, advance)
+        index = index_json(plan.shards, plan.writer.weight_prefix)
+        if index:
+            write_json(tmp / index[0], index[1])
+        manifest = build_manifest(plan, options, digests)
+        _copy_side_files(checkpoint, plan.reader, tmp)
+        write_json(tmp / "config.json", plan.writer.update_config(checkpoint.config, manifest))
+        for filename, value in plan.writer.extra_files(manifest).items():
+            write_json(tmp / filename, value)
+        write_json(tmp / MANIFEST, manifest)
+    report.update(
+        {
+            "output": str(out),
+            "seconds": round(time.perf_counter() - started, 3),
+            "bytes_in": checkpoint.total_bytes,
+            "bytes_out": total,
+            "warnings": plan.reader.warnings + plan.writer.warnings,
+        }
+    )
+    return report
+
+
+def build_manifest(plan: ConversionPlan, options: ConvertOptions, digests: dict[str, str]) -> dict:
+    """``npuconv.json``: what was converted, how, and a checksum of every shard."""
+    writer_options = options.writer
+    return {
+        "npuconv_version": npuconv.__version__,
+        "target": plan.writer.target,
+        "source": {
+            "id": plan.checkpoint.source_id,
+            "revision": plan.checkpoint.revision,
+            "format": plan.reader.format,
+            **{k: v for k, v in plan.reader.summary().items() if isinstance(v, (str, int, float, bool))},
+        },
+        "options": {
+            "dtype": str(writer_options.dtype).removeprefix("torch.") if writer_options.dtype else None,
+            "nz": writer_options.nz,
+            "mx_layout": writer_options.mx_layout,
+            "max_shard_bytes": options.max_shard_bytes,
+        },
+        "layers": {spec.name: plan.writer.layer_manifest(spec) for spec in plan.layers},
+        "shards": digests,
+    }
+
+
+def _layer_producer(reader: Reader, writer: Writer, spec: LinearSpec):
+    def produce() -> dict[str, torch.Tensor]:
+        return writer.write_layer(reader.load(spec))
+
+    return produce
+
+
+def _passthrough_producer(checkpoint: Checkpoint, writer: Writer, name: str):
+    def produce() -> dict[str, torch.Tensor]:
+        return {name: writer.write_passthrough(name, checkpoint.get(name))}
+
+    return produce
+
+
+def _check_unique_names(units: list[Unit]) -> None:
+    seen: set[str] = set()
+    for unit in units:
+        for plan in unit.plans:
+            if plan.name in seen:
+                raise InputError(f"output tensor '{plan.name}' would be written twice (a quantized layer and a float tensor share it)")
+            seen.add(plan.name)
+
+
+def _check_paths(source: Path, out: Path) -> None:
+    src = Path(os.path.realpath(source))
+    dst = Path(os.path.realpath(out))
+    if dst == src or src in dst.parents:
+        raise InputError(f"{out}: the output must not be the model directory or inside it")
+    if dst in src.parents:
+        raise InputError(f"{out}: the output must not contain the model directory")
+
+
+def _copy_side_files(checkpoint: Checkpoint, reader: Reader, directory: Path) -> None:
+    """Copy config/tokenizer/etc.; skip config.json (rewritten) and the source format's own side files."""
+    skip = {"config.json", *reader.consumed_files()}
+    for path in checkpoint.side_files():
+        rel = path.relative_to(checkpoint.root)
+        if str(rel) in skip:
+            continue
+        dest = directory / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, dest)

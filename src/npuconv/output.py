@@ -1,0 +1,206 @@
+"""Output side: an atomically published output directory and a sharded, streaming safetensors sink.
+
+Atomicity: everything is written into a hidden temporary sibling of OUT
+(``.OUT.npuconv-tmp-XXXX``), fsync'ed, and renamed onto OUT only when complete. On any error
+or interruption the temporary directory is removed, so OUT either does not exist, or is the
+previous complete output (``--force``), or is the new complete output.
+
+Sharding: tensors are grouped into *units* (all tensors of one layer stay together); units are
+assigned to shards greedily in order, starting a new shard when the next unit would exceed
+``max_shard_bytes``. One shard is named ``model.safetensors``; several are
+``model-0000i-of-0000N.safetensors`` plus ``model.safetensors.index.json``
+(``{"metadata": {"total_size": …}, "weight_map": {tensor: file}}``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from npuconv.errors import InputError, OutputError
+from npuconv.safetensors_io import StreamingWriter, TensorPlan
+
+DEFAULT_MAX_SHARD = 5 * 1000**3
+SHARD_METADATA = {"format": "pt"}
+
+
+def parse_size(text: str) -> int:
+    """``"5GB"`` → 5_000_000_000; accepts B, KB, MB, GB, TB (powers of 1000) and KiB… (1024)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", text, re.IGNORECASE)
+    if not match:
+        raise InputError(f"invalid size {text!r} (examples: 500MB, 5GB, 2GiB)")
+    number, unit = float(match.group(1)), match.group(2).upper().rstrip("B")
+    powers = {"": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4,
+              "KI": 1024, "MI": 1024**2, "GI": 1024**3, "TI": 1024**4}
+    if unit not in powers:
+        raise InputError(f"invalid size unit in {text!r}")
+    size = int(number * powers[unit])
+    if size <= 0:
+        raise InputError(f"size must be positive, got {text!r}")
+    return size
+
+
+@dataclass
+class Unit:
+    """A group of tensors written together (one layer), produced by one call of ``produce``."""
+
+    plans: list[TensorPlan]
+    produce: Callable[[], dict[str, torch.Tensor]]
+    label: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.plans)
+
+
+@dataclass
+class Shard:
+    filename: str
+    units: list[Unit] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(u.nbytes for u in self.units)
+
+    @property
+    def plans(self) -> list[TensorPlan]:
+        return [p for u in self.units for p in u.plans]
+
+
+def plan_shards(units: list[Unit], max_shard_bytes: int, prefix: str = "model") -> list[Shard]:
+    """Greedy split of units into shards in order (a unit larger than the limit gets its own shard)."""
+    groups: list[list[Unit]] = [[]]
+    size = 0
+    for unit in units:
+        if groups[-1] and size + unit.nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(unit)
+        size += unit.nbytes
+    if len(groups) == 1:
+        return [Shard(f"{prefix}.safetensors", groups[0])]
+    n = len(groups)
+    return [Shard(f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
+
+
+def index_json(shards: list[Shard], prefix: str = "model") -> tuple[str, dict] | None:
+    """The ``<prefix>.safetensors.index.json`` file name and content, or None for a single shard."""
+    if len(shards) == 1:
+        return None
+    weight_map = {p.name: s.filename for s in shards for p in s.plans}
+    total = sum(s.nbytes for s in shards)
+    return f"{prefix}.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map}
+
+
+def write_shards(
+    directory: Path, shards: list[Shard], on_unit: Callable[[Unit], None] | None = None
+) -> dict[str, str]:
+    """Stream every shard to ``directory``; returns ``{filename: sha256}``.
+
+    Each unit is produced just before its tensors are written and released right after, so peak
+    memory is one unit. The sha256 is computed on the written bytes while writing.
+    """
+    digests = {}
+    for shard in shards:
+        path = directory / shard.filename
+        writer = _HashingWriter(path, shard.plans)
+        try:
+            for unit in shard.units:
+                tensors = unit.produce()
+                for plan in unit.plans:
+                    writer.write(plan.name, tensors[plan.name])
+                del tensors
+                if on_unit:
+                    on_unit(unit)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        digests[shard.filename] = writer.hexdigest()
+    return digests
+
+
+class _HashingWriter(StreamingWriter):
+    """StreamingWriter that also hashes every byte it writes."""
+
+    def __init__(self, path: Path, plans: list[TensorPlan]):
+        self._hash = hashlib.sha256()
+        super().__init__(path, plans, SHARD_METADATA)
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+    def _emit(self, data) -> None:
+        self._hash.update(data)
+        super()._emit(data)
+
+
+def sha256_file(path: Path, chunk: int = 16 * 1024 * 1024) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_json(path: Path, value: object) -> None:
+    """Deterministic JSON: sorted keys, 2-space indent, trailing newline."""
+    path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+class AtomicDirectory:
+    """Context manager: build a directory in a temporary sibling, publish it by rename on success."""
+
+    def __init__(self, target: Path, force: bool = False):
+        self.target = Path(os.path.abspath(target))
+        self.force = force
+        self.tmp: Path | None = None
+
+    def __enter__(self) -> Path:
+        if self.target.exists() and not self.force:
+            raise OutputError(f"{self.target}: already exists (use --force to replace it)")
+        if self.target.exists() and not self.target.is_dir():
+            raise OutputError(f"{self.target}: exists and is not a directory")
+        parent = self.target.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.npuconv-tmp-", dir=parent))
+        except OSError as e:
+            raise OutputError(f"{parent}: cannot create the output directory: {e.strerror or e}") from None
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        assert self.tmp is not None
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        try:
+            _fsync_dir(self.tmp)
+            if self.target.exists():
+                old = self.target.with_name(f".{self.target.name}.npuconv-old-{os.getpid()}")
+                os.rename(self.target, old)
+                os.rename(self.tmp, self.target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(self.tmp, self.target)
+            _fsync_dir(self.target.parent)
+        except OSError as e:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise OutputError(f"{self.target}: cannot publish the output: {e.strerror or e}") from None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

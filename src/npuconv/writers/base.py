@@ -1,0 +1,71 @@
+"""The Writer protocol: canonical layers → tensors of one target layout (no source-format knowledge)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from npuconv.model import LinearSpec, QuantizedLinear
+from npuconv.safetensors_io import TensorInfo, TensorPlan
+
+
+@dataclass(frozen=True)
+class WriterOptions:
+    """Target options shared by all writers (each uses what applies to it)."""
+
+    dtype: torch.dtype | None = None  # float target: output dtype of dequantized weights
+    nz: bool | None = None  # FRACTAL_NZ storage; None: the target's default
+    mx_layout: str = "vllm-ascend"  # MX targets: "vllm-ascend" (contiguous [K,N]) or "sglang" ([N,K] storage)
+
+
+class Writer:
+    """Base class of the per-target writers.
+
+    A writer first *plans* each layer (names, dtypes, shapes of the tensors it will write, from
+    the :class:`LinearSpec` alone), then *writes* it from the loaded canonical layer. Planning
+    is also where kernel limits are checked, so a conversion fails before it writes anything.
+    """
+
+    target: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    weight_prefix: ClassVar[str] = "model"
+
+    def __init__(self, options: WriterOptions):
+        self.options = options
+        self.warnings: list[str] = []
+
+    def unsupported_reason(self, spec: LinearSpec) -> str | None:
+        """None if this target can take the layer, else a one-line reason."""
+        return None
+
+    def plan_layer(self, spec: LinearSpec) -> list[TensorPlan]:
+        raise NotImplementedError
+
+    def write_layer(self, layer: QuantizedLinear) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def layer_manifest(self, spec: LinearSpec) -> dict:
+        """Per-layer entry of ``npuconv.json`` (scheme, kernel, tensors by role)."""
+        return {}
+
+    def plan_passthrough(self, info: TensorInfo) -> TensorPlan:
+        return TensorPlan(info.name, info.dtype, info.shape)
+
+    def write_passthrough(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def update_config(self, config: dict, manifest: dict) -> dict:
+        """config.json of the output (default: drop the source's quantization_config)."""
+        config = dict(config)
+        config.pop("quantization_config", None)
+        return config
+
+    def extra_files(self, manifest: dict) -> dict[str, object]:
+        """Additional JSON side files, filename → JSON value."""
+        return {}
+
+    def warn(self, message: str) -> None:
+        if message not in self.warnings:
+            self.warnings.append(message)

@@ -1,0 +1,180 @@
+"""safetensors header validation, tensor reads and the streaming writer."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from npuconv.errors import InputError, OutputError
+from npuconv.safetensors_io import (
+    StreamingWriter,
+    TensorPlan,
+    encode_header,
+    read_header,
+    read_tensor,
+    save_file,
+)
+
+
+def raw_file(path, header: dict, data: bytes = b"", *, hlen: int | None = None) -> None:
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw) if hlen is None else hlen) + raw + data)
+
+
+def test_round_trip_all_dtypes(tmp_path):
+    tensors = {
+        "a": torch.arange(12, dtype=torch.int32).reshape(3, 4),
+        "b": torch.randn(5, dtype=torch.bfloat16),
+        "c": torch.randn(2, 3).to(torch.float8_e4m3fn),
+        "d": torch.tensor([], dtype=torch.float16),
+        "e": torch.tensor([1, -2], dtype=torch.int64),
+    }
+    path = tmp_path / "x.safetensors"
+    save_file(tensors, path, {"format": "pt"})
+    infos, metadata = read_header(path)
+    assert metadata == {"format": "pt"}
+    for name, tensor in tensors.items():
+        got = read_tensor(infos[name])
+        assert got.dtype == tensor.dtype and got.shape == tensor.shape
+        assert torch.equal(got.view(torch.uint8), tensor.view(torch.uint8))
+
+
+def test_compatible_with_reference_library(tmp_path):
+    """Files we write load with the safetensors library, and files it writes load with ours."""
+    from safetensors.torch import load_file, save_file as st_save
+
+    tensors = {"w": torch.randn(4, 8), "q": torch.randint(-8, 8, (8, 2), dtype=torch.int32)}
+    ours = tmp_path / "ours.safetensors"
+    save_file(tensors, ours, {"format": "pt"})
+    theirs = load_file(ours)
+    assert all(torch.equal(theirs[k], v) for k, v in tensors.items())
+    ref = tmp_path / "ref.safetensors"
+    st_save(tensors, ref)
+    infos, _ = read_header(ref)
+    assert all(torch.equal(read_tensor(infos[k]), v) for k, v in tensors.items())
+
+
+def test_header_is_deterministic_and_aligned():
+    plans = [TensorPlan("b", torch.float16, (3,)), TensorPlan("a", torch.int8, (5,))]
+    one, two = encode_header(plans, {"format": "pt"}), encode_header(plans, {"format": "pt"})
+    assert one == two
+    assert len(one) % 8 == 0
+
+
+BAD_HEADERS = [
+    ({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, 8, "byte span 4 != 8"),
+    ({"t": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}}, 8, "unknown dtype"),
+    ({"t": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 8]}}, 8, "shape"),
+    ({"t": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, 8, "beyond"),
+    ({"t": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, 8, "increasing"),
+    ({"t": {"dtype": "F32", "shape": [2]}}, 8, "data_offsets"),
+    ({"t": [1, 2]}, 8, "not an object"),
+    (
+        {
+            "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+            "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+        },
+        12,
+        "overlap",
+    ),
+]
+
+
+@pytest.mark.parametrize("header,size,message", BAD_HEADERS)
+def test_bad_headers_name_file_and_tensor(tmp_path, header, size, message):
+    path = tmp_path / "bad.safetensors"
+    raw_file(path, header, b"\0" * size)
+    with pytest.raises(InputError, match=message) as info:
+        read_header(path)
+    assert "bad.safetensors" in str(info.value)
+
+
+def test_header_length_beyond_file(tmp_path):
+    path = tmp_path / "bad.safetensors"
+    raw_file(path, {}, hlen=10_000)
+    with pytest.raises(InputError, match="exceeds the file size"):
+        read_header(path)
+
+
+def test_header_not_json_and_too_short(tmp_path):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(struct.pack("<Q", 4) + b"nope")
+    with pytest.raises(InputError, match="not valid JSON"):
+        read_header(path)
+    path.write_bytes(b"abc")
+    with pytest.raises(InputError, match="too short"):
+        read_header(path)
+
+
+def test_truncated_tensor_read(tmp_path):
+    path = tmp_path / "x.safetensors"
+    save_file({"t": torch.arange(64, dtype=torch.float32)}, path)
+    infos, _ = read_header(path)
+    path.write_bytes(path.read_bytes()[:-16])
+    with pytest.raises(InputError, match="truncated"):
+        read_tensor(infos["t"])
+
+
+def test_streaming_writer_checks_plan(tmp_path):
+    plans = [TensorPlan("a", torch.float32, (2,)), TensorPlan("b", torch.int8, (3,))]
+    writer = StreamingWriter(tmp_path / "x.safetensors", plans)
+    writer.write("a", torch.zeros(2))
+    with pytest.raises(OutputError, match="does not match"):
+        writer.write("b", torch.zeros(3))
+    with pytest.raises(OutputError, match="never written"):
+        writer.close()
+
+
+def test_streaming_writer_memory_is_one_tensor(tmp_path):
+    """Writing N tensors one at a time never holds more than one of them (tracked allocations)."""
+    import gc
+    import weakref
+
+    plans = [TensorPlan(f"t{i}", torch.float32, (256, 256)) for i in range(8)]
+    writer = StreamingWriter(tmp_path / "x.safetensors", plans)
+    alive = []
+    for i in range(8):
+        tensor = torch.full((256, 256), float(i))
+        writer.write(f"t{i}", tensor)
+        alive.append(weakref.ref(tensor))
+        del tensor
+        gc.collect()
+        assert sum(ref() is not None for ref in alive) == 0
+    writer.close()
+    infos, _ = read_header(tmp_path / "x.safetensors")
+    assert read_tensor(infos["t7"])[0, 0] == 7.0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(min_size=0, max_size=300))
+def test_fuzz_header_bytes_only_clean_errors(tmp_path_factory, blob):
+    path = tmp_path_factory.mktemp("fuzz") / "f.safetensors"
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob)
+    try:
+        read_header(path)
+    except InputError:
+        pass
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 2**40) | st.text(max_size=5),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=5), children, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from(["t", "u", "__metadata__"]), json_values, max_size=3), st.binary(max_size=64))
+def test_fuzz_structured_headers_only_clean_errors(tmp_path_factory, header, data):
+    path = tmp_path_factory.mktemp("fuzz") / "f.safetensors"
+    raw_file(path, header, data)
+    try:
+        infos, _ = read_header(path)
+        for info in infos.values():
+            read_tensor(info)
+    except InputError:
+        pass
