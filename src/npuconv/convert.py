@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -24,7 +24,7 @@ import torch
 import npuconv
 from npuconv.checkpoint import Checkpoint
 from npuconv.errors import InputError, UnsupportedError
-from npuconv.model import LinearSpec
+from npuconv.model import LinearSpec, spec_to_dict
 from npuconv.output import (
     DEFAULT_MAX_SHARD,
     AtomicDirectory,
@@ -84,7 +84,10 @@ class ConversionPlan:
 def make_plan(checkpoint: Checkpoint, options: ConvertOptions) -> ConversionPlan:
     """Detect the format, plan every tensor of the output and check every layer against the target."""
     reader = open_reader(checkpoint)
-    writer = writer_class(options.target)(options.writer)
+    writer_options = options.writer
+    if writer_options.model_dtype is None:
+        writer_options = replace(writer_options, model_dtype=config_dtype(checkpoint.config))
+    writer = writer_class(options.target)(writer_options)
     layers = reader.linear_specs()
     units: list[Unit] = []
     for spec in layers:
@@ -166,9 +169,20 @@ def build_manifest(plan: ConversionPlan, options: ConvertOptions, digests: dict[
             "mx_layout": writer_options.mx_layout,
             "max_shard_bytes": options.max_shard_bytes,
         },
-        "layers": {spec.name: plan.writer.layer_manifest(spec) for spec in plan.layers},
+        "layers": {
+            spec.name: {**plan.writer.layer_manifest(spec), "spec": spec_to_dict(spec)} for spec in plan.layers
+        },
         "shards": digests,
     }
+
+
+def config_dtype(config: dict) -> torch.dtype | None:
+    """The model's activation dtype from config.json (``torch_dtype`` or transformers 5 ``dtype``)."""
+    name = config.get("torch_dtype") or config.get("dtype")
+    if not name and isinstance(config.get("text_config"), dict):
+        name = config["text_config"].get("torch_dtype") or config["text_config"].get("dtype")
+    dtype = getattr(torch, str(name), None) if name else None
+    return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else None
 
 
 def _layer_producer(reader: Reader, writer: Writer, spec: LinearSpec):

@@ -64,6 +64,7 @@ class LinearSpec:
     scale_dtype: torch.dtype = torch.float16
     activation: ActivationQuant | None = None
     has_bias: bool = False
+    bias_dtype: torch.dtype | None = None  # dtype of the stored bias (None: same as scale_dtype)
     has_global_scale: bool = False
     num_experts: int | None = None  # E for a stacked MoE expert tensor [E, N, K]
     source_scheme: str = ""  # the source format's own label, e.g. "gptq_v1", "W8A8_DYNAMIC"
@@ -187,3 +188,39 @@ def dequantize(layer: QuantizedLinear, dtype: torch.dtype = torch.float32) -> to
         zero = None if zero is None else zero.gather(-1, index)
     weight = values * scale if zero is None else (values - zero) * scale
     return weight.to(dtype)
+
+
+def spec_to_dict(spec: LinearSpec) -> dict:
+    """JSON-able form of a spec (stored per layer in ``npuconv.json``)."""
+    act = spec.activation
+    return {
+        "name": spec.name,
+        "out_features": spec.out_features,
+        "in_features": spec.in_features,
+        "bits": spec.bits,
+        "group_size": spec.group_size,
+        "symmetric": spec.symmetric,
+        "act_order": spec.act_order,
+        "weight_format": spec.weight_format,
+        "scale_format": spec.scale_format,
+        "scale_dtype": str(spec.scale_dtype).removeprefix("torch."),
+        "activation": None if act is None else {
+            "kind": act.kind, "bits": act.bits, "dynamic": act.dynamic,
+            "strategy": act.strategy, "symmetric": act.symmetric,
+        },
+        "has_bias": spec.has_bias,
+        "bias_dtype": None if spec.bias_dtype is None else str(spec.bias_dtype).removeprefix("torch."),
+        "has_global_scale": spec.has_global_scale,
+        "num_experts": spec.num_experts,
+        "source_scheme": spec.source_scheme,
+    }
+
+
+def spec_from_dict(data: dict, source_tensors: tuple[str, ...] = ()) -> LinearSpec:
+    """Inverse of :func:`spec_to_dict`."""
+    fields = dict(data)
+    act = fields.pop("activation")
+    fields["activation"] = None if act is None else ActivationQuant(**act)
+    fields["scale_dtype"] = getattr(torch, fields["scale_dtype"])
+    fields["bias_dtype"] = None if fields.get("bias_dtype") is None else getattr(torch, fields["bias_dtype"])
+    return LinearSpec(**fields, source_tensors=source_tensors)

@@ -18,6 +18,7 @@ class WriterOptions:
     dtype: torch.dtype | None = None  # float target: output dtype of dequantized weights
     nz: bool | None = None  # FRACTAL_NZ storage; None: the target's default
     mx_layout: str = "vllm-ascend"  # MX targets: "vllm-ascend" (contiguous [K,N]) or "sglang" ([N,K] storage)
+    model_dtype: torch.dtype | None = None  # activation dtype of the model (config.json torch_dtype)
 
 
 class Writer:
@@ -46,6 +47,10 @@ class Writer:
     def write_layer(self, layer: QuantizedLinear) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def read_layer(self, spec: LinearSpec, tensors: dict[str, torch.Tensor]) -> QuantizedLinear:
+        """Inverse of :meth:`write_layer`: ND tensors by manifest role → canonical layer."""
+        raise NotImplementedError(f"{self.target} outputs cannot be read back")
+
     def layer_manifest(self, spec: LinearSpec) -> dict:
         """Per-layer entry of ``npuconv.json`` (scheme, kernel, tensors by role)."""
         return {}
@@ -57,9 +62,17 @@ class Writer:
         return tensor
 
     def update_config(self, config: dict, manifest: dict) -> dict:
-        """config.json of the output (default: drop the source's quantization_config)."""
+        """config.json of the output: ``quantization_config = {"quant_method": "npuconv", …}``.
+
+        Targets that produce a format of their own (float, modelslim) override this.
+        """
         config = dict(config)
-        config.pop("quantization_config", None)
+        config["quantization_config"] = {
+            "quant_method": "npuconv",
+            "target": self.target,
+            "manifest": "npuconv.json",
+            "npuconv_version": manifest["npuconv_version"],
+        }
         return config
 
     def extra_files(self, manifest: dict) -> dict[str, object]:

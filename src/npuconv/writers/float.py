@@ -39,6 +39,11 @@ class FloatWriter(Writer):
             out[f"{name}.bias"] = layer.bias.to(self.dtype)
         return out
 
+    def update_config(self, config: dict, manifest: dict) -> dict:
+        config = dict(config)
+        config.pop("quantization_config", None)
+        return config
+
     def layer_manifest(self, spec: LinearSpec) -> dict:
         return {
             "scheme": "float",

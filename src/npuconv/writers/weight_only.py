@@ -1,0 +1,173 @@
+"""Weight-only integer targets for ``torch_npu.npu_weight_quant_batchmatmul`` (A16W4 / A16W8).
+
+Kernel formula (torch_npu_ops.md §2.1, offset **added**)::
+
+    W[k, n] = (weight[k, n] + antiquant_offset[g(k), n]) * antiquant_scale[g(k), n],  y = x @ W + bias
+
+From the canonical ``w = (q - z) * s`` with unsigned codes ``q`` of ``b`` bits and midpoint
+``m = 2**(b-1)``, the written tensors are:
+
+- ``weight``: signed ``q - m`` (exact: 2/3/4-bit codes fit int4, 8-bit codes fit int8), stored
+  transposed ``[K, N]``. int4 is int4pack'ed along N: int32 ``[K, N/8]``, element ``8j+t`` in bits
+  ``4t..4t+3`` of word ``j`` (two's complement nibbles). int8 is plain int8 ``[K, N]``.
+- ``antiquant_offset = m - z`` in the scale dtype, ``[G, N]`` (``[N]`` per-channel); omitted when
+  the layer is symmetric (``z == m`` everywhere, the offset would be all zeros). This is the
+  correct sign: sglang's NPU GPTQ path writes ``z - m``, which only works for symmetric models.
+- ``antiquant_scale``: the source scale dtype, ``[G, N]`` (``[N]`` per-channel);
+  ``antiquant_group_size`` = the group size (0 for per-channel).
+- act-order: K is sorted by ``perm = argsort(g_idx)`` (rows of ``weight`` and therefore groups
+  become contiguous) and ``perm`` int32 ``[K]`` is written; the caller feeds ``x[..., perm]``.
+- ``bias`` as in the source.
+
+For 2/3-bit sources the midpoint is ``2**(b-1)`` (not 8), so symmetric layers need no offset;
+``(q - m) + (m - z) = q - z`` whatever ``m`` is.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from npuconv import layouts
+from npuconv.model import INT, LinearSpec, QuantizedLinear
+from npuconv.safetensors_io import TensorPlan
+from npuconv.writers.base import Writer
+from npuconv.writers.npu_common import (
+    MAX_KERNEL_DIM,
+    entry_plan,
+    group_scale_layout,
+    group_scale_shape,
+    maybe_nz,
+    sort_by_act_order,
+    tensor_entry,
+)
+
+KERNEL = "npu_weight_quant_batchmatmul"
+
+
+class WeightOnlyIntWriter(Writer):
+    """Shared by ``npu-int4`` (``storage_bits = 4``) and ``npu-int8`` (``storage_bits = 8``)."""
+
+    storage_bits = 4
+    accepted_bits: tuple[int, ...] = (2, 3, 4)
+    nz_default = False
+
+    # ------------------------------------------------------------------ checks
+    def unsupported_reason(self, spec: LinearSpec) -> str | None:
+        if spec.weight_format != INT:
+            return f"weights are {spec.weight_format}, not integers"
+        if spec.bits not in self.accepted_bits:
+            return f"{spec.bits}-bit weights (this target takes {', '.join(map(str, self.accepted_bits))}-bit)"
+        n, k = spec.out_features, spec.in_features
+        if max(n, k) > MAX_KERNEL_DIM:
+            return f"K={k}, N={n}: the kernel takes K, N ≤ {MAX_KERNEL_DIM}"
+        if self.storage_bits == 4 and n % 8:
+            return f"N={n} is not a multiple of 8 (int4pack packs 8 along N)"
+        if spec.num_groups > 1 and (spec.group_size % 32 or spec.group_size >= k):
+            return f"group size {spec.group_size}: antiquant_group_size must be a multiple of 32 in [32, K-1]"
+        if spec.num_groups > 1 and k % spec.group_size:
+            return f"K={k} is not a multiple of the group size {spec.group_size}"
+        return None
+
+    def nz_c0(self, spec: LinearSpec) -> int | None:
+        """C0 of the NZ weight, or None for ND (with a warning when NZ was asked for but not allowed)."""
+        wanted = self.nz_default if self.options.nz is None else self.options.nz
+        if not wanted:
+            return None
+        reason = self._nz_refusal(spec)
+        if reason:
+            if self.options.nz:
+                self.warn(f"{spec.name}: written ND instead of NZ ({reason})")
+            return None
+        return layouts.nz_c0(torch.int32, int4_packed=True) if self.storage_bits == 4 else layouts.nz_c0(torch.int8)
+
+    def _nz_refusal(self, spec: LinearSpec) -> str | None:
+        # aclnnWeightQuantBatchMatmulV2 NZ support on A2/A3 (torch_npu_ops.md §2.3)
+        if self.storage_bits == 8 and spec.num_groups > 1:
+            return "int8 NZ weights are per-channel only"
+        if self.storage_bits == 4 and spec.num_groups > 1 and spec.group_size not in (64, 128):
+            return f"int4 NZ needs group size 64 or 128, not {spec.group_size}"
+        if self.storage_bits == 4 and spec.out_features % 64:
+            return "int4 NZ needs N % 64 == 0"
+        return None
+
+    # ------------------------------------------------------------------ plan
+    def _entries(self, spec: LinearSpec) -> dict[str, dict]:
+        p, n, k, batch = spec.name, spec.out_features, spec.in_features, spec.batch_shape
+        scale_shape = group_scale_shape(batch, n, spec.num_groups)
+        c0 = self.nz_c0(spec)
+        if self.storage_bits == 4:
+            weight = tensor_entry(f"{p}.weight", torch.int32, (*batch, k, n // 8), nz_c0=c0, packing="int4pack",
+                                  logical_shape=(*batch, k, n))
+        else:
+            weight = tensor_entry(f"{p}.weight", torch.int8, (*batch, k, n), nz_c0=c0)
+        entries = {"weight": weight, "antiquant_scale": tensor_entry(f"{p}.antiquant_scale", spec.scale_dtype, scale_shape)}
+        if not spec.symmetric:
+            entries["antiquant_offset"] = tensor_entry(f"{p}.antiquant_offset", spec.scale_dtype, scale_shape)
+        if spec.act_order:
+            entries["perm"] = tensor_entry(f"{p}.perm", torch.int32, (*batch, k))
+        if spec.has_bias:
+            entries["bias"] = tensor_entry(f"{p}.bias", spec.bias_dtype or spec.scale_dtype, (*batch, n))
+        return entries
+
+    def plan_layer(self, spec: LinearSpec) -> list[TensorPlan]:
+        return [entry_plan(e) for e in self._entries(spec).values()]
+
+    def layer_manifest(self, spec: LinearSpec) -> dict:
+        return {
+            "scheme": spec.scheme,
+            "source_scheme": spec.source_scheme,
+            "kernel": KERNEL,
+            "bits": spec.bits,
+            "storage_bits": self.storage_bits,
+            "group_size": spec.group_size,
+            "antiquant_group_size": 0 if spec.num_groups == 1 else spec.group_size,
+            "symmetric": spec.symmetric,
+            "act_order": spec.act_order,
+            "code_offset": 2 ** (spec.bits - 1),
+            "tensors": self._entries(spec),
+        }
+
+    # ------------------------------------------------------------------ write
+    def write_layer(self, layer: QuantizedLinear) -> dict[str, torch.Tensor]:
+        spec = layer.spec
+        entries = self._entries(spec)
+        midpoint = 2 ** (spec.bits - 1)
+        codes = layer.qweight
+        out: dict[str, torch.Tensor] = {}
+        if spec.act_order:
+            assert layer.g_idx is not None
+            codes, out["perm"] = sort_by_act_order(codes, layer.g_idx, spec.group_size, spec.name)
+        # unsigned code - midpoint, wrapping in uint8: the int8 view is the signed value
+        signed_kn = (codes - midpoint).view(torch.int8).transpose(-1, -2).contiguous()
+        weight = layouts.int4pack(signed_kn) if self.storage_bits == 4 else signed_kn
+        out["weight"] = maybe_nz(weight, entries["weight"].get("c0"))
+        out["antiquant_scale"] = group_scale_layout(layer.scale)
+        if "antiquant_offset" in entries:
+            out["antiquant_offset"] = group_scale_layout((midpoint - layer.zero_points()).to(layer.scale.dtype))
+        if "bias" in entries:
+            assert layer.bias is not None
+            out["bias"] = layer.bias.to(getattr(torch, entries["bias"]["dtype"]))
+        return {entries[role]["name"]: out[role] for role in entries}
+
+    def read_layer(self, spec: LinearSpec, tensors: dict[str, torch.Tensor]) -> QuantizedLinear:
+        midpoint = 2 ** (spec.bits - 1)
+        weight = tensors["weight"]
+        signed_kn = layouts.int4unpack(weight) if self.storage_bits == 4 else weight
+        codes = (signed_kn.transpose(-1, -2).view(torch.uint8) + midpoint).contiguous()  # wraps back to q
+        scale = _to_group_layout(tensors["antiquant_scale"], spec)
+        zero = None
+        if "antiquant_offset" in tensors:
+            zero = (midpoint - _to_group_layout(tensors["antiquant_offset"], spec).float()).to(torch.int16)
+        g_idx = None
+        if "perm" in tensors:
+            perm = tensors["perm"].long()
+            inverse = torch.empty_like(perm)
+            inverse[perm] = torch.arange(perm.numel())
+            codes = codes[..., inverse]
+            g_idx = (inverse // spec.group_size).to(torch.int32)
+        return QuantizedLinear(spec, codes, scale, zero, g_idx, tensors.get("bias"))
+
+
+def _to_group_layout(t: torch.Tensor, spec: LinearSpec) -> torch.Tensor:
+    """Kernel ``[..., G, N]`` / ``[..., N]`` → canonical ``[..., N, G]``."""
+    return t.unsqueeze(-1).contiguous() if spec.num_groups == 1 else t.transpose(-1, -2).contiguous()
