@@ -287,6 +287,89 @@ def _print_plan(plan: dict) -> None:
     stdout.print(f"  total {human_bytes(plan['total_bytes'])}; nothing written (--dry-run)")
 
 
+# ------------------------------------------------------------------------------------- verify
+@cli.command("verify")
+@click.argument("out")
+@click.option("--source", default=None, help="Source checkpoint to compare with (default: the one recorded in npuconv.json).")
+@click.option("--layers", "layer_glob", default=None, help="Only layers whose name matches this glob (e.g. '*.mlp.*').")
+@click.option("--tokens", default=16, show_default=True, type=click.IntRange(1, 65536), help="Random activation rows per layer.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random activations.")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "npu"]), default=None, help="Where kernels run (default: npu, else cuda, else cpu).")
+@click.option("--skip-checksum", is_flag=True, help="Do not check shard sha256 against npuconv.json.")
+@click.option("--max-rel-l2", type=float, default=None, help="Override the per-scheme relative L2 threshold.")
+@click.option("--min-cosine", type=float, default=0.9999, show_default=True, help="Minimum cosine similarity.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the summary line.")
+@handle_errors
+def verify_command(out, source, layer_glob, tokens, seed, device, skip_checksum, max_rel_l2, min_cosine, as_json, quiet) -> None:
+    """Check OUT numerically: NPU kernels on the converted tensors vs the dequantized source.
+
+    OUT is an npuconv output (its source comes from npuconv.json, or --source) or any supported
+    checkpoint (then each layer is run through the kernel its scheme maps to and compared with
+    its own dequantization). Uses torch_npu's real kernels when an NPU is present, otherwise an
+    emulation of the same ops on CUDA or CPU; the report says which ran.
+
+    Exit code 0 if every layer passes, 1 if any fails, 2 on bad input.
+
+    \b
+    Examples:
+      npuconv verify ./llama-npu
+      npuconv verify ./llama-npu --layers '*.self_attn.*' --tokens 64 --json
+      npuconv verify ./some-gptq-model          # check a source checkpoint itself
+    """
+    from npuconv.verify import VerifyOptions, verify
+
+    options = VerifyOptions(
+        source=source, layers=layer_glob, tokens=tokens, seed=seed, device=device,
+        skip_checksum=skip_checksum, max_rel_l2=max_rel_l2, min_cosine=min_cosine,
+    )
+    bar = None
+
+    def on_layer(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = progress_bar(total, "verify", enabled=not (quiet or as_json))
+            if bar is None:
+                return
+            bar.unit = "layer"
+        bar.update(done - bar.n)
+
+    try:
+        report = verify(out, options, on_layer)
+    finally:
+        if bar is not None:
+            bar.close()
+    if as_json:
+        emit_json(report)
+    else:
+        if not quiet:
+            _print_verify(report)
+        status = "[green]PASS[/]" if report["ok"] else "[bold red]FAIL[/]"
+        stdout.print(
+            f"{status} {report['passed']}/{report['passed'] + report['failed']} layers "
+            f"({report['mode']} vs {report['source']}, backend {report['backend']}, "
+            f"{report['activation_dtype']} activations, {report['seconds']:.1f} s)"
+        )
+    if not report["ok"]:
+        sys.exit(1)
+
+
+def _print_verify(report: dict) -> None:
+    table = Table(title="per-layer error (worst first)", title_justify="left")
+    for column in ("layer", "scheme", "kernel", "layout", "max abs", "rel L2", "cosine", "limit", "result"):
+        table.add_column(column)
+    for r in report["layers"]:
+        layout = "-" if r["layout_exact"] is None else ("exact" if r["layout_exact"] else "[red]DIFF[/]")
+        result = "[green]ok[/]" if r["passed"] else "[bold red]FAIL[/]"
+        if r["note"].startswith("skipped"):
+            result = f"[yellow]{r['note']}[/]"
+        table.add_row(
+            r["name"], r["scheme"], r["kernel"], layout, f"{r['max_abs']:.3g}", f"{r['rel_l2']:.2e}",
+            f"{r['cosine']:.6f}", f"{r['threshold']:.0e}", result,
+        )
+    stdout.print(table)
+
+
 def main() -> None:
     """Console-script entry point."""
     if hasattr(signal, "SIGXFSZ"):

@@ -29,7 +29,12 @@ if sys.byteorder != "little":  # pragma: no cover - every supported platform is 
 
 def as_bytes(words: torch.Tensor) -> torch.Tensor:
     """Reinterpret the last dim of a contiguous integer tensor as little-endian bytes (uint8)."""
-    return words.contiguous().view(torch.uint8)
+    if words.dtype == torch.uint8:
+        return words
+    if not words.is_contiguous() or (words.dim() and words.stride(-1) != 1):
+        # also catches a size-1 last dim that reports "contiguous" with a stride != 1 (.view() refuses it)
+        words = torch.empty(words.shape, dtype=words.dtype).copy_(words)
+    return words.view(torch.uint8)
 
 
 def unpack_bitstream(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:

@@ -1,16 +1,620 @@
-"""(stub) reader for modelslim — being written."""
+"""msModelSlim (Huawei Ascend) checkpoints → canonical layers.
+
+Identification: the directory holds ``quant_model_description.json`` (or an older
+``quant_model_description_<type>.json``), a flat map *tensor name → type string* for every tensor
+of the ``quant_model_weight*.safetensors`` files, plus top-level keys (``model_quant_type``,
+``version``, ``group_size``, ``metadata``, ``optional``, kv/attention keys).
+
+A layer ``<p>`` is quantized when ``description["<p>.weight"]`` is not ``"FLOAT"``; its type is
+that string (as vllm-ascend and sglang do). ``model_quant_type`` is never used to decide anything:
+msModelSlim leaves W4A8_DYNAMIC out of its priority list, so an all-W4A8 model says ``"FLOAT"``.
+``<p>.bias`` (written as ``FLOAT``) belongs to the layer whenever ``<p>`` is quantized
+(``QuantizedLinear.bias``, kept in its stored dtype).
+
+Sign convention (msModelSlim's own reader ``FakeLinearQuantizerOfW8A16OrW4A16`` and
+``calculate_int_qparam``): integer weights are *signed* (int8 −128..127, int4 −8..7), and the
+float ``weight_offset`` is a zero point in that signed domain with ``w = (q - offset) * scale``.
+Canonical codes are unsigned, so ``code = q + 2**(b-1)`` and ``zero = offset + 2**(b-1)``
+(int16); ``zero = None`` when every offset is 0. A non-integer offset is an :class:`InputError`.
+``(code - zero) = (q - offset)`` exactly, so the canonical rule reproduces msModelSlim's reader
+bit for bit. Scales keep their stored dtype (float32 from the v1 saver, the model dtype for some
+v0 tensors); per-group scales ``[N, G]`` group along K: ``scale[n, k // (K/G)]``; ``G == 1`` is
+per-channel (``group_size = -1``).
+
+int4 storage (``packing.unpack_nibbles``: even element in the low nibble, two's complement):
+
+- *pairs along N*: int8 ``[N/2, K]``, byte ``(i, k)`` = row ``2i`` (low) and ``2i+1`` (high)
+  (``w4a8_pack_int4`` / ``_w4a8_pack_int4``, and ``_w4a16_pack_int4`` per-group). Recognised by
+  ``weight.shape[0] * 2 == weight_scale.shape[0]``.
+- *pairs along K*: int8 ``[N, K/2]``, low nibble = even k (``_w4a16_pack_int4`` per-channel):
+  W4A16 with a ``[N, 1]`` scale and description ``version == "1.0.0"``.
+- *unpacked*: one int4 value per int8 byte ``[N, K]`` (older checkpoints, W4A4_DYNAMIC); values
+  outside −8..7 are an :class:`InputError`.
+
+Types and how each maps onto the canonical rule (tensors ``<p>.<suffix>``):
+
+=====================  ===========================================================================
+``W8A16``              ``weight`` int8 ``[N,K]``, ``weight_scale``/``weight_offset`` ``[N,1]`` or
+                       ``[N,G]`` → bits 8, code ``q+128``, zero ``offset+128``; no activation quant.
+``W8A8_DYNAMIC``       as W8A16; activation int8 dynamic per-token, symmetric.
+``W4A4_DYNAMIC``       weight int4 (unpacked ``[N,K]``, or pairs along N) → bits 4, code ``q+8``,
+                       zero ``offset+8``; activation int4 dynamic per-token.
+``W4A16``              v0 saver: per-group pairs along N, per-channel pairs along K (version
+                       "1.0.0"), older unpacked; zero ``offset+8``; no activation quant.
+``W4A8_DYNAMIC``       ``weight`` int4 pairs along N ``[N/2,K]`` (version "1.0.0") or unpacked
+                       ``[N,K]``; ``weight_scale`` ``[N,1]``; ``weight_offset`` (zeros);
+                       ``scale_bias`` (kernel helper ``8·Σ dequant``: consumed, not canonical — a
+                       writer recomputes it). Legacy two-stage per-group adds
+                       ``weight_scale_second`` ``[N,K/g]`` (integer-valued int8→int4 stage scale)
+                       and ``weight_offset_second``: canonical group scale =
+                       ``weight_scale * weight_scale_second`` in float32, zero from
+                       ``weight_offset_second``. This is vllm-ascend's antiquant scale; the
+                       fixture reference ``q * s2 * s`` rounds once (``q*s2`` is an exact integer)
+                       where ``q * fl(s*s2)`` rounds twice, so the two may differ by 1 ulp.
+                       A non-zero first-stage offset is unsupported. Activation int8 dynamic.
+``W8A8``               static. v1: ``weight`` int8, ``input_scale``/``input_offset`` ``[1]``,
+                       ``deq_scale`` ``[N]`` = input_scale·weight_scale (float32 for bf16 models,
+                       else int64 whose low 32 bits are the float32 bit pattern),
+                       ``quant_bias`` int32 (consumed, not canonical: it folds ``bias`` and the
+                       input offset). No ``weight_scale`` on disk: canonical scale =
+                       ``deq_scale_f32 / input_scale`` in float32 ``[N,1]`` (exactly msModelSlim's
+                       reader ``q * (deq_scale / input_scale)``). v0 also stores
+                       ``weight_scale``/``weight_offset``: those are used instead.
+                       Activation int8 static per-tensor, ``input_scale``, ``input_zero =
+                       input_offset`` (signed domain), symmetric iff ``input_offset == 0``.
+``W8A8_MIX``           PD-mix: the W8A8 tensors + ``weight_scale``/``weight_offset``; read as W8A8
+                       (static activation) using ``weight_scale``.
+``WFP8AFP8_DYNAMIC``   ``weight`` float8_e4m3fn ``[N,K]``, ``weight_scale`` float ``[N,1]``,
+                       ``weight_offset`` zeros → FP8 codes × per-channel scale; activation fp8
+                       dynamic per-token.
+``W8A8_MXFP8``         ``weight`` float8_e4m3fn ``[N,K]``, ``weight_scale`` uint8 E8M0
+                       ``[N, ceil(K/32)]`` → group 32, ``SCALE_E8M0``; activation MX fp8 (group 32).
+``W4A8_MXFP``          ``weight`` uint8 ``[N, K/2]`` E2M1 nibbles (low = even k) → one E2M1 code per
+                       uint8 ``[N,K]``; E8M0 scale as above; activation MX fp8.
+``W4A4_MXFP4``         as W4A8_MXFP; activation MX fp4.
+``W4A16_MXFP4``        as W4A8_MXFP (same storage, read by vllm-ascend); no activation quant.
+=====================  ===========================================================================
+
+Refused with :class:`UnsupportedError` naming the tensor and type: ``*_FLATQUANT*``, ``*_SVD*``,
+``W16A16S``, ``W8A8S``/``W8A8SC`` (sparse), ``*_DUALSCALE``, ``W8A8_TIMESTEP``, ``NF4`` and any
+unknown string; also a tensor of a quantized layer that its type does not explain (e.g.
+``<p>.weight_dual_scale``). A description entry whose tensor does not exist, or a tensor without
+a description entry, is an :class:`InputError` — except the QuaRot rotation matrices
+(``*.heads_rotation``, ``*.kronecker_rotation_m/n``) that the v1 saver writes undescribed; they
+pass through. Non-linear typed tensors (``C8`` kv-cache scales, ``FAQuant``) pass through with a
+warning. Legacy anti-outlier norm copies ``<norm>.module.weight`` (1-D, typed with the model type)
+pass through.
+
+MoE: msModelSlim stores each expert as its own linear (``experts.0.gate_proj``); they are read as
+separate layers.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+
+from npuconv.checkpoint import Checkpoint
+from npuconv.errors import InputError, UnsupportedError
+from npuconv.model import (
+    FP4_E2M1,
+    FP8_E4M3,
+    INT,
+    SCALE_E8M0,
+    ActivationQuant,
+    LinearSpec,
+    QuantizedLinear,
+)
+from npuconv.packing import unpack_nibbles
 from npuconv.readers.base import Reader
 
+DESCRIPTION = "quant_model_description.json"
+DESCRIPTION_GLOB = "quant_model_description*.json"
+FLOAT = "FLOAT"
+MX_GROUP = 32
 
-class _Stub(Reader):
+# top-level keys of the description that are not tensor names
+META_KEYS = {
+    "version",
+    "model_quant_type",
+    "group_size",
+    "metadata",
+    "optional",
+    "kv_cache_type",
+    "kv_quant_type",
+    "fa_quant_type",
+    "indexer_quant_type",
+    "is_rot_used",
+    "ignore",
+    "packed_modules_mapping",
+}
+# tensors the v1 saver writes without a description entry (QuaRot online rotation)
+UNDESCRIBED_SUFFIXES = (".heads_rotation", ".kronecker_rotation_m", ".kronecker_rotation_n")
+# non-linear types whose tensors pass through unchanged
+NON_LINEAR_TYPES = {"C8", "FAQuant", "FAKQuant"}
+
+_INT8_DYN = ActivationQuant(INT, 8, dynamic=True, strategy="token")
+_INT4_DYN = ActivationQuant(INT, 4, dynamic=True, strategy="token")
+_FP8_DYN = ActivationQuant(FP8_E4M3, 8, dynamic=True, strategy="token")
+_MXFP8_ACT = ActivationQuant(FP8_E4M3, 8, dynamic=True, strategy="group")
+_MXFP4_ACT = ActivationQuant(FP4_E2M1, 4, dynamic=True, strategy="group")
+
+# integer weight + weight_scale (+ weight_offset): type → (bits, activation)
+INT_TYPES: dict[str, tuple[int, ActivationQuant | None]] = {
+    "W8A16": (8, None),
+    "W8A8_DYNAMIC": (8, _INT8_DYN),
+    "W4A4_DYNAMIC": (4, _INT4_DYN),
+    "W4A16": (4, None),
+    "W4A8_DYNAMIC": (4, _INT8_DYN),
+}
+STATIC_TYPES = {"W8A8", "W8A8_MIX"}
+FP8_TYPES = {"WFP8AFP8_DYNAMIC": _FP8_DYN}
+# MX: type → (weight format, bits, activation)
+MX_TYPES: dict[str, tuple[str, int, ActivationQuant | None]] = {
+    "W8A8_MXFP8": (FP8_E4M3, 8, _MXFP8_ACT),
+    "W4A8_MXFP": (FP4_E2M1, 4, _MXFP8_ACT),
+    "W4A4_MXFP4": (FP4_E2M1, 4, _MXFP4_ACT),
+    "W4A16_MXFP4": (FP4_E2M1, 4, None),
+}
+SUPPORTED_TYPES = {*INT_TYPES, *STATIC_TYPES, *FP8_TYPES, *MX_TYPES}
+
+# suffixes each family may consume (beyond "weight"); anything else typed like the layer is refused
+_SUFFIXES_INT = ("weight_scale", "weight_offset")
+_SUFFIXES_W4A8 = ("weight_scale", "weight_offset", "weight_scale_second", "weight_offset_second", "scale_bias")
+_SUFFIXES_STATIC = ("weight_scale", "weight_offset", "input_scale", "input_offset", "deq_scale", "quant_bias")
+_SUFFIXES_FP8 = ("weight_scale", "weight_offset")
+_SUFFIXES_MX = ("weight_scale",)
+
+# int weight layouts
+UNPACKED = "unpacked"  # one signed value per int8 byte [N, K] (int8 or int4)
+PAIRS_N = "pairs_n"  # int4 pairs along N: [N/2, K]
+PAIRS_K = "pairs_k"  # int4 pairs along K: [N, K/2]
+
+
+@dataclass
+class _Plan:
+    """How to load one layer (found by :meth:`ModelSlimReader.scan`)."""
+
+    qtype: str
+    family: str  # "int", "static", "fp8", "mx"
+    layout: str = UNPACKED
+    tensors: dict[str, str] = field(default_factory=dict)  # suffix → tensor name (present ones)
+    groups: int = 1  # G of the canonical scale
+
+
+def description_files(checkpoint: Checkpoint) -> list[str]:
+    """The description file to use: ``quant_model_description.json``, else the legacy names."""
+    if (checkpoint.root / DESCRIPTION).is_file():
+        return [DESCRIPTION]
+    return sorted(p.name for p in checkpoint.root.glob(DESCRIPTION_GLOB) if p.is_file())
+
+
+class ModelSlimReader(Reader):
     format = "modelslim"
 
     @classmethod
-    def matches(cls, checkpoint) -> bool:
-        return False
+    def matches(cls, checkpoint: Checkpoint) -> bool:
+        return bool(description_files(checkpoint))
+
+    def __init__(self, checkpoint: Checkpoint):
+        super().__init__(checkpoint)
+        self._plans: dict[str, _Plan] = {}
+
+    # ---------------------------------------------------------------- description
+    @cached_property
+    def description_file(self) -> str:
+        files = description_files(self.ckpt)
+        if not files:
+            raise InputError(f"{self.ckpt.root}: no {DESCRIPTION} found")
+        if len(files) > 1:
+            raise InputError(f"{', '.join(files)}: several msModelSlim description files; keep exactly one")
+        return files[0]
+
+    @cached_property
+    def description(self) -> dict:
+        return self.ckpt.read_json(self.description_file) or {}
+
+    @cached_property
+    def entries(self) -> dict[str, str]:
+        """Tensor entries of the description: tensor name → type string."""
+        out = {}
+        for key, value in self.description.items():
+            if key in META_KEYS or not isinstance(value, str) or key.endswith("quant_type"):
+                continue
+            if "." in key or self.ckpt.has(key):
+                out[key] = value
+        return out
+
+    @property
+    def version(self) -> str:
+        value = self.description.get("version")
+        return "" if value is None else str(value)
+
+    def summary(self) -> dict:
+        types = {t for k, t in self.entries.items() if k.endswith(".weight") and t != FLOAT}
+        return {
+            "model_quant_type": self.description.get("model_quant_type"),
+            "version": self.description.get("version"),
+            "group_size": self.description.get("group_size"),
+            "types": sorted(types),
+        }
+
+    def consumed_files(self) -> list[str]:
+        return description_files(self.ckpt)
+
+    # ---------------------------------------------------------------- scan
+    def scan(self) -> list[LinearSpec]:
+        entries = self.entries
+        where = self.description_file
+        for name in entries:
+            if not self.ckpt.has(name):
+                raise InputError(
+                    f"{where}: describes tensor '{name}' ({entries[name]}), which is not in the checkpoint"
+                )
+        for name in self.ckpt.names():
+            if name not in entries and not name.endswith(UNDESCRIBED_SUFFIXES):
+                raise InputError(f"tensor '{name}' has no entry in {where}")
+
+        specs: list[LinearSpec] = []
+        self._plans = {}
+        for name, qtype in entries.items():  # description order = the model's module order
+            if not name.endswith(".weight") or qtype == FLOAT:
+                continue
+            prefix = name[: -len(".weight")]
+            if prefix.endswith(".module") and len(self.ckpt.info(name).shape) == 1:
+                continue  # legacy anti-outlier norm copy (<norm>.module.weight), not a linear
+            if qtype not in SUPPORTED_TYPES:
+                raise UnsupportedError(f"tensor '{name}': msModelSlim type {qtype!r} is not supported")
+            spec = self._scan_layer(prefix, qtype)
+            specs.append(spec)
+
+        used = {t for spec in specs for t in spec.source_tensors}
+        layers = {spec.name: spec for spec in specs}
+        for name, qtype in entries.items():
+            if name in used or qtype == FLOAT:
+                continue
+            parent = name.rsplit(".", 1)[0]
+            if parent in layers:
+                raise UnsupportedError(
+                    f"tensor '{name}' ({qtype}) of layer '{parent}' is not understood by the msModelSlim reader"
+                )
+            if qtype in NON_LINEAR_TYPES:
+                self.warn(f"{qtype} tensors (e.g. '{name}') are kept unchanged; they are not linear weights")
+        for spec in specs:
+            for tensor in spec.source_tensors:
+                t = entries.get(tensor)
+                if tensor != f"{spec.name}.bias" and t != spec.source_scheme:
+                    self.warn(f"tensor '{tensor}' is described as {t!r} but its layer is {spec.source_scheme}")
+        return specs
+
+    def _present(self, prefix: str, suffixes: tuple[str, ...]) -> dict[str, str]:
+        tensors = {"weight": f"{prefix}.weight"}
+        for suffix in suffixes:
+            if self.ckpt.has(f"{prefix}.{suffix}"):
+                tensors[suffix] = f"{prefix}.{suffix}"
+        if self.ckpt.has(f"{prefix}.bias"):
+            tensors["bias"] = f"{prefix}.bias"
+        return tensors
+
+    def _need(self, plan: _Plan, prefix: str, suffix: str) -> str:
+        name = plan.tensors.get(suffix)
+        if name is None:
+            raise InputError(f"tensor '{prefix}.{suffix}' is missing ({plan.qtype} layer '{prefix}')")
+        return name
+
+    def _scan_layer(self, prefix: str, qtype: str) -> LinearSpec:
+        if qtype in INT_TYPES:
+            return self._scan_int(prefix, qtype)
+        if qtype in STATIC_TYPES:
+            return self._scan_static(prefix, qtype)
+        if qtype in FP8_TYPES:
+            return self._scan_fp8(prefix, qtype)
+        return self._scan_mx(prefix, qtype)
+
+    def _finish(self, prefix: str, plan: _Plan, **fields) -> LinearSpec:
+        self._plans[prefix] = plan
+        has_bias = "bias" in plan.tensors
+        if has_bias:
+            bias = self.ckpt.info(plan.tensors["bias"])
+            if bias.shape != (fields["out_features"],):
+                expected = fields["out_features"]
+                raise InputError(f"tensor '{bias.name}': shape {list(bias.shape)}, expected [{expected}]")
+        return LinearSpec(
+            name=prefix,
+            has_bias=has_bias,
+            source_scheme=plan.qtype,
+            source_tensors=tuple(plan.tensors.values()),
+            **fields,
+        )
+
+    def _scan_int(self, prefix: str, qtype: str) -> LinearSpec:
+        bits, activation = INT_TYPES[qtype]
+        suffixes = _SUFFIXES_W4A8 if qtype == "W4A8_DYNAMIC" else _SUFFIXES_INT
+        plan = _Plan(qtype, "int", tensors=self._present(prefix, suffixes))
+        weight = self._weight_info(plan.tensors["weight"], (torch.int8,))
+        scale_name = self._need(plan, prefix, "weight_scale")
+        n, groups = self._scale_shape(scale_name)
+        rows, cols = weight.shape
+        if bits == 8:
+            self._expect(rows == n, weight.name, f"has {rows} rows but '{scale_name}' has {n}")
+            k = cols
+        elif rows * 2 == n:
+            plan.layout, k = PAIRS_N, cols
+        elif rows == n:
+            if qtype == "W4A16" and groups == 1 and self.version == "1.0.0":
+                plan.layout, k = PAIRS_K, cols * 2
+            else:
+                plan.layout, k = UNPACKED, cols
+        else:
+            raise InputError(
+                f"tensor '{weight.name}': shape {list(weight.shape)} fits neither [N, K] nor [N/2, K] "
+                f"for N={n} from '{scale_name}'"
+            )
+        scale_dtype = self.ckpt.info(scale_name).dtype
+        second = plan.tensors.get("weight_scale_second")
+        if second is not None:  # legacy two-stage W4A8_DYNAMIC
+            self._expect(groups == 1, scale_name, f"must be per-channel [N, 1] with '{second}', got {groups} groups")
+            n2, groups = self._scale_shape(second)
+            self._expect(n2 == n, second, f"has {n2} rows, expected {n}")
+            offset = self._offsets(plan.tensors.get("weight_offset"), n, 1)
+            if offset is not None and bool((offset != 0).any()):
+                raise UnsupportedError(
+                    f"tensor '{plan.tensors['weight_offset']}': a non-zero first-stage offset of two-stage "
+                    "W4A8_DYNAMIC is not supported"
+                )
+            zero = self._offsets(plan.tensors.get("weight_offset_second"), n, groups)
+            scale_dtype = torch.float32
+        else:
+            zero = self._offsets(plan.tensors.get("weight_offset"), n, groups)
+        plan.groups = groups
+        symmetric = zero is None or not bool((zero != 0).any())
+        return self._finish(
+            prefix,
+            plan,
+            out_features=n,
+            in_features=k,
+            bits=bits,
+            group_size=self._group_size(k, groups, second or scale_name),
+            symmetric=symmetric,
+            scale_dtype=scale_dtype,
+            activation=activation,
+        )
+
+    def _scan_static(self, prefix: str, qtype: str) -> LinearSpec:
+        plan = _Plan(qtype, "static", tensors=self._present(prefix, _SUFFIXES_STATIC))
+        weight = self._weight_info(plan.tensors["weight"], (torch.int8,))
+        n, k = weight.shape
+        input_scale, input_offset = self._input_quant(plan, prefix)
+        if "weight_scale" in plan.tensors:  # v0 W8A8 / W8A8_MIX carry the real weight scale
+            scale_name = plan.tensors["weight_scale"]
+            n_scale, groups = self._scale_shape(scale_name)
+            self._expect(n_scale == n, scale_name, f"has {n_scale} rows, expected {n}")
+            zero = self._offsets(plan.tensors.get("weight_offset"), n, groups)
+            scale_dtype = self.ckpt.info(scale_name).dtype
+        else:
+            deq = self.ckpt.info(self._need(plan, prefix, "deq_scale"))
+            self._expect(
+                deq.numel == n and len(deq.shape) in (1, 2),
+                deq.name,
+                f"shape {list(deq.shape)}, expected [{n}]",
+            )
+            self._expect(
+                deq.dtype == torch.int64 or deq.dtype.is_floating_point,
+                deq.name,
+                f"dtype {deq.dtype} is not int64 or float",
+            )
+            groups, zero, scale_dtype = 1, None, torch.float32
+            if "weight_offset" in plan.tensors:
+                zero = self._offsets(plan.tensors["weight_offset"], n, 1)
+        if "quant_bias" in plan.tensors:
+            qb = self.ckpt.info(plan.tensors["quant_bias"])
+            self._expect(qb.numel == n, qb.name, f"shape {list(qb.shape)}, expected [{n}]")
+        plan.groups = groups
+        activation = ActivationQuant(INT, 8, dynamic=False, strategy="tensor", symmetric=input_offset == 0)
+        return self._finish(
+            prefix,
+            plan,
+            out_features=n,
+            in_features=k,
+            bits=8,
+            group_size=self._group_size(k, groups, plan.tensors.get("weight_scale", weight.name)),
+            symmetric=zero is None or not bool((zero != 0).any()),
+            scale_dtype=scale_dtype,
+            activation=activation,
+        )
+
+    def _scan_fp8(self, prefix: str, qtype: str) -> LinearSpec:
+        plan = _Plan(qtype, "fp8", tensors=self._present(prefix, _SUFFIXES_FP8))
+        weight = self._weight_info(plan.tensors["weight"], (torch.float8_e4m3fn,))
+        n, k = weight.shape
+        scale_name = self._need(plan, prefix, "weight_scale")
+        n_scale, groups = self._scale_shape(scale_name)
+        self._expect(n_scale == n, scale_name, f"has {n_scale} rows, expected {n}")
+        offset = self._offsets(plan.tensors.get("weight_offset"), n, groups)
+        if offset is not None and bool((offset != 0).any()):
+            raise UnsupportedError(
+                f"tensor '{plan.tensors['weight_offset']}': non-zero offsets of FP8 weights are not supported"
+            )
+        plan.groups = groups
+        return self._finish(
+            prefix,
+            plan,
+            out_features=n,
+            in_features=k,
+            bits=8,
+            group_size=self._group_size(k, groups, scale_name),
+            symmetric=True,
+            weight_format=FP8_E4M3,
+            scale_dtype=self.ckpt.info(scale_name).dtype,
+            activation=FP8_TYPES[qtype],
+        )
+
+    def _scan_mx(self, prefix: str, qtype: str) -> LinearSpec:
+        weight_format, bits, activation = MX_TYPES[qtype]
+        plan = _Plan(qtype, "mx", tensors=self._present(prefix, _SUFFIXES_MX))
+        if weight_format == FP8_E4M3:
+            weight = self._weight_info(plan.tensors["weight"], (torch.float8_e4m3fn,))
+            n, k = weight.shape
+        else:
+            weight = self._weight_info(plan.tensors["weight"], (torch.uint8, torch.int8))
+            n, k = weight.shape[0], weight.shape[1] * 2
+        scale = self.ckpt.info(self._need(plan, prefix, "weight_scale"))
+        groups = -(-k // MX_GROUP)
+        self._expect(scale.dtype == torch.uint8, scale.name, f"dtype {scale.dtype}, expected uint8 E8M0 exponents")
+        self._expect(scale.shape == (n, groups), scale.name, f"shape {list(scale.shape)}, expected [{n}, {groups}]")
+        plan.groups = groups
+        return self._finish(
+            prefix,
+            plan,
+            out_features=n,
+            in_features=k,
+            bits=bits,
+            group_size=MX_GROUP,
+            symmetric=True,
+            weight_format=weight_format,
+            scale_format=SCALE_E8M0,
+            scale_dtype=torch.uint8,
+            activation=activation,
+        )
+
+    # ---------------------------------------------------------------- scan helpers
+    @staticmethod
+    def _expect(ok: bool, name: str, problem: str) -> None:
+        if not ok:
+            raise InputError(f"tensor '{name}': {problem}")
+
+    def _weight_info(self, name: str, dtypes: tuple[torch.dtype, ...]):
+        info = self.ckpt.info(name)
+        self._expect(info.dtype in dtypes, name, f"dtype {info.dtype} is not {' or '.join(map(str, dtypes))}")
+        self._expect(len(info.shape) == 2, name, f"shape {list(info.shape)} is not 2-D")
+        return info
+
+    def _scale_shape(self, name: str) -> tuple[int, int]:
+        """(rows, groups) of a float scale stored as ``[N]`` or ``[N, G]``."""
+        info = self.ckpt.info(name)
+        self._expect(info.dtype.is_floating_point, name, f"dtype {info.dtype} is not a float type")
+        ok = len(info.shape) in (1, 2) and info.numel > 0
+        self._expect(ok, name, f"shape {list(info.shape)} is not [N] or [N, G]")
+        return info.shape[0], 1 if len(info.shape) == 1 else info.shape[1]
+
+    def _group_size(self, k: int, groups: int, name: str) -> int:
+        if groups == 1:
+            return -1
+        self._expect(groups > 0 and k % groups == 0, name, f"{groups} groups do not divide in_features {k}")
+        return k // groups
+
+    def _offsets(self, name: str | None, n: int, groups: int) -> torch.Tensor | None:
+        """Integer zero points (signed domain) ``[n, groups]`` int64, or None when absent."""
+        if name is None:
+            return None
+        raw = self.tensor(name)
+        self._expect(raw.numel() == n * groups, name, f"shape {list(raw.shape)}, expected [{n}, {groups}]")
+        values = raw.reshape(n, groups)
+        if values.dtype.is_floating_point:
+            as_float = values.double()
+            bad = ~torch.isfinite(as_float) | (as_float != as_float.round()) | (as_float.abs() > 2**14)
+            if bool(bad.any()):
+                value = as_float[bad][0].item()
+                raise InputError(f"tensor '{name}': offset {value} is not an integer zero point")
+            return as_float.long()
+        return values.long()
+
+    def _input_quant(self, plan: _Plan, prefix: str) -> tuple[torch.Tensor, float]:
+        scale_name = self._need(plan, prefix, "input_scale")
+        offset_name = self._need(plan, prefix, "input_offset")
+        scale = self.tensor(scale_name)
+        offset = self.tensor(offset_name)
+        self._expect(scale.numel() == 1, scale_name, f"shape {list(scale.shape)}, expected [1] (per-tensor)")
+        self._expect(offset.numel() == 1, offset_name, f"shape {list(offset.shape)}, expected [1] (per-tensor)")
+        value = float(scale.reshape(()).float())
+        self._expect(value > 0 and value != float("inf"), scale_name, f"input scale {value} is not a positive number")
+        zero = float(offset.reshape(()).double())
+        self._expect(zero == round(zero), offset_name, f"input offset {zero} is not an integer")
+        return scale, zero
+
+    # ---------------------------------------------------------------- load
+    def load(self, spec: LinearSpec) -> QuantizedLinear:
+        if not self._plans:
+            self.linear_specs()
+        plan = self._plans.get(spec.name)
+        if plan is None:
+            raise InputError(f"'{spec.name}' is not a quantized linear of this checkpoint")
+        layer = getattr(self, f"_load_{plan.family}")(spec, plan)
+        if "bias" in plan.tensors:
+            layer.bias = self.tensor(plan.tensors["bias"])
+        return layer
+
+    def _zero(self, name: str | None, spec: LinearSpec, groups: int) -> torch.Tensor | None:
+        offsets = self._offsets(name, spec.out_features, groups)
+        if offsets is None or not bool((offsets != 0).any()):
+            return None
+        return (offsets + 2 ** (spec.bits - 1)).to(torch.int16)
+
+    def _int_codes(self, name: str, layout: str, bits: int) -> torch.Tensor:
+        raw = self.tensor(name)
+        if layout == PAIRS_N:  # byte (i, k) = rows 2i (low) and 2i+1 (high): unpack along dim 0
+            return (unpack_nibbles(raw.T).T ^ 8).contiguous()
+        if layout == PAIRS_K:
+            return unpack_nibbles(raw) ^ 8
+        if bits == 8:
+            return raw.view(torch.uint8) ^ 0x80  # q + 128 for two's complement bytes
+        bad = (raw < -8) | (raw > 7)
+        if bool(bad.any()):
+            raise InputError(f"tensor '{name}': value {int(raw[bad][0])} is outside the int4 range -8..7")
+        return (raw.to(torch.int16) + 8).to(torch.uint8)
+
+    def _load_int(self, spec: LinearSpec, plan: _Plan) -> QuantizedLinear:
+        t = plan.tensors
+        codes = self._int_codes(t["weight"], plan.layout, spec.bits)
+        scale = self.tensor(t["weight_scale"])
+        if "weight_scale_second" in t:
+            first = scale.float().reshape(spec.out_features, 1)
+            second = self.tensor(t["weight_scale_second"]).float().reshape(spec.out_features, plan.groups)
+            scale = first * second
+            zero = self._zero(t.get("weight_offset_second"), spec, plan.groups)
+        else:
+            scale = scale.reshape(spec.out_features, plan.groups)
+            zero = self._zero(t.get("weight_offset"), spec, plan.groups)
+        return QuantizedLinear(spec, codes, scale, zero)
+
+    def _load_static(self, spec: LinearSpec, plan: _Plan) -> QuantizedLinear:
+        t = plan.tensors
+        codes = self._int_codes(t["weight"], UNPACKED, 8)
+        input_scale = self.tensor(t["input_scale"]).float().reshape(1)
+        input_zero = self.tensor(t["input_offset"]).float().reshape(1)
+        if "weight_scale" in t:
+            scale = self.tensor(t["weight_scale"]).reshape(spec.out_features, plan.groups)
+        else:
+            deq = decode_deq_scale(self.tensor(t["deq_scale"])).reshape(spec.out_features, 1)
+            scale = deq / input_scale
+        zero = self._zero(t.get("weight_offset"), spec, plan.groups)
+        return QuantizedLinear(spec, codes, scale, zero, input_scale=input_scale, input_zero=input_zero)
+
+    def _load_fp8(self, spec: LinearSpec, plan: _Plan) -> QuantizedLinear:
+        t = plan.tensors
+        scale = self.tensor(t["weight_scale"]).reshape(spec.out_features, plan.groups)
+        return QuantizedLinear(spec, self.tensor(t["weight"]), scale)
+
+    def _load_mx(self, spec: LinearSpec, plan: _Plan) -> QuantizedLinear:
+        t = plan.tensors
+        raw = self.tensor(t["weight"])
+        codes = raw if spec.weight_format == FP8_E4M3 else unpack_nibbles(raw)
+        return QuantizedLinear(spec, codes, self.tensor(t["weight_scale"]))
 
 
-READER = _Stub
+def decode_deq_scale(deq: torch.Tensor) -> torch.Tensor:
+    """msModelSlim ``deq_scale`` → float32.
+
+    int64 (fp16 models, ``deqscale2int64``): the low 32 bits are the float32 bit pattern (bits
+    32..63 are ignored, as msModelSlim's ``int64tofp32`` does); float (bf16 models): as is.
+    """
+    if deq.dtype == torch.int64:
+        low = deq & 0xFFFFFFFF
+        low = torch.where(low >= 2**31, low - 2**32, low)  # the same 32 bits as a signed int32
+        return low.to(torch.int32).view(torch.float32)
+    return deq.float()
+
+
+READER = ModelSlimReader

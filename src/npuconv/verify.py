@@ -1,0 +1,309 @@
+"""``verify``: run the NPU kernels on converted tensors and compare with a dequantized reference of the source.
+
+Per layer (streamed, one layer in memory at a time):
+
+1. **layout check** — the converted tensors, decoded back to canonical form by the target's
+   reader, dequantize *bit-exactly* to the source layer's dequantization (codes, scales, zero
+   points and act-order all round-trip).
+2. **kernel check** — seeded random activations ``x`` ``[tokens, K]`` in the model dtype go
+   through the kernel the target is written for (``npu_weight_quant_batchmatmul``,
+   ``npu_dynamic_quant`` + ``npu_quant_matmul``, ``npu_quantize`` + ``npu_quant_matmul``,
+   ``npu_dynamic_mx_quant`` + ``npu_quant_matmul``) on the real ``torch_npu`` ops or their
+   emulation, fed with the *stored* tensors. The reference is computed in float64 from the
+   **source** checkpoint: ``y_ref = x' @ dequant(source)ᵀ + bias``, where ``x'`` is ``x`` itself
+   for weight-only kernels, and the dequantized output of the backend's own activation-quant op
+   for W8A8/MX kernels (so the comparison isolates the weights, not activation rounding).
+
+Metrics: max abs error, relative L2 error, cosine similarity. A layer passes when the layout
+check holds and ``rel_l2 <= max_rel_l2`` and ``cosine >= min_cosine`` (thresholds below, per
+activation dtype and kernel, derived from the rounding each kernel does: fp16 rounds the
+dequantized weight to 11 significant bits, bf16 to 8, outputs are cast to the activation dtype).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from npuconv import layouts
+from npuconv.checkpoint import Checkpoint
+from npuconv.convert import MANIFEST, config_dtype
+from npuconv.errors import InputError, VerificationFailed
+from npuconv.model import FP4_E2M1, FP8_E4M3, INT, SCALE_E8M0, LinearSpec, QuantizedLinear, dequantize
+from npuconv.output import sha256_file
+from npuconv.readers import open_reader
+from npuconv.readers.base import Reader
+from npuconv.readers.npuconv_output import NpuconvReader
+from npuconv.source import open_source
+from npuconv.writers import WriterOptions, writer_class
+from npuconv.writers.npu_common import from_storage
+
+# rel-L2 thresholds by (kernel family, activation dtype); cosine must be >= MIN_COSINE everywhere
+THRESHOLDS = {
+    ("weight_only", torch.float16): 2e-3,
+    ("weight_only", torch.bfloat16): 1e-2,
+    ("quant", torch.float16): 5e-3,
+    ("quant", torch.bfloat16): 1e-2,
+}
+MIN_COSINE = 0.9999
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    source: str | None = None  # default: the source recorded in npuconv.json
+    layers: str | None = None  # glob over layer names, e.g. "*.mlp.*"
+    tokens: int = 16
+    seed: int = 0
+    device: str | None = None  # cpu | cuda | npu; None: best available
+    skip_checksum: bool = False
+    max_rel_l2: float | None = None  # override every threshold
+    min_cosine: float = MIN_COSINE
+
+
+@dataclass
+class LayerResult:
+    name: str
+    scheme: str
+    kernel: str
+    layout_exact: bool | None
+    max_abs: float
+    rel_l2: float
+    cosine: float
+    threshold: float
+    passed: bool
+    note: str = ""
+
+    def as_dict(self) -> dict:
+        return {k: (round(v, 9) if isinstance(v, float) and math.isfinite(v) else v) for k, v in self.__dict__.items()}
+
+
+@dataclass
+class _Pairing:
+    """How to get each layer's stored kernel tensors (by role) and its manifest entry."""
+
+    output: Reader
+    source: Reader
+    kernel_tensors: Callable[[LinearSpec, QuantizedLinear], tuple[dict, dict]]
+    mode: str
+    extra: dict = field(default_factory=dict)
+
+
+def verify(path: str | Path, options: VerifyOptions, on_layer: Callable[[int, int], None] | None = None) -> dict:
+    """Verify OUT (an npuconv output, or any supported checkpoint checked against itself)."""
+    from npuconv.kernels import get_backend
+
+    started = time.perf_counter()
+    backend = get_backend(options.device)
+    output_ckpt = open_source(path)
+    output_reader = open_reader(output_ckpt)
+    pairing = _pair(output_ckpt, output_reader, options)
+    act_dtype = config_dtype(output_ckpt.config) or torch.bfloat16
+    if act_dtype == torch.float32:
+        act_dtype = torch.bfloat16
+    source_specs = {s.name: s for s in pairing.source.linear_specs()}
+    specs = [s for s in output_reader.linear_specs() if not options.layers or fnmatch.fnmatchcase(s.name, options.layers)]
+    if options.layers and not specs:
+        raise InputError(f"--layers {options.layers!r} matches no quantized layer")
+    generator = torch.Generator().manual_seed(options.seed)
+    results = []
+    for i, spec in enumerate(specs):
+        if spec.name not in source_specs:
+            raise InputError(f"layer '{spec.name}' is not a quantized layer of the source {pairing.source.ckpt.source_id}")
+        x = torch.randn(options.tokens, spec.in_features, generator=generator).to(act_dtype)
+        results.append(_verify_layer(spec, source_specs[spec.name], pairing, backend, x, options))
+        if on_layer:
+            on_layer(i + 1, len(specs))
+    results.sort(key=lambda r: (r.passed, -r.rel_l2 if math.isfinite(r.rel_l2) else -math.inf))
+    failed = [r for r in results if not r.passed]
+    return {
+        "ok": not failed,
+        "backend": backend.name,
+        "mode": pairing.mode,
+        "output": str(path),
+        "source": pairing.source.ckpt.source_id,
+        "activation_dtype": str(act_dtype).removeprefix("torch."),
+        "tokens": options.tokens,
+        "seed": options.seed,
+        "layers": [r.as_dict() for r in results],
+        "passed": len(results) - len(failed),
+        "failed": len(failed),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+# ------------------------------------------------------------------------------------- pairing
+def _pair(output_ckpt: Checkpoint, output_reader: Reader, options: VerifyOptions) -> _Pairing:
+    if isinstance(output_reader, NpuconvReader):
+        manifest = output_reader.manifest
+        if not options.skip_checksum:
+            check_shards(output_ckpt, manifest)
+        source_id = options.source or (manifest.get("source") or {}).get("id")
+        if not source_id:
+            raise InputError(f"{MANIFEST} names no source; pass --source MODEL")
+        source = open_reader(open_source(source_id))
+
+        def stored(spec: LinearSpec, _layer: QuantizedLinear) -> tuple[dict, dict]:
+            return output_reader.tensors_of(spec), manifest["layers"][spec.name]
+
+        return _Pairing(output_reader, source, stored, "converted")
+
+    source = open_reader(open_source(options.source)) if options.source else output_reader
+
+    def in_memory(spec: LinearSpec, layer: QuantizedLinear) -> tuple[dict, dict]:
+        target = default_target(spec)
+        if target is None:
+            raise _Skip(f"no Ascend kernel for {spec.scheme}")
+        writer = writer_class(target)(WriterOptions(nz=False))
+        reason = writer.unsupported_reason(spec)
+        if reason:
+            raise _Skip(f"{target}: {reason}")
+        entry = {**writer.layer_manifest(spec)}
+        stored = writer.write_layer(layer)
+        tensors = {role: from_storage(stored[e["name"]], e) for role, e in entry["tensors"].items()}
+        return tensors, entry
+
+    return _Pairing(output_reader, source, in_memory, "source")
+
+
+def default_target(spec: LinearSpec) -> str | None:
+    """The NPU target whose kernel runs a layer of this scheme (for checking unconverted checkpoints)."""
+    act = spec.activation
+    if spec.weight_format == INT:
+        if act is not None and act.kind == INT and act.bits == 8 and spec.bits == 8 and spec.symmetric and spec.num_groups == 1:
+            return "npu-w8a8"
+        return "npu-int8" if spec.bits == 8 else "npu-int4" if spec.bits <= 4 else None
+    if spec.scale_format == SCALE_E8M0:
+        return "npu-mxfp8" if spec.weight_format == FP8_E4M3 else "npu-mxfp4"
+    return None
+
+
+def check_shards(checkpoint: Checkpoint, manifest: dict) -> None:
+    """Compare each shard's sha256 with the manifest; a mismatch is a verification failure."""
+    shards = manifest.get("shards")
+    if not isinstance(shards, dict) or not shards:
+        raise InputError(f"{MANIFEST}: no shard checksums recorded")
+    for filename, digest in sorted(shards.items()):
+        path = checkpoint.root / filename
+        if not path.is_file():
+            raise VerificationFailed(f"{filename}: listed in {MANIFEST} but missing")
+        if sha256_file(path) != digest:
+            raise VerificationFailed(
+                f"{filename}: sha256 differs from {MANIFEST} (modified after conversion); "
+                "use --skip-checksum to run the numeric checks anyway"
+            )
+
+
+class _Skip(Exception):
+    pass
+
+
+# ------------------------------------------------------------------------------------- per layer
+def _verify_layer(spec, source_spec, pairing: _Pairing, backend, x, options: VerifyOptions) -> LayerResult:
+    source_layer = pairing.source.load(source_spec)
+    reference_weight = dequantize(source_layer, torch.float64)
+    output_layer = pairing.output.load(spec) if pairing.mode == "converted" else source_layer
+    exact = None
+    if pairing.mode == "converted":
+        exact = torch.equal(dequantize(output_layer), dequantize(source_layer))
+    try:
+        tensors, entry = pairing.kernel_tensors(spec, output_layer)
+    except _Skip as skip:
+        return LayerResult(spec.name, spec.scheme, "-", exact, math.nan, math.nan, math.nan, 0.0, bool(exact is not False), f"skipped: {skip}")
+    kernel = entry["kernel"]
+    family = "weight_only" if kernel == "npu_weight_quant_batchmatmul" else "quant"
+    device = backend.device
+    moved = {role: t.to(device) for role, t in tensors.items()}
+    y, x_effective = run_kernel(backend, entry, spec, moved, x.to(device))
+    bias = source_layer.bias
+    y_ref = x_effective.double().cpu() @ reference_weight.T
+    if bias is not None:
+        y_ref = y_ref + bias.double()
+    max_abs, rel_l2, cosine = compare(y.double().cpu(), y_ref)
+    threshold = options.max_rel_l2 or THRESHOLDS[(family, x.dtype)]
+    passed = bool(exact is not False and rel_l2 <= threshold and cosine >= options.min_cosine)
+    note = "" if exact is not False else "decoded layout differs from the source"
+    return LayerResult(spec.name, spec.scheme, kernel, exact, max_abs, rel_l2, cosine, threshold, passed, note)
+
+
+def compare(y: torch.Tensor, y_ref: torch.Tensor) -> tuple[float, float, float]:
+    """(max |y - y_ref|, ||y - y_ref|| / ||y_ref||, cosine(y, y_ref)); NaN/inf give inf/-1."""
+    if not torch.isfinite(y).all():
+        return math.inf, math.inf, -1.0
+    diff = y - y_ref
+    ref_norm = y_ref.norm().item()
+    rel = diff.norm().item() / ref_norm if ref_norm else diff.norm().item()
+    cosine = torch.nn.functional.cosine_similarity(y.flatten(), y_ref.flatten(), dim=0).item()
+    return diff.abs().max().item(), rel, cosine
+
+
+def run_kernel(backend, entry: dict, spec: LinearSpec, t: dict, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Call the layer's kernel as the engines do; returns (y, the activations the reference must use)."""
+    kernel = entry["kernel"]
+    if kernel == "npu_weight_quant_batchmatmul":
+        return _weight_only(backend, entry, t, x), x
+    if "weight_dtype" in entry:
+        return _mx(backend, entry, spec, t, x)
+    return _w8a8(backend, entry, spec, t, x)
+
+
+def _weight_only(backend, entry: dict, t: dict, x: torch.Tensor) -> torch.Tensor:
+    if "perm" in t:
+        x = x[..., t["perm"].long()]
+    scale = t["antiquant_scale"].to(x.dtype)
+    offset = t["antiquant_offset"].to(x.dtype) if "antiquant_offset" in t else None
+    bias = t.get("bias")
+    if bias is not None:
+        bias = bias.to(torch.float32 if x.dtype == torch.bfloat16 else x.dtype)
+    return backend.npu_weight_quant_batchmatmul(
+        x, t["weight"], scale, antiquant_offset=offset, bias=bias, antiquant_group_size=entry["antiquant_group_size"]
+    )
+
+
+def _w8a8(backend, entry: dict, spec: LinearSpec, t: dict, x: torch.Tensor):
+    if "deq_scale" in t:  # static per-tensor activation quantization
+        k = spec.in_features
+        input_scale, input_offset = t["input_scale"].float(), t["input_offset"].float()
+        x_q = backend.npu_quantize(
+            x, (1.0 / input_scale).expand(k).to(x.dtype), input_offset.expand(k).to(x.dtype), torch.qint8, -1, False
+        )
+        y = backend.npu_quant_matmul(x_q, t["weight"], t["deq_scale"], bias=t["quant_bias"], output_dtype=x.dtype)
+        x_effective = (x_q.double() - input_offset.double().to(x_q.device)) * input_scale.double().to(x_q.device)
+        return y, x_effective
+    x_q, x_scale = backend.npu_dynamic_quant(x)
+    bias = t.get("bias")
+    y = backend.npu_quant_matmul(
+        x_q, t["weight"], t["weight_scale"], pertoken_scale=x_scale,
+        bias=None if bias is None else bias.float(), output_dtype=x.dtype,
+    )
+    return y, x_q.double() * x_scale.double().unsqueeze(-1)
+
+
+def _mx(backend, entry: dict, spec: LinearSpec, t: dict, x: torch.Tensor):
+    fp4_weight = entry["weight_dtype"] == "float4_e2m1fn_x2"
+    act_kind = spec.activation.kind if spec.activation is not None else FP8_E4M3
+    fp4_act = act_kind == FP4_E2M1
+    act_type = layouts.NPU_DTYPE_IDS["float4_e2m1fn_x2"] if fp4_act else torch.float8_e4m3fn
+    x_q, x_scale = backend.npu_dynamic_mx_quant(x, dst_type=act_type)
+    weight, scale = t["weight"], t["weight_scale"]
+    if entry.get("view") == "transpose":  # sglang: [N, K] storage viewed as [K, N]
+        weight, scale = weight.transpose(-1, -2), scale.transpose(-3, -2)
+    fp4 = layouts.NPU_DTYPE_IDS["float4_e2m1fn_x2"]
+    e8m0 = layouts.NPU_DTYPE_IDS["float8_e8m0fnu"]
+    y = backend.npu_quant_matmul(
+        x_q, weight, scale, scale_dtype=e8m0, pertoken_scale=x_scale, pertoken_scale_dtype=e8m0,
+        x1_dtype=fp4 if fp4_act else None, x2_dtype=fp4 if fp4_weight else None,
+        group_sizes=[0, 0, 32] if (fp4_weight and not fp4_act) else [1, 1, 32],
+        output_dtype=x.dtype, bias=t.get("bias"),
+    )
+    k = spec.in_features
+    codes = layouts.fp4_unpack(x_q.cpu()) if fp4_act else x_q.cpu()
+    kb = -(-k // 32)
+    x_scale_blocks = layouts.mx_scale_unpairs(x_scale.cpu(), kb)
+    x_effective = layouts.mx_dequantize(codes, x_scale_blocks, FP4_E2M1 if fp4_act else FP8_E4M3)
+    return y, x_effective.double()
