@@ -18,7 +18,7 @@ from rich.table import Table
 import npuconv
 from npuconv.errors import NpuconvError
 
-stdout = Console(highlight=False)
+stdout = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 stderr = Console(stderr=True, highlight=False)
 
 EXIT_INTERNAL = 3
@@ -345,8 +345,9 @@ def verify_command(out, source, layer_glob, tokens, seed, device, skip_checksum,
         if not quiet:
             _print_verify(report)
         status = "[green]PASS[/]" if report["ok"] else "[bold red]FAIL[/]"
+        skipped = f", {report['skipped']} skipped" if report["skipped"] else ""
         stdout.print(
-            f"{status} {report['passed']}/{report['passed'] + report['failed']} layers "
+            f"{status} {report['passed']}/{report['passed'] + report['failed']} layers{skipped} "
             f"({report['mode']} vs {report['source']}, backend {report['backend']}, "
             f"{report['activation_dtype']} activations, {report['seconds']:.1f} s)"
         )
@@ -360,14 +361,16 @@ def _print_verify(report: dict) -> None:
         table.add_column(column)
     for r in report["layers"]:
         layout = "-" if r["layout_exact"] is None else ("exact" if r["layout_exact"] else "[red]DIFF[/]")
-        result = "[green]ok[/]" if r["passed"] else "[bold red]FAIL[/]"
-        if r["note"].startswith("skipped"):
-            result = f"[yellow]{r['note']}[/]"
+        result = {"pass": "[green]ok[/]", "fail": "[bold red]FAIL[/]", "skip": f"[yellow]{r['note']}[/]"}[r["status"]]
         table.add_row(
-            r["name"], r["scheme"], r["kernel"], layout, f"{r['max_abs']:.3g}", f"{r['rel_l2']:.2e}",
-            f"{r['cosine']:.6f}", f"{r['threshold']:.0e}", result,
+            r["name"], r["scheme"], r["kernel"], layout, _num(r["max_abs"], ".3g"), _num(r["rel_l2"], ".2e"),
+            _num(r["cosine"], ".6f"), _num(r["threshold"], ".0e"), result,
         )
     stdout.print(table)
+
+
+def _num(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def main() -> None:

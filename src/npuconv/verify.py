@@ -31,15 +31,15 @@ from typing import Callable
 
 import torch
 
-from npuconv import layouts
 from npuconv.checkpoint import Checkpoint
 from npuconv.convert import MANIFEST, config_dtype
 from npuconv.errors import InputError, VerificationFailed
-from npuconv.model import FP4_E2M1, FP8_E4M3, INT, SCALE_E8M0, LinearSpec, QuantizedLinear, dequantize
+from npuconv.model import FP8_E4M3, INT, SCALE_E8M0, LinearSpec, QuantizedLinear, dequantize
 from npuconv.output import sha256_file
 from npuconv.readers import open_reader
 from npuconv.readers.base import Reader
 from npuconv.readers.npuconv_output import NpuconvReader
+from npuconv.runtime import run_kernel, to_backend
 from npuconv.source import open_source
 from npuconv.writers import WriterOptions, writer_class
 from npuconv.writers.npu_common import from_storage
@@ -76,11 +76,20 @@ class LayerResult:
     rel_l2: float
     cosine: float
     threshold: float
-    passed: bool
+    status: str  # "pass" | "fail" | "skip"
     note: str = ""
 
+    @property
+    def passed(self) -> bool:
+        return self.status != "fail"
+
     def as_dict(self) -> dict:
-        return {k: (round(v, 9) if isinstance(v, float) and math.isfinite(v) else v) for k, v in self.__dict__.items()}
+        def clean(v):
+            if isinstance(v, float):
+                return round(v, 9) if math.isfinite(v) else None
+            return v
+
+        return {**{k: clean(v) for k, v in self.__dict__.items()}, "passed": self.passed}
 
 
 @dataclass
@@ -119,10 +128,11 @@ def verify(path: str | Path, options: VerifyOptions, on_layer: Callable[[int, in
         results.append(_verify_layer(spec, source_specs[spec.name], pairing, backend, x, options))
         if on_layer:
             on_layer(i + 1, len(specs))
-    results.sort(key=lambda r: (r.passed, -r.rel_l2 if math.isfinite(r.rel_l2) else -math.inf))
-    failed = [r for r in results if not r.passed]
+    order = {"fail": 0, "pass": 1, "skip": 2}
+    results.sort(key=lambda r: (order[r.status], -r.rel_l2 if math.isfinite(r.rel_l2) else -math.inf))
+    counts = {status: sum(r.status == status for r in results) for status in order}
     return {
-        "ok": not failed,
+        "ok": counts["fail"] == 0,
         "backend": backend.name,
         "mode": pairing.mode,
         "output": str(path),
@@ -131,8 +141,9 @@ def verify(path: str | Path, options: VerifyOptions, on_layer: Callable[[int, in
         "tokens": options.tokens,
         "seed": options.seed,
         "layers": [r.as_dict() for r in results],
-        "passed": len(results) - len(failed),
-        "failed": len(failed),
+        "passed": counts["pass"],
+        "failed": counts["fail"],
+        "skipped": counts["skip"],
         "seconds": round(time.perf_counter() - started, 3),
     }
 
@@ -214,12 +225,12 @@ def _verify_layer(spec, source_spec, pairing: _Pairing, backend, x, options: Ver
     try:
         tensors, entry = pairing.kernel_tensors(spec, output_layer)
     except _Skip as skip:
-        return LayerResult(spec.name, spec.scheme, "-", exact, math.nan, math.nan, math.nan, 0.0, bool(exact is not False), f"skipped: {skip}")
+        status = "fail" if exact is False else "skip"
+        return LayerResult(spec.name, spec.scheme, "-", exact, math.nan, math.nan, math.nan, math.nan, status, f"skipped: {skip}")
     kernel = entry["kernel"]
     family = "weight_only" if kernel == "npu_weight_quant_batchmatmul" else "quant"
-    device = backend.device
-    moved = {role: t.to(device) for role, t in tensors.items()}
-    y, x_effective = run_kernel(backend, entry, spec, moved, x.to(device))
+    moved = {role: to_backend(t, entry["tensors"][role], backend) for role, t in tensors.items()}
+    y, x_effective = run_kernel(backend, entry, spec, moved, x.to(backend.device))
     bias = source_layer.bias
     y_ref = x_effective.double().cpu() @ reference_weight.T
     if bias is not None:
@@ -228,7 +239,7 @@ def _verify_layer(spec, source_spec, pairing: _Pairing, backend, x, options: Ver
     threshold = options.max_rel_l2 or THRESHOLDS[(family, x.dtype)]
     passed = bool(exact is not False and rel_l2 <= threshold and cosine >= options.min_cosine)
     note = "" if exact is not False else "decoded layout differs from the source"
-    return LayerResult(spec.name, spec.scheme, kernel, exact, max_abs, rel_l2, cosine, threshold, passed, note)
+    return LayerResult(spec.name, spec.scheme, kernel, exact, max_abs, rel_l2, cosine, threshold, "pass" if passed else "fail", note)
 
 
 def compare(y: torch.Tensor, y_ref: torch.Tensor) -> tuple[float, float, float]:
@@ -240,70 +251,3 @@ def compare(y: torch.Tensor, y_ref: torch.Tensor) -> tuple[float, float, float]:
     rel = diff.norm().item() / ref_norm if ref_norm else diff.norm().item()
     cosine = torch.nn.functional.cosine_similarity(y.flatten(), y_ref.flatten(), dim=0).item()
     return diff.abs().max().item(), rel, cosine
-
-
-def run_kernel(backend, entry: dict, spec: LinearSpec, t: dict, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Call the layer's kernel as the engines do; returns (y, the activations the reference must use)."""
-    kernel = entry["kernel"]
-    if kernel == "npu_weight_quant_batchmatmul":
-        return _weight_only(backend, entry, t, x), x
-    if "weight_dtype" in entry:
-        return _mx(backend, entry, spec, t, x)
-    return _w8a8(backend, entry, spec, t, x)
-
-
-def _weight_only(backend, entry: dict, t: dict, x: torch.Tensor) -> torch.Tensor:
-    if "perm" in t:
-        x = x[..., t["perm"].long()]
-    scale = t["antiquant_scale"].to(x.dtype)
-    offset = t["antiquant_offset"].to(x.dtype) if "antiquant_offset" in t else None
-    bias = t.get("bias")
-    if bias is not None:
-        bias = bias.to(torch.float32 if x.dtype == torch.bfloat16 else x.dtype)
-    return backend.npu_weight_quant_batchmatmul(
-        x, t["weight"], scale, antiquant_offset=offset, bias=bias, antiquant_group_size=entry["antiquant_group_size"]
-    )
-
-
-def _w8a8(backend, entry: dict, spec: LinearSpec, t: dict, x: torch.Tensor):
-    if "deq_scale" in t:  # static per-tensor activation quantization
-        k = spec.in_features
-        input_scale, input_offset = t["input_scale"].float(), t["input_offset"].float()
-        x_q = backend.npu_quantize(
-            x, (1.0 / input_scale).expand(k).to(x.dtype), input_offset.expand(k).to(x.dtype), torch.qint8, -1, False
-        )
-        y = backend.npu_quant_matmul(x_q, t["weight"], t["deq_scale"], bias=t["quant_bias"], output_dtype=x.dtype)
-        x_effective = (x_q.double() - input_offset.double().to(x_q.device)) * input_scale.double().to(x_q.device)
-        return y, x_effective
-    x_q, x_scale = backend.npu_dynamic_quant(x)
-    bias = t.get("bias")
-    y = backend.npu_quant_matmul(
-        x_q, t["weight"], t["weight_scale"], pertoken_scale=x_scale,
-        bias=None if bias is None else bias.float(), output_dtype=x.dtype,
-    )
-    return y, x_q.double() * x_scale.double().unsqueeze(-1)
-
-
-def _mx(backend, entry: dict, spec: LinearSpec, t: dict, x: torch.Tensor):
-    fp4_weight = entry["weight_dtype"] == "float4_e2m1fn_x2"
-    act_kind = spec.activation.kind if spec.activation is not None else FP8_E4M3
-    fp4_act = act_kind == FP4_E2M1
-    act_type = layouts.NPU_DTYPE_IDS["float4_e2m1fn_x2"] if fp4_act else torch.float8_e4m3fn
-    x_q, x_scale = backend.npu_dynamic_mx_quant(x, dst_type=act_type)
-    weight, scale = t["weight"], t["weight_scale"]
-    if entry.get("view") == "transpose":  # sglang: [N, K] storage viewed as [K, N]
-        weight, scale = weight.transpose(-1, -2), scale.transpose(-3, -2)
-    fp4 = layouts.NPU_DTYPE_IDS["float4_e2m1fn_x2"]
-    e8m0 = layouts.NPU_DTYPE_IDS["float8_e8m0fnu"]
-    y = backend.npu_quant_matmul(
-        x_q, weight, scale, scale_dtype=e8m0, pertoken_scale=x_scale, pertoken_scale_dtype=e8m0,
-        x1_dtype=fp4 if fp4_act else None, x2_dtype=fp4 if fp4_weight else None,
-        group_sizes=[0, 0, 32] if (fp4_weight and not fp4_act) else [1, 1, 32],
-        output_dtype=x.dtype, bias=t.get("bias"),
-    )
-    k = spec.in_features
-    codes = layouts.fp4_unpack(x_q.cpu()) if fp4_act else x_q.cpu()
-    kb = -(-k // 32)
-    x_scale_blocks = layouts.mx_scale_unpairs(x_scale.cpu(), kb)
-    x_effective = layouts.mx_dequantize(codes, x_scale_blocks, FP4_E2M1 if fp4_act else FP8_E4M3)
-    return y, x_effective.double()

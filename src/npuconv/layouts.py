@@ -1,0 +1,591 @@
+"""Tensor layouts and number encodings of Ascend NPU-ready checkpoints (pure functions, any device).
+
+The writers use these functions to produce NPU-ready tensors. ``verify`` and the emulated kernels
+use them to decode those tensors again. Every rule cites ``shared/research/torch_npu_ops.md``
+(written ``ops §x.y`` below) or ``shared/research/npu_loaders.md`` (``loaders §x.y``).
+
+Conventions:
+
+- "int4" values are signed two's complement in ``[-8, 7]``. Four-bit values (int4 and FP4) are
+  packed LSB-first along the **last** dimension: the even element goes in the low nibble of a byte,
+  and element ``8j+t`` goes in bits ``4t..4t+3`` of int32 word ``j`` (ops §0.1). The host must be
+  little-endian; :mod:`npuconv.packing` checks this on import.
+- E8M0 scale bytes are ``uint8`` holding a biased exponent, ``value = 2**(byte-127)`` (ops §0.2, §7).
+- FP4 E2M1 codes are one ``uint8`` per element with values ``0..15`` (sign in bit 3, magnitude index in
+  bits 0..2). :func:`fp4_pack` puts two per byte, the way ``float4_e2m1fn_x2`` tensors are stored.
+
+Each choice below that rests on an uncertain fact (an [L] mark in the research notes) is a
+module-level constant, so that it is easy to change. The constant's comment names the uncertainty.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from npuconv.packing import as_bytes, pack_nibbles, signed_nibbles, unpack_nibbles
+
+# ----------------------------------------------------------------------------------------------
+# Switches for uncertain facts
+# ----------------------------------------------------------------------------------------------
+
+#: Uncertain (ops §0.2, §9.5): whether the hardware reads E8M0 byte 0 as 2**-127 (spec, golden) or as 0.0
+#: (one skipped OPP test). We assume 2**-127, which is the value a float32 subnormal can represent exactly.
+E8M0_BYTE0_IS_ZERO = False
+
+#: Uncertain (ops §4.3 and §9.4): whether the kernel masks int64 scales to FP19 (``bits & 0xFFFFE000``)
+#: when bit 46 is not set. We assume it does, as the golden decode ``u64_to_deq_scale`` always masks.
+INT64_SCALE_FP19 = True
+
+#: Uncertain (loaders §1.4a): msModelSlim and vllm-ascend widen the fp32 bit pattern int32 -> int64 with
+#: sign extension, so a *negative* scale gets the high word 0xFFFFFFFF. The brief specifies a high word of 0.
+#: We zero-extend. The two choices differ only for negative scales, which real checkpoints do not contain.
+FLOAT_BITS_SIGN_EXTEND = False
+
+#: Uncertain (ops §5.2 "Quirk"): the dynamic_mx_quant kernel zeroes every output of a block whose E8M0
+#: byte is 0, while the golden divides by 2**-127. We follow the golden. Set this to True to get the kernel.
+MX_ZERO_SCALE_FLUSHES = False
+
+#: Uncertain (ops §0.4, §5.2): the golden's "floor" FP4 round mode. We assume ``floor`` of the *signed*
+#: scaled mantissa, i.e. toward -inf like AscendC CAST_FLOOR. The alternative is truncation toward zero.
+FP4_FLOOR_TOWARD_NEG_INF = True
+
+# ----------------------------------------------------------------------------------------------
+# torch_npu dtype markers (ops §0.2)
+# ----------------------------------------------------------------------------------------------
+
+#: torch_npu custom dtype ids (aclDataType + 256). Tensors of these types travel as ``torch.uint8``.
+NPU_DTYPE_IDS: dict[str, int] = {
+    "int4": 285,
+    "hifloat8": 290,
+    "float8_e5m2": 291,
+    "float8_e4m3fn": 292,
+    "float8_e8m0fnu": 293,
+    "float4_e2m1fn_x2": 296,
+    "float4_e1m2fn_x2": 297,
+}
+_NPU_DTYPE_NAMES = {v: k for k, v in NPU_DTYPE_IDS.items()}
+_TORCH_DTYPE_NAMES = {
+    torch.float8_e4m3fn: "float8_e4m3fn",
+    torch.float8_e5m2: "float8_e5m2",
+    torch.int8: "int8",
+    torch.uint8: "uint8",
+    torch.int32: "int32",
+    torch.quint4x2: "int4",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float32: "float32",
+}
+for _name in ("float8_e8m0fnu", "float4_e2m1fn_x2"):  # present in recent torch only
+    if hasattr(torch, _name):
+        _TORCH_DTYPE_NAMES[getattr(torch, _name)] = _name
+
+
+def npu_dtype_name(marker: object) -> str | None:
+    """Canonical name of a dtype marker, as passed to ``x1_dtype=``, ``dst_type=``, ``weight_dtype=`` etc.
+
+    Accepts a torch_npu custom id (``296``), a name (``"float4_e2m1fn_x2"``), or a ``torch.dtype``.
+    Returns ``None`` for ``None``. Names follow ops §0.2. ``torch.quint4x2`` maps to ``"int4"``, because
+    the values are signed int4 (ops §0.1).
+    """
+    if marker is None:
+        return None
+    if isinstance(marker, torch.dtype):
+        if marker in _TORCH_DTYPE_NAMES:
+            return _TORCH_DTYPE_NAMES[marker]
+        return str(marker).removeprefix("torch.")
+    if isinstance(marker, bool):
+        raise ValueError(f"not a dtype marker: {marker!r}")
+    if isinstance(marker, int):
+        if marker in _NPU_DTYPE_NAMES:
+            return _NPU_DTYPE_NAMES[marker]
+        raise ValueError(f"unknown torch_npu dtype id {marker}")
+    if isinstance(marker, str):
+        name = marker.removeprefix("torch_npu.").removeprefix("torch.")
+        return "int4" if name == "quint4x2" else name
+    raise ValueError(f"not a dtype marker: {marker!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# int4 packing (ops §0.1, §1; loaders §1.1, §1.2)
+# ----------------------------------------------------------------------------------------------
+
+
+def int4pack(values: torch.Tensor) -> torch.Tensor:
+    """Pack signed int4 values into int32 words along the last dim (``npu_convert_weight_to_int4pack``).
+
+    ``values``: int8 or int32 (any integer dtype) ``[..., R, C]``, values in ``[-8, 7]``. ``C % 8 == 0``.
+    Returns int32 ``[..., R, C/8]`` with element ``8j+t`` in bits ``4t..4t+3`` of word ``j``. Each element
+    is its two's-complement nibble ``v & 0xF`` (ops §1: values outside the range wrap and are not
+    saturated). Rule: ops §0.1 int32 rule and §1 Output. Built from bytes with
+    :func:`npuconv.packing.pack_nibbles` and a little-endian ``view(int32)``, which is bit-identical
+    to the op (loaders §1.2). No int32 temporary of the unpacked size is made.
+    """
+    if values.dtype.is_floating_point or values.dtype.is_complex or values.dtype == torch.bool:
+        raise ValueError(f"int4pack needs an integer tensor, got {values.dtype}")
+    if values.dim() < 1 or values.shape[-1] % 8:
+        raise ValueError(f"int4pack: last dim must be a multiple of 8, got shape {tuple(values.shape)}")
+    return pack_nibbles(values).contiguous().view(torch.int32)
+
+
+def int4unpack(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`int4pack`: int32 ``[..., R, W]`` → signed int8 ``[..., R, 8W]`` in ``[-8, 7]``.
+
+    Nibble ``t`` of word ``j`` (bits ``4t..4t+3``) becomes element ``8j+t`` (ops §0.1). The tensor is read
+    along its *logical* last dim. Pass ``w.transpose(-1, -2)`` to unpack a transposed view.
+    """
+    if packed.dtype != torch.int32:
+        raise ValueError(f"int4unpack needs int32, got {packed.dtype}")
+    return signed_nibbles(unpack_nibbles(as_bytes(packed)))
+
+
+def int4pack_bytes(values: torch.Tensor) -> torch.Tensor:
+    """Two signed int4 per byte along the last dim: int ``[..., 2m]`` → int8 ``[..., m]``.
+
+    This is the msModelSlim "1.0.0" / vllm-ascend ``pack_int4_to_int8`` layout: the even element goes
+    in the low nibble (ops §0.1 byte rule, loaders §1.2). ``.view(torch.int32)`` of the result (when
+    ``m % 4 == 0``) equals :func:`int4pack` of the same values.
+    """
+    return pack_nibbles(values).view(torch.int8)
+
+
+def int4unpack_bytes(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`int4pack_bytes`: int8/uint8 ``[..., m]`` → signed int8 ``[..., 2m]``."""
+    return signed_nibbles(unpack_nibbles(packed))
+
+
+# ----------------------------------------------------------------------------------------------
+# FRACTAL_NZ (ops §3)
+# ----------------------------------------------------------------------------------------------
+
+#: C0 used for fp32/int32 by default (ops §3.2 "float32 will cast to float16": 16 elements, 64 bytes).
+FP32_NZ_C0 = 16
+
+_C0_16 = {torch.float16, torch.bfloat16, torch.int16}
+_C0_32 = {torch.int8, torch.uint8, torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz}
+if hasattr(torch, "float8_e8m0fnu"):
+    _C0_32.add(torch.float8_e8m0fnu)
+
+
+def nz_c0(dtype: torch.dtype, *, int4_packed: bool = False) -> int:
+    """C0 (the inner block width, in elements of ``dtype``) of FRACTAL_NZ on Atlas A2/A3 (ops §3.2).
+
+    fp16/bf16/int16 → 16. int8/uint8/fp8 → 32 (a uint8 carrying two 4-bit values is treated as bytes).
+    fp32/int32 → :data:`FP32_NZ_C0` (16, the torch_npu default). ``int4_packed=True`` (int32 from
+    :func:`int4pack`, as laid out by ``npu_convert_weight_to_int4pack`` on an NZ input, ops §1 step 3)
+    → 8. The 950 variants (NZ_C0_x, ops §3.2 "950") are not covered.
+    """
+    if int4_packed:
+        if dtype != torch.int32:
+            raise ValueError(f"int4_packed NZ needs int32, got {dtype}")
+        return 8
+    if dtype in _C0_16:
+        return 16
+    if dtype in _C0_32:
+        return 32
+    if dtype in (torch.float32, torch.int32):
+        return FP32_NZ_C0
+    raise ValueError(f"no FRACTAL_NZ C0 for dtype {dtype}")
+
+
+def nz_storage_shape(shape: tuple[int, ...] | torch.Size, c0: int) -> tuple[int, ...]:
+    """NZ storage shape of an ND shape ``[*B, R, C]``: ``[*B, ceil(C/c0), ceil(R/16), 16, c0]`` (ops §3.1)."""
+    if len(shape) < 2:
+        raise ValueError(f"FRACTAL_NZ needs at least 2 dims, got {tuple(shape)} (ops §3.2: rank-1 stays ND)")
+    *batch, rows, cols = shape
+    return (*batch, math.ceil(cols / c0), math.ceil(rows / 16), 16, c0)
+
+
+def nd_to_nz(t: torch.Tensor, c0: int) -> torch.Tensor:
+    """ND ``[*B, R, C]`` → FRACTAL_NZ storage ``[*B, ceil(C/c0), ceil(R/16), 16, c0]``, contiguous.
+
+    ``nz[*b, c1, r1, r0, k] = t[*b, r1*16 + r0, c1*c0 + k]``, and padding positions are 0 (ops §3.1).
+    Batch dims are kept in front, so each expert of ``[E, K, N]`` is tiled on its own. Any dtype works.
+    Choose ``c0`` with :func:`nz_c0`.
+    """
+    if t.dim() < 2:
+        raise ValueError(f"FRACTAL_NZ needs at least 2 dims, got shape {tuple(t.shape)}")
+    *batch, rows, cols = t.shape
+    r1, c1 = math.ceil(rows / 16), math.ceil(cols / c0)
+    pad_r, pad_c = r1 * 16 - rows, c1 * c0 - cols
+    if pad_r or pad_c:
+        padded = t.new_zeros((*batch, r1 * 16, c1 * c0))
+        padded[..., :rows, :cols] = t
+        t = padded
+    nb = len(batch)
+    tiles = t.reshape(*batch, r1, 16, c1, c0)
+    return tiles.permute(*range(nb), nb + 2, nb, nb + 1, nb + 3).contiguous()
+
+
+def nz_to_nd(storage: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Inverse of :func:`nd_to_nz`: storage ``[*B, C1, R1, 16, c0]`` → contiguous ND ``[*B, rows, cols]``.
+
+    ``c0`` is read from the last storage dim. Padding is dropped (ops §3.1).
+    """
+    if storage.dim() < 4 or storage.shape[-2] != 16:
+        raise ValueError(f"not a FRACTAL_NZ storage shape: {tuple(storage.shape)}")
+    *batch, c1, r1, _, c0 = storage.shape
+    if rows > r1 * 16 or cols > c1 * c0:
+        raise ValueError(f"NZ storage {tuple(storage.shape)} cannot hold a {rows}x{cols} matrix")
+    nb = len(batch)
+    nd = storage.permute(*range(nb), nb + 1, nb + 2, nb, nb + 3).reshape(*batch, r1 * 16, c1 * c0)
+    return nd[..., :rows, :cols].contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# MX scale layouts (ops §4.5, §5.2; loaders §3.11)
+# ----------------------------------------------------------------------------------------------
+
+
+def _pad_blocks_even(scale: torch.Tensor) -> torch.Tensor:
+    if scale.dtype != torch.uint8:
+        raise ValueError(f"E8M0 scales must be uint8, got {scale.dtype}")
+    if scale.shape[-1] % 2:
+        scale = F.pad(scale, (0, 1), value=0)  # ops §4.5: block count padded to even with byte 0
+    return scale
+
+
+def mx_scale_pairs(scale: torch.Tensor) -> torch.Tensor:
+    """``[..., N, Kb]`` uint8 E8M0 → ``[..., N, ceil(Kb/2), 2]``, with Kb padded to even with byte 0.
+
+    K-block ``j`` goes to ``[..., j//2, j%2]``. This is the ``pertoken_scale`` (x1) layout of
+    ``npu_quant_matmul`` MX mode and the output of ``npu_dynamic_mx_quant`` on the tail axis (ops §4.5, §5.2).
+    sglang keeps weight scales in this layout and passes a ``transpose(-3, -2)`` view (loaders §3.11).
+    Returns a contiguous tensor.
+    """
+    padded = _pad_blocks_even(scale)
+    return padded.reshape(*padded.shape[:-1], padded.shape[-1] // 2, 2).contiguous()
+
+
+def mx_scale_unpairs(pairs: torch.Tensor, kb: int) -> torch.Tensor:
+    """Inverse of :func:`mx_scale_pairs`: ``[..., N, Kb2, 2]`` → ``[..., N, kb]`` (padding dropped)."""
+    if pairs.shape[-1] != 2 or kb > 2 * pairs.shape[-2]:
+        raise ValueError(f"bad MX scale pairs shape {tuple(pairs.shape)} for {kb} blocks")
+    return pairs.reshape(*pairs.shape[:-2], -1)[..., :kb].contiguous()
+
+
+def mx_scale_to_npu(scale: torch.Tensor) -> torch.Tensor:
+    """Checkpoint weight scale ``[..., N, Kb]`` uint8 → vllm-ascend MX layout ``[..., ceil(Kb/2), N, 2]``.
+
+    Kb is padded to even with byte 0. The scale is reshaped to ``[..., N, Kb/2, 2]`` and dims -3/-2 are
+    swapped, then made contiguous. K-block ``j`` of output channel ``n`` lands at ``[..., j//2, n, j%2]``. This is
+    the ``scale`` (x2) layout of ``npu_quant_matmul`` MX mode for a non-transposed x2 (ops §4.5,
+    "Pre-transposed" scale; loaders §3.11 VA steps).
+    """
+    return mx_scale_pairs(scale).transpose(-3, -2).contiguous()
+
+
+def mx_scale_from_npu(t: torch.Tensor, kb: int) -> torch.Tensor:
+    """Inverse of :func:`mx_scale_to_npu`: ``[..., Kb2, N, 2]`` → contiguous ``[..., N, kb]``.
+
+    It reads the *logical* indices, so a ``transpose(-3, -2)`` view of sglang's ``[..., N, Kb2, 2]`` decodes too.
+    """
+    if t.dim() < 3 or t.shape[-1] != 2:
+        raise ValueError(f"bad MX scale shape {tuple(t.shape)}")
+    return mx_scale_unpairs(t.transpose(-3, -2), kb)
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantization parameter encodings (ops §4.3; loaders §1.4)
+# ----------------------------------------------------------------------------------------------
+
+_FP19_MASK = 0xFFFFE000
+_LOW32 = 0xFFFFFFFF
+
+
+def _fp32_bits_u32(x: torch.Tensor) -> torch.Tensor:
+    """fp32 bit patterns as int64 in ``[0, 2**32)``."""
+    return x.to(torch.float32).contiguous().view(torch.int32).to(torch.int64) & _LOW32
+
+
+def _u32_to_fp32(bits: torch.Tensor) -> torch.Tensor:
+    """int64 in ``[0, 2**32)`` → the fp32 with that bit pattern."""
+    bits = bits & _LOW32
+    signed = torch.where(bits >= 2**31, bits - 2**32, bits)
+    return signed.to(torch.int32).view(torch.float32)
+
+
+def fp19_truncate(scale: torch.Tensor) -> torch.Tensor:
+    """fp32 with the low 13 mantissa bits cleared (``bits & 0xFFFFE000``, "FP19"; ops §4.2, §4.3)."""
+    return _u32_to_fp32(_fp32_bits_u32(scale) & _FP19_MASK)
+
+
+def _rne_fp19_bits(u: torch.Tensor) -> torch.Tensor:
+    """round_mode 1 of TransQuantParamV2 (ops §4.3): RNE of the mantissa to 10 bits."""
+    exponent = (u >> 23) & 0xFF
+    sign = u & 0x80000000
+    rounded = (u + 0xFFF + ((u >> 13) & 1)) & _FP19_MASK  # carries into the exponent naturally
+    out = torch.where(exponent == 0, sign, rounded)  # exponent 0 → signed zero
+    return torch.where(exponent == 255, u, out)  # inf/NaN kept as they are
+
+
+def trans_quant_param(scale_fp32: torch.Tensor, offset: torch.Tensor | None = None, round_mode: int = 0) -> torch.Tensor:
+    """``npu_trans_quant_param``: fp32 scale (+ optional offset) → int64 quant parameter (ops §4.3).
+
+    Input: ``scale_fp32`` 1-D ``(n,)`` or ``(1, n)`` (any float dtype; it is converted to fp32 first).
+    ``offset`` is 1-D ``(m,)``. Lengths of 1 broadcast. Output: int64 ``(max(n, m),)``, or ``(1, n)`` if the scale is ``(1, n)``.
+
+    Bits: low 32 = the fp32 scale with ``round_mode 0`` truncation to FP19 (``& 0xFFFFE000``) or
+    ``round_mode 1`` round-half-even to 10 mantissa bits (a mantissa carry bumps the exponent,
+    exponent 0 → signed zero, exponent 255 kept). Bit 46 is always set. If ``offset`` is given,
+    ``clamp(rint(offset), -256, 255) & 0x1FF`` goes in bits 37..45.
+    """
+    if round_mode not in (0, 1):
+        raise ValueError(f"round_mode must be 0 or 1, got {round_mode}")
+    if scale_fp32.dim() > 2 or (scale_fp32.dim() == 2 and scale_fp32.shape[0] != 1):
+        raise ValueError(f"scale must be (n,) or (1, n), got {tuple(scale_fp32.shape)}")
+    as_row = scale_fp32.dim() == 2
+    u = _fp32_bits_u32(scale_fp32.reshape(-1))
+    low = u & _FP19_MASK if round_mode == 0 else _rne_fp19_bits(u)
+    out = low | (1 << 46)
+    if offset is not None:
+        o = torch.round(offset.reshape(-1).to(torch.float32)).clamp(-256, 255).to(torch.int64)
+        if out.numel() != o.numel() and 1 not in (out.numel(), o.numel()):
+            raise ValueError(f"scale ({out.numel()}) and offset ({o.numel()}) lengths differ")
+        out = out | ((o.to(out.device) & 0x1FF) << 37)
+    return out.reshape(1, -1) if as_row else out
+
+
+def decode_quant_param(param: torch.Tensor, *, fp19: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 quant parameter → ``(fp32 scale, fp32 offset)`` of the same shape (ops §4.3 golden decode).
+
+    scale = the fp32 in the low 32 bits, masked with ``0xFFFFE000`` when ``fp19`` (default
+    :data:`INT64_SCALE_FP19`). offset = the sign-extended 9-bit field at bits 37..45, which is 0 for
+    bit-cast scales (loaders §1.4a). This decodes :func:`trans_quant_param` output and
+    :func:`float_bits_to_int64` output alike.
+    """
+    if param.dtype not in (torch.int64, torch.uint64):
+        raise ValueError(f"quant parameter must be int64, got {param.dtype}")
+    u = param.view(torch.int64) if param.dtype == torch.uint64 else param
+    low = u & _LOW32
+    if INT64_SCALE_FP19 if fp19 is None else fp19:
+        low = low & _FP19_MASK
+    field = (u >> 37) & 0x1FF
+    offset = torch.where(field >= 256, field - 512, field).to(torch.float32)
+    return _u32_to_fp32(low), offset
+
+
+def float_bits_to_int64(scale_fp32: torch.Tensor) -> torch.Tensor:
+    """fp32 scale → int64 whose low 32 bits are the fp32 bit pattern (loaders §1.4a, ops §4.3 "bit-cast").
+
+    The high word is 0 (see :data:`FLOAT_BITS_SIGN_EXTEND`). No FP19 masking and no bit 46. Same shape.
+    Any float input is first rounded to fp32.
+    """
+    words = scale_fp32.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
+    return words if FLOAT_BITS_SIGN_EXTEND else words & _LOW32
+
+
+def int64_bits_to_float(param: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`float_bits_to_int64`: the fp32 held in the low 32 bits, without masking."""
+    return _u32_to_fp32(param.view(torch.int64) if param.dtype == torch.uint64 else param)
+
+
+# ----------------------------------------------------------------------------------------------
+# E8M0 and FP4 (ops §0.2, §7)
+# ----------------------------------------------------------------------------------------------
+
+#: E2M1 magnitudes indexed by the low 3 code bits (ops §0.2); code bit 3 is the sign.
+E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+#: E1M2 magnitudes (ops §0.2: max 1.75, emax 0): 0.mm subnormals, then 1.mm.
+E1M2_MAGNITUDES = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+
+
+def e8m0_decode(scale: torch.Tensor) -> torch.Tensor:
+    """uint8 E8M0 → fp32 ``2**(byte-127)``. Byte 255 is NaN (ops §0.2).
+
+    Uncertain (ops §0.2 [L], §9.5): byte 0 is 2**-127 or 0.0. We assume 2**-127, as in the spec and golden.
+    :data:`E8M0_BYTE0_IS_ZERO` switches to 0.0.
+    """
+    if scale.dtype != torch.uint8:
+        raise ValueError(f"E8M0 scales must be uint8, got {scale.dtype}")
+    value = exp2_int(scale.to(torch.int32) - 127)
+    value = torch.where(scale == 255, torch.full_like(value, math.nan), value)
+    if E8M0_BYTE0_IS_ZERO:
+        value = torch.where(scale == 0, torch.zeros_like(value), value)
+    return value
+
+
+def exp2_int(e: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Exact ``2**e`` for an integer tensor ``e`` in ``[-1022, 1023]``, built from float64 bits, then cast to ``dtype``."""
+    bits = (e.to(torch.int64).clamp(-1022, 1023) + 1023) << 52
+    return bits.view(torch.float64).to(dtype)
+
+
+def _round_mantissa(m: torch.Tensor, round_mode: str) -> torch.Tensor:
+    if round_mode == "rint":
+        return torch.round(m)  # torch.round is round-half-to-even
+    if round_mode == "round":
+        return torch.sign(m) * torch.floor(m.abs() + 0.5)  # half away from zero
+    if round_mode == "floor":
+        return torch.floor(m) if FP4_FLOOR_TOWARD_NEG_INF else torch.trunc(m)
+    raise ValueError(f"round_mode must be 'rint', 'round' or 'floor', got {round_mode!r}")
+
+
+def _round_to_minifloat(x: torch.Tensor, mbits: int, min_exp: int, max_norm: float, round_mode: str) -> torch.Tensor:
+    """The golden ``quantize_elem`` (ops §5.2): fp32 → nearest grid value, saturated. NaN → 0.
+
+    The sign of zero is kept (``-0.25`` → ``-0.0``).
+    """
+    x = x.to(torch.float32)
+    x = torch.nan_to_num(x, nan=0.0).clamp(-2 * max_norm, 2 * max_norm)  # ±inf and huge values saturate below
+    _, exponent = torch.frexp(x)
+    private_exp = torch.clamp(exponent.to(torch.int32) - 1, min=min_exp)  # floor(log2|x|), at least min_exp
+    m = x * exp2_int(mbits - private_exp)  # exact power-of-two scaling
+    q = (_round_mantissa(m, round_mode) * exp2_int(private_exp - mbits)).clamp(-max_norm, max_norm)
+    return torch.where(q == 0, torch.copysign(torch.zeros_like(q), x), q)
+
+
+def _minifloat_codes(value: torch.Tensor, magnitudes: tuple[float, ...]) -> torch.Tensor:
+    table = torch.tensor(magnitudes, dtype=torch.float32, device=value.device)
+    index = torch.searchsorted(table, value.abs().contiguous())
+    return (index.to(torch.uint8) | (torch.signbit(value).to(torch.uint8) << 3)).to(torch.uint8)
+
+
+def fp4_encode(x: torch.Tensor, round_mode: str = "rint", *, fmt: str = "e2m1") -> torch.Tensor:
+    """Float → FP4 codes, one uint8 (0..15) per element, same shape.
+
+    ``fmt="e2m1"`` (default) or ``"e1m2"`` (ops §0.2). Values are saturated at ±6 (E1M2: ±1.75), so ±inf → max
+    and NaN → +0 (golden, ops §5.2). ``round_mode``: ``"rint"`` = round half to even on the grid (e.g.
+    1.25 → 1.0, 1.75 → 2.0, 5 → 4), ``"round"`` = half away from zero (1.25 → 1.5), ``"floor"`` (see
+    :data:`FP4_FLOOR_TOWARD_NEG_INF`). Zero keeps its sign (-0.1 → code 8, "-0").
+    """
+    if fmt == "e2m1":
+        q = _round_to_minifloat(x, 1, 0, 6.0, round_mode)
+        return _minifloat_codes(q, E2M1_MAGNITUDES)
+    if fmt == "e1m2":
+        q = _round_to_minifloat(x, 2, 0, 1.75, round_mode)
+        return _minifloat_codes(q, E1M2_MAGNITUDES)
+    raise ValueError(f"fmt must be 'e2m1' or 'e1m2', got {fmt!r}")
+
+
+def fp4_decode(codes: torch.Tensor, *, fmt: str = "e2m1") -> torch.Tensor:
+    """FP4 codes (uint8, low 4 bits used) → fp32, same shape. Code 8 is -0.0 (ops §0.2)."""
+    magnitudes = {"e2m1": E2M1_MAGNITUDES, "e1m2": E1M2_MAGNITUDES}[fmt]
+    table = torch.tensor(magnitudes + tuple(-v for v in magnitudes), dtype=torch.float32, device=codes.device)
+    return table[(codes.to(torch.int64) & 0xF)]
+
+
+def fp4_pack(codes: torch.Tensor) -> torch.Tensor:
+    """FP4 codes uint8 ``[..., 2m]`` → ``float4_*_x2`` bytes uint8 ``[..., m]``, with the even element in the low nibble (ops §7)."""
+    if codes.shape[-1] % 2:
+        raise ValueError(f"FP4 packing needs an even last dim, got {tuple(codes.shape)}")
+    return pack_nibbles(codes)
+
+
+def fp4_unpack(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`fp4_pack`: uint8 ``[..., m]`` → codes uint8 ``[..., 2m]``."""
+    return unpack_nibbles(packed)
+
+
+def fp4_from_fp32_truncating(x: torch.Tensor) -> torch.Tensor:
+    """The 950 ``npu_convert_weight_to_int4pack`` fp32 → E2M1 rule (ops §1 "950 path"): codes uint8.
+
+    The fp32 bits are masked with ``0xFFC00000`` (sign, exponent, top mantissa bit). The result is looked
+    up among the 16 exact E2M1 values, and anything not found becomes code 0. So 1.25 → 1.0, 5.0 → 4.0, 0.25 → 0.
+    """
+    masked = _u32_to_fp32(_fp32_bits_u32(x) & 0xFFC00000)
+    table = fp4_decode(torch.arange(16, dtype=torch.uint8, device=x.device))
+    match = (masked.unsqueeze(-1) == table) & (torch.signbit(masked).unsqueeze(-1) == torch.signbit(table))
+    found = match.any(-1)
+    codes = match.to(torch.int32).argmax(-1).to(torch.uint8)
+    return torch.where(found, codes, torch.zeros_like(codes))
+
+
+# ----------------------------------------------------------------------------------------------
+# MX quantization (ops §5.2, scale_alg = 0)
+# ----------------------------------------------------------------------------------------------
+
+#: element type → (emax, max_norm, mantissa bits, min_exp, torch dtype or None for FP4) (ops §0.2, §5.2)
+MX_ELEMENTS: dict[str, tuple[int, float, int, int, torch.dtype | None]] = {
+    "float4_e2m1fn_x2": (2, 6.0, 1, 0, None),
+    "float4_e1m2fn_x2": (0, 1.75, 2, 0, None),
+    "float8_e4m3fn": (8, 448.0, 3, -6, torch.float8_e4m3fn),
+    "float8_e5m2": (15, 57344.0, 2, -14, torch.float8_e5m2),
+}
+_MX_ALIASES = {
+    "e2m1": "float4_e2m1fn_x2",
+    "fp4": "float4_e2m1fn_x2",
+    "fp4_e2m1": "float4_e2m1fn_x2",
+    "e1m2": "float4_e1m2fn_x2",
+    "e4m3": "float8_e4m3fn",
+    "e4m3fn": "float8_e4m3fn",
+    "fp8": "float8_e4m3fn",
+    "fp8_e4m3": "float8_e4m3fn",
+    "e5m2": "float8_e5m2",
+    "fp8_e5m2": "float8_e5m2",
+}
+
+
+def mx_element(elem: object) -> str:
+    """Canonical MX element name (a key of :data:`MX_ELEMENTS`) from a name, torch_npu id or torch dtype."""
+    name = npu_dtype_name(elem)
+    name = _MX_ALIASES.get(name, name)
+    if name not in MX_ELEMENTS:
+        raise ValueError(f"not an MX element type: {elem!r}")
+    return name
+
+
+def mx_quantize(x: torch.Tensor, elem: object, block_size: int = 32, round_mode: str = "rint") -> tuple[torch.Tensor, torch.Tensor]:
+    """OCP MX quantization along the last dim, the ``npu_dynamic_mx_quant`` scale_alg=0 rule (ops §5.2).
+
+    ``x``: float ``[..., K]`` (fp16/bf16/fp32). ``elem``: ``"e2m1"``, ``"e1m2"``, ``"e4m3fn"``, ``"e5m2"``
+    (or the torch_npu id 296/297/292/291, or a torch fp8 dtype). Per block of ``block_size`` (a partial
+    last block is zero-padded):
+
+    - ``shared_exp = floor(log2 amax) - emax``. ``amax == 0`` gives -127. The result is clamped to [-127, 127]
+      and the E8M0 byte is ``shared_exp + 127``.
+    - A block holding inf/NaN gets byte 255 and NaN elements (kernel, ops §5.2) for FP8. Uncertain: FP4 has no NaN
+      encoding and the kernel's output is not documented. We assume code 0 (the golden's NaN → 0).
+    - elements: ``v / 2**shared_exp`` (exact) quantized with saturation. FP8: clamp to ±max, then
+      ``.to(torch.float8_*)``. torch's cast rounds to nearest even (RINT, as the kernel's FP8 cast). FP4:
+      :func:`fp4_encode` with ``round_mode``.
+
+    Returns ``(codes, scale)``: ``codes`` is a torch fp8 tensor ``[..., K]``, or for FP4 unpacked uint8
+    codes ``[..., K]`` (pack them with :func:`fp4_pack`). ``scale`` is uint8 ``[..., ceil(K/block_size)]``.
+    See :data:`MX_ZERO_SCALE_FLUSHES` for blocks whose byte is 0.
+    """
+    name = mx_element(elem)
+    emax, max_norm, _, _, torch_dtype = MX_ELEMENTS[name]
+    if torch_dtype is not None and round_mode != "rint":
+        raise ValueError("FP8 MX quantization supports round_mode='rint' only (ops §5.2)")
+    if x.dim() < 1:
+        raise ValueError("mx_quantize needs at least one dim")
+    k = x.shape[-1]
+    nb = math.ceil(k / block_size)
+    xf = x.to(torch.float32)
+    if nb * block_size != k:
+        xf = F.pad(xf, (0, nb * block_size - k))
+    blocks = xf.reshape(*xf.shape[:-1], nb, block_size)
+    finite = torch.isfinite(blocks).all(-1)
+    amax = torch.nan_to_num(blocks, nan=0.0, posinf=0.0, neginf=0.0).abs().amax(-1)
+    _, exponent = torch.frexp(amax)
+    shared = torch.where(amax > 0, exponent.to(torch.int32) - 1 - emax, torch.full_like(exponent, -127, dtype=torch.int32))
+    shared = shared.clamp(-127, 127)
+    scale = torch.where(finite, shared + 127, torch.full_like(shared, 255)).to(torch.uint8)
+
+    scaled = (blocks.to(torch.float64) * exp2_int(-shared, torch.float64).unsqueeze(-1)).to(torch.float32)
+    if MX_ZERO_SCALE_FLUSHES:
+        scaled = torch.where((scale == 0).unsqueeze(-1), torch.zeros_like(scaled), scaled)
+    scaled = torch.where(finite.unsqueeze(-1), scaled, torch.full_like(scaled, math.nan))
+    scaled = scaled.reshape(*xf.shape[:-1], nb * block_size)[..., :k]
+    if torch_dtype is not None:
+        codes = scaled.clamp(-max_norm, max_norm).to(torch_dtype)  # clamp keeps NaN; the cast is RNE
+    else:
+        codes = fp4_encode(scaled, round_mode, fmt="e2m1" if name == "float4_e2m1fn_x2" else "e1m2")
+    return codes, scale
+
+
+def mx_dequantize(codes: torch.Tensor, scale: torch.Tensor, elem: object, block_size: int = 32) -> torch.Tensor:
+    """Inverse of :func:`mx_quantize` up to rounding: codes ``[..., K]`` and scale ``[..., Kb]`` → fp32 ``[..., K]``.
+
+    ``value = elem(code) * 2**(byte-127)``, with each scale byte repeated over its block along the last dim (ops §4.5 Compute).
+    """
+    name = mx_element(elem)
+    if MX_ELEMENTS[name][4] is None:
+        values = fp4_decode(codes, fmt="e2m1" if name == "float4_e2m1fn_x2" else "e1m2")
+    else:
+        values = codes.to(torch.float32)
+    factors = e8m0_decode(scale).repeat_interleave(block_size, dim=-1)[..., : values.shape[-1]]
+    return values * factors

@@ -1,0 +1,130 @@
+"""Run converted layers on the Ascend kernels: the loader side of npuconv outputs.
+
+``load_output(OUT)`` checks the manifest checksums, reads each converted layer's tensors by role and
+puts them on the kernel backend's device (NZ tiles restored: on an NPU with the ND +
+``npu_format_cast(t, 29)`` fallback described in docs/layouts.md, in the emulation as plain ND);
+``NpuLinear.forward(x)`` calls the kernel exactly as vLLM-Ascend / SGLang do. ``verify`` uses the
+same :func:`run_kernel`, so what is verified is what a loader would run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from npuconv import layouts
+from npuconv.model import FP4_E2M1, FP8_E4M3, LinearSpec
+
+
+@dataclass
+class NpuLinear:
+    """One converted layer ready for its kernel: manifest entry, spec, ND tensors by role on the backend's device."""
+
+    spec: LinearSpec
+    entry: dict
+    tensors: dict[str, torch.Tensor]
+    backend: object
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return run_kernel(self.backend, self.entry, self.spec, self.tensors, x)[0]
+
+
+def load_output(path: str | Path, device: str | None = None, check_checksums: bool = True) -> dict[str, NpuLinear]:
+    """Every converted linear of an npuconv output, keyed by module name, ready to run."""
+    from npuconv.checkpoint import Checkpoint
+    from npuconv.errors import InputError
+    from npuconv.kernels import get_backend
+    from npuconv.readers import open_reader
+    from npuconv.readers.npuconv_output import NpuconvReader
+    from npuconv.verify import check_shards
+
+    backend = get_backend(device)
+    checkpoint = Checkpoint(Path(path))
+    reader = open_reader(checkpoint)
+    if not isinstance(reader, NpuconvReader):
+        raise InputError(f"{path}: not an npuconv output (no npuconv.json with quant_method npuconv)")
+    if check_checksums:
+        check_shards(checkpoint, reader.manifest)
+    layers = {}
+    for spec in reader.linear_specs():
+        entry = reader.manifest["layers"][spec.name]
+        tensors = {role: to_backend(t, entry["tensors"][role], backend) for role, t in reader.tensors_of(spec).items()}
+        layers[spec.name] = NpuLinear(spec, entry, tensors, backend)
+    return layers
+
+
+def to_backend(tensor: torch.Tensor, entry: dict, backend) -> torch.Tensor:
+    """Move an ND tensor to the backend; on a real NPU, NZ entries become NZ tensors again."""
+    tensor = tensor.to(backend.device)
+    if entry.get("layout") == "nz" and backend.name == "npu":
+        tensor = backend.npu_format_cast(tensor, 29)
+    return tensor
+
+
+def run_kernel(backend, entry: dict, spec: LinearSpec, t: dict, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Call the layer's kernel as the engines do; returns (y, the activations the reference must use)."""
+    kernel = entry["kernel"]
+    if kernel == "npu_weight_quant_batchmatmul":
+        return _weight_only(backend, entry, t, x), x
+    if "weight_dtype" in entry:
+        return _mx(backend, entry, spec, t, x)
+    return _w8a8(backend, entry, spec, t, x)
+
+
+def _weight_only(backend, entry: dict, t: dict, x: torch.Tensor) -> torch.Tensor:
+    if "perm" in t:
+        x = x[..., t["perm"].long()]
+    scale = t["antiquant_scale"].to(x.dtype)
+    offset = t["antiquant_offset"].to(x.dtype) if "antiquant_offset" in t else None
+    bias = t.get("bias")
+    if bias is not None:
+        bias = bias.to(torch.float32 if x.dtype == torch.bfloat16 else x.dtype)
+    return backend.npu_weight_quant_batchmatmul(
+        x, t["weight"], scale, antiquant_offset=offset, bias=bias, antiquant_group_size=entry["antiquant_group_size"]
+    )
+
+
+def _w8a8(backend, entry: dict, spec: LinearSpec, t: dict, x: torch.Tensor):
+    if "deq_scale" in t:  # static per-tensor activation quantization
+        k = spec.in_features
+        input_scale, input_offset = t["input_scale"].float(), t["input_offset"].float()
+        x_q = backend.npu_quantize(
+            x, (1.0 / input_scale).expand(k).to(x.dtype), input_offset.expand(k).to(x.dtype), torch.qint8, -1, False
+        )
+        y = backend.npu_quant_matmul(x_q, t["weight"], t["deq_scale"], bias=t["quant_bias"], output_dtype=x.dtype)
+        x_effective = (x_q.double() - input_offset.double().to(x_q.device)) * input_scale.double().to(x_q.device)
+        return y, x_effective
+    x_q, x_scale = backend.npu_dynamic_quant(x)
+    bias = t.get("bias")
+    y = backend.npu_quant_matmul(
+        x_q, t["weight"], t["weight_scale"], pertoken_scale=x_scale,
+        bias=None if bias is None else bias.float(), output_dtype=x.dtype,
+    )
+    return y, x_q.double() * x_scale.double().unsqueeze(-1)
+
+
+def _mx(backend, entry: dict, spec: LinearSpec, t: dict, x: torch.Tensor):
+    fp4_weight = entry["weight_dtype"] == "float4_e2m1fn_x2"
+    act_kind = spec.activation.kind if spec.activation is not None else FP8_E4M3
+    fp4_act = act_kind == FP4_E2M1
+    act_type = layouts.NPU_DTYPE_IDS["float4_e2m1fn_x2"] if fp4_act else torch.float8_e4m3fn
+    x_q, x_scale = backend.npu_dynamic_mx_quant(x, dst_type=act_type)
+    weight, scale = t["weight"], t["weight_scale"]
+    if entry.get("view") == "transpose":  # sglang: [N, K] storage viewed as [K, N]
+        weight, scale = weight.transpose(-1, -2), scale.transpose(-3, -2)
+    fp4 = layouts.NPU_DTYPE_IDS["float4_e2m1fn_x2"]
+    e8m0 = layouts.NPU_DTYPE_IDS["float8_e8m0fnu"]
+    y = backend.npu_quant_matmul(
+        x_q, weight, scale, scale_dtype=e8m0, pertoken_scale=x_scale, pertoken_scale_dtype=e8m0,
+        x1_dtype=fp4 if fp4_act else None, x2_dtype=fp4 if fp4_weight else None,
+        group_sizes=[0, 0, 32] if (fp4_weight and not fp4_act) else [1, 1, 32],
+        output_dtype=x.dtype, bias=t.get("bias"),
+    )
+    k = spec.in_features
+    codes = layouts.fp4_unpack(x_q.cpu()) if fp4_act else x_q.cpu()
+    kb = -(-k // 32)
+    x_scale_blocks = layouts.mx_scale_unpairs(x_scale.cpu(), kb)
+    x_effective = layouts.mx_dequantize(codes, x_scale_blocks, FP4_E2M1 if fp4_act else FP8_E4M3)
+    return y, x_effective.double()
