@@ -109,10 +109,12 @@ class QuantizedLinear:
     scale: torch.Tensor  # [..., N, G]
     zero: torch.Tensor | None = None  # [..., N, G] int16, unsigned code domain; None: symmetric
     g_idx: torch.Tensor | None = None  # [K] int32 (or [E, K]); None: k // group_size
-    bias: torch.Tensor | None = None  # [..., N]
+    bias: torch.Tensor | None = None  # [..., N]; always set when spec.has_bias
     global_scale: torch.Tensor | None = None  # [...,1] fp32 divisor of scale (NVFP4)
     input_scale: torch.Tensor | None = None  # static activation scale, fp32 [1]
-    input_zero: torch.Tensor | None = None  # static activation zero point, fp32 [1] (integer-valued)
+    # static activation zero point, fp32 [1], integer-valued, in the *signed* int8 domain:
+    # x_q = clamp(round(x / input_scale) + input_zero, -128, 127)  (CT input_zero_point, msModelSlim input_offset)
+    input_zero: torch.Tensor | None = None
 
     def with_spec(self, **changes) -> "QuantizedLinear":
         return replace(self, spec=replace(self.spec, **changes))

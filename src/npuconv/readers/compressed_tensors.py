@@ -254,7 +254,7 @@ def _shape(shape) -> str:
 
 # ---------------------------------------------------------------------------------------- reader
 class CompressedTensorsReader(Reader):
-    format = "compressed_tensors"
+    format = "compressed-tensors"
 
     def __init__(self, checkpoint: Checkpoint):
         super().__init__(checkpoint)
