@@ -75,6 +75,7 @@ def get_backend(device: str | None = None) -> Backend:
     if kind == "cuda":
         if not torch.cuda.is_available():
             raise UnsupportedError("no CUDA device is available for the emulated kernels")
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 accumulation means fp32, not TF32
         return Backend("emulated-cuda", device, emulated)
     if kind == "cpu":
         return Backend("emulated-cpu", "cpu", emulated)

@@ -92,6 +92,11 @@ def _round_from_f64(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return f.to(dtype)
 
 
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Float matmul with fp32 accumulation, like the cube for fp16/bf16 operands (ops §0.5). No TF32."""
+    return torch.matmul(a.to(torch.float32), b.to(torch.float32))
+
+
 def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Matmul summed in float64 (exact for integer operands). Returns float64."""
     return torch.matmul(a.to(torch.float64), b.to(torch.float64))
@@ -221,7 +226,7 @@ def npu_weight_quant_batchmatmul(
         if kind != "fp4":
             raise ValueError("an E8M0 antiquant_scale needs an FP4 weight")
         s = e8m0_decode(_expand_antiquant(antiquant_scale, k, n, 32, "antiquant_scale"))
-        wd = _round_from_f64(w.to(torch.float64) * s.to(torch.float64), xd)
+        wd = (w.to(torch.float32) * s).to(xd)  # FP4 value × power of two: exact in fp32, one rounding
     elif antiquant_scale.dtype in (torch.int64, torch.uint64):  # ops §2.6 "int64 antiquant_scale"
         scale, _ = decode_quant_param(antiquant_scale.reshape(-1), fp19=True)
         scale_factor = _expand_antiquant(scale.to(torch.float16).reshape(antiquant_scale.shape), k, n, 0, "antiquant_scale")
@@ -238,13 +243,15 @@ def npu_weight_quant_batchmatmul(
                 raise ValueError("antiquant_offset must have the shape of antiquant_scale (ops §2.2)")
             o = _expand_antiquant(antiquant_offset.to(xd), k, n, antiquant_group_size, "antiquant_offset")
         if xd == torch.float16:  # every op rounded to fp16
-            t = w if o is None else _round_from_f64(w.to(torch.float64) + o.to(torch.float64), torch.float16)
-            wd = _round_from_f64(t.to(torch.float64) * s.to(torch.float64), torch.float16)
+            # w + o and t * s of fp16 operands are exact in fp32 (a sum of an int8 and an fp16 value, or a product of
+            # two 11-bit significands, fits in 24 bits), so one fp32 op + one RNE cast equals the fp16 op.
+            t = w if o is None else (w.to(torch.float32) + o.to(torch.float32)).to(torch.float16)
+            wd = (t.to(torch.float32) * s.to(torch.float32)).to(torch.float16)
         else:  # fp32 then one RNE cast to bf16
             t = w if o is None else w + o.to(torch.float32)
             wd = (t * s.to(torch.float32)).to(torch.bfloat16)
 
-    y = _mm(x, wd).to(torch.float32)
+    y = _mm_f32(x, wd)
     if scale_factor is not None:
         y = y * scale_factor.to(torch.float32)
     if BF16_ROUND_BEFORE_BIAS and xd == torch.bfloat16:
