@@ -373,8 +373,159 @@ def _num(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+# ------------------------------------------------------------------------------------- zoo
+ZOO_STYLE = {
+    "converted": "green", "skipped": "cyan", "failed": "bold red", "verify-failed": "bold red",
+    "not-run": "yellow", "would-convert": "green", "would-skip": "cyan",
+}
+
+
+@cli.command("zoo")
+@click.argument("zoo_file")
+@click.option("--force", is_flag=True, help="Reconvert every entry, even if up to date (and replace outputs that are not npuconv's).")
+@click.option("--fail-fast", is_flag=True, help="Start no further entry after the first failure.")
+@click.option("-j", "--jobs", default=1, show_default=True, type=click.IntRange(1, 1024), help="Entries converted in parallel, one process each.")
+@click.option("--shard", "shard_text", default=None, metavar="I/N", help="Run only shard I of N (e.g. 2/4) of the entries.")
+@click.option("--shard-by", type=click.Choice(["index", "hash"]), default="index", show_default=True,
+              help="Shard by position in the file (index mod N) or by a hash of the output path (stable when entries are added).")
+@click.option("--dry-run", is_flag=True, help="Show what would be converted or skipped; write nothing.")
+@click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False), help="Write the JSON report to this file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON report.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress; print only the summary line (and failed entries).")
+@handle_errors
+def zoo_command(zoo_file, force, fail_fast, jobs, shard_text, shard_by, dry_run, report_path, as_json, quiet) -> None:
+    """Convert every checkpoint listed in ZOO_FILE (TOML), skipping outputs that are up to date.
+
+    An output is up to date when its npuconv.json records the same source (Hub commit, or the
+    size/mtime/sha256 of each local file), target, options and npuconv version. Every entry runs
+    even if some fail (unless --fail-fast). See docs/ci.md for the file format and the report.
+
+    Exit code: 0 if every entry was converted or skipped (and verified, where asked), 1 if an
+    entry failed verification and none failed otherwise, 2 if an entry failed on bad input or
+    the zoo file is invalid (then nothing runs), 3 if an entry hit an internal error.
+
+    \b
+    Examples:
+      npuconv zoo zoo.toml
+      npuconv zoo zoo.toml --jobs 4 --report zoo-report.json
+      npuconv zoo zoo.toml --shard 2/4 --json
+      npuconv zoo zoo.toml --dry-run
+    """
+    from rich.markup import escape
+
+    from npuconv.zoo import ZooOptions, load_zoo, parse_shard, run_zoo, select_shard
+
+    try:
+        shard = parse_shard(shard_text) if shard_text else None
+        entries = load_zoo(zoo_file)
+    except NpuconvError as e:
+        if report_path:
+            _write_report(report_path, {"ok": False, "error": " ".join(str(e).split()), "exit_code": e.exit_code, "entries": []})
+        raise
+    selected = select_shard(entries, shard, shard_by)
+    options = ZooOptions(force=force, fail_fast=fail_fast, jobs=jobs, dry_run=dry_run, shard=shard, shard_by=shard_by)
+    show_progress = not (quiet or as_json)
+    if show_progress:
+        part = f", shard {shard_text} by {shard_by}" if shard else ""
+        stderr.print(f"zoo {zoo_file}: {len(selected)} of {len(entries)} entries{part}, jobs {jobs}{' (dry run)' if dry_run else ''}")
+    finished = 0
+
+    def on_event(kind: str, entry, result) -> None:
+        nonlocal finished
+        if not show_progress:
+            return
+        if kind == "start":
+            stderr.print(f"  [dim]start[/]  {escape(entry.name)}", soft_wrap=True)
+            return
+        finished += 1
+        style = ZOO_STYLE.get(result["status"], "")
+        detail = result["error"] or result["reason"]
+        stderr.print(
+            f"  [{style}]{result['status']}[/] {escape(entry.name)} ({result['seconds']:.2f} s) "
+            f"{finished}/{len(selected)}{': ' + escape(detail) if detail else ''}",
+            soft_wrap=True,
+        )
+
+    report = run_zoo(selected, options, on_event, zoo_file=zoo_file, zoo_entries=len(entries))
+    if report_path:
+        _write_report(report_path, report)
+    if as_json:
+        emit_json(report)
+    else:
+        if not quiet and report["entries"]:
+            _print_zoo(report)
+        elif quiet:
+            for r in report["entries"]:
+                if r["error"]:
+                    stderr.print(f"[bold red]{r['status']}:[/] {escape(r['name'])}: {escape(r['error'])}", soft_wrap=True)
+        totals = report["totals"]
+        counts = ", ".join(f"{totals[s]} {s}" for s in ZOO_STYLE if totals.get(s)) or "nothing to do"
+        status = "[green]OK[/]" if report["ok"] else "[bold red]FAIL[/]"
+        stdout.print(
+            f"{status} {totals['entries']} entries: {counts}; {human_bytes(totals['bytes_in'])} in, "
+            f"{human_bytes(totals['bytes_out'])} out, {totals['seconds']:.1f} s",
+            soft_wrap=True,
+        )
+    if report["exit_code"]:
+        sys.exit(report["exit_code"])
+
+
+def _print_zoo(report: dict) -> None:
+    from rich.markup import escape
+
+    table = Table(title="zoo", title_justify="left")
+    for column in ("#", "name", "target", "status", "time", "in", "out", "peak RSS", "detail"):
+        table.add_column(column)
+    for r in report["entries"]:
+        style = ZOO_STYLE.get(r["status"], "")
+        table.add_row(
+            str(r["index"] + 1), escape(r["name"]), r["target"], f"[{style}]{r['status']}[/]", f"{r['seconds']:.2f} s",
+            human_bytes(r["bytes_in"]) if r["bytes_in"] else "-", human_bytes(r["bytes_out"]) if r["bytes_out"] else "-",
+            human_bytes(r["peak_rss_bytes"]) if r["peak_rss_bytes"] else "-", escape(r["error"] or r["reason"]),
+        )
+    stdout.print(table)
+
+
+def _write_report(path: str, report: dict) -> None:
+    """Write the JSON report atomically (a temporary sibling renamed into place)."""
+    import os
+    from pathlib import Path
+
+    from npuconv.errors import OutputError
+
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+        os.replace(tmp, target)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"--report {path}: cannot write: {e.strerror or e}") from None
+
+
+def tune_allocator() -> None:
+    """Let glibc recycle large tensor buffers instead of mmap'ing (and page-faulting) fresh ones.
+
+    Conversion allocates and frees the same few large buffers for every layer; with glibc's
+    default 128 KiB-ish mmap threshold each one is a fresh mapping whose pages fault in on first
+    touch, which costs more than the repack itself (measured ~2x on repack throughput, see
+    benchmarks/RESULTS.md). Peak memory is unchanged: the same buffers are reused. No-op off glibc.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_trim_threshold, (1 << 31) - 1)
+
+
 def main() -> None:
     """Console-script entry point."""
+    tune_allocator()
     if hasattr(signal, "SIGXFSZ"):
         # over a file-size limit, fail the write with EFBIG (clean error + cleanup) instead of dying
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

@@ -52,6 +52,15 @@ def unpack_bitstream(packed: torch.Tensor, bits: int, count: int) -> torch.Tenso
         raise ValueError(f"{data.shape[-1]} bytes hold fewer than {count} codes of {bits} bits")
     if bits == 8:
         return data[..., :count]
+    if bits == 4:
+        # fast path: widen each byte to an int16 and move its high nibble to the next byte, so the
+        # little-endian bytes of the int16 are (low nibble, high nibble) = codes (2m, 2m+1)
+        wide = data[..., :nbytes_needed].to(torch.int16)
+        high = wide & 0xF0
+        high <<= 4
+        wide &= 0x0F
+        wide |= high
+        return wide.view(torch.uint8)[..., :count]
     cycle_bytes = bits // math.gcd(bits, 8)  # bytes per repeating cycle (lcm(b, 8) / 8)
     per_cycle = 8 * cycle_bytes // bits  # codes per cycle
     cycles = math.ceil(count / per_cycle)
@@ -61,14 +70,38 @@ def unpack_bitstream(packed: torch.Tensor, bits: int, count: int) -> torch.Tenso
         data = torch.nn.functional.pad(data, (0, pad))
     data = data.unflatten(-1, (cycles, cycle_bytes))
     mask = (1 << bits) - 1
-    codes = []
+    out = torch.empty(*data.shape[:-1], per_cycle, dtype=torch.uint8)
     for j in range(per_cycle):
         byte, shift = divmod(j * bits, 8)
-        value = data[..., byte] >> shift
+        target = out[..., j]
+        torch.bitwise_right_shift(data[..., byte], shift, out=target)
         if shift + bits > 8:
-            value = value | (data[..., byte + 1] << (8 - shift))
-        codes.append(value & mask)
-    return torch.stack(codes, dim=-1).flatten(-2)[..., :count]
+            target |= data[..., byte + 1] << (8 - shift)
+        target &= mask
+    return out.flatten(-2)[..., :count]
+
+
+def unpack_columns(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Unpack codes packed along **dim 0** (GPTQ ``qweight``): words ``[W, C]`` → uint8 ``[count, C]``.
+
+    Column ``c`` of ``words``, read top to bottom as consecutive little-endian words, is the
+    LSB-first bitstream of column ``c`` of the result. For 2/4/8 bits (codes never straddle a byte)
+    each output row is one shift-and-mask of one byte plane, written contiguously: no transpose of
+    the packed or the unpacked data. Other widths fall back to transposing and :func:`unpack_bitstream`.
+    """
+    if bits not in (2, 4, 8) or words.dtype != torch.int32:
+        return unpack_bitstream(words.t(), bits, count).t().contiguous()
+    rows, cols = words.shape
+    per_byte = 8 // bits
+    # byte planes [rows, 4, cols]: plane m of row r holds codes 4r·per_byte + m·per_byte + j, j < per_byte
+    planes = as_bytes(words).reshape(rows, cols, 4).permute(0, 2, 1).contiguous()
+    out = torch.empty(rows, 4, per_byte, cols, dtype=torch.uint8)
+    for j in range(per_byte):
+        target = out[:, :, j]
+        torch.bitwise_right_shift(planes, j * bits, out=target)
+        if bits < 8:
+            target &= (1 << bits) - 1
+    return out.reshape(rows * 4 * per_byte, cols)[:count]
 
 
 def pack_bitstream(codes: torch.Tensor, bits: int, word_dtype: torch.dtype = torch.int32) -> torch.Tensor:
@@ -134,7 +167,13 @@ def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
     [-8, 7] packs as two's complement); returns uint8 ``[..., m]``. This is the Ascend byte rule
     (torch_npu_ops.md §0.1) and msModelSlim's ``_pack_int4`` along the packed axis.
     """
-    nibbles = codes.to(torch.uint8) & 0xF
+    data = codes.to(torch.uint8)
+    if data.is_contiguous() and data.dim() and data.shape[-1] % 2 == 0 and data.storage_offset() % 2 == 0:
+        # fast path: each little-endian int16 holds one (even, odd) pair; (x | x >> 4) puts the odd
+        # nibble above the even one, and the narrowing cast keeps the low byte
+        pairs = data.view(torch.int16) & 0x0F0F
+        return (pairs | (pairs >> 4)).to(torch.uint8)
+    nibbles = data & 0xF
     return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
 
 
@@ -151,9 +190,17 @@ def signed_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
 
 def awq_unpack(words: torch.Tensor, count: int) -> torch.Tensor:
     """AWQ GEMM words ``[..., count/8]`` (interleaved nibble order) → uint8 codes ``[..., count]`` in logical order."""
-    nibbles = unpack_bitstream(words, 4, count)
-    grouped = nibbles.unflatten(-1, (-1, 8))
-    return grouped[..., list(AWQ_REVERSE_ORDER)].flatten(-2)
+    data = as_bytes(words)
+    data = data.unflatten(-1, (data.shape[-1] // 4, 4))  # [..., words, 4 bytes]
+    out = torch.empty(*data.shape[:-1], 8, dtype=torch.uint8)
+    for column, nibble in enumerate(AWQ_REVERSE_ORDER):  # logical column j sits in nibble REVERSE[j]
+        byte, high = divmod(nibble, 2)
+        target = out[..., column]
+        if high:
+            torch.bitwise_right_shift(data[..., byte], 4, out=target)
+        else:
+            torch.bitwise_and(data[..., byte], 0xF, out=target)
+    return out.flatten(-2)[..., :count]
 
 
 def awq_pack(codes: torch.Tensor) -> torch.Tensor:

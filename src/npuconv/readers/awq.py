@@ -63,8 +63,11 @@ PACK = 8  # 4-bit codes per int32 word
 
 
 def unpack_gemm(words: torch.Tensor, out_features: int) -> torch.Tensor:
-    """AWQ GEMM ``qweight [K, N/8]`` or ``qzeros [G, N/8]`` → uint8 ``[N, K]`` / ``[N, G]`` in logical order."""
-    return awq_unpack(words, out_features).t().contiguous()
+    """AWQ GEMM ``qweight [K, N/8]`` or ``qzeros [G, N/8]`` → uint8 ``[N, K]`` / ``[N, G]`` in logical order.
+
+    Returned as the transposed *view* of the contiguous ``[K, N]`` unpack (no copy; NPU writers
+    want ``[K, N]``)."""
+    return awq_unpack(words, out_features).t()
 
 
 def unpack_gemv(words: torch.Tensor, count: int) -> torch.Tensor:
@@ -206,6 +209,7 @@ class AWQReader(Reader):
             codes = unpack_gemv(qweight, spec.in_features)
             zero = unpack_gemv(qzeros, groups)
             scale = scales[:, :groups].contiguous()
+        self.check_scale(f"{prefix}.scales", scales if self.config.version == GEMM else scale)  # GEMV: padding excluded
         bias = self.tensor(f"{prefix}.bias") if spec.has_bias else None
         return QuantizedLinear(spec=spec, qweight=codes, scale=scale, zero=zero.to(torch.int16), bias=bias)
 

@@ -100,7 +100,7 @@ import torch
 from npuconv.checkpoint import Checkpoint
 from npuconv.errors import InputError, UnsupportedError
 from npuconv.model import LinearSpec, QuantizedLinear
-from npuconv.packing import unpack_bitstream
+from npuconv.packing import unpack_bitstream, unpack_columns
 from npuconv.readers.base import Reader, module_prefixes
 
 V1 = "gptq"
@@ -125,10 +125,11 @@ def unpack_qweight(qweight: torch.Tensor, bits: int, in_features: int) -> torch.
     """GPTQ ``qweight`` int32 ``[K*b/32, N]`` (packed along K) → canonical uint8 codes ``[N, K]``.
 
     Column n of ``qweight`` is an LSB-first bitstream over K (code k at bits ``[k*b, k*b+b)`` of
-    the column read as consecutive little-endian words), so the transpose unpacks along its last
-    dim (:func:`~npuconv.packing.unpack_bitstream`).
+    the column read as consecutive little-endian words). It is unpacked along dim 0 into a
+    contiguous ``[K, N]`` (:func:`~npuconv.packing.unpack_columns`) and returned as its ``[N, K]``
+    transposed *view*: a writer that wants ``[K, N]`` (every NPU target) gets it without a copy.
     """
-    return unpack_bitstream(qweight.t(), bits, in_features)
+    return unpack_columns(qweight, bits, in_features).t()
 
 
 def unpack_zero_fields(qzeros: torch.Tensor, bits: int, out_features: int) -> torch.Tensor:
@@ -514,7 +515,9 @@ class GPTQReader(Reader):
                     f"{midpoint} (found {found}, read as {self.checkpoint_format})"
                 )
             zero = None
-        scale = self.tensor(f"{prefix}.scales").t().contiguous()
+        scales = self.tensor(f"{prefix}.scales")
+        self.check_scale(f"{prefix}.scales", scales)
+        scale = scales.t().contiguous()
         g_idx = self.tensor(f"{prefix}.g_idx").to(torch.int32) if spec.act_order else None
         bias = self.tensor(f"{prefix}.bias") if spec.has_bias else None
         return QuantizedLinear(spec=spec, qweight=codes, scale=scale, zero=zero, g_idx=g_idx, bias=bias)

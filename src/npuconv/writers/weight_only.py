@@ -29,6 +29,7 @@ import torch
 
 from npuconv import layouts
 from npuconv.model import INT, LinearSpec, QuantizedLinear
+from npuconv.packing import pack_nibbles
 from npuconv.safetensors_io import TensorPlan
 from npuconv.writers.base import Writer
 from npuconv.writers.npu_common import (
@@ -137,9 +138,14 @@ class WeightOnlyIntWriter(Writer):
         if spec.act_order:
             assert layer.g_idx is not None
             codes, out["perm"] = sort_by_act_order(codes, layer.g_idx, spec.group_size, spec.name)
-        # unsigned code - midpoint, wrapping in uint8: the int8 view is the signed value
-        signed_kn = (codes - midpoint).view(torch.int8).transpose(-1, -2).contiguous()
-        weight = layouts.int4pack(signed_kn) if self.storage_bits == 4 else signed_kn
+        codes_kn = codes.transpose(-1, -2).contiguous()  # free when the reader returned a [K, N] view
+        if self.storage_bits == 4 and spec.bits == 4:
+            # two's-complement nibble of q - 8 is q ^ 8: pack the codes, then flip bit 3 of both nibbles
+            weight = (pack_nibbles(codes_kn) ^ 0x88).view(torch.int32)
+        elif self.storage_bits == 4:
+            weight = layouts.int4pack((codes_kn - midpoint).view(torch.int8))
+        else:  # unsigned code - 128, wrapping in uint8: the int8 view is the signed value
+            weight = (codes_kn - midpoint).view(torch.int8)
         out["weight"] = maybe_nz(weight, entries["weight"].get("c0"))
         out["antiquant_scale"] = group_scale_layout(layer.scale)
         if "antiquant_offset" in entries:
