@@ -205,12 +205,14 @@ DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 @click.option("--mx-layout", type=click.Choice(["vllm-ascend", "sglang"]), default="vllm-ascend", show_default=True,
               help="MX targets: contiguous [K,N] (vLLM-Ascend) or the [N,K] storage that sglang views.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard (e.g. 500MB, 5GB).")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(0, 64),
+              help="Threads that read and repack layers ahead of the writer (0: none; memory grows by one layer each).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (atomically, at the end).")
 @click.option("--dry-run", is_flag=True, help="Print the plan (layers, layouts, shards, bytes) and write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
 @handle_errors
-def convert_command(model, out, target, dtype, nz, mx_layout, max_shard_size, force, dry_run, as_json, quiet) -> None:
+def convert_command(model, out, target, dtype, nz, mx_layout, max_shard_size, workers, force, dry_run, as_json, quiet) -> None:
     """Convert MODEL into OUT in the layout of TARGET.
 
     MODEL is a local directory or a Hugging Face repo id (org/name[@revision]). OUT is built in a
@@ -235,6 +237,7 @@ def convert_command(model, out, target, dtype, nz, mx_layout, max_shard_size, fo
         max_shard_bytes=parse_size(max_shard_size),
         force=force,
         dry_run=dry_run,
+        workers=workers,
     )
     bar = None
 
@@ -446,7 +449,10 @@ def zoo_command(zoo_file, force, fail_fast, jobs, shard_text, shard_by, dry_run,
             soft_wrap=True,
         )
 
-    report = run_zoo(selected, options, on_event, zoo_file=zoo_file, zoo_entries=len(entries))
+    try:
+        report = run_zoo(selected, options, on_event, zoo_file=zoo_file, zoo_entries=len(entries))
+    except KeyboardInterrupt:
+        _fail("interrupted; entries in progress published nothing, finished entries are in place", EXIT_INTERRUPTED, as_json)
     if report_path:
         _write_report(report_path, report)
     if as_json:
@@ -504,13 +510,17 @@ def _write_report(path: str, report: dict) -> None:
         raise OutputError(f"--report {path}: cannot write: {e.strerror or e}") from None
 
 
+MMAP_THRESHOLD = 64 << 20
+
+
 def tune_allocator() -> None:
     """Let glibc recycle large tensor buffers instead of mmap'ing (and page-faulting) fresh ones.
 
     Conversion allocates and frees the same few large buffers for every layer; with glibc's
     default 128 KiB-ish mmap threshold each one is a fresh mapping whose pages fault in on first
     touch, which costs more than the repack itself (measured ~2x on repack throughput, see
-    benchmarks/RESULTS.md). Peak memory is unchanged: the same buffers are reused. No-op off glibc.
+    benchmarks/RESULTS.md). Buffers of 64 MiB and more (embeddings, huge experts) still get their own
+    mappings and are returned at once, so peak RSS stays bounded by the tensors in flight. No-op off glibc.
     """
     try:
         import ctypes
@@ -519,8 +529,8 @@ def tune_allocator() -> None:
     except OSError:
         return
     m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 1 << 30)
-    libc.mallopt(m_trim_threshold, (1 << 31) - 1)
+    libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD)  # buffers below this are recycled from the heap
+    libc.mallopt(m_trim_threshold, 2 * MMAP_THRESHOLD)  # keep up to this much freed heap for reuse
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ import torch
 import npuconv
 from npuconv.checkpoint import Checkpoint
 from npuconv.errors import InputError, UnsupportedError
+from npuconv.fingerprint import source_fingerprint
 from npuconv.model import LinearSpec, spec_to_dict
 from npuconv.output import (
     DEFAULT_MAX_SHARD,
@@ -50,6 +51,7 @@ class ConvertOptions:
     max_shard_bytes: int = DEFAULT_MAX_SHARD
     force: bool = False
     dry_run: bool = False
+    workers: int = 1  # background threads producing layers ahead of the writer (0: none)
 
 
 @dataclass
@@ -129,7 +131,7 @@ def convert(
             on_progress(done, total)
 
     with AtomicDirectory(out, force=options.force) as tmp:
-        digests = write_shards(tmp, plan.shards, advance)
+        digests = write_shards(tmp, plan.shards, advance, options.workers)
         index = index_json(plan.shards, plan.writer.weight_prefix)
         if index:
             write_json(tmp / index[0], index[1])
@@ -137,7 +139,10 @@ def convert(
         _copy_side_files(checkpoint, plan.reader, tmp)
         write_json(tmp / "config.json", plan.writer.update_config(checkpoint.config, manifest))
         for filename, value in plan.writer.extra_files(manifest).items():
-            write_json(tmp / filename, value)
+            if isinstance(value, str):  # already serialized by the writer (e.g. a format's own key order)
+                (tmp / filename).write_text(value, encoding="utf-8")
+            else:
+                write_json(tmp / filename, value)
         write_json(tmp / MANIFEST, manifest)
     report.update(
         {
@@ -152,8 +157,11 @@ def convert(
 
 
 def build_manifest(plan: ConversionPlan, options: ConvertOptions, digests: dict[str, str]) -> dict:
-    """``npuconv.json``: what was converted, how, and a checksum of every shard."""
-    writer_options = options.writer
+    """``npuconv.json``: what was converted, how, and a checksum of every shard.
+
+    ``source_fingerprint`` (see :mod:`npuconv.fingerprint`) together with ``npuconv_version``,
+    ``target`` and ``options`` is what ``npuconv zoo`` compares to skip an up-to-date output.
+    """
     return {
         "npuconv_version": npuconv.__version__,
         "target": plan.writer.target,
@@ -163,16 +171,23 @@ def build_manifest(plan: ConversionPlan, options: ConvertOptions, digests: dict[
             "format": plan.reader.format,
             **{k: v for k, v in plan.reader.summary().items() if isinstance(v, (str, int, float, bool))},
         },
-        "options": {
-            "dtype": str(writer_options.dtype).removeprefix("torch.") if writer_options.dtype else None,
-            "nz": writer_options.nz,
-            "mx_layout": writer_options.mx_layout,
-            "max_shard_bytes": options.max_shard_bytes,
-        },
+        "source_fingerprint": source_fingerprint(plan.checkpoint),
+        "options": manifest_options(options),
         "layers": {
             spec.name: {**plan.writer.layer_manifest(spec), "spec": spec_to_dict(spec)} for spec in plan.layers
         },
         "shards": digests,
+    }
+
+
+def manifest_options(options: ConvertOptions) -> dict:
+    """The conversion options as recorded in ``npuconv.json`` (``options``)."""
+    writer_options = options.writer
+    return {
+        "dtype": str(writer_options.dtype).removeprefix("torch.") if writer_options.dtype else None,
+        "nz": writer_options.nz,
+        "mx_layout": writer_options.mx_layout,
+        "max_shard_bytes": options.max_shard_bytes,
     }
 
 

@@ -22,7 +22,9 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator
 
 import torch
 
@@ -102,31 +104,69 @@ def index_json(shards: list[Shard], prefix: str = "model") -> tuple[str, dict] |
 
 
 def write_shards(
-    directory: Path, shards: list[Shard], on_unit: Callable[[Unit], None] | None = None
+    directory: Path,
+    shards: list[Shard],
+    on_unit: Callable[[Unit], None] | None = None,
+    workers: int = 1,
 ) -> dict[str, str]:
     """Stream every shard to ``directory``; returns ``{filename: sha256}``.
 
-    Each unit is produced just before its tensors are written and released right after, so peak
-    memory is one unit. The sha256 is computed on the written bytes while writing.
+    Units are produced (read + repack) by ``workers`` background threads, at most ``workers``
+    units ahead of the one being written, while the calling thread writes and hashes in plan
+    order — so reading, repacking and writing overlap, and peak memory is ``workers + 1`` units.
+    ``workers=0`` produces each unit in the calling thread just before writing it. torch and
+    file I/O release the GIL, so the threads run in parallel.
     """
     digests = {}
-    for shard in shards:
-        path = directory / shard.filename
-        writer = _HashingWriter(path, shard.plans)
-        try:
-            for unit in shard.units:
-                tensors = unit.produce()
-                for plan in unit.plans:
-                    writer.write(plan.name, tensors[plan.name])
-                del tensors
-                if on_unit:
-                    on_unit(unit)
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        digests[shard.filename] = writer.hexdigest()
+    produced = _produce_in_order([u for s in shards for u in s.units], workers)
+    try:
+        for shard in shards:
+            path = directory / shard.filename
+            writer = _HashingWriter(path, shard.plans)
+            try:
+                for unit in shard.units:
+                    done, tensors = next(produced)
+                    assert done is unit
+                    for plan in unit.plans:
+                        writer.write(plan.name, tensors[plan.name])
+                    del tensors
+                    if on_unit:
+                        on_unit(unit)
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+            digests[shard.filename] = writer.hexdigest()
+    finally:
+        produced.close()
     return digests
+
+
+def _produce_in_order(units: list[Unit], workers: int) -> Iterator[tuple[Unit, dict[str, torch.Tensor]]]:
+    """Yield ``(unit, unit.produce())`` in order, computing up to ``workers`` units ahead."""
+    if workers <= 0:
+        for unit in units:
+            yield unit, unit.produce()
+        return
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="npuconv-produce")
+    pending: deque = deque()
+    upcoming = iter(units)
+    try:
+        for unit in upcoming:
+            pending.append((unit, pool.submit(unit.produce)))
+            if len(pending) >= workers:
+                break
+        while pending:
+            unit, future = pending.popleft()
+            tensors = future.result()
+            following = next(upcoming, None)
+            if following is not None:
+                pending.append((following, pool.submit(following.produce)))
+            yield unit, tensors
+    finally:
+        for _, future in pending:
+            future.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _HashingWriter(StreamingWriter):
