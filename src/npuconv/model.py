@@ -116,6 +116,14 @@ class QuantizedLinear:
     # x_q = clamp(round(x / input_scale) + input_zero, -128, 127)  (CT input_zero_point, msModelSlim input_offset)
     input_zero: torch.Tensor | None = None
 
+    def to(self, device: torch.device | str) -> "QuantizedLinear":
+        """The same layer with every tensor moved to ``device``."""
+        moved = {
+            name: getattr(self, name).to(device) if isinstance(getattr(self, name), torch.Tensor) else getattr(self, name)
+            for name in ("qweight", "scale", "zero", "g_idx", "bias", "global_scale", "input_scale", "input_zero")
+        }
+        return replace(self, **moved)
+
     def with_spec(self, **changes) -> "QuantizedLinear":
         return replace(self, spec=replace(self.spec, **changes))
 
@@ -124,7 +132,7 @@ class QuantizedLinear:
         if self.g_idx is not None:
             return self.g_idx.long()
         k = self.spec.in_features
-        return torch.arange(k) // self.spec.effective_group_size
+        return torch.arange(k, device=self.qweight.device) // self.spec.effective_group_size
 
     def effective_scale(self) -> torch.Tensor:
         """The float32 scale ``[..., N, G]`` applied to ``code - zero``."""
@@ -144,7 +152,7 @@ class QuantizedLinear:
         if self.zero is not None:
             return self.zero.float()
         midpoint = float(2 ** (self.spec.bits - 1)) if self.spec.weight_format == INT else 0.0
-        return torch.full(self.scale.shape, midpoint)
+        return torch.full(self.scale.shape, midpoint, device=self.scale.device)
 
 
 def decode_codes(codes: torch.Tensor, weight_format: str) -> torch.Tensor:
@@ -154,7 +162,7 @@ def decode_codes(codes: torch.Tensor, weight_format: str) -> torch.Tensor:
     if weight_format == FP8_E4M3:
         return codes.float()
     if weight_format == FP4_E2M1:
-        return E2M1_VALUES[codes.long()]
+        return E2M1_VALUES.to(codes.device)[codes.long()]
     raise ValueError(f"unknown weight format {weight_format!r}")
 
 

@@ -216,9 +216,10 @@ class _Skip(Exception):
 
 # ------------------------------------------------------------------------------------- per layer
 def _verify_layer(spec, source_spec, pairing: _Pairing, backend, x, options: VerifyOptions) -> LayerResult:
+    device = backend.device if backend.name != "npu" else "cpu"  # where the reference is computed
     source_layer = pairing.source.load(source_spec)
     output_layer = pairing.output.load(spec) if pairing.mode == "converted" else source_layer
-    exact = same_canonical(output_layer, source_layer) if pairing.mode == "converted" else None
+    exact = same_canonical(output_layer.to(device), source_layer.to(device)) if pairing.mode == "converted" else None
     try:
         tensors, entry = pairing.kernel_tensors(spec, output_layer)
     except _Skip as skip:
@@ -228,7 +229,7 @@ def _verify_layer(spec, source_spec, pairing: _Pairing, backend, x, options: Ver
     family = "weight_only" if kernel == "npu_weight_quant_batchmatmul" else "quant"
     moved = {role: to_backend(t, entry["tensors"][role], backend) for role, t in tensors.items()}
     y, x_effective = run_kernel(backend, entry, spec, moved, x.to(backend.device))
-    y_ref = reference_output(source_layer, x_effective)
+    y_ref = reference_output(source_layer.to(device), x_effective)
     max_abs, rel_l2, cosine = compare(y.double().cpu(), y_ref)
     threshold = options.max_rel_l2 or THRESHOLDS[(family, x.dtype)]
     passed = bool(exact is not False and rel_l2 <= threshold and cosine >= options.min_cosine)
@@ -259,10 +260,10 @@ def reference_output(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
     """``x @ dequant(layer)ᵀ + bias`` in float64 from the float32 dequantization (exact for every
     supported format) with a float32 matmul: its relative error (~1e-6) is far below every threshold."""
     weight = dequantize(layer, torch.float32)
-    y = (x.cpu().to(torch.float32) @ weight.T).double()
+    y = (x.to(weight.device, torch.float32) @ weight.T).double()
     if layer.bias is not None:
         y = y + layer.bias.double()
-    return y
+    return y.cpu()
 
 
 def compare(y: torch.Tensor, y_ref: torch.Tensor) -> tuple[float, float, float]:
