@@ -423,7 +423,7 @@ def zoo_command(zoo_file, force, fail_fast, jobs, shard_text, shard_by, dry_run,
         entries = load_zoo(zoo_file)
     except NpuconvError as e:
         if report_path:
-            _write_report(report_path, {"ok": False, "error": " ".join(str(e).split()), "exit_code": e.exit_code, "entries": []})
+            _write_report(report_path, {"ok": False, "error": " ".join(str(e).split()), "exit_code": e.exit_code})
         raise
     selected = select_shard(entries, shard, shard_by)
     options = ZooOptions(force=force, fail_fast=fail_fast, jobs=jobs, dry_run=dry_run, shard=shard, shard_by=shard_by)
@@ -468,7 +468,7 @@ def zoo_command(zoo_file, force, fail_fast, jobs, shard_text, shard_by, dry_run,
         counts = ", ".join(f"{totals[s]} {s}" for s in ZOO_STYLE if totals.get(s)) or "nothing to do"
         status = "[green]OK[/]" if report["ok"] else "[bold red]FAIL[/]"
         stdout.print(
-            f"{status} {totals['entries']} entries: {counts}; {human_bytes(totals['bytes_in'])} in, "
+            f"{status} {totals['entries']} entr{'y' if totals['entries'] == 1 else 'ies'}: {counts}; {human_bytes(totals['bytes_in'])} in, "
             f"{human_bytes(totals['bytes_out'])} out, {totals['seconds']:.1f} s",
             soft_wrap=True,
         )
