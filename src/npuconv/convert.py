@@ -52,6 +52,7 @@ class ConvertOptions:
     force: bool = False
     dry_run: bool = False
     workers: int = 1  # background threads producing layers ahead of the writer (0: none)
+    hash_source: bool = False  # record the sha256 of every source file in the manifest (zoo mode)
 
 
 @dataclass
@@ -171,7 +172,7 @@ def build_manifest(plan: ConversionPlan, options: ConvertOptions, digests: dict[
             "format": plan.reader.format,
             **{k: v for k, v in plan.reader.summary().items() if isinstance(v, (str, int, float, bool))},
         },
-        "source_fingerprint": source_fingerprint(plan.checkpoint),
+        "source_fingerprint": source_fingerprint(plan.checkpoint, options.hash_source),
         "options": manifest_options(options),
         "layers": {
             spec.name: {**plan.writer.layer_manifest(spec), "spec": spec_to_dict(spec)} for spec in plan.layers

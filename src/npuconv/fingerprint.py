@@ -26,7 +26,9 @@ are present, and the source matches the fingerprint:
   offline — nothing is downloaded).
 * Local: the same set of file names; for each file, a different size means changed; the same
   size and ``mtime_ns`` means unchanged (the quick check of make/rsync, no reading); the same
-  size but a different ``mtime_ns`` means the file is hashed and its sha256 decides. A file that
+  size but a different ``mtime_ns`` means the file is hashed and its sha256 decides (outputs of a
+  plain ``convert`` record no sha256, to avoid reading the input twice: for them a new mtime
+  means changed). A file that
   is only touched is therefore not reconverted, but it is re-hashed at every check until the
   output is reconverted (the manifest is never rewritten by a check).
 
@@ -63,10 +65,11 @@ def source_files(checkpoint: Checkpoint) -> list[Path]:
     return [files[name] for name in sorted(files)]
 
 
-def file_record(root: Path, path: Path) -> dict:
-    """``{name, size, mtime_ns, sha256}`` of one source file (``mtime_ns`` None if it changed while hashed)."""
+def file_record(root: Path, path: Path, hash_files: bool = True) -> dict:
+    """``{name, size, mtime_ns, sha256}`` of one source file (``mtime_ns`` None if it changed while hashed;
+    ``sha256`` None when not hashing)."""
     before = path.stat()
-    digest = sha256_file(path)
+    digest = sha256_file(path) if hash_files else None
     after = path.stat()
     stable = (before.st_size, before.st_mtime_ns) == (after.st_size, after.st_mtime_ns)
     return {
@@ -78,15 +81,19 @@ def file_record(root: Path, path: Path) -> dict:
     }
 
 
-def source_fingerprint(checkpoint: Checkpoint) -> dict:
-    """The ``source_fingerprint`` of ``npuconv.json`` for an opened source (see the module docstring)."""
+def source_fingerprint(checkpoint: Checkpoint, hash_files: bool = True) -> dict:
+    """The ``source_fingerprint`` of ``npuconv.json`` for an opened source (see the module docstring).
+
+    ``hash_files=False`` (plain ``convert``, which must not read the input twice) records names,
+    sizes and mtimes only; ``zoo`` hashes, so a touched-but-unchanged source is still up to date.
+    """
     is_hub = checkpoint.source_id != str(checkpoint.root)
     if is_hub and checkpoint.revision and _COMMIT.fullmatch(checkpoint.revision):
         return {"version": FINGERPRINT_VERSION, "kind": "hub", "repo": checkpoint.source_id, "commit": checkpoint.revision}
     return {
         "version": FINGERPRINT_VERSION,
         "kind": "local",
-        "files": [file_record(checkpoint.root, path) for path in source_files(checkpoint)],
+        "files": [file_record(checkpoint.root, path, hash_files) for path in source_files(checkpoint)],
     }
 
 
@@ -163,8 +170,11 @@ def source_difference(recorded: dict, source: str) -> str | None:
             stat = path.stat()
             if stat.st_size != record.get("size"):
                 return f"{name} changed (size)"
-            if stat.st_mtime_ns != record.get("mtime_ns") and sha256_file(path) != record.get("sha256"):
-                return f"{name} changed (content)"
+            if stat.st_mtime_ns != record.get("mtime_ns"):
+                if record.get("sha256") is None:
+                    return f"{name} modified (no recorded sha256 to compare)"
+                if sha256_file(path) != record.get("sha256"):
+                    return f"{name} changed (content)"
         except OSError as e:
             return f"{name} cannot be read ({e.strerror or e})"
     return None

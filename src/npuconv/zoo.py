@@ -81,7 +81,7 @@ class ZooEntry:
         from npuconv.writers import WriterOptions
 
         writer = WriterOptions(dtype=getattr(torch, self.dtype) if self.dtype else None, nz=self.nz, mx_layout=self.mx_layout)
-        return ConvertOptions(self.target, writer, self.max_shard_bytes, force=force, dry_run=dry_run)
+        return ConvertOptions(self.target, writer, self.max_shard_bytes, force=force, dry_run=dry_run, hash_source=True)
 
 
 # ------------------------------------------------------------------------------------ zoo file
