@@ -13,6 +13,7 @@ import traceback
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import npuconv
@@ -68,7 +69,7 @@ def _fail(message: str, code: int, as_json: bool) -> None:
     if as_json:
         emit_json({"ok": False, "error": message, "exit_code": code})
     else:
-        stderr.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+        stderr.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     sys.exit(code)
 
 
@@ -179,7 +180,7 @@ def _print_inspect(report: dict, show_layers: bool) -> None:
             )
         stdout.print(detail)
     for warning in report["warnings"]:
-        stderr.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
+        stderr.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
 
 
 def _distinct(values) -> str:
@@ -258,7 +259,7 @@ def convert_command(model, out, target, dtype, nz, mx_layout, max_shard_size, wo
         emit_json({"ok": True, **report})
         return
     for warning in report.get("warnings", report["plan"]["warnings"]):
-        stderr.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
+        stderr.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
     if quiet:
         return
     plan = report["plan"]
@@ -414,7 +415,6 @@ def zoo_command(zoo_file, force, fail_fast, jobs, shard_text, shard_by, dry_run,
       npuconv zoo zoo.toml --shard 2/4 --json
       npuconv zoo zoo.toml --dry-run
     """
-    from rich.markup import escape
 
     from npuconv.zoo import ZooOptions, load_zoo, parse_shard, run_zoo, select_shard
 
@@ -477,7 +477,6 @@ def zoo_command(zoo_file, force, fail_fast, jobs, shard_text, shard_by, dry_run,
 
 
 def _print_zoo(report: dict) -> None:
-    from rich.markup import escape
 
     table = Table(title="zoo", title_justify="left")
     for column in ("#", "name", "target", "status", "time", "in", "out", "peak RSS", "detail"):
