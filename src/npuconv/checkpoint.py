@@ -53,6 +53,8 @@ class Checkpoint:
             value = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise InputError(f"{filename}: invalid JSON ({e})") from None
+        except RecursionError:
+            raise InputError(f"{filename}: invalid JSON (nested too deeply)") from None
         except OSError as e:
             raise InputError(f"{filename}: cannot read: {e.strerror or e}") from None
         if not isinstance(value, dict):
@@ -84,6 +86,8 @@ class Checkpoint:
             if path.name.endswith(".safetensors") or path.name.endswith(".safetensors.index.json"):
                 continue
             self._check_inside(path)
+            if not path.is_file():  # is_dir() was False: a FIFO, socket or device, or a dangling or looping symlink
+                raise InputError(f"{rel}: not a regular file (or a broken symlink); remove it from the model directory")
             out.append(path)
         return out
 

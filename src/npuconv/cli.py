@@ -477,7 +477,6 @@ def zoo_command(zoo_file, force, fail_fast, jobs, shard_text, shard_by, dry_run,
 
 
 def _print_zoo(report: dict) -> None:
-
     table = Table(title="zoo", title_justify="left")
     for column in ("#", "name", "target", "status", "time", "in", "out", "peak RSS", "detail"):
         table.add_column(column)

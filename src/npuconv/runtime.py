@@ -27,8 +27,10 @@ class NpuLinear:
     tensors: dict[str, torch.Tensor]
     backend: object
 
+    tp: int = 1  # tensor-parallel degree emulated for layers whose kernel tensors depend on it (W4A8 scale_bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return run_kernel(self.backend, self.entry, self.spec, self.tensors, x)[0]
+        return run_kernel(self.backend, self.entry, self.spec, self.tensors, x, tp=self.tp)[0]
 
 
 def load_output(path: str | Path, device: str | None = None, check_checksums: bool = True) -> dict[str, NpuLinear]:
@@ -63,8 +65,22 @@ def to_backend(tensor: torch.Tensor, entry: dict, backend) -> torch.Tensor:
     return tensor
 
 
-def run_kernel(backend, entry: dict, spec: LinearSpec, t: dict, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Call the layer's kernel as the engines do; returns (y, the activations the reference must use)."""
+def run_kernel(
+    backend, entry: dict, spec: LinearSpec, t: dict, x: torch.Tensor, *, tp: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Call the layer's kernel as the engines do; returns (y, the activations the reference must use).
+
+    ``tp``: for layers whose kernel tensors depend on tensor parallelism (``kernel_mode`` ``a8w4``:
+    ``scale_bias`` partial sums), run as ``tp`` row-parallel ranks and sum their outputs. ``None``
+    (what ``verify`` passes) runs every configuration the written tensors serve and stacks them along
+    the token axis: the tokens at TP=1, then again at the manifest's ``verify_tp``, so ``y`` and the
+    returned activations may hold a multiple of ``x``'s rows.
+    """
+    mode = entry.get("kernel_mode")
+    if mode == "a8w4":
+        return _a8w4(backend, entry, spec, t, x, tp)
+    if mode == "a4w4":
+        return _a4w4(backend, t, x)
     kernel = entry["kernel"]
     if kernel == "npu_weight_quant_batchmatmul":
         return _weight_only(backend, entry, t, x), x
@@ -128,3 +144,87 @@ def _mx(backend, entry: dict, spec: LinearSpec, t: dict, x: torch.Tensor):
     x_scale_blocks = layouts.mx_scale_unpairs(x_scale.cpu(), kb)
     x_effective = layouts.mx_dequantize(codes, x_scale_blocks, FP4_E2M1 if fp4_act else FP8_E4M3)
     return y, x_effective.double()
+
+
+# ---------------------------------------------------------------------------- W4A8 (A8W4 grouped matmul)
+def _a8w4(backend, entry: dict, spec: LinearSpec, t: dict, x: torch.Tensor, tp: int | None):
+    if tp is not None:
+        return _a8w4_ranks(backend, spec, t, x, tp)
+    y, x_effective = _a8w4_ranks(backend, spec, t, x, 1)
+    check = int(entry.get("verify_tp") or 1)
+    if check == 1:
+        return y, x_effective
+    y_tp, x_tp = _a8w4_ranks(backend, spec, t, x, check)
+    return torch.cat([y, y_tp], dim=-2), torch.cat([x_effective, x_tp], dim=-2)
+
+
+def _a8w4_ranks(backend, spec: LinearSpec, t: dict, x: torch.Tensor, tp: int):
+    """``tp`` row-parallel ranks, each on its K slice with its own activation quantization and its
+    ``scale_bias`` share (partial-sum columns ``[r·16/tp, (r+1)·16/tp)``); outputs summed (all-reduce)."""
+    k = spec.in_features
+    weight, scale = t["weight"], t["scale"]
+    per_group = scale.dim() > len(spec.batch_shape) + 1  # [.., G, N]
+    if tp == 1:
+        shares = [t["scale_bias"]]
+    else:
+        if "scale_bias_partials" not in t or 16 % tp or k % tp:
+            raise ValueError(f"{spec.name}: cannot run at tp={tp} (no scale_bias partial sums for it)")
+        partials = t["scale_bias_partials"].float()
+        width = partials.shape[-1] // tp
+        shares = [partials[..., r * width:(r + 1) * width].sum(-1) for r in range(tp)]
+    rows = k // tp
+    groups = scale.shape[-2] // tp if per_group else 1
+    outputs, activations = [], []
+    for r in range(tp):
+        x_r = x[..., r * rows:(r + 1) * rows]
+        w_r = weight[..., r * rows:(r + 1) * rows, :]
+        s_r = scale[..., r * groups:(r + 1) * groups, :] if per_group else scale
+        y_r, x_eff = _a8w4_gmm(backend, spec, x_r, w_r, s_r, shares[r])
+        outputs.append(y_r.float())
+        activations.append(x_eff)
+    y = torch.stack(outputs).sum(0)
+    if "bias" in t:
+        y = y + t["bias"].float()
+    return y.to(x.dtype), torch.cat(activations, dim=-1)
+
+
+def _a8w4_gmm(backend, spec: LinearSpec, x: torch.Tensor, weight, scale, scale_bias):
+    """One rank: ``npu_dynamic_quant`` + the A8W4 ``npu_grouped_matmul`` (MoE form; a dense layer is E = 1)."""
+    k = x.shape[-1]
+    lead = x.shape[:-1]
+    x_q, pts = backend.npu_dynamic_quant(x.reshape(-1, k))
+    m = x_q.shape[0]
+    experts = spec.num_experts
+    if experts is None:
+        weights, scales, biases, xs, counts = weight[None], scale[None], scale_bias[None], x_q, [m]
+    else:  # every token through every expert: rows [e·M, (e+1)·M) go to expert e
+        weights, scales, biases = weight, scale, scale_bias
+        xs, counts = x_q.repeat(experts, 1), [m] * experts
+        pts = pts.repeat(experts)
+    group_list = torch.tensor(counts, dtype=torch.int64, device=x_q.device)
+    y = backend.npu_grouped_matmul(
+        [xs], [weights], scale=[scales], bias=[biases.float()], per_token_scale=[pts], group_list=group_list,
+        split_item=2, group_type=0, group_list_type=1, output_dtype=x.dtype,
+    )[0]
+    if experts is not None:
+        y = y.reshape(experts, *lead, -1)
+    else:
+        y = y.reshape(*lead, -1)
+    x_effective = (x_q.double() * pts[:m].double().unsqueeze(-1)).reshape(*lead, k)
+    return y, x_effective
+
+
+# ---------------------------------------------------------------------------- W4A4 (int4 × int4 quant matmul)
+def _a4w4(backend, t: dict, x: torch.Tensor):
+    """``npu_dynamic_quant(x, dst_type=quint4x2)`` + ``npu_quant_matmul`` int4 × int4, per-token (SGLang)."""
+    k = x.shape[-1]
+    lead = x.shape[:-1]
+    x_q, x_scale = backend.npu_dynamic_quant(x.reshape(-1, k), dst_type=torch.quint4x2)
+    bias = t.get("bias")
+    y = backend.npu_quant_matmul(
+        x_q, t["weight"], t["weight_scale"], pertoken_scale=x_scale,
+        bias=None if bias is None else bias.float(), output_dtype=x.dtype,
+    )
+    values = layouts.int4unpack(x_q.cpu()).double()  # [M, K] signed int4 activations
+    x_effective = (values * x_scale.cpu().double().unsqueeze(-1)).reshape(*lead, k)
+    return y.reshape(*lead, -1), x_effective

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,7 +82,10 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """
     name = path.name
     try:
-        size = path.stat().st_size
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):  # a FIFO would block the open() below
+            raise InputError(f"{name}: not a regular file")
+        size = info.st_size
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
@@ -98,6 +102,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"{name}: header is not valid JSON ({e})") from None
+    except RecursionError:
+        raise InputError(f"{name}: header is not valid JSON (nested too deeply)") from None
     if not isinstance(header, dict):
         raise InputError(f"{name}: header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -120,7 +126,7 @@ def _tensor_info(path: Path, key: str, entry: object, data_start: int, data_size
     where = f"{path.name}: tensor '{key}'"
     if not isinstance(entry, dict):
         raise InputError(f"{where}: entry is not an object")
-    dtype = DTYPES.get(entry.get("dtype"))  # type: ignore[arg-type]
+    dtype = DTYPES.get(entry.get("dtype")) if isinstance(entry.get("dtype"), str) else None
     if dtype is None:
         raise InputError(f"{where}: unknown dtype {entry.get('dtype')!r}")
     shape = entry.get("shape")
@@ -235,18 +241,23 @@ class StreamingWriter:
     def close(self) -> None:
         if self._next != len(self._plans):
             missing = self._plans[self._next].name
-            self._file.close()
+            self.abort()
             raise OutputError(f"{self.path.name}: tensor '{missing}' was planned but never written")
         try:
             self._file.flush()
             os.fsync(self._file.fileno())
-        except OSError as e:
-            raise OutputError(f"{self.path}: write failed: {e.strerror or e}") from None
-        finally:
             self._file.close()
+        except OSError as e:
+            self.abort()
+            raise OutputError(f"{self.path}: write failed: {e.strerror or e}") from None
 
     def abort(self) -> None:
-        self._file.close()
+        """Close without raising: the file is being discarded, so a failed flush of its buffer
+        (disk full, file-size limit) must not replace the error that caused the abort."""
+        try:
+            self._file.close()
+        except OSError:
+            pass
 
 
 def save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:

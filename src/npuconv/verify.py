@@ -41,7 +41,7 @@ from npuconv.readers.base import Reader
 from npuconv.readers.npuconv_output import NpuconvReader
 from npuconv.runtime import run_kernel, to_backend
 from npuconv.source import open_source
-from npuconv.writers import WriterOptions, writer_class
+from npuconv.writers import TARGETS, WriterOptions, writer_class
 from npuconv.writers.npu_common import from_storage
 
 # rel-L2 thresholds by (kernel family, activation dtype); cosine must be >= MIN_COSINE everywhere
@@ -183,8 +183,16 @@ def _pair(output_ckpt: Checkpoint, output_reader: Reader, options: VerifyOptions
 
 
 def default_target(spec: LinearSpec) -> str | None:
-    """The NPU target whose kernel runs a layer of this scheme (for checking unconverted checkpoints)."""
+    """The NPU target whose kernel runs a layer of this scheme (for checking unconverted checkpoints).
+
+    int4 weights with int8 (int4) dynamic activations run on the A8W4 grouped matmul (int4 × int4
+    ``npu_quant_matmul``) when that kernel takes the layer, else on the weight-only kernel.
+    """
     act = spec.activation
+    if spec.weight_format == INT and act is not None and act.kind == INT and act.dynamic and spec.bits <= 4:
+        candidate = {8: "npu-w4a8", 4: "npu-w4a4"}.get(act.bits)
+        if candidate in TARGETS and writer_class(candidate)(WriterOptions()).unsupported_reason(spec) is None:
+            return candidate
     if spec.weight_format == INT:
         if act is not None and act.kind == INT and act.bits == 8 and spec.bits == 8 and spec.symmetric and spec.num_groups == 1:
             return "npu-w8a8"

@@ -347,12 +347,20 @@ def test_static_int_activation_with_zero_point(tmp_path):
     assert spec.scale_dtype == torch.float16 and layer.scale.dtype == torch.float16
 
 
-def test_bad_scales_warn(tmp_path):
-    scale = torch.tensor([[1.0], [0.0], [float("nan")]], dtype=torch.bfloat16)
+def test_zero_or_negative_scales_warn(tmp_path):
+    scale = torch.tensor([[1.0], [0.0], [-2.0]], dtype=torch.bfloat16)
     tensors = {"m.proj.weight": torch.zeros(3, 2, dtype=torch.int8), "m.proj.weight_scale": scale}
     root = make_ckpt(tmp_path, tensors, {"g": group("int-quantized", int_args(8, "channel"))})
     reader, _, _ = only_layer(root)
     assert len(reader.warnings) == 1 and "m.proj.weight_scale" in reader.warnings[0]
+
+
+def test_non_finite_scales_are_an_error(tmp_path):
+    scale = torch.tensor([[1.0], [0.0], [float("nan")]], dtype=torch.bfloat16)
+    tensors = {"m.proj.weight": torch.zeros(3, 2, dtype=torch.int8), "m.proj.weight_scale": scale}
+    root = make_ckpt(tmp_path, tensors, {"g": group("int-quantized", int_args(8, "channel"))})
+    with pytest.raises(InputError, match=r"tensor 'm.proj.weight_scale': 1 scale value\(s\) are NaN or infinite"):
+        only_layer(root)
 
 
 # ------------------------------------------------------------------------------------ spec packer round trip

@@ -646,7 +646,12 @@ def _expert_rows(group_list: torch.Tensor, group_list_type: int, experts: int) -
 
 
 def _a8w4_expert(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, pts: torch.Tensor | None) -> torch.Tensor:
-    """A8W4 GMM numerics (ops §6.3): ``pts · (Σ_g s[g,n] Σ_{k∈g} x·W − 8·Σ_k W·s[g(k),n] + bias)``, fp32."""
+    """A8W4 GMM numerics (ops §6.3): ``pts · (Σ_g s[g,n] Σ_{k∈g} x·W − 8·Σ_k W·s[g(k),n] + bias)``, fp32.
+
+    Computed the kernel's way: each int8 ``x`` is split into ``x_hi = floor(x/16)`` and
+    ``x_lo = (x & 0xF) − 8`` and the group sums are ``16·(x_hi@W) + (x_lo@W)`` (exact), which is
+    ``x@W − 8·ΣW``; the ``bias`` (``scale_bias = 8·ΣW·s``) is what restores the missing term.
+    """
     wv = _along_storage(w, int4unpack).to(torch.float64)  # (K, N)
     k, n = wv.shape
     if scale.dtype in (torch.int64, torch.uint64):
@@ -657,10 +662,17 @@ def _a8w4_expert(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: to
     gs = k // s.shape[0]
     if gs * s.shape[0] != k:
         raise ValueError(f"{s.shape[0]} scale groups do not divide K={k}")
-    xg = x.to(torch.float64).reshape(x.shape[0], s.shape[0], gs)
+    # the kernel's two int4 halves of each int8 activation: x = 16·x_hi + x_lo + 8, both in [-8, 7]
+    xi = x.to(torch.int16)
+    x_hi = torch.div(xi, 16, rounding_mode="floor")
+    x_lo = (xi & 0x0F) - 8
     wg = wv.reshape(s.shape[0], gs, n)
-    acc = torch.einsum("mgk,gkn->mgn", xg, wg)  # exact integer partial sums
-    y = (acc * s).sum(1) - 8.0 * (wg.sum(1) * s).sum(0)
+
+    def grouped(v: torch.Tensor) -> torch.Tensor:  # exact int4 × int4 partial sums per group (M, G, N)
+        return torch.einsum("mgk,gkn->mgn", v.to(torch.float64).reshape(x.shape[0], s.shape[0], gs), wg)
+
+    acc = 16.0 * grouped(x_hi) + grouped(x_lo)  # = Σ x·W − 8·Σ W per group
+    y = (acc * s).sum(1)
     if bias is not None:
         y = y + bias.to(torch.float64)
     if pts is not None:

@@ -166,6 +166,8 @@ class AWQReader(Reader):
             k, n = qweight.shape[0], qweight.shape[1] * PACK
         else:
             n, k = qweight.shape[0], qweight.shape[1] * PACK
+        if k == 0 or n == 0:
+            raise InputError(f"tensor '{qweight.name}': shape {list(qweight.shape)} holds no weights")
         size = k if self.config.group_size == -1 else self.config.group_size
         if k % size:
             raise InputError(f"tensor '{qweight.name}': group_size {size} does not divide in_features K = {k}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from functools import cached_property
 from typing import ClassVar
 
+import torch
+
 from npuconv.checkpoint import Checkpoint
 from npuconv.errors import InputError
 from npuconv.model import LinearSpec, QuantizedLinear
@@ -38,7 +40,13 @@ class Reader:
 
     @cached_property
     def _specs(self) -> list[LinearSpec]:
-        return self.scan()
+        specs = self.scan()
+        for spec in specs:  # every format: an empty linear has no group layout and no kernel
+            if spec.out_features <= 0 or spec.in_features <= 0:
+                raise InputError(
+                    f"layer '{spec.name}': weight shape [{spec.out_features}, {spec.in_features}] (out, in) is empty"
+                )
+        return specs
 
     def scan(self) -> list[LinearSpec]:
         """Find every quantized linear (override)."""
@@ -69,6 +77,43 @@ class Reader:
     def require(self, name: str, where: str) -> None:
         if not self.ckpt.has(name):
             raise InputError(f"{where}: tensor '{name}' is missing")
+
+    def check_scale(self, name: str, scale: torch.Tensor, e8m0: bool = False, divisor: bool = False) -> None:
+        """The scale policy of every reader, applied when a layer is loaded (``scale`` as stored).
+
+        NaN or infinite values (E8M0: byte 255, its NaN) are an :class:`InputError`: nothing
+        computed from them is meaningful, and ``verify`` could not judge the output. Zero or
+        negative float scales are valid arithmetic (an all-zero group, a sign flip) and are
+        converted as stored, with a warning. A ``divisor`` (a global or input scale) must be
+        positive: zero would turn every dequantized value into inf.
+        """
+        if e8m0:
+            bad = scale == 255
+            if bool(bad.any()):
+                raise InputError(
+                    f"tensor '{name}': {int(bad.sum())} E8M0 scale byte(s) are 255 (NaN), first at index {_first(bad)}"
+                )
+            return
+        values = scale.float()
+        bad = ~torch.isfinite(values)
+        if bool(bad.any()):
+            raise InputError(
+                f"tensor '{name}': {int(bad.sum())} scale value(s) are NaN or infinite, "
+                f"first {values[bad][0].item()} at index {_first(bad)}"
+            )
+        nonpositive = values <= 0
+        if bool(nonpositive.any()):
+            if divisor:
+                raise InputError(f"tensor '{name}': scale {values[nonpositive][0].item()} is not positive (it is a divisor)")
+            self.warn(
+                f"tensor '{name}': {int(nonpositive.sum())} scale value(s) are zero or negative "
+                f"(first at index {_first(nonpositive)}); converted as stored"
+            )
+
+
+def _first(mask: torch.Tensor) -> list[int]:
+    """Index of the first True element of a boolean tensor."""
+    return torch.nonzero(mask)[0].tolist()
 
 
 def module_prefixes(names: list[str], suffix: str) -> list[str]:

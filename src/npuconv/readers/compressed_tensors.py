@@ -68,7 +68,9 @@ canonical field: it passes through (warned). A module's ``bias`` is consumed int
 Errors name the tensor or config field on one line: missing scale, missing zero point for an
 asymmetric scheme, unsupported bits, a group size not dividing K, packed/scale/zero-point shapes
 inconsistent with bits and ``weight_shape``, ``g_idx`` of the wrong length or out of range, codes
-outside ``b`` bits. Zero, negative or non-finite scales are warnings (:meth:`Reader.warn`).
+outside ``b`` bits. Scales follow :meth:`Reader.check_scale` when a layer is loaded: NaN or
+infinite values (E8M0 byte 255) are an :class:`InputError`, zero or negative ones a warning;
+``weight_global_scale`` and ``input_scale`` (divisors) must be positive.
 """
 
 from __future__ import annotations
@@ -695,8 +697,9 @@ class CompressedTensorsReader(Reader):
         else:
             qweight = raw
 
-        scale = self._expand(self.tensor(t["scale"]), n, plan)
-        self._check_scale(scale, t["scale"], spec.scale_format)
+        stored_scale = self.tensor(t["scale"])
+        self._check_scale(stored_scale, t["scale"], spec.scale_format)
+        scale = self._expand(stored_scale, n, plan)
 
         zero = None
         if "zero" in t and w.symmetric:
@@ -715,11 +718,11 @@ class CompressedTensorsReader(Reader):
         global_scale = None
         if "global_scale" in t:
             global_scale = self.tensor(t["global_scale"]).float().reshape(1)
-            self._check_scale(global_scale, t["global_scale"], SCALE_FLOAT)
+            self._check_scale(global_scale, t["global_scale"], SCALE_FLOAT, divisor=True)
         input_scale = input_zero = None
         if "input_scale" in t:
             input_scale = self.tensor(t["input_scale"]).float().reshape(1)
-            self._check_scale(input_scale, t["input_scale"], SCALE_FLOAT)
+            self._check_scale(input_scale, t["input_scale"], SCALE_FLOAT, divisor=True)
         if "input_zero" in t:
             input_zero = self.tensor(t["input_zero"]).float().reshape(1)
         bias = self.tensor(t["bias"]) if "bias" in t else None
@@ -758,16 +761,8 @@ class CompressedTensorsReader(Reader):
             return values.repeat_interleave(plan.scale_rows, dim=0)[:n].contiguous()
         return values.contiguous()
 
-    def _check_scale(self, scale: torch.Tensor, name: str, scale_format: str) -> None:
-        if scale_format == SCALE_E8M0:
-            bad = int((scale == 255).sum())
-            if bad:
-                self.warn(f"tensor '{name}': {bad} E8M0 scale byte(s) are 255 (NaN)")
-            return
-        values = scale.float()
-        bad = int((~torch.isfinite(values) | (values <= 0)).sum())
-        if bad:
-            self.warn(f"tensor '{name}': {bad} scale value(s) are zero, negative or not finite")
+    def _check_scale(self, scale: torch.Tensor, name: str, scale_format: str, divisor: bool = False) -> None:
+        self.check_scale(name, scale, e8m0=scale_format == SCALE_E8M0, divisor=divisor)
 
     def _check_symmetric_zero(self, name: str, plan: _Plan, n: int) -> None:
         """A symmetric scheme with a stored zero point: accept it only if it is the signed zero."""

@@ -400,6 +400,8 @@ class GPTQReader(Reader):
                 f"tensor '{qweight.name}': {rows} rows of 32-bit words do not hold a whole number of {bits}-bit codes"
             )
         k = rows * 32 // bits
+        if k == 0 or n == 0:
+            raise InputError(f"tensor '{qweight.name}': shape {list(qweight.shape)} holds no weights")
         scales = self.ckpt.info(names["scales"])
         if len(scales.shape) != 2 or not scales.dtype.is_floating_point:
             raise InputError(f"tensor '{scales.name}': expected a 2-D float tensor [G, N], got {scales.dtype} {list(scales.shape)}")

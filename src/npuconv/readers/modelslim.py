@@ -568,10 +568,10 @@ class ModelSlimReader(Reader):
     def _load_int(self, spec: LinearSpec, plan: _Plan) -> QuantizedLinear:
         t = plan.tensors
         codes = self._int_codes(t["weight"], plan.layout, spec.bits)
-        scale = self.tensor(t["weight_scale"])
+        scale = self._scale(t["weight_scale"])
         if "weight_scale_second" in t:
             first = scale.float().reshape(spec.out_features, 1)
-            second = self.tensor(t["weight_scale_second"]).float().reshape(spec.out_features, plan.groups)
+            second = self._scale(t["weight_scale_second"]).float().reshape(spec.out_features, plan.groups)
             scale = first * second
             zero = self._zero(t.get("weight_offset_second"), spec, plan.groups)
         else:
@@ -585,23 +585,30 @@ class ModelSlimReader(Reader):
         input_scale = self.tensor(t["input_scale"]).float().reshape(1)
         input_zero = self.tensor(t["input_offset"]).float().reshape(1)
         if "weight_scale" in t:
-            scale = self.tensor(t["weight_scale"]).reshape(spec.out_features, plan.groups)
+            scale = self._scale(t["weight_scale"]).reshape(spec.out_features, plan.groups)
         else:
             deq = decode_deq_scale(self.tensor(t["deq_scale"])).reshape(spec.out_features, 1)
+            self.check_scale(t["deq_scale"], deq)
             scale = deq / input_scale
         zero = self._zero(t.get("weight_offset"), spec, plan.groups)
         return QuantizedLinear(spec, codes, scale, zero, input_scale=input_scale, input_zero=input_zero)
 
     def _load_fp8(self, spec: LinearSpec, plan: _Plan) -> QuantizedLinear:
         t = plan.tensors
-        scale = self.tensor(t["weight_scale"]).reshape(spec.out_features, plan.groups)
+        scale = self._scale(t["weight_scale"]).reshape(spec.out_features, plan.groups)
         return QuantizedLinear(spec, self.tensor(t["weight"]), scale)
 
     def _load_mx(self, spec: LinearSpec, plan: _Plan) -> QuantizedLinear:
         t = plan.tensors
         raw = self.tensor(t["weight"])
         codes = raw if spec.weight_format == FP8_E4M3 else unpack_nibbles(raw)
-        return QuantizedLinear(spec, codes, self.tensor(t["weight_scale"]))
+        return QuantizedLinear(spec, codes, self._scale(t["weight_scale"], e8m0=True))
+
+    def _scale(self, name: str, e8m0: bool = False) -> torch.Tensor:
+        """Read a scale tensor and apply the readers' scale policy (:meth:`Reader.check_scale`)."""
+        scale = self.tensor(name)
+        self.check_scale(name, scale, e8m0=e8m0)
+        return scale
 
 
 def decode_deq_scale(deq: torch.Tensor) -> torch.Tensor:

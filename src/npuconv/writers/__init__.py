@@ -15,6 +15,9 @@ TARGETS: dict[str, str] = {
     "npu-w8a8": "npuconv.writers.npu_w8a8",
     "npu-mxfp8": "npuconv.writers.npu_mxfp8",
     "npu-mxfp4": "npuconv.writers.npu_mxfp4",
+    "npu-w4a8": "npuconv.writers.npu_w4a8",
+    "npu-w4a4": "npuconv.writers.npu_w4a4",
+    "modelslim": "npuconv.writers.modelslim",
 }
 
 
