@@ -157,3 +157,22 @@ def test_cli_verify_pass_and_options(tmp_path):
     assert result.exit_code == 2 and "matches no quantized layer" in result.output
     result = CliRunner().invoke(cli, ["verify", str(out), "--max-rel-l2", "1e-9"])
     assert result.exit_code == 1 and "FAIL" in result.output
+
+
+def test_verify_pairs_a_modelslim_output_with_its_source(tmp_path):
+    """--to modelslim writes a foreign format; verify reads it back, pairs it with the recorded
+    source, and catches a sign-flipped weight_offset (the W8A16/W4A16 offset convention)."""
+    out = tmp_path / "ms"
+    convert(FIXTURES / "gptq_v2_b4_g32_asym", out, ConvertOptions("modelslim"))
+    report = verify(out, VerifyOptions())
+    assert report["ok"] and report["mode"] == "paired" and report["passed"] == 7
+    assert all(r["layout_exact"] for r in report["layers"])
+    path = out / "quant_model_weights.safetensors"
+    infos, metadata = read_header(path)
+    tensors = {key: read_tensor(info) for key, info in infos.items()}
+    tensors[f"{LAYER}.weight_offset"] = -tensors[f"{LAYER}.weight_offset"]
+    save_file(tensors, path, metadata)
+    with pytest.raises(VerificationFailed, match="sha256 differs"):
+        verify(out, VerifyOptions())
+    report = verify(out, VerifyOptions(skip_checksum=True))
+    assert_only_layer_fails(report)

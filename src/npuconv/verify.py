@@ -158,13 +158,22 @@ def _pair(output_ckpt: Checkpoint, output_reader: Reader, options: VerifyOptions
         if not source_id:
             raise InputError(f"{MANIFEST} names no source; pass --source MODEL")
         source = open_reader(open_source(source_id))
+        prepare = getattr(source, "prepare_for_target", None)
+        if prepare is not None:  # a float source: its linears quantized as the conversion did (npuconv.offline)
+            prepare(manifest["target"])
 
         def stored(spec: LinearSpec, _layer: QuantizedLinear) -> tuple[dict, dict]:
             return output_reader.tensors_of(spec), manifest["layers"][spec.name]
 
         return _Pairing(output_reader, source, stored, "converted")
 
-    source = open_reader(open_source(options.source)) if options.source else output_reader
+    # any other checkpoint: an npuconv output in a foreign format (e.g. --to modelslim, whose
+    # npuconv.json records the source), a checkpoint given with --source, or one checked alone
+    manifest = output_ckpt.read_json(MANIFEST) or {}
+    if manifest.get("shards") and not options.skip_checksum:
+        check_shards(output_ckpt, manifest)
+    source_id = options.source or (manifest.get("source") or {}).get("id")
+    source = open_reader(open_source(source_id)) if source_id else output_reader
 
     def in_memory(spec: LinearSpec, layer: QuantizedLinear) -> tuple[dict, dict]:
         target = default_target(spec)
@@ -179,7 +188,7 @@ def _pair(output_ckpt: Checkpoint, output_reader: Reader, options: VerifyOptions
         tensors = {role: from_storage(stored[e["name"]], e) for role, e in entry["tensors"].items()}
         return tensors, entry
 
-    return _Pairing(output_reader, source, in_memory, "source")
+    return _Pairing(output_reader, source, in_memory, "paired" if source_id else "source")
 
 
 def default_target(spec: LinearSpec) -> str | None:
@@ -226,8 +235,8 @@ class _Skip(Exception):
 def _verify_layer(spec, source_spec, pairing: _Pairing, backend, x, options: VerifyOptions) -> LayerResult:
     device = backend.device if backend.name != "npu" else "cpu"  # where the reference is computed
     source_layer = pairing.source.load(source_spec)
-    output_layer = pairing.output.load(spec) if pairing.mode == "converted" else source_layer
-    exact = same_canonical(output_layer.to(device), source_layer.to(device)) if pairing.mode == "converted" else None
+    output_layer = source_layer if pairing.mode == "source" else pairing.output.load(spec)
+    exact = None if pairing.mode == "source" else same_weights(output_layer.to(device), source_layer.to(device))
     try:
         tensors, entry = pairing.kernel_tensors(spec, output_layer)
     except _Skip as skip:
@@ -243,6 +252,12 @@ def _verify_layer(spec, source_spec, pairing: _Pairing, backend, x, options: Ver
     passed = bool(exact is not False and rel_l2 <= threshold and cosine >= options.min_cosine)
     note = "" if exact is not False else "decoded layout differs from the source"
     return LayerResult(spec.name, spec.scheme, kernel, exact, max_abs, rel_l2, cosine, threshold, "pass" if passed else "fail", note)
+
+
+def same_weights(a: QuantizedLinear, b: QuantizedLinear) -> bool:
+    """The layout check: identical canonical tensors, or (for a foreign output format that stores
+    scales in another dtype, e.g. ModelSlim's float32) bit-identical float32 dequantizations."""
+    return same_canonical(a, b) or torch.equal(dequantize(a), dequantize(b))
 
 
 def same_canonical(a: QuantizedLinear, b: QuantizedLinear) -> bool:
