@@ -183,16 +183,15 @@ def test_plain_convert_output_is_skipped(zoo_dir):
     assert statuses(report)["awq"] == "converted"
 
 
-def test_foreign_output_directory_needs_force(zoo_dir):
+def test_foreign_output_directory_is_never_replaced(zoo_dir):
     foreign = zoo_dir / "out/gptq"
     foreign.mkdir(parents=True)
     (foreign / "precious.txt").write_text("not npuconv's")
-    report = run_zoo(zoo_dir, expect=2)
-    gptq = report["entries"][0]
-    assert gptq["status"] == "failed" and "not an npuconv output" in gptq["error"] and "--force" in gptq["error"]
-    assert (foreign / "precious.txt").exists()
-    assert run_zoo(zoo_dir, "--force")["entries"][0]["status"] == "converted"
-    assert not (foreign / "precious.txt").exists()
+    for args in ((), ("--force",)):
+        report = run_zoo(zoo_dir, *args, expect=2)
+        gptq = report["entries"][0]
+        assert gptq["status"] == "failed" and "not an npuconv output" in gptq["error"] and "refusing" in gptq["error"]
+        assert (foreign / "precious.txt").read_text() == "not npuconv's"
 
 
 # ------------------------------------------------------------------------------------------- failures

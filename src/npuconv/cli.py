@@ -511,6 +511,10 @@ def _write_report(path: str, report: dict) -> None:
 MMAP_THRESHOLD = 64 << 20
 
 
+def _terminate(signum, _frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def tune_allocator() -> None:
     """Let glibc recycle large tensor buffers instead of mmap'ing (and page-faulting) fresh ones.
 
@@ -534,6 +538,8 @@ def tune_allocator() -> None:
 def main() -> None:
     """Console-script entry point."""
     tune_allocator()
+    # SIGTERM (kill, timeout, container stop) unwinds like Ctrl-C, so the temporary output is removed
+    signal.signal(signal.SIGTERM, _terminate)
     if hasattr(signal, "SIGXFSZ"):
         # over a file-size limit, fail the write with EFBIG (clean error + cleanup) instead of dying
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

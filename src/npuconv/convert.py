@@ -23,7 +23,7 @@ import torch
 
 import npuconv
 from npuconv.checkpoint import Checkpoint
-from npuconv.errors import InputError, UnsupportedError
+from npuconv.errors import InputError, OutputError, UnsupportedError
 from npuconv.fingerprint import source_fingerprint
 from npuconv.model import LinearSpec, spec_to_dict
 from npuconv.output import (
@@ -118,6 +118,7 @@ def convert(
     out = Path(out)
     if not options.dry_run:
         _check_paths(checkpoint.root, out)
+        _check_replaceable(out, options.force)
     plan = make_plan(checkpoint, options)
     report = {"plan": plan.describe()}
     if options.dry_run:
@@ -137,14 +138,10 @@ def convert(
         if index:
             write_json(tmp / index[0], index[1])
         manifest = build_manifest(plan, options, digests)
-        _copy_side_files(checkpoint, plan.reader, tmp)
-        write_json(tmp / "config.json", plan.writer.update_config(checkpoint.config, manifest))
-        for filename, value in plan.writer.extra_files(manifest).items():
-            if isinstance(value, str):  # already serialized by the writer (e.g. a format's own key order)
-                (tmp / filename).write_text(value, encoding="utf-8")
-            else:
-                write_json(tmp / filename, value)
-        write_json(tmp / MANIFEST, manifest)
+        try:
+            _finish_output(tmp, checkpoint, plan, manifest)
+        except OSError as e:
+            raise OutputError(f"{out}: write failed: {e.filename or ''} {e.strerror or e}".strip()) from None
     report.update(
         {
             "output": str(out),
@@ -155,6 +152,18 @@ def convert(
         }
     )
     return report
+
+
+def _finish_output(directory: Path, checkpoint: Checkpoint, plan: ConversionPlan, manifest: dict) -> None:
+    """Everything after the shards: side files, config.json, the writer's extra files, npuconv.json."""
+    _copy_side_files(checkpoint, plan.reader, directory)
+    write_json(directory / "config.json", plan.writer.update_config(checkpoint.config, manifest))
+    for filename, value in plan.writer.extra_files(manifest).items():
+        if isinstance(value, str):  # already serialized by the writer (e.g. a format's own key order)
+            (directory / filename).write_text(value, encoding="utf-8")
+        else:
+            write_json(directory / filename, value)
+    write_json(directory / MANIFEST, manifest)
 
 
 def build_manifest(plan: ConversionPlan, options: ConvertOptions, digests: dict[str, str]) -> dict:
@@ -231,6 +240,12 @@ def _check_paths(source: Path, out: Path) -> None:
         raise InputError(f"{out}: the output must not be the model directory or inside it")
     if dst in src.parents:
         raise InputError(f"{out}: the output must not contain the model directory")
+
+
+def _check_replaceable(out: Path, force: bool) -> None:
+    """``--force`` replaces an earlier output, never an unrelated directory (or one holding other data)."""
+    if force and out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise OutputError(f"{out}: exists and is not an npuconv output (no {MANIFEST}); refusing to replace it")
 
 
 def _copy_side_files(checkpoint: Checkpoint, reader: Reader, directory: Path) -> None:

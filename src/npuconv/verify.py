@@ -119,6 +119,8 @@ def verify(path: str | Path, options: VerifyOptions, on_layer: Callable[[int, in
     specs = [s for s in output_reader.linear_specs() if not options.layers or fnmatch.fnmatchcase(s.name, options.layers)]
     if options.layers and not specs:
         raise InputError(f"--layers {options.layers!r} matches no quantized layer")
+    if not specs:
+        raise InputError(f"{path}: no quantized layer to verify (a float checkpoint has no NPU kernel to check)")
     generator = torch.Generator().manual_seed(options.seed)
     results = []
     for i, spec in enumerate(specs):

@@ -254,8 +254,8 @@ def run_entry(entry: ZooEntry, force: bool = False) -> dict:
             status = "skipped"
             values["reason"] = freshness.reason
         else:
-            if freshness.exists and not freshness.is_output and not force:
-                raise OutputError(f"{entry.output}: {freshness.reason}; use --force to replace it")
+            if freshness.exists and not freshness.is_output:
+                raise OutputError(f"{entry.output}: {freshness.reason}; refusing to replace it (even with --force)")
             values["reason"] = "forced" if force else freshness.reason
             report = convert(entry.source, entry.output, options)
             status = "converted"
@@ -315,8 +315,8 @@ def plan_entry(entry: ZooEntry, force: bool = False) -> dict:
         if freshness.up_to_date and not force:
             status, values["reason"] = "would-skip", freshness.reason
         else:
-            if freshness.exists and not freshness.is_output and not force:
-                raise OutputError(f"{entry.output}: {freshness.reason}; use --force to replace it")
+            if freshness.exists and not freshness.is_output:
+                raise OutputError(f"{entry.output}: {freshness.reason}; refusing to replace it (even with --force)")
             values["reason"] = "forced" if force else freshness.reason
             report = convert(entry.source, entry.output, options)
             status = "would-convert"
