@@ -189,9 +189,9 @@ def _distinct(values) -> str:
 
 # ------------------------------------------------------------------------------------- convert
 def _target_help() -> str:
-    from npuconv.writers import TARGETS
+    from npuconv.writers.targets import TARGETS
 
-    return "Output layout: " + ", ".join(sorted(TARGETS)) + "."
+    return "Target layout: " + ", ".join(TARGETS) + " (see README / docs/layouts.md)."
 
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -200,7 +200,7 @@ DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 @cli.command("convert")
 @click.argument("model")
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--to", "target", required=True, help="Target layout (npu-int4, npu-int8, npu-w8a8, npu-mxfp8, npu-mxfp4, modelslim, float).")
+@click.option("--to", "target", required=True, help=_target_help())
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), default=None, help="float target: output dtype (default bfloat16).")
 @click.option("--nz/--no-nz", default=None, help="Write weights as FRACTAL_NZ tiles (default: what the engines cast to NZ).")
 @click.option("--mx-layout", type=click.Choice(["vllm-ascend", "sglang"]), default="vllm-ascend", show_default=True,

@@ -91,6 +91,9 @@ def make_plan(checkpoint: Checkpoint, options: ConvertOptions) -> ConversionPlan
     if writer_options.model_dtype is None:
         writer_options = replace(writer_options, model_dtype=config_dtype(checkpoint.config))
     writer = writer_class(options.target)(writer_options)
+    prepare = getattr(reader, "prepare_for_target", None)
+    if prepare is not None:  # float sources: offline quantization for targets that have a recipe
+        prepare(writer.target)
     layers = reader.linear_specs()
     units: list[Unit] = []
     for spec in layers:

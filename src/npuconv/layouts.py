@@ -589,3 +589,60 @@ def mx_dequantize(codes: torch.Tensor, scale: torch.Tensor, elem: object, block_
         values = codes.to(torch.float32)
     factors = e8m0_decode(scale).repeat_interleave(block_size, dim=-1)[..., : values.shape[-1]]
     return values * factors
+
+
+# ----------------------------------------------------------------------------------------------
+# Dual-level MX quantization (ops §5.3, 950)
+# ----------------------------------------------------------------------------------------------
+
+#: Level-0 block (fp32 scale) and level-1 block (E8M0 scale) sizes along the last dim (ops §5.3, §5.4: fixed).
+DUAL_L0_BLOCK = 512
+DUAL_L1_BLOCK = 32
+
+#: Uncertain (ops §5.3 [L]): whether the kernel divides by the level-0 scale or multiplies by its fp32
+#: reciprocal. We assume a true fp32 division (the doc formula ``x / level0_scale``).
+DUAL_L0_RECIPROCAL = False
+
+#: Uncertain (ops §5.3 [L], §9.6): an all-zero 512-block gives ``level0_scale = 0`` and ``0/0``. We
+#: assume the block quantizes to zeros; its level-0 scale is written as this value (any positive
+#: value gives the same zero output) and its level-1 bytes are 0 (the MX rule for amax = 0).
+DUAL_ZERO_BLOCK_L0 = 1.0
+
+
+def dual_level_mx_quantize(x: torch.Tensor, round_mode: str = "rint") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``npu_dynamic_dual_level_mx_quant`` along the last dim (ops §5.3). Returns ``(codes, level0, level1)``.
+
+    Per 512-block: ``level0 = amax / 6.0`` (fp32); ``temp = cast_to_input_dtype(x / level0)`` (bf16/fp16
+    inputs are rounded back to their dtype, fp32 stays fp32); then per 32-block of ``temp`` the OCP MX E2M1
+    rule of :func:`mx_quantize` (``shared_exp = floor(log2 amax32) − 2``, E8M0 byte, FP4 with ``round_mode``).
+    Partial last blocks are zero-padded. ``codes``: FP4 codes uint8 ``[..., D]`` (unpacked), ``level0``:
+    fp32 ``[..., ceil(D/512)]``, ``level1``: uint8 ``[..., ceil(D/32)]`` (unpaired; the op's output pairs them
+    with :func:`mx_scale_pairs`). See :data:`DUAL_L0_RECIPROCAL`, :data:`DUAL_ZERO_BLOCK_L0`.
+    """
+    d = x.shape[-1]
+    nb0 = math.ceil(d / DUAL_L0_BLOCK)
+    xf = F.pad(x.to(torch.float32), (0, nb0 * DUAL_L0_BLOCK - d))
+    blocks = xf.reshape(*xf.shape[:-1], nb0, DUAL_L0_BLOCK)
+    amax = blocks.abs().amax(-1)
+    level0 = amax / torch.tensor(6.0, dtype=torch.float32, device=x.device)
+    level0 = torch.where(amax > 0, level0, torch.full_like(level0, DUAL_ZERO_BLOCK_L0))
+    if DUAL_L0_RECIPROCAL:
+        scaled = blocks * (1.0 / level0).unsqueeze(-1)
+    else:
+        scaled = blocks / level0.unsqueeze(-1)
+    temp = scaled.reshape(xf.shape)[..., :d]
+    if x.dtype in (torch.float16, torch.bfloat16):
+        temp = temp.to(x.dtype)
+    codes, level1 = mx_quantize(temp, "e2m1", DUAL_L1_BLOCK, round_mode)
+    return codes, level0, level1
+
+
+def dual_level_scale(level0: torch.Tensor, level1: torch.Tensor, d: int) -> torch.Tensor:
+    """Effective fp32 scale of every 32-block: ``level0[..., j // 16] · 2**(level1[..., j] − 127)``, ``[..., ceil(d/32)]``.
+
+    Computed as one ``ldexp`` (exact unless it underflows below fp32's normal range, where it rounds once).
+    """
+    kb = math.ceil(d / DUAL_L1_BLOCK)
+    per = DUAL_L0_BLOCK // DUAL_L1_BLOCK
+    l0 = level0.to(torch.float32).repeat_interleave(per, dim=-1)[..., :kb]
+    return torch.ldexp(l0, level1[..., :kb].to(torch.int32) - 127)

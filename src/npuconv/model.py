@@ -92,7 +92,10 @@ class LinearSpec:
                 return f"w{self.bits}a16_{weight}"
             return f"w{self.bits}a{act.bits}_{'mxfp' if weight == 'mxfp4' and act.bits == 8 else weight}"
         if self.weight_format == FP4_E2M1:
-            return "w4a16_nvfp4" if act is None else f"w4a{act.bits}_nvfp4"
+            # float block scales: NVFP4 (fp8 scales + a global divisor) or dual-level MXFP4 (fp32 products
+            # level0 · 2**e of a 512-block scale and an E8M0 32-block scale, see npuconv.offline)
+            kind = "nvfp4" if self.has_global_scale else "mxfp4_dual"
+            return f"w4a16_{kind}" if act is None else f"w4a{act.bits}_{kind}"
         return "w8a16_fp8" if act is None else f"w8a{act.bits}_fp8"
 
     @property

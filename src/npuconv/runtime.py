@@ -61,6 +61,10 @@ def to_backend(tensor: torch.Tensor, entry: dict, backend) -> torch.Tensor:
     """Move an ND tensor to the backend; on a real NPU, NZ entries become NZ tensors again."""
     tensor = tensor.to(backend.device)
     if entry.get("layout") == "nz" and backend.name == "npu":
+        if entry.get("packing") == "int4pack":
+            # int4pack NZ tiles are 16 rows × 32 bytes: cast the bytes as int8 (C0 = 32), then view as
+            # int32, as vLLM-Ascend does (npu_loaders.md §3.6); npu_format_cast on int32 would use C0 = 16
+            return backend.npu_format_cast(tensor.view(torch.int8), 29).view(torch.int32)
         tensor = backend.npu_format_cast(tensor, 29)
     return tensor
 
@@ -81,6 +85,8 @@ def run_kernel(
         return _a8w4(backend, entry, spec, t, x, tp)
     if mode == "a4w4":
         return _a4w4(backend, t, x)
+    if mode == "dual_level_mx":
+        return _dual_level(backend, t, x)
     kernel = entry["kernel"]
     if kernel == "npu_weight_quant_batchmatmul":
         return _weight_only(backend, entry, t, x), x
@@ -228,3 +234,20 @@ def _a4w4(backend, t: dict, x: torch.Tensor):
     values = layouts.int4unpack(x_q.cpu()).double()  # [M, K] signed int4 activations
     x_effective = (values * x_scale.cpu().double().unsqueeze(-1)).reshape(*lead, k)
     return y.reshape(*lead, -1), x_effective
+
+
+# ---------------------------------------------------------------------------- dual-level MXFP4 (950)
+def _dual_level(backend, t: dict, x: torch.Tensor):
+    """``npu_dynamic_dual_level_mx_quant`` + ``npu_dual_level_quant_matmul`` (ops §5.3, §5.4)."""
+    k = x.shape[-1]
+    lead = x.shape[:-1]
+    x_q, x_l0, x_l1 = backend.npu_dynamic_dual_level_mx_quant(x.reshape(-1, k))
+    bias = t.get("bias")
+    y = backend.npu_dual_level_quant_matmul(
+        x_q, t["weight"], x_l0, t["weight_scale_level0"], x_l1, t["weight_scale_level1"],
+        bias=None if bias is None else bias.float(), output_dtype=x.dtype,
+    )
+    codes = layouts.fp4_unpack(x_q.cpu())[..., :k]
+    scale = layouts.dual_level_scale(x_l0.cpu(), layouts.mx_scale_unpairs(x_l1.cpu(), -(-k // 32)), k)
+    values = layouts.fp4_decode(codes).double() * scale.double().repeat_interleave(32, dim=-1)[..., :k]
+    return y.reshape(*lead, -1), values.reshape(*lead, k)

@@ -27,6 +27,8 @@ OP_NAMES = (
     "npu_convert_weight_to_int4pack",
     "npu_format_cast",
     "npu_grouped_matmul",
+    "npu_dynamic_dual_level_mx_quant",
+    "npu_dual_level_quant_matmul",
 )
 
 

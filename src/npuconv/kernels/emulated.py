@@ -779,3 +779,70 @@ def npu_grouped_matmul(
     for start, end, ye in outs:
         y[start:end] = ye
     return [y]
+
+
+# ----------------------------------------------------------------------------------------------
+# dual-level MX (ops §5.3, §5.4; Ascend 950)
+# ----------------------------------------------------------------------------------------------
+
+
+def npu_dynamic_dual_level_mx_quant(
+    x: torch.Tensor, *, smooth_scale: torch.Tensor | None = None, round_mode: str = "rint"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dual-level MX FP4 quantization along the last dim (ops §5.3): :func:`npuconv.layouts.dual_level_mx_quantize`.
+
+    Returns ``(y, level0_scale, level1_scale)``: ``y`` uint8 FP4 pairs ``(…, D/2)``; ``level0_scale`` fp32
+    ``(…, ceil(D/512))``; ``level1_scale`` uint8 ``(…, ceil(D/64), 2)`` (block j at ``[…, j//2, j%2]``, the block
+    count padded to even with byte 0). ``smooth_scale`` is not supported by the op yet.
+    """
+    if smooth_scale is not None:
+        raise NotImplementedError("smooth_scale is not supported by npu_dynamic_dual_level_mx_quant (ops §5.3)")
+    if x.shape[-1] % 2:
+        raise ValueError("dual-level MX quantization needs an even last dim (FP4 pairs)")
+    codes, level0, level1 = layouts.dual_level_mx_quantize(x, round_mode)
+    return layouts.fp4_pack(codes), level0, layouts.mx_scale_pairs(level1)
+
+
+def npu_dual_level_quant_matmul(
+    x1: torch.Tensor,
+    x2: torch.Tensor,
+    x1_level0_scale: torch.Tensor,
+    x2_level0_scale: torch.Tensor,
+    x1_level1_scale: torch.Tensor,
+    x2_level1_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    output_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """Dual-level MXFP4 matmul (ops §5.4 golden), ``(M, N)`` in ``output_dtype`` (bf16/fp16).
+
+    ``x1`` uint8 FP4 ``(M, K/2)``; ``x2`` uint8 FP4 ``(N, K/2)`` (the weight stored N × K; FRACTAL_NZ on the
+    device, ND here); ``x1_level0_scale`` fp32 ``(M, ceil(K/512))``, ``x2_level0_scale`` fp32 ``(ceil(K/512), N)``;
+    ``x1_level1_scale`` uint8 ``(M, ceil(K/64), 2)``, ``x2_level1_scale`` uint8 ``(N, ceil(K/64), 2)``; ``bias`` fp32 ``(N,)``::
+
+        out[m,n] = Σ_i x1_l0[m,i]·x2_l0[i,n]·Σ_{k∈512-block i} (x1[m,k]·2**(s1[m,k/32]−127))·(x2[n,k]·2**(s2[n,k/32]−127)) + bias[n]
+
+    summed in float64, rounded once to fp32, then cast to ``output_dtype``.
+    """
+    if x1.dtype != torch.uint8 or x2.dtype != torch.uint8:
+        raise ValueError("dual-level quant matmul takes uint8 FP4 pairs for x1 and x2")
+    a = fp4_decode(fp4_unpack(x1)).to(torch.float64)  # (M, K)
+    b = fp4_decode(fp4_unpack(x2)).to(torch.float64)  # (N, K)
+    if a.shape[-1] != b.shape[-1]:
+        raise ValueError(f"x1 K={a.shape[-1]} does not match x2 K={b.shape[-1]}")
+    m, k = a.shape
+    n = b.shape[0]
+    kb = math.ceil(k / layouts.DUAL_L1_BLOCK)
+    nb0 = math.ceil(k / layouts.DUAL_L0_BLOCK)
+    s1 = e8m0_decode(layouts.mx_scale_unpairs(x1_level1_scale, kb)).to(torch.float64)  # (M, Kb)
+    s2 = e8m0_decode(layouts.mx_scale_unpairs(x2_level1_scale, kb)).to(torch.float64)  # (N, Kb)
+    a = a * s1.repeat_interleave(layouts.DUAL_L1_BLOCK, dim=-1)[:, :k]
+    b = b * s2.repeat_interleave(layouts.DUAL_L1_BLOCK, dim=-1)[:, :k]
+    pad = nb0 * layouts.DUAL_L0_BLOCK - k
+    a = torch.nn.functional.pad(a, (0, pad)).reshape(m, nb0, layouts.DUAL_L0_BLOCK)
+    b = torch.nn.functional.pad(b, (0, pad)).reshape(n, nb0, layouts.DUAL_L0_BLOCK)
+    partial = torch.einsum("mik,nik->imn", a, b)  # (nb0, M, N)
+    l0 = x1_level0_scale.to(torch.float64).T.unsqueeze(-1) * x2_level0_scale.to(torch.float64).unsqueeze(1)  # (nb0, M, N)
+    y = (partial * l0).sum(0).to(torch.float32)
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(output_dtype)

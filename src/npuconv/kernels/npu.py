@@ -212,3 +212,27 @@ def npu_grouped_matmul(
     return torch_npu().npu_grouped_matmul(
         list(x), list(weight), split_item=split_item, group_list_type=group_list_type, act_type=act_type, **extra
     )
+
+
+def npu_dynamic_dual_level_mx_quant(
+    x: torch.Tensor, *, smooth_scale: torch.Tensor | None = None, round_mode: str = "rint"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch_npu.npu_dynamic_dual_level_mx_quant`` (ops §5.3, Ascend 950)."""
+    return torch_npu().npu_dynamic_dual_level_mx_quant(x, **_optional(smooth_scale=smooth_scale), round_mode=round_mode)
+
+
+def npu_dual_level_quant_matmul(
+    x1: torch.Tensor,
+    x2: torch.Tensor,
+    x1_level0_scale: torch.Tensor,
+    x2_level0_scale: torch.Tensor,
+    x1_level1_scale: torch.Tensor,
+    x2_level1_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    output_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """``torch_npu.npu_dual_level_quant_matmul`` (ops §5.4, Ascend 950; x2 must be FRACTAL_NZ)."""
+    return torch_npu().npu_dual_level_quant_matmul(
+        x1, x2, x1_level0_scale, x2_level0_scale, x1_level1_scale, x2_level1_scale,
+        **_optional(bias=bias), output_dtype=output_dtype,
+    )

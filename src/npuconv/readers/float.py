@@ -1,34 +1,70 @@
 """Plain float checkpoints: no quantized linears; every tensor passes through.
 
+Opt-in offline quantization: after :meth:`FloatReader.prepare_for_target` (called by the converter
+and by ``verify`` for the targets of :data:`npuconv.offline.RECIPES`), the float linears are listed
+and loaded as canonical layers quantized for that target (see :mod:`npuconv.offline`). Without the
+call nothing changes: ``inspect`` of a float model still shows no quantized layer.
+
 This is the fallback reader, so it also refuses what only *looks* like a float checkpoint because
 the file saying how it is quantized is missing: a tensor with a suffix that only quantized
-formats write (``qweight``, ``weight_packed``, ``weight_scale``, …), or a ``quant_method`` of
+formats write (``qweight``, ``weight_packed``, …) or an integer/fp8 ``weight``, or a ``quant_method`` of
 ``npuconv`` without its ``npuconv.json`` manifest. Passing those through would turn packed codes
 into "float" weights.
 """
 
 from __future__ import annotations
 
+import torch
+
 from npuconv.checkpoint import Checkpoint
 from npuconv.errors import InputError, UnsupportedError
-from npuconv.model import LinearSpec
+from npuconv.model import LinearSpec, QuantizedLinear
 from npuconv.readers.base import Reader
 
 KNOWN_QUANT_METHODS = {"gptq", "gptqmodel", "awq", "compressed-tensors", "npuconv"}
-# tensor suffixes that only quantized checkpoints write (GPTQ/AWQ, compressed-tensors, msModelSlim)
-QUANTIZED_SUFFIXES = (
-    ".qweight",
-    ".qzeros",
-    ".weight_packed",
-    ".weight_scale",
-    ".weight_zero_point",
-    ".weight_offset",
-    ".deq_scale",
-)
+# tensor suffixes that only quantized checkpoints write (GPTQ/AWQ, compressed-tensors, msModelSlim);
+# an integer or fp8 ``.weight`` is quantized too (a learned ``weight_scale`` parameter is not proof)
+QUANTIZED_SUFFIXES = (".qweight", ".qzeros", ".weight_packed", ".weight_zero_point", ".deq_scale")
+QUANTIZED_WEIGHT_DTYPES = (torch.int8, torch.uint8, torch.int32, torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 class FloatReader(Reader):
     format = "float"
+    recipe = None  # npuconv.offline.Recipe once prepare_for_target() chose one
+
+    def prepare_for_target(self, target: str) -> None:
+        """Opt in to offline quantization for ``target`` (no effect for targets without a recipe)."""
+        from npuconv.offline import recipe_for
+
+        self.recipe = recipe_for(target)
+        self.__dict__.pop("_specs", None)  # scan again with the recipe
+        self._linears = {}
+
+    def summary(self) -> dict:
+        if self.recipe is None:
+            return {}
+        return {"offline_quantization": self.recipe.target}
+
+    def load(self, spec: LinearSpec) -> QuantizedLinear:
+        linear = getattr(self, "_linears", {}).get(spec.name)
+        if self.recipe is None or linear is None:
+            raise InputError(f"'{spec.name}' is not a quantized layer of this float checkpoint")
+        weight = self.tensor(linear.weight)
+        bias = self.tensor(linear.bias) if linear.bias else None
+        return self.recipe.quantize(spec, weight, bias)
+
+    def _offline_specs(self) -> list[LinearSpec]:
+        from npuconv.offline import float_linears
+
+        specs = []
+        for linear in float_linears(self.ckpt):
+            reason = self.recipe.unsupported_reason(linear)
+            if reason:
+                self.warn(f"{linear.prefix}: kept float, not quantized for {self.recipe.target} ({reason})")
+                continue
+            self._linears[linear.prefix] = linear
+            specs.append(self.recipe.spec(linear))
+        return specs
 
     @classmethod
     def matches(cls, checkpoint: Checkpoint) -> bool:
@@ -46,12 +82,13 @@ class FloatReader(Reader):
                 "config.json: quant_method 'npuconv' but npuconv.json (the conversion manifest) is missing"
             )
         for name in self.ckpt.names():
-            if name.endswith(QUANTIZED_SUFFIXES):
+            quantized_weight = name.endswith(".weight") and self.ckpt.info(name).dtype in QUANTIZED_WEIGHT_DTYPES
+            if name.endswith(QUANTIZED_SUFFIXES) or quantized_weight:
                 raise InputError(
                     f"tensor '{name}' holds quantized data, but no quantization config was found "
                     "(config.json quantization_config, quantize_config.json or quant_model_description.json)"
                 )
-        return []
+        return [] if self.recipe is None else self._offline_specs()
 
 
 READER = FloatReader

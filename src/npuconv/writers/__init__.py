@@ -6,19 +6,7 @@ import importlib
 
 from npuconv.errors import InputError
 from npuconv.writers.base import Writer, WriterOptions
-
-# target name → module (imported lazily)
-TARGETS: dict[str, str] = {
-    "float": "npuconv.writers.float",
-    "npu-int4": "npuconv.writers.npu_int4",
-    "npu-int8": "npuconv.writers.npu_int8",
-    "npu-w8a8": "npuconv.writers.npu_w8a8",
-    "npu-mxfp8": "npuconv.writers.npu_mxfp8",
-    "npu-mxfp4": "npuconv.writers.npu_mxfp4",
-    "npu-w4a8": "npuconv.writers.npu_w4a8",
-    "npu-w4a4": "npuconv.writers.npu_w4a4",
-    "modelslim": "npuconv.writers.modelslim",
-}
+from npuconv.writers.targets import TARGETS
 
 
 def writer_class(target: str) -> type[Writer]:

@@ -69,6 +69,8 @@ def _nd_shape_of_storage(entry: dict) -> tuple[int, int]:
     *_, rows, cols = entry["shape"]
     if entry.get("packing") == "int4pack":
         cols //= 8
+    elif entry.get("packing") == "fp4x2":
+        cols //= 2
     return rows, cols
 
 

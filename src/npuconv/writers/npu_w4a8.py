@@ -1,0 +1,238 @@
+"""``--to npu-w4a8``: int4 weights × int8 dynamic per-token activations (A8W4) for ``npu_grouped_matmul``.
+
+Sources: symmetric 2/3/4-bit integer layers, per-channel or per-group with group 256 — msModelSlim
+W4A8_DYNAMIC, and any symmetric GPTQ / AWQ / compressed-tensors layer when the user asks for int8
+activations (the target adds them; the manifest says so). Both engines run W4A8 only through the
+grouped matmul (npu_loaders.md §3.6), so a dense linear is written as a one-expert MoE (E = 1).
+
+Written tensors per layer ``p`` (leading ``E`` for expert stacks), torch_npu_ops.md §6.2–6.3:
+
+- ``p.weight`` int32 ``[K, N/8]``: the signed values ``q − 2**(b−1)`` transposed to ``[K, N]``,
+  two per byte along N with the **even n in the low nibble**, viewed as int32 — the same bits as
+  int4pack (ops §0.1, loaders §1.2). ND by default; ``--nz`` tiles it with C0 = 8 int32 (= the
+  engines' int8 NZ cast with C0 = 32 bytes before the int32 view) when N % 64 == 0.
+- ``p.scale`` int64: the fp32 weight scale's bit pattern in the low 32 bits, high word 0
+  (loaders §1.4a). Per-channel ``[N]``; per-group ``[K/g, N]`` with the scale first rounded
+  fp32 → fp16 → fp32, as vLLM-Ascend ``process_scale`` does (:data:`GROUP_SCALE_VIA_FP16`).
+- ``p.weight_scale`` fp32 ``[K/g, N]`` (per-group only): the exact source scale, not read by the
+  kernel; it lets the layout check tell a lossy fp16 rounding apart from a corrupted ``scale``.
+- ``p.scale_bias`` fp32 ``[N]`` = ``8 · Σ_k W[k, n] · s[g(k), n]`` (W the signed int4 values,
+  s the scale the kernel is given), summed in float64: the bias the A8W4 kernel needs to cancel
+  its ``−8·ΣW·s`` term (ops §6.3).
+- ``p.scale_bias_partials`` fp32 ``[N, 16]`` for every layer not known to be column-parallel
+  (:data:`COLUMN_PARALLEL_LEAVES`): column ``c`` is ``8 · Σ_{k ∈ chunk c}`` over the 16 equal
+  K-chunks ``[c·K/16, (c+1)·K/16)`` — msModelSlim's row-parallel ``scale_bias [N, 16]``. With
+  tensor parallelism ``t`` (t | 16), rank ``r`` holds K rows ``[r·K/t, (r+1)·K/t)`` and its bias is
+  the fp32 sum of columns ``[r·16/t, (r+1)·16/t)`` (what vLLM-Ascend does with its 16/t columns).
+- ``p.bias`` fp32 ``[N]`` if the source layer has a bias: added **after** the kernel (the kernel's
+  own bias slot is multiplied by the per-token scale, so it carries ``scale_bias``).
+
+Kernel call (dense layer, E = 1; ``x_q, pts = npu_dynamic_quant(x)``)::
+
+    y = npu_grouped_matmul([x_q], [weight[None]], scale=[scale[None]], bias=[scale_bias[None]],
+                           per_token_scale=[pts], group_list=tensor([M]), split_item=2, group_type=0,
+                           group_list_type=1, output_dtype=x.dtype)[0] (+ bias)
+    # = pts · (Σ_g s[g,n] · Σ_{k∈g} x_q[m,k]·W[k,n] − 8·Σ_k W[k,n]·s[g(k),n] + scale_bias[n])
+
+Kernel limits (ops-transformer ``aclnnGroupedMatmulWeightNz`` A8W4 symmetric): N % 8 == 0,
+K ≤ 18432, per-group only with group 256 and K % 256 == 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from npuconv import layouts
+from npuconv.model import INT, LinearSpec, QuantizedLinear
+from npuconv.safetensors_io import TensorPlan
+from npuconv.writers.base import Writer
+from npuconv.writers.npu_common import entry_plan, maybe_nz, tensor_entry
+
+KERNEL = "npu_grouped_matmul"
+
+#: Uncertain (ops-transformer aclnnGroupedMatmulWeightNz, [M]): the A8W4 symmetric kernel supports
+#: quantGroupSize 256 only (per-channel is a single group). Other group sizes are refused.
+A8W4_GROUP_SIZES = (256,)
+#: A8W4 symmetric limit on K (same doc).
+A8W4_MAX_K = 18432
+#: msModelSlim writes row-parallel ``scale_bias`` as 16 partial sums over equal K-chunks (loaders §3.6).
+SCALE_BIAS_CHUNKS = 16
+#: vLLM-Ascend rounds the combined per-group scale fp32 → fp16 → fp32 before the int64 bit-cast
+#: (loaders §3.6 step 2). The rounded value is then exact in the kernel's FP19 view of the scale.
+GROUP_SCALE_VIA_FP16 = True
+#: Leaf module names whose K axis is never split by tensor parallelism (column-parallel linears):
+#: they get the full ``scale_bias`` only. Every other layer also gets the 16 partial sums.
+COLUMN_PARALLEL_LEAVES = frozenset({
+    "q_proj", "k_proj", "v_proj", "qkv_proj", "gate_proj", "up_proj", "gate_up_proj", "w1", "w3",
+    "query_key_value", "c_attn", "fc1", "dense_h_to_4h", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa",
+    "kv_b_proj", "fused_qkv_a_proj",
+})
+
+
+def signed_kn(layer: QuantizedLinear) -> torch.Tensor:
+    """Signed int8 values ``q − 2**(bits−1)`` of the canonical codes, transposed to ``[..., K, N]``."""
+    midpoint = 2 ** (layer.spec.bits - 1)
+    return (layer.qweight.to(torch.int16) - midpoint).to(torch.int8).transpose(-1, -2).contiguous()
+
+
+def codes_from_signed_kn(values_kn: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`signed_kn`: signed ``[..., K, N]`` → canonical uint8 codes ``[..., N, K]``."""
+    return (values_kn.to(torch.int16) + 2 ** (bits - 1)).to(torch.uint8).transpose(-1, -2).contiguous()
+
+
+def int4_weight_entry(spec: LinearSpec, c0: int | None) -> dict:
+    p, n, k, batch = spec.name, spec.out_features, spec.in_features, spec.batch_shape
+    return tensor_entry(f"{p}.weight", torch.int32, (*batch, k, n // 8), nz_c0=c0, packing="int4pack",
+                        logical_shape=(*batch, k, n))
+
+
+def parallel_kind(name: str) -> str:
+    """``"column"`` for a leaf name in :data:`COLUMN_PARALLEL_LEAVES`, else ``"row"`` (partials written)."""
+    return "column" if name.rsplit(".", 1)[-1] in COLUMN_PARALLEL_LEAVES else "row"
+
+
+def rounded_group_scale(scale: torch.Tensor) -> torch.Tensor:
+    """The per-group scale the kernel gets: fp32, through fp16 when :data:`GROUP_SCALE_VIA_FP16`."""
+    scale = scale.float()
+    return scale.half().float() if GROUP_SCALE_VIA_FP16 else scale
+
+
+class NpuW4A8Writer(Writer):
+    target = "npu-w4a8"
+    summary = "W4A8 int4 weights + int8 dynamic activations for npu_grouped_matmul A8W4 (ModelSlim W4A8_DYNAMIC, symmetric GPTQ/AWQ/CT)"
+
+    # ------------------------------------------------------------------ checks
+    def unsupported_reason(self, spec: LinearSpec) -> str | None:
+        act = spec.activation
+        if spec.weight_format != INT or spec.bits not in (2, 3, 4):
+            return "needs 2-, 3- or 4-bit integer weights"
+        if not spec.symmetric:
+            return "the A8W4 kernel is symmetric only (no weight zero point); use npu-int4"
+        if act is not None and not (act.kind == INT and act.bits == 8 and act.dynamic and act.strategy == "token" and act.symmetric):
+            return "the source quantizes activations differently (A8W4 takes int8 dynamic per-token); use npu-w4a4 or npu-int4"
+        if spec.act_order:
+            return "act-order (g_idx) layers cannot be written for the A8W4 kernel"
+        n, k = spec.out_features, spec.in_features
+        if n % 8:
+            return f"N={n} is not a multiple of 8"
+        if k > A8W4_MAX_K:
+            return f"K={k}: the A8W4 kernel takes K ≤ {A8W4_MAX_K}"
+        if spec.num_groups > 1 and (spec.group_size not in A8W4_GROUP_SIZES or k % spec.group_size):
+            return f"group size {spec.group_size}: the A8W4 kernel takes per-channel or group {A8W4_GROUP_SIZES} dividing K"
+        if parallel_kind(spec.name) == "row" and k % SCALE_BIAS_CHUNKS:
+            return f"K={k} is not a multiple of {SCALE_BIAS_CHUNKS} (the scale_bias partial sums split K in 16 chunks)"
+        return None
+
+    def nz_c0(self, spec: LinearSpec) -> int | None:
+        if not self.options.nz:
+            return None
+        if spec.out_features % 64:
+            self.warn(f"{spec.name}: written ND instead of NZ (N={spec.out_features} is not a multiple of 64)")
+            return None
+        return layouts.nz_c0(torch.int32, int4_packed=True)
+
+    # ------------------------------------------------------------------ plan
+    def _entries(self, spec: LinearSpec) -> dict[str, dict]:
+        p, n, batch = spec.name, spec.out_features, spec.batch_shape
+        groups = spec.num_groups
+        scale_shape = (*batch, n) if groups == 1 else (*batch, groups, n)
+        entries = {
+            "weight": int4_weight_entry(spec, self.nz_c0(spec)),
+            "scale": tensor_entry(f"{p}.scale", torch.int64, scale_shape),
+        }
+        if groups > 1:
+            entries["weight_scale"] = tensor_entry(f"{p}.weight_scale", torch.float32, scale_shape)
+        entries["scale_bias"] = tensor_entry(f"{p}.scale_bias", torch.float32, (*batch, n))
+        if parallel_kind(p) == "row":
+            entries["scale_bias_partials"] = tensor_entry(f"{p}.scale_bias_partials", torch.float32, (*batch, n, SCALE_BIAS_CHUNKS))
+        if spec.has_bias:
+            entries["bias"] = tensor_entry(f"{p}.bias", torch.float32, (*batch, n))
+        return entries
+
+    def plan_layer(self, spec: LinearSpec) -> list[TensorPlan]:
+        return [entry_plan(e) for e in self._entries(spec).values()]
+
+    def verify_tp(self, spec: LinearSpec) -> int:
+        """The largest TP degree ``t | 16`` whose K slices hold whole groups (1 for column-parallel layers)."""
+        if parallel_kind(spec.name) != "row":
+            return 1
+        unit = spec.effective_group_size if spec.num_groups > 1 else 1
+        for tp in (16, 8, 4, 2):
+            if spec.in_features % (tp * unit) == 0 and spec.in_features // tp >= 8:
+                return tp
+        return 1
+
+    def layer_manifest(self, spec: LinearSpec) -> dict:
+        act = spec.activation
+        row = parallel_kind(spec.name) == "row"
+        k = spec.in_features
+        return {
+            "scheme": "w4a8_dynamic",
+            "source_scheme": spec.source_scheme,
+            "kernel": KERNEL,
+            "kernel_mode": "a8w4",
+            "activation": "int8-dynamic-per-token",
+            "activation_added": act is None,
+            "bits": spec.bits,
+            "group_size": spec.group_size,
+            "quant_group_size": 0 if spec.num_groups == 1 else spec.group_size,
+            "symmetric": True,
+            "code_offset": 2 ** (spec.bits - 1),
+            "scale_encoding": "int64-fp32-bits",
+            "group_scale_rounding": "fp16" if spec.num_groups > 1 and GROUP_SCALE_VIA_FP16 else None,
+            "parallel": "row" if row else "column",
+            "scale_bias": {
+                "formula": "8 * sum_k W[k,n] * scale[g(k),n]",
+                "chunks": SCALE_BIAS_CHUNKS if row else None,
+                "chunk_size": k // SCALE_BIAS_CHUNKS if row else None,
+                "tp_rule": ("rank r of tp t (t | 16) holds K rows [r*K/t, (r+1)*K/t) and uses "
+                            "scale_bias_partials[..., r*16/t:(r+1)*16/t].sum(-1)") if row else "every rank uses scale_bias",
+            },
+            "verify_tp": self.verify_tp(spec),
+            "tensors": self._entries(spec),
+        }
+
+    # ------------------------------------------------------------------ write
+    def write_layer(self, layer: QuantizedLinear) -> dict[str, torch.Tensor]:
+        spec = layer.spec
+        entries = self._entries(spec)
+        values = signed_kn(layer)  # [.., K, N] int8
+        canonical = layer.effective_scale()  # [.., N, G] fp32
+        out: dict[str, torch.Tensor] = {"weight": maybe_nz(layouts.int4pack(values), entries["weight"].get("c0"))}
+        if spec.num_groups == 1:
+            kernel_scale = canonical[..., 0]  # [.., N]
+            out["scale"] = layouts.float_bits_to_int64(kernel_scale)
+            per_k = kernel_scale.unsqueeze(-2)  # [.., 1, N] broadcast over K
+        else:
+            exact = canonical.transpose(-1, -2).contiguous()  # [.., G, N]
+            kernel_scale = rounded_group_scale(exact)
+            out["scale"] = layouts.float_bits_to_int64(kernel_scale)
+            out["weight_scale"] = exact
+            per_k = kernel_scale.repeat_interleave(spec.group_size, dim=-2)  # [.., K, N]
+            changed = int((kernel_scale != exact).sum())
+            if changed:
+                self.warn(f"{spec.name}: {changed} group scale(s) changed by the fp16 rounding vLLM-Ascend applies")
+        deq = values.double() * per_k.double()  # [.., K, N], exact products
+        out["scale_bias"] = (8 * deq.sum(-2)).float()
+        if "scale_bias_partials" in entries:
+            chunks = deq.unflatten(-2, (SCALE_BIAS_CHUNKS, -1)).sum(-2)  # [.., 16, N]
+            out["scale_bias_partials"] = (8 * chunks).float().transpose(-1, -2).contiguous()  # [.., N, 16]
+        if "bias" in entries:
+            assert layer.bias is not None
+            out["bias"] = layer.bias.float()
+        return {entries[role]["name"]: out[role] for role in entries}
+
+    def read_layer(self, spec: LinearSpec, tensors: dict[str, torch.Tensor]) -> QuantizedLinear:
+        codes = codes_from_signed_kn(layouts.int4unpack(tensors["weight"]), spec.bits)
+        kernel_scale = layouts.int64_bits_to_float(tensors["scale"])
+        if spec.num_groups == 1:
+            scale = kernel_scale.unsqueeze(-1)
+        else:
+            exact = tensors["weight_scale"].float()
+            # the exact scale stands for the kernel's one only when the int64 holds its rounding
+            consistent = torch.equal(rounded_group_scale(exact), kernel_scale)
+            scale = (exact if consistent else kernel_scale).transpose(-1, -2).contiguous()
+        return QuantizedLinear(spec, codes, scale, bias=tensors.get("bias"))
+
+
+WRITER = NpuW4A8Writer
