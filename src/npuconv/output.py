@@ -15,6 +15,8 @@ assigned to shards greedily in order, starting a new shard when the next unit wo
 from __future__ import annotations
 
 import hashlib
+import queue
+import threading
 import json
 import os
 import re
@@ -170,18 +172,49 @@ def _produce_in_order(units: list[Unit], workers: int) -> Iterator[tuple[Unit, d
 
 
 class _HashingWriter(StreamingWriter):
-    """StreamingWriter that also hashes every byte it writes."""
+    """StreamingWriter that also sha256-hashes every byte it writes, in a background thread.
+
+    hashlib releases the GIL on large buffers, so hashing runs beside the writes instead of after
+    each of them. At most ``HASH_QUEUE`` buffers wait for the hasher (each stays alive until hashed).
+    """
+
+    HASH_QUEUE = 2
 
     def __init__(self, path: Path, plans: list[TensorPlan]):
         self._hash = hashlib.sha256()
+        self._pending: queue.Queue = queue.Queue(maxsize=self.HASH_QUEUE)
+        self._hasher = threading.Thread(target=self._consume, name="npuconv-sha256", daemon=True)
+        self._hasher.start()
         super().__init__(path, plans, SHARD_METADATA)
 
-    def hexdigest(self) -> str:
-        return self._hash.hexdigest()
+    def _consume(self) -> None:
+        while (data := self._pending.get()) is not None:
+            self._hash.update(data)
 
     def _emit(self, data) -> None:
-        self._hash.update(data)
         super()._emit(data)
+        self._pending.put(data)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._stop_hasher()
+
+    def abort(self) -> None:
+        try:
+            super().abort()
+        finally:
+            self._stop_hasher()
+
+    def _stop_hasher(self) -> None:
+        if self._hasher.is_alive():
+            self._pending.put(None)
+            self._hasher.join()
+
+    def hexdigest(self) -> str:
+        self._stop_hasher()
+        return self._hash.hexdigest()
 
 
 def sha256_file(path: Path, chunk: int = 16 * 1024 * 1024) -> str:
