@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,17 @@ from npuconv.readers import open_reader
 from npuconv.safetensors_io import read_header, read_tensor
 
 FIXTURES = Path(__file__).parent / "fixtures"
-ALL_FIXTURES = sorted(p.name for p in FIXTURES.iterdir() if (p / "config.json").is_file())
+MOE_CONFIG_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+def _is_moe(directory: Path) -> bool:
+    return any(key in json.loads((directory / "config.json").read_text()) for key in MOE_CONFIG_KEYS)
+
+
+_CHECKPOINTS = sorted(p for p in FIXTURES.iterdir() if (p / "config.json").is_file())
+# the dense fixtures (every per-format suite covers each of them); the MoE fixtures are tested in tests/moe
+ALL_FIXTURES = [p.name for p in _CHECKPOINTS if not _is_moe(p)]
+MOE_FIXTURES = [p.name for p in _CHECKPOINTS if _is_moe(p)]
 
 
 def fixture_dir(name: str) -> Path:

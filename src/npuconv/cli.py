@@ -170,11 +170,12 @@ def _print_inspect(report: dict, show_layers: bool) -> None:
         stdout.print("  no quantized linears (plain float checkpoint)")
     if show_layers and report["layers"]:
         detail = Table(title="layers", title_justify="left")
-        for column in ("name", "scheme", "shape", "group", "sym", "act-order", "source", "bytes"):
+        moe = any(l.get("experts") for l in report["layers"])  # stacked MoE experts: an "experts" column
+        for column in ("name", "scheme", *(("experts",) if moe else ()), "shape", "group", "sym", "act-order", "source", "bytes"):
             detail.add_column(column)
         for l in report["layers"]:
             detail.add_row(
-                l["name"], l["scheme"], "×".join(map(str, l["shape"])),
+                l["name"], l["scheme"], *((str(l.get("experts") or "-"),) if moe else ()), "×".join(map(str, l["shape"])),
                 "ch" if l["group_size"] == -1 else str(l["group_size"]),
                 str(l["symmetric"]), str(l["act_order"]), l["source_scheme"], human_bytes(l["bytes"]),
             )

@@ -9,7 +9,7 @@ same :func:`run_kernel`, so what is verified is what a loader would run.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -83,6 +83,8 @@ def run_kernel(
     mode = entry.get("kernel_mode")
     if mode == "a8w4":
         return _a8w4(backend, entry, spec, t, x, tp)
+    if spec.num_experts is not None:  # a stacked MoE layer: y [E, ..., N] (see run_experts)
+        return run_experts(backend, entry, spec, t, x)
     if mode == "a4w4":
         return _a4w4(backend, t, x)
     if mode == "dual_level_mx":
@@ -251,3 +253,78 @@ def _dual_level(backend, t: dict, x: torch.Tensor):
     scale = layouts.dual_level_scale(x_l0.cpu(), layouts.mx_scale_unpairs(x_l1.cpu(), -(-k // 32)), k)
     values = layouts.fp4_decode(codes).double() * scale.double().repeat_interleave(32, dim=-1)[..., :k]
     return y.reshape(*lead, -1), values.reshape(*lead, k)
+
+
+# ---------------------------------------------------------------------------- stacked MoE experts
+def run_experts(backend, entry: dict, spec: LinearSpec, t: dict, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stacked expert layer (``spec.num_experts = E``, tensors ``[E, ...]``): every token through every
+    expert, so ``y`` is ``[E, *x.shape[:-1], N]`` (expert ``e``'s output for all tokens in ``y[e]``).
+
+    Weight-only and W8A8-dynamic stacks run on ``npu_grouped_matmul`` as the engines call it (MoE form:
+    ``x`` repeated E times, ``group_list`` = tokens per expert, ``group_list_type=1``, ``group_type=0``;
+    npu_loaders.md §3.3, §6.3). Other kernels (MX, static W8A8, W4A4, dual-level) loop the experts
+    through the dense kernel, each with its ``[E, ...]`` tensors sliced (a tensor is per-expert when it
+    has ≥ 2 dims and E leading). The second value is the activations the reference must use:
+    ``[*x.shape[:-1], K]``, or ``[E, ..., K]`` when they differ per expert (static per-expert input scales).
+    """
+    kernel = entry["kernel"]
+    if "kernel_mode" not in entry and kernel == "npu_weight_quant_batchmatmul" and "perm" not in t:
+        return _gmm_weight_only(backend, spec, t, x), x
+    if "kernel_mode" not in entry and kernel == "npu_quant_matmul" and "weight_dtype" not in entry and "deq_scale" not in t:
+        return _gmm_w8a8_dynamic(backend, spec, t, x)
+    experts = spec.num_experts
+    dense = replace(spec, num_experts=None)
+    outputs, activations = [], []
+    for e in range(experts):
+        t_e = {role: v[e] if v.dim() >= 2 and v.shape[0] == experts else v for role, v in t.items()}
+        y_e, x_e = run_kernel(backend, entry, dense, t_e, x)
+        outputs.append(y_e)
+        activations.append(x_e)
+    same = all(torch.equal(activations[0], a) for a in activations[1:])
+    return torch.stack(outputs), activations[0] if same else torch.stack(activations)
+
+
+def _moe_rows(x: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` as ``[M, K]`` repeated for every expert, and ``group_list`` (counts) = M per expert."""
+    rows = x.reshape(-1, x.shape[-1])
+    counts = torch.full((experts,), rows.shape[0], dtype=torch.int64, device=x.device)
+    return rows.repeat(experts, 1), counts
+
+
+def _gmm_weight_only(backend, spec: LinearSpec, t: dict, x: torch.Tensor) -> torch.Tensor:
+    """``npu_grouped_matmul`` antiquant (W4A16/W8A16 MoE): ``W = (w + antiquant_offset) * antiquant_scale``.
+    A symmetric stack gets a zero offset, as vLLM-Ascend passes one (npu_loaders.md §6.3)."""
+    experts = spec.num_experts
+    scale = t["antiquant_scale"].to(x.dtype)
+    offset = t["antiquant_offset"].to(x.dtype) if "antiquant_offset" in t else torch.zeros_like(scale)
+    bias = t.get("bias")
+    if bias is not None:
+        bias = bias.to(torch.float32 if x.dtype == torch.bfloat16 else x.dtype)
+    rows, counts = _moe_rows(x, experts)
+    y = backend.npu_grouped_matmul(
+        [rows], [t["weight"]], antiquant_scale=[scale], antiquant_offset=[offset],
+        bias=None if bias is None else [bias], group_list=counts,
+        split_item=2, group_type=0, group_list_type=1, output_dtype=x.dtype,
+    )[0]
+    return y.reshape(experts, *x.shape[:-1], -1)
+
+
+def _gmm_w8a8_dynamic(backend, spec: LinearSpec, t: dict, x: torch.Tensor):
+    """``npu_dynamic_quant`` + ``npu_grouped_matmul`` int8 × int8 with per-token scales (W8A8_DYNAMIC MoE).
+    The weight scale goes in the activation dtype for bf16 (vLLM-Ascend casts ``w13_scale_fp32`` to the
+    params dtype; a bf16 scale gives bf16 output, torch_npu_ops.md §6.1), float32 otherwise."""
+    experts = spec.num_experts
+    k = x.shape[-1]
+    x_q, x_scale = backend.npu_dynamic_quant(x.reshape(-1, k))
+    scale = t["weight_scale"]
+    if x.dtype == torch.bfloat16:
+        scale = scale.to(torch.bfloat16)
+    bias = t.get("bias")
+    rows, counts = _moe_rows(x_q, experts)
+    y = backend.npu_grouped_matmul(
+        [rows], [t["weight"]], scale=[scale], per_token_scale=[x_scale.repeat(experts)],
+        bias=None if bias is None else [bias.float()], group_list=counts,
+        split_item=2, group_type=0, group_list_type=1, output_dtype=x.dtype,
+    )[0]
+    x_effective = (x_q.double() * x_scale.double().unsqueeze(-1)).reshape(*x.shape[:-1], k)
+    return y.reshape(experts, *x.shape[:-1], -1), x_effective

@@ -283,11 +283,13 @@ def same_canonical(a: QuantizedLinear, b: QuantizedLinear) -> bool:
 
 def reference_output(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
     """``x @ dequant(layer)ᵀ + bias`` in float64 from the float32 dequantization (exact for every
-    supported format) with a float32 matmul: its relative error (~1e-6) is far below every threshold."""
+    supported format) with a float32 matmul: its relative error (~1e-6) is far below every threshold.
+    A stacked MoE layer (weight ``[E, N, K]``) gives ``[E, M, N]``: every token through every expert."""
     weight = dequantize(layer, torch.float32)
-    y = (x.to(weight.device, torch.float32) @ weight.T).double()
+    y = (x.to(weight.device, torch.float32) @ weight.transpose(-1, -2)).double()
     if layer.bias is not None:
-        y = y + layer.bias.double()
+        bias = layer.bias.double()
+        y = y + (bias.unsqueeze(-2) if layer.spec.num_experts is not None else bias)
     return y.cpu()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from functools import cached_property
 from typing import ClassVar
 
@@ -10,6 +11,7 @@ import torch
 from npuconv.checkpoint import Checkpoint
 from npuconv.errors import InputError
 from npuconv.model import LinearSpec, QuantizedLinear
+from npuconv.readers import experts
 
 
 class Reader:
@@ -21,10 +23,22 @@ class Reader:
     """
 
     format: ClassVar[str] = ""
+    #: MoE experts ``<p>.experts.<e>.<proj>`` become one stacked layer ``<p>.experts.<proj>`` with
+    #: ``num_experts = E`` (:mod:`npuconv.readers.experts`). Off here; on in the GPTQ, AWQ,
+    #: compressed-tensors and msModelSlim readers (not in the float and npuconv-output readers). An
+    #: instance may change it before its first :meth:`linear_specs` call.
+    stack_experts: bool = False
 
     def __init__(self, checkpoint: Checkpoint):
         self.ckpt = checkpoint
         self.warnings: list[str] = []
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        """Every reader's own ``load`` also loads the expert stacks made by :meth:`linear_specs`."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("load")
+        if own is not None and not getattr(own, "_loads_expert_stacks", False):
+            cls.load = _loading_expert_stacks(own)
 
     @classmethod
     def matches(cls, checkpoint: Checkpoint) -> bool:
@@ -46,7 +60,20 @@ class Reader:
                 raise InputError(
                     f"layer '{spec.name}': weight shape [{spec.out_features}, {spec.in_features}] (out, in) is empty"
                 )
+        self._expert_members: dict[str, list[LinearSpec]] = {}
+        if self.stack_experts:
+            specs, self._expert_members, notes = experts.stack_expert_specs(specs)
+            for note in notes:
+                self.warn(note)
         return specs
+
+    def expert_members(self, spec: LinearSpec) -> list[LinearSpec] | None:
+        """The per-expert specs a stacked layer of :meth:`linear_specs` was made from (None otherwise)."""
+        if spec.num_experts is None:
+            return None
+        self.linear_specs()
+        members = self.__dict__.get("_expert_members", {}).get(spec.name)
+        return members if members is not None and len(members) == spec.num_experts else None
 
     def scan(self) -> list[LinearSpec]:
         """Find every quantized linear (override)."""
@@ -109,6 +136,20 @@ class Reader:
                 f"tensor '{name}': {int(nonpositive.sum())} scale value(s) are zero or negative "
                 f"(first at index {_first(nonpositive)}); converted as stored"
             )
+
+
+def _loading_expert_stacks(load):
+    """Wrap a reader's ``load``: a stacked expert layer is its members' layers, loaded one by one and stacked."""
+
+    @functools.wraps(load)
+    def wrapper(self: Reader, spec: LinearSpec) -> QuantizedLinear:
+        members = self.expert_members(spec)
+        if members is None:
+            return load(self, spec)
+        return experts.stack_layers(spec, [load(self, member) for member in members])
+
+    wrapper._loads_expert_stacks = True  # type: ignore[attr-defined]
+    return wrapper
 
 
 def _first(mask: torch.Tensor) -> list[int]:

@@ -257,6 +257,7 @@ def _shape(shape) -> str:
 # ---------------------------------------------------------------------------------------- reader
 class CompressedTensorsReader(Reader):
     format = "compressed-tensors"
+    stack_experts = True  # MoE experts → one [E, N, K] layer (npuconv.readers.experts)
 
     def __init__(self, checkpoint: Checkpoint):
         super().__init__(checkpoint)

@@ -62,6 +62,11 @@ precomputed ``8·Σ_k dequant(w)`` of the grouped-matmul kernel): with ``d = (w.
 ``d`` itself ``[N, K]`` (msModelSlim's fallthrough, with a warning). Same float32 operations as
 msModelSlim, so the bytes match.
 
+MoE expert stacks (``<p>.experts.<proj>`` with ``num_experts = E``, :mod:`npuconv.readers.experts`)
+are written un-stacked, ``<p>.experts.<e>.<proj>.*`` per expert with the types and tensors above,
+because msModelSlim stores (and the engines load) every expert as its own linear; the modelslim
+reader stacks them again.
+
 Engines pick a fused layer's method from one shard and require the same type on every shard:
 q/k/v, gate/up (w1/w3) and, per MoE block, every expert's gate/up and every expert's down. Planning
 fails when a source mixes types (a quantized shard and a float one included) within such a group.
@@ -82,6 +87,7 @@ import torch
 from npuconv.errors import UnsupportedError
 from npuconv.model import FP4_E2M1, FP8_E4M3, INT, SCALE_E8M0, LinearSpec, QuantizedLinear
 from npuconv.packing import pack_nibbles
+from npuconv.readers.experts import unstack_layer, unstack_spec
 from npuconv.readers.modelslim import DESCRIPTION, FLOAT, UNDESCRIBED_SUFFIXES
 from npuconv.safetensors_io import TensorInfo, TensorPlan
 from npuconv.writers.base import Writer
@@ -206,8 +212,11 @@ class ModelSlimWriter(Writer):
         return self._classify(spec)[1]
 
     def _classify(self, spec: LinearSpec) -> tuple[str | None, str | None]:
-        if spec.num_experts is not None:
-            return None, "stacked MoE experts: msModelSlim stores every expert as its own linear"
+        if spec.num_experts is not None:  # written un-stacked: every expert as its own linear, as msModelSlim
+            members = unstack_spec(spec)
+            if members is None:
+                return None, "stacked MoE experts without an '<prefix>.experts.<proj>' name cannot be split per expert"
+            return self._classify(members[0])
         if spec.act_order:
             return None, "act-order (g_idx) has no msModelSlim representation"
         if spec.has_global_scale:
@@ -341,6 +350,9 @@ class ModelSlimWriter(Writer):
         return entries
 
     def plan_layer(self, spec: LinearSpec) -> list[TensorPlan]:
+        members = unstack_spec(spec)
+        if members is not None:
+            return [plan for member in members for plan in self.plan_layer(member)]
         qtype = self.quant_type(spec)
         entries = self._entries(spec)
         self._check_fused(spec.name, qtype)
@@ -395,6 +407,11 @@ class ModelSlimWriter(Writer):
 
     def layer_manifest(self, spec: LinearSpec) -> dict:
         qtype = self.quant_type(spec)
+        members = unstack_spec(spec)
+        if members is None:
+            tensors = self._entries(spec)
+        else:  # roles "experts.<e>.<role>": the per-expert tensors
+            tensors = {f"experts.{e}.{role}": entry for e, m in enumerate(members) for role, entry in self._entries(m).items()}
         return {
             "scheme": spec.scheme,
             "source_scheme": spec.source_scheme,
@@ -403,11 +420,14 @@ class ModelSlimWriter(Writer):
             "bits": spec.bits,
             "group_size": spec.group_size,
             "symmetric": spec.symmetric,
-            "tensors": self._entries(spec),
+            **({} if members is None else {"experts": len(members)}),
+            "tensors": tensors,
         }
 
     # ------------------------------------------------------------------ write
     def write_layer(self, layer: QuantizedLinear) -> dict[str, torch.Tensor]:
+        if unstack_spec(layer.spec) is not None:
+            return {name: t for member in unstack_layer(layer) for name, t in self.write_layer(member).items()}
         spec = layer.spec
         qtype = self.quant_type(spec)
         entries = self._entries(spec)

@@ -21,6 +21,12 @@ vLLM-Ascend's ``process_weights_after_loading`` leaves (npu_loaders.md §3.1, §
     (msModelSlim's fold, npu_loaders.md §1.5; ``round`` is half-to-even), absorbing the
     activation zero point and the float bias.
   - ``input_scale``, ``input_offset``: float32 ``[1]``.
+
+MoE expert stacks (``num_experts = E``, dynamic only): ``weight`` int8 ``[E, K, N]`` (NZ per expert,
+as vLLM-Ascend casts its W8A8_DYNAMIC ``w13``/``w2`` unconditionally, npu_loaders.md §3.3),
+``weight_scale`` float32 ``[E, N]``, ``bias`` ``[E, N]``, under the stacked name
+``<prefix>.experts.<proj>``; run by ``npu_grouped_matmul(x=[x_q], weight=[w], scale=[s],
+per_token_scale=[pts], group_type=0)``.
 """
 
 from __future__ import annotations
@@ -52,6 +58,8 @@ class NpuW8A8Writer(Writer):
             return "npu_quant_matmul takes per-channel weight scales only"
         if not act.dynamic and act.strategy != "tensor":
             return "static activation quantization must be per-tensor"
+        if not act.dynamic and spec.num_experts is not None:
+            return "static activation quantization of stacked MoE experts: the engines' W8A8 MoE path is dynamic only"
         if max(spec.out_features, spec.in_features) > MAX_KERNEL_DIM:
             return f"N and K must be ≤ {MAX_KERNEL_DIM}"
         return None

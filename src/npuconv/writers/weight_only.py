@@ -18,6 +18,13 @@ From the canonical ``w = (q - z) * s`` with unsigned codes ``q`` of ``b`` bits a
 - act-order: K is sorted by ``perm = argsort(g_idx)`` (rows of ``weight`` and therefore groups
   become contiguous) and ``perm`` int32 ``[K]`` is written; the caller feeds ``x[..., perm]``.
 - ``bias`` as in the source.
+- MoE expert stacks (``num_experts = E``, :mod:`npuconv.readers.experts`): every tensor gets a
+  leading ``E`` — ``weight`` int32 ``[E, K, N/8]`` (int8 ``[E, K, N]``), ``antiquant_scale`` /
+  ``antiquant_offset`` ``[E, G, N]`` (``[E, N]`` per-channel), ``bias`` ``[E, N]`` — under the stacked
+  name ``<prefix>.experts.<proj>``, always ND, for ``npu_grouped_matmul`` (``antiquant_scale=[s]``,
+  ``antiquant_offset=[o]``, ``group_type=0``; npu_loaders.md §4 MoE, §6.3). gate and up are written as
+  two stacks; the engines' ``w13`` is their concatenation along the last dim (exact for the int4pack
+  words too, since N % 8 == 0). Act-order stacks are refused.
 
 For 2/3-bit sources the midpoint is ``2**(b-1)`` (not 8), so symmetric layers need no offset;
 ``(q - m) + (m - z) = q - z`` whatever ``m`` is.
@@ -67,6 +74,8 @@ class WeightOnlyIntWriter(Writer):
             return f"group size {spec.group_size}: antiquant_group_size must be a multiple of 32 in [32, K-1]"
         if spec.num_groups > 1 and k % spec.group_size:
             return f"K={k} is not a multiple of the group size {spec.group_size}"
+        if spec.num_experts is not None and spec.act_order:
+            return "act-order (g_idx) on stacked MoE experts: npu_grouped_matmul has no per-expert input permutation"
         return None
 
     def nz_c0(self, spec: LinearSpec) -> int | None:
@@ -82,6 +91,8 @@ class WeightOnlyIntWriter(Writer):
         return layouts.nz_c0(torch.int32, int4_packed=True) if self.storage_bits == 4 else layouts.nz_c0(torch.int8)
 
     def _nz_refusal(self, spec: LinearSpec) -> str | None:
+        if spec.num_experts is not None:  # npu_loaders.md §4 MoE, §5 MoE, §6.3: no NZ cast
+            return "the engines keep weight-only MoE expert stacks ND for npu_grouped_matmul"
         # aclnnWeightQuantBatchMatmulV2 NZ support on A2/A3 (torch_npu_ops.md §2.3)
         if self.storage_bits == 8 and spec.num_groups > 1:
             return "int8 NZ weights are per-channel only"
