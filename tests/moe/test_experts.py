@@ -48,7 +48,7 @@ class FakeReader(Reader):
     def scan(self):
         return [layer.spec for layer in self.layers.values()]
 
-    def load(self, spec):
+    def load_layer(self, spec):
         self.loaded.append(spec.name)
         return self.layers[spec.name]
 

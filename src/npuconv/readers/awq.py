@@ -198,7 +198,7 @@ class AWQReader(Reader):
             source_tensors=tuple(name for name in names.values() if self.ckpt.has(name)),
         )
 
-    def load(self, spec: LinearSpec) -> QuantizedLinear:
+    def load_layer(self, spec: LinearSpec) -> QuantizedLinear:
         prefix = spec.name
         qweight = self.tensor(f"{prefix}.qweight")
         qzeros = self.tensor(f"{prefix}.qzeros")

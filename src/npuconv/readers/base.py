@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from functools import cached_property
 from typing import ClassVar
 
@@ -32,13 +31,6 @@ class Reader:
     def __init__(self, checkpoint: Checkpoint):
         self.ckpt = checkpoint
         self.warnings: list[str] = []
-
-    def __init_subclass__(cls, **kwargs) -> None:
-        """Every reader's own ``load`` also loads the expert stacks made by :meth:`linear_specs`."""
-        super().__init_subclass__(**kwargs)
-        own = cls.__dict__.get("load")
-        if own is not None and not getattr(own, "_loads_expert_stacks", False):
-            cls.load = _loading_expert_stacks(own)
 
     @classmethod
     def matches(cls, checkpoint: Checkpoint) -> bool:
@@ -80,7 +72,15 @@ class Reader:
         return []
 
     def load(self, spec: LinearSpec) -> QuantizedLinear:
-        """Read and decode one layer into canonical form (override)."""
+        """One layer of :meth:`linear_specs` in canonical form; an expert stack is its members'
+        layers (:meth:`load_layer`), loaded one by one and stacked."""
+        members = self.expert_members(spec)
+        if members is None:
+            return self.load_layer(spec)
+        return experts.stack_layers(spec, [self.load_layer(member) for member in members])
+
+    def load_layer(self, spec: LinearSpec) -> QuantizedLinear:
+        """Read and decode one layer of :meth:`scan` into canonical form (override)."""
         raise NotImplementedError
 
     def consumed_files(self) -> list[str]:
@@ -136,20 +136,6 @@ class Reader:
                 f"tensor '{name}': {int(nonpositive.sum())} scale value(s) are zero or negative "
                 f"(first at index {_first(nonpositive)}); converted as stored"
             )
-
-
-def _loading_expert_stacks(load):
-    """Wrap a reader's ``load``: a stacked expert layer is its members' layers, loaded one by one and stacked."""
-
-    @functools.wraps(load)
-    def wrapper(self: Reader, spec: LinearSpec) -> QuantizedLinear:
-        members = self.expert_members(spec)
-        if members is None:
-            return load(self, spec)
-        return experts.stack_layers(spec, [load(self, member) for member in members])
-
-    wrapper._loads_expert_stacks = True  # type: ignore[attr-defined]
-    return wrapper
 
 
 def _first(mask: torch.Tensor) -> list[int]:

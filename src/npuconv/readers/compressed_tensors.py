@@ -680,7 +680,7 @@ class CompressedTensorsReader(Reader):
         return ActivationQuant(kind=kind, bits=a.num_bits, dynamic=dynamic, strategy=strategy, symmetric=a.symmetric)
 
     # ------------------------------------------------------------------------------ load
-    def load(self, spec: LinearSpec) -> QuantizedLinear:
+    def load_layer(self, spec: LinearSpec) -> QuantizedLinear:
         self.linear_specs()
         plan = self._plans.get(spec.name)
         if plan is None:

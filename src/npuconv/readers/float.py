@@ -45,7 +45,7 @@ class FloatReader(Reader):
             return {}
         return {"offline_quantization": self.recipe.target}
 
-    def load(self, spec: LinearSpec) -> QuantizedLinear:
+    def load_layer(self, spec: LinearSpec) -> QuantizedLinear:
         linear = getattr(self, "_linears", {}).get(spec.name)
         if self.recipe is None or linear is None:
             raise InputError(f"'{spec.name}' is not a quantized layer of this float checkpoint")

@@ -494,7 +494,7 @@ class GPTQReader(Reader):
         return detected
 
     # ------------------------------------------------------------------------------- loading
-    def load(self, spec: LinearSpec) -> QuantizedLinear:
+    def load_layer(self, spec: LinearSpec) -> QuantizedLinear:
         self.linear_specs()  # the format is detected in scan()
         prefix, bits = spec.name, spec.bits
         qweight = self.tensor(f"{prefix}.qweight")

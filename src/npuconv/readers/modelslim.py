@@ -536,7 +536,7 @@ class ModelSlimReader(Reader):
         return scale, zero
 
     # ---------------------------------------------------------------- load
-    def load(self, spec: LinearSpec) -> QuantizedLinear:
+    def load_layer(self, spec: LinearSpec) -> QuantizedLinear:
         if not self._plans:
             self.linear_specs()
         plan = self._plans.get(spec.name)

@@ -69,7 +69,7 @@ class NpuconvReader(Reader):
             out[role] = from_storage(tensor, entry)
         return out
 
-    def load(self, spec: LinearSpec) -> QuantizedLinear:
+    def load_layer(self, spec: LinearSpec) -> QuantizedLinear:
         return self.writer.read_layer(spec, self.tensors_of(spec))
 
 
