@@ -5,7 +5,7 @@
     python benchmarks/run.py --json results.json --markdown
 
 Each measurement runs in a fresh subprocess; wall time and peak RSS (``ru_maxrss`` of that child,
-from ``os.wait4``) are recorded. The baseline is ``copy_baseline.py``: ``safetensors.torch.load_file``
+from GNU ``time``) are recorded. The baseline is ``copy_baseline.py``: ``safetensors.torch.load_file``
 + ``save_file`` of every shard (+ fsync, as npuconv fsyncs), i.e. the same bytes in and out with no
 conversion. Inputs are synthesized on the fly (``synth.py``) into ``--work`` and never committed;
 every input is read once before timing so both runs start from a warm page cache.
@@ -20,6 +20,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,16 +34,20 @@ TARGETS = {"gptq-sym": ["npu-int4", "float"], "gptq-asym": ["npu-int4"], "awq": 
 
 
 def run_measured(cmd: list[str]) -> dict:
-    """Run a command; wall seconds and the child's peak RSS in bytes."""
-    started = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - started
-    out, err = proc.stdout.read().decode(), proc.stderr.read().decode()
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({code}):\n{err[-2000:]}")
-    return {"seconds": round(seconds, 3), "peak_rss_bytes": usage.ru_maxrss * 1024, "stdout": out}
+    """Run a command; wall seconds and its peak RSS in bytes.
+
+    The peak RSS comes from GNU time (``/usr/bin/time -f %M``), which runs the command as its own
+    child: ``ru_maxrss`` of a child forked directly from this (large) benchmark process would
+    include the parent's pages it inherited before ``exec``.
+    """
+    with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss:
+        started = time.perf_counter()
+        proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", rss.name, *cmd], capture_output=True, text=True)
+        seconds = time.perf_counter() - started
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+        peak_kb = int(rss.read().strip().splitlines()[-1])
+    return {"seconds": round(seconds, 3), "peak_rss_bytes": peak_kb * 1024, "stdout": proc.stdout}
 
 
 def warm(path: Path) -> int:

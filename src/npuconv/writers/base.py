@@ -41,8 +41,15 @@ class Writer:
         """None if this target can take the layer, else a one-line reason."""
         return None
 
-    def plan_layer(self, spec: LinearSpec) -> list[TensorPlan]:
+    def tensor_entries(self, spec: LinearSpec) -> dict[str, dict]:
+        """The layer's tensors by role, as ``npuconv.json`` entries (:func:`npu_common.tensor_entry`)."""
         raise NotImplementedError
+
+    def plan_layer(self, spec: LinearSpec) -> list[TensorPlan]:
+        """What :meth:`write_layer` will write, in order (default: from :meth:`tensor_entries`)."""
+        from npuconv.writers.npu_common import entry_plan
+
+        return [entry_plan(entry) for entry in self.tensor_entries(spec).values()]
 
     def write_layer(self, layer: QuantizedLinear) -> dict[str, torch.Tensor]:
         raise NotImplementedError

@@ -316,7 +316,7 @@ class ModelSlimWriter(Writer):
         # msModelSlim: float32 for bf16 models, int64 float bits otherwise (its default when unknown)
         return torch.float32 if self.options.model_dtype == torch.bfloat16 else torch.int64
 
-    def _entries(self, spec: LinearSpec) -> dict[str, dict]:
+    def tensor_entries(self, spec: LinearSpec) -> dict[str, dict]:
         qtype = self.quant_type(spec)
         p, n, k, groups = spec.name, spec.out_features, spec.in_features, spec.num_groups
         f32 = torch.float32
@@ -354,7 +354,7 @@ class ModelSlimWriter(Writer):
         if members is not None:
             return [plan for member in members for plan in self.plan_layer(member)]
         qtype = self.quant_type(spec)
-        entries = self._entries(spec)
+        entries = self.tensor_entries(spec)
         self._check_fused(spec.name, qtype)
         for role, entry in entries.items():
             self._description[entry["name"]] = FLOAT if role == "bias" else qtype
@@ -409,9 +409,9 @@ class ModelSlimWriter(Writer):
         qtype = self.quant_type(spec)
         members = unstack_spec(spec)
         if members is None:
-            tensors = self._entries(spec)
+            tensors = self.tensor_entries(spec)
         else:  # roles "experts.<e>.<role>": the per-expert tensors
-            tensors = {f"experts.{e}.{role}": entry for e, m in enumerate(members) for role, entry in self._entries(m).items()}
+            tensors = {f"experts.{e}.{role}": entry for e, m in enumerate(members) for role, entry in self.tensor_entries(m).items()}
         return {
             "scheme": spec.scheme,
             "source_scheme": spec.source_scheme,
@@ -430,7 +430,7 @@ class ModelSlimWriter(Writer):
             return {name: t for member in unstack_layer(layer) for name, t in self.write_layer(member).items()}
         spec = layer.spec
         qtype = self.quant_type(spec)
-        entries = self._entries(spec)
+        entries = self.tensor_entries(spec)
         if qtype in _WIDTH:
             out = self._write_int(layer, qtype)
         elif spec.scale_format == SCALE_E8M0:

@@ -21,9 +21,8 @@ import torch
 
 from npuconv import layouts
 from npuconv.model import FP4_E2M1, FP8_E4M3, SCALE_E8M0, LinearSpec, QuantizedLinear
-from npuconv.safetensors_io import TensorPlan
 from npuconv.writers.base import Writer
-from npuconv.writers.npu_common import entry_plan, tensor_entry
+from npuconv.writers.npu_common import tensor_entry
 
 MX_BLOCK = 32
 
@@ -44,7 +43,7 @@ class MxWriter(Writer):
     def sglang(self) -> bool:
         return self.options.mx_layout == "sglang"
 
-    def _entries(self, spec: LinearSpec) -> dict[str, dict]:
+    def tensor_entries(self, spec: LinearSpec) -> dict[str, dict]:
         p, n, k, batch = spec.name, spec.out_features, spec.in_features, spec.batch_shape
         kb2 = -(-(-(-k // MX_BLOCK)) // 2)
         fp4 = self.weight_format == FP4_E2M1
@@ -63,9 +62,6 @@ class MxWriter(Writer):
             entries["bias"] = tensor_entry(f"{p}.bias", torch.float32, (*batch, n))
         return entries
 
-    def plan_layer(self, spec: LinearSpec) -> list[TensorPlan]:
-        return [entry_plan(e) for e in self._entries(spec).values()]
-
     def layer_manifest(self, spec: LinearSpec) -> dict:
         act = spec.activation
         return {
@@ -77,11 +73,11 @@ class MxWriter(Writer):
             "group_size": MX_BLOCK,
             "mx_layout": self.options.mx_layout,
             "view": "transpose" if self.sglang else None,
-            "tensors": self._entries(spec),
+            "tensors": self.tensor_entries(spec),
         }
 
     def write_layer(self, layer: QuantizedLinear) -> dict[str, torch.Tensor]:
-        entries = self._entries(layer.spec)
+        entries = self.tensor_entries(layer.spec)
         codes = layer.qweight  # [.., N, K] fp8, or E2M1 codes one per byte
         if not self.sglang:
             codes = codes.transpose(-1, -2).contiguous()  # [.., K, N]

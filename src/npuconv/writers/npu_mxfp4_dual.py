@@ -45,9 +45,8 @@ from npuconv import layouts
 from npuconv.errors import InputError
 from npuconv.model import FP4_E2M1, SCALE_E8M0, SCALE_FLOAT, LinearSpec, QuantizedLinear
 from npuconv.offline import SOURCE_PREFIX, RecordsQuantizationError
-from npuconv.safetensors_io import TensorPlan
 from npuconv.writers.base import Writer
-from npuconv.writers.npu_common import MAX_KERNEL_DIM, entry_plan, maybe_nz, tensor_entry
+from npuconv.writers.npu_common import MAX_KERNEL_DIM, maybe_nz, tensor_entry
 
 KERNEL = "npu_dual_level_quant_matmul"
 L0 = layouts.DUAL_L0_BLOCK
@@ -99,7 +98,7 @@ class DualLevelLayout(Writer):
             return "expert stacks are not supported by npu_dual_level_quant_matmul"
         return None
 
-    def _entries(self, spec: LinearSpec) -> dict[str, dict]:
+    def tensor_entries(self, spec: LinearSpec) -> dict[str, dict]:
         p, n, k = spec.name, spec.out_features, spec.in_features
         weight = tensor_entry(f"{p}.weight", torch.uint8, (n, k // 2), nz_c0=WEIGHT_NZ_C0, packing="fp4x2",
                               logical_shape=(n, k))
@@ -112,9 +111,6 @@ class DualLevelLayout(Writer):
             entries["bias"] = tensor_entry(f"{p}.bias", torch.float32, (n,))
         return entries
 
-    def plan_layer(self, spec: LinearSpec) -> list[TensorPlan]:
-        return [entry_plan(e) for e in self._entries(spec).values()]
-
     def layer_manifest(self, spec: LinearSpec) -> dict:
         return {
             "scheme": "w4a4_mxfp4_dual",
@@ -126,13 +122,13 @@ class DualLevelLayout(Writer):
             "level0_block": L0,
             "level1_block": L1,
             "level0_from": "source scale" if spec.scale_format == SCALE_FLOAT else "1.0 (MX source)",
-            "tensors": self._entries(spec),
+            "tensors": self.tensor_entries(spec),
         }
 
     def write_layer(self, layer: QuantizedLinear) -> dict[str, torch.Tensor]:
         spec = layer.spec
         k = spec.in_features
-        entries = self._entries(spec)
+        entries = self.tensor_entries(spec)
         attached = getattr(layer, "dual_level", None)
         if attached is not None:
             level0, level1 = attached

@@ -32,9 +32,8 @@ import torch
 
 from npuconv import layouts
 from npuconv.model import INT, LinearSpec, QuantizedLinear
-from npuconv.safetensors_io import TensorPlan
 from npuconv.writers.base import Writer
-from npuconv.writers.npu_common import MAX_KERNEL_DIM, entry_plan, tensor_entry
+from npuconv.writers.npu_common import MAX_KERNEL_DIM, tensor_entry
 from npuconv.writers.npu_w4a8 import codes_from_signed_kn, int4_weight_entry, signed_kn
 
 KERNEL = "npu_quant_matmul"
@@ -66,7 +65,7 @@ class NpuW4A4Writer(Writer):
             return f"N and K must be ≤ {MAX_KERNEL_DIM}"
         return None
 
-    def _entries(self, spec: LinearSpec) -> dict[str, dict]:
+    def tensor_entries(self, spec: LinearSpec) -> dict[str, dict]:
         p, n, batch = spec.name, spec.out_features, spec.batch_shape
         entries = {
             "weight": int4_weight_entry(spec, None),
@@ -75,9 +74,6 @@ class NpuW4A4Writer(Writer):
         if spec.has_bias:
             entries["bias"] = tensor_entry(f"{p}.bias", torch.float32, (*batch, n))
         return entries
-
-    def plan_layer(self, spec: LinearSpec) -> list[TensorPlan]:
-        return [entry_plan(e) for e in self._entries(spec).values()]
 
     def layer_manifest(self, spec: LinearSpec) -> dict:
         act = spec.activation
@@ -95,11 +91,11 @@ class NpuW4A4Writer(Writer):
             "code_offset": 2 ** (spec.bits - 1),
             "int4_layout": W4A4_LAYOUT,
             "view": None,
-            "tensors": self._entries(spec),
+            "tensors": self.tensor_entries(spec),
         }
 
     def write_layer(self, layer: QuantizedLinear) -> dict[str, torch.Tensor]:
-        entries = self._entries(layer.spec)
+        entries = self.tensor_entries(layer.spec)
         out = {
             "weight": layouts.int4pack(signed_kn(layer)),
             "weight_scale": layer.effective_scale()[..., 0].contiguous(),

@@ -44,9 +44,8 @@ import torch
 
 from npuconv import layouts
 from npuconv.model import INT, LinearSpec, QuantizedLinear
-from npuconv.safetensors_io import TensorPlan
 from npuconv.writers.base import Writer
-from npuconv.writers.npu_common import entry_plan, maybe_nz, tensor_entry
+from npuconv.writers.npu_common import maybe_nz, tensor_entry
 
 KERNEL = "npu_grouped_matmul"
 
@@ -132,7 +131,7 @@ class NpuW4A8Writer(Writer):
         return layouts.nz_c0(torch.int32, int4_packed=True)
 
     # ------------------------------------------------------------------ plan
-    def _entries(self, spec: LinearSpec) -> dict[str, dict]:
+    def tensor_entries(self, spec: LinearSpec) -> dict[str, dict]:
         p, n, batch = spec.name, spec.out_features, spec.batch_shape
         groups = spec.num_groups
         scale_shape = (*batch, n) if groups == 1 else (*batch, groups, n)
@@ -148,9 +147,6 @@ class NpuW4A8Writer(Writer):
         if spec.has_bias:
             entries["bias"] = tensor_entry(f"{p}.bias", torch.float32, (*batch, n))
         return entries
-
-    def plan_layer(self, spec: LinearSpec) -> list[TensorPlan]:
-        return [entry_plan(e) for e in self._entries(spec).values()]
 
     def verify_tp(self, spec: LinearSpec) -> int:
         """The largest TP degree ``t | 16`` whose K slices hold whole groups (1 for column-parallel layers)."""
@@ -189,13 +185,13 @@ class NpuW4A8Writer(Writer):
                             "scale_bias_partials[..., r*16/t:(r+1)*16/t].sum(-1)") if row else "every rank uses scale_bias",
             },
             "verify_tp": self.verify_tp(spec),
-            "tensors": self._entries(spec),
+            "tensors": self.tensor_entries(spec),
         }
 
     # ------------------------------------------------------------------ write
     def write_layer(self, layer: QuantizedLinear) -> dict[str, torch.Tensor]:
         spec = layer.spec
-        entries = self._entries(spec)
+        entries = self.tensor_entries(spec)
         values = signed_kn(layer)  # [.., K, N] int8
         canonical = layer.effective_scale()  # [.., N, G] fp32
         out: dict[str, torch.Tensor] = {"weight": maybe_nz(layouts.int4pack(values), entries["weight"].get("c0"))}

@@ -35,9 +35,8 @@ import torch
 
 from npuconv import layouts
 from npuconv.model import INT, LinearSpec, QuantizedLinear
-from npuconv.safetensors_io import TensorPlan
 from npuconv.writers.base import Writer
-from npuconv.writers.npu_common import MAX_KERNEL_DIM, entry_plan, maybe_nz, tensor_entry
+from npuconv.writers.npu_common import MAX_KERNEL_DIM, maybe_nz, tensor_entry
 
 KERNEL = "npu_quant_matmul"
 
@@ -70,7 +69,7 @@ class NpuW8A8Writer(Writer):
     def _deq_dtype(self) -> torch.dtype:
         return torch.int64 if self.options.model_dtype == torch.float16 else torch.float32
 
-    def _entries(self, spec: LinearSpec) -> dict[str, dict]:
+    def tensor_entries(self, spec: LinearSpec) -> dict[str, dict]:
         p, n, k, batch = spec.name, spec.out_features, spec.in_features, spec.batch_shape
         nz = True if self.options.nz is None else self.options.nz
         entries = {
@@ -86,9 +85,6 @@ class NpuW8A8Writer(Writer):
             entries["bias"] = tensor_entry(f"{p}.bias", spec.bias_dtype or spec.scale_dtype, (*batch, n))
         return entries
 
-    def plan_layer(self, spec: LinearSpec) -> list[TensorPlan]:
-        return [entry_plan(e) for e in self._entries(spec).values()]
-
     def layer_manifest(self, spec: LinearSpec) -> dict:
         static = self._static(spec)
         return {
@@ -100,12 +96,12 @@ class NpuW8A8Writer(Writer):
             "group_size": -1,
             "symmetric": True,
             "deq_scale_encoding": ("int64-fp32-bits" if self._deq_dtype() == torch.int64 else "float32") if static else None,
-            "tensors": self._entries(spec),
+            "tensors": self.tensor_entries(spec),
         }
 
     def write_layer(self, layer: QuantizedLinear) -> dict[str, torch.Tensor]:
         spec = layer.spec
-        entries = self._entries(spec)
+        entries = self.tensor_entries(spec)
         signed = (layer.qweight - 128).view(torch.int8)  # [.., N, K]
         weight_scale = layer.effective_scale()[..., 0]  # [.., N] fp32
         out = {

@@ -37,11 +37,9 @@ import torch
 from npuconv import layouts
 from npuconv.model import INT, LinearSpec, QuantizedLinear
 from npuconv.packing import pack_nibbles
-from npuconv.safetensors_io import TensorPlan
 from npuconv.writers.base import Writer
 from npuconv.writers.npu_common import (
     MAX_KERNEL_DIM,
-    entry_plan,
     group_scale_layout,
     group_scale_shape,
     maybe_nz,
@@ -103,7 +101,7 @@ class WeightOnlyIntWriter(Writer):
         return None
 
     # ------------------------------------------------------------------ plan
-    def _entries(self, spec: LinearSpec) -> dict[str, dict]:
+    def tensor_entries(self, spec: LinearSpec) -> dict[str, dict]:
         p, n, k, batch = spec.name, spec.out_features, spec.in_features, spec.batch_shape
         scale_shape = group_scale_shape(batch, n, spec.num_groups)
         c0 = self.nz_c0(spec)
@@ -121,9 +119,6 @@ class WeightOnlyIntWriter(Writer):
             entries["bias"] = tensor_entry(f"{p}.bias", spec.bias_dtype or spec.scale_dtype, (*batch, n))
         return entries
 
-    def plan_layer(self, spec: LinearSpec) -> list[TensorPlan]:
-        return [entry_plan(e) for e in self._entries(spec).values()]
-
     def layer_manifest(self, spec: LinearSpec) -> dict:
         return {
             "scheme": spec.scheme,
@@ -136,13 +131,13 @@ class WeightOnlyIntWriter(Writer):
             "symmetric": spec.symmetric,
             "act_order": spec.act_order,
             "code_offset": 2 ** (spec.bits - 1),
-            "tensors": self._entries(spec),
+            "tensors": self.tensor_entries(spec),
         }
 
     # ------------------------------------------------------------------ write
     def write_layer(self, layer: QuantizedLinear) -> dict[str, torch.Tensor]:
         spec = layer.spec
-        entries = self._entries(spec)
+        entries = self.tensor_entries(spec)
         midpoint = 2 ** (spec.bits - 1)
         codes = layer.qweight
         out: dict[str, torch.Tensor] = {}
