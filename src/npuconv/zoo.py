@@ -241,29 +241,37 @@ def _error_text(error: BaseException) -> tuple[str, int]:
     return " ".join(f"internal error: {type(error).__name__}: {error}".split()), EXIT_INTERNAL
 
 
-def run_entry(entry: ZooEntry, force: bool = False) -> dict:
-    """Check, convert (unless up to date) and optionally verify one entry; never raises (but KeyboardInterrupt)."""
+def run_entry(entry: ZooEntry, force: bool = False, dry_run: bool = False) -> dict:
+    """Check, convert (unless up to date) and optionally verify one entry; never raises (but KeyboardInterrupt).
+
+    With ``dry_run`` the conversion is only planned (status ``would-skip`` / ``would-convert``)
+    and nothing is verified or written.
+    """
     from npuconv.convert import convert, manifest_options
 
     started = time.perf_counter()
     values: dict = {}
     try:
-        options = entry.convert_options(force=True)
+        options = entry.convert_options(force=True, dry_run=dry_run)
         freshness = check_output(entry.output, entry.source, entry.target, manifest_options(options))
         if freshness.up_to_date and not force:
-            status = "skipped"
+            status = "would-skip" if dry_run else "skipped"
             values["reason"] = freshness.reason
         else:
             if freshness.exists and not freshness.is_output:
                 raise OutputError(f"{entry.output}: {freshness.reason}; refusing to replace it (even with --force)")
             values["reason"] = "forced" if force else freshness.reason
             report = convert(entry.source, entry.output, options)
-            status = "converted"
-            values.update(bytes_in=report["bytes_in"], bytes_out=report["bytes_out"], warnings=report["warnings"])
+            if dry_run:
+                status = "would-convert"
+                values.update(bytes_out=report["plan"]["total_bytes"], warnings=report["plan"]["warnings"])
+            else:
+                status = "converted"
+                values.update(bytes_in=report["bytes_in"], bytes_out=report["bytes_out"], warnings=report["warnings"])
     except Exception as e:
         values["error"], values["exit_code"] = _error_text(e)
         status = "failed"
-    if status != "failed" and entry.verify:
+    if status != "failed" and entry.verify and not dry_run:
         status = _verify_entry(entry, values, status)
     values["seconds"] = round(time.perf_counter() - started, 3)
     return _result(entry, status, **values)
@@ -303,32 +311,6 @@ def _read_manifest(output: Path) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def plan_entry(entry: ZooEntry, force: bool = False) -> dict:
-    """``--dry-run`` for one entry: would it be skipped or converted (the conversion is planned, nothing written)."""
-    from npuconv.convert import convert, manifest_options
-
-    started = time.perf_counter()
-    values: dict = {}
-    try:
-        options = entry.convert_options(force=True, dry_run=True)
-        freshness = check_output(entry.output, entry.source, entry.target, manifest_options(options))
-        if freshness.up_to_date and not force:
-            status, values["reason"] = "would-skip", freshness.reason
-        else:
-            if freshness.exists and not freshness.is_output:
-                raise OutputError(f"{entry.output}: {freshness.reason}; refusing to replace it (even with --force)")
-            values["reason"] = "forced" if force else freshness.reason
-            report = convert(entry.source, entry.output, options)
-            status = "would-convert"
-            values.update(bytes_out=report["plan"]["total_bytes"], warnings=report["plan"]["warnings"])
-    except Exception as e:
-        values["error"], values["exit_code"] = _error_text(e)
-        status = "failed"
-    values["seconds"] = round(time.perf_counter() - started, 3)
-    return _result(entry, status, **values)
-
-
-# ------------------------------------------------------------------------------------ worker processes
 def _peak_rss_bytes() -> int | None:
     """High-water resident set size of this process (getrusage RUSAGE_SELF; KiB on Linux, bytes on macOS)."""
     try:
@@ -498,7 +480,7 @@ def run_zoo(
         for entry in entries:
             if on_event:
                 on_event("start", entry, None)
-            results[entry.index] = plan_entry(entry, options.force)
+            results[entry.index] = run_entry(entry, options.force, dry_run=True)
             if on_event:
                 on_event("done", entry, results[entry.index])
     else:
