@@ -37,7 +37,7 @@ class Checkpoint:
         if not root.is_dir():
             raise InputError(f"{root}: not a directory")
         self.root = root
-        self.source_id = source_id or str(root)
+        self.source_id = source_id or os.path.abspath(root)  # absolute: recorded in manifests, used from any cwd
         self.revision = revision
         self.weight_files = self._find_weight_files()
         self.tensors = self._index_tensors()

@@ -39,6 +39,7 @@ that), and a source modified *while* it is being converted is not detected.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,7 +88,7 @@ def source_fingerprint(checkpoint: Checkpoint, hash_files: bool = True) -> dict:
     ``hash_files=False`` (plain ``convert``, which must not read the input twice) records names,
     sizes and mtimes only; ``zoo`` hashes, so a touched-but-unchanged source is still up to date.
     """
-    is_hub = checkpoint.source_id != str(checkpoint.root)
+    is_hub = checkpoint.source_id != os.path.abspath(checkpoint.root)
     if is_hub and checkpoint.revision and _COMMIT.fullmatch(checkpoint.revision):
         return {"version": FINGERPRINT_VERSION, "kind": "hub", "repo": checkpoint.source_id, "commit": checkpoint.revision}
     return {
