@@ -209,7 +209,7 @@ DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard (e.g. 500MB, 5GB).")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(0, 64),
               help="Threads that read and repack layers ahead of the writer (0: none; memory grows by one layer each).")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists (atomically, at the end).")
+@click.option("--force", is_flag=True, help="Replace OUT if it is an earlier npuconv output (atomically, at the end).")
 @click.option("--dry-run", is_flag=True, help="Print the plan (layers, layouts, shards, bytes) and write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
@@ -387,7 +387,7 @@ ZOO_STYLE = {
 
 @cli.command("zoo")
 @click.argument("zoo_file")
-@click.option("--force", is_flag=True, help="Reconvert every entry, even if up to date (and replace outputs that are not npuconv's).")
+@click.option("--force", is_flag=True, help="Reconvert every entry, even if up to date (a directory that is not an npuconv output is never replaced).")
 @click.option("--fail-fast", is_flag=True, help="Start no further entry after the first failure.")
 @click.option("-j", "--jobs", default=1, show_default=True, type=click.IntRange(1, 1024), help="Entries converted in parallel, one process each.")
 @click.option("--shard", "shard_text", default=None, metavar="I/N", help="Run only shard I of N (e.g. 2/4) of the entries.")

@@ -28,6 +28,7 @@ from npuconv.fingerprint import source_fingerprint
 from npuconv.model import LinearSpec, spec_to_dict
 from npuconv.output import (
     DEFAULT_MAX_SHARD,
+    MANIFEST,
     AtomicDirectory,
     Shard,
     Unit,
@@ -41,7 +42,6 @@ from npuconv.readers.base import Reader
 from npuconv.source import open_source
 from npuconv.writers import Writer, WriterOptions, writer_class
 
-MANIFEST = "npuconv.json"
 
 
 @dataclass(frozen=True)

@@ -47,12 +47,11 @@ from pathlib import Path
 import npuconv
 from npuconv.checkpoint import Checkpoint
 from npuconv.errors import NpuconvError
-from npuconv.output import sha256_file
+from npuconv.output import MANIFEST, sha256_file
+from npuconv.source import looks_like_hub_id, split_repo_id
 
 FINGERPRINT_VERSION = 1
-MANIFEST = "npuconv.json"
 _COMMIT = re.compile(r"[0-9a-f]{40}")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")
 
 
 # ------------------------------------------------------------------------------ recording
@@ -99,11 +98,6 @@ def source_fingerprint(checkpoint: Checkpoint, hash_files: bool = True) -> dict:
 
 
 # ------------------------------------------------------------------------------ checking
-def looks_like_hub_id(text: str) -> bool:
-    """``org/name[@revision]`` syntax (a path starting with ``.`` or ``/`` never is one)."""
-    return not text.startswith((".", "/")) and bool(_HUB_ID.match(text))
-
-
 def is_hub_id(source: str) -> bool:
     """True for a Hub id that is not an existing local path (the rule of ``open_source``)."""
     return looks_like_hub_id(source) and not Path(source).exists()
@@ -144,7 +138,7 @@ def source_difference(recorded: dict, source: str) -> str | None:
     if recorded.get("version") != FINGERPRINT_VERSION or kind not in ("hub", "local"):
         return "source fingerprint of an unknown version"
     if is_hub_id(source):
-        repo_id, _, revision = source.partition("@")
+        repo_id, revision = split_repo_id(source)
         if kind != "hub" or recorded.get("repo") != repo_id:
             return f"source changed (now {repo_id})"
         commit = resolve_hub_commit(repo_id, revision or None)

@@ -34,6 +34,7 @@ from npuconv.errors import InputError, OutputError
 from npuconv.safetensors_io import StreamingWriter, TensorPlan
 
 DEFAULT_MAX_SHARD = 5 * 1000**3
+MANIFEST = "npuconv.json"  # written into every output by npuconv.convert
 SHARD_METADATA = {"format": "pt"}
 
 
@@ -184,8 +185,8 @@ class _HashingWriter(StreamingWriter):
         self._hash = hashlib.sha256()
         self._pending: queue.Queue = queue.Queue(maxsize=self.HASH_QUEUE)
         self._hasher = threading.Thread(target=self._consume, name="npuconv-sha256", daemon=True)
+        super().__init__(path, plans, SHARD_METADATA)  # may raise: no thread is running yet
         self._hasher.start()
-        super().__init__(path, plans, SHARD_METADATA)
 
     def _consume(self) -> None:
         while (data := self._pending.get()) is not None:
@@ -193,7 +194,10 @@ class _HashingWriter(StreamingWriter):
 
     def _emit(self, data) -> None:
         super()._emit(data)
-        self._pending.put(data)
+        if self._hasher.is_alive():
+            self._pending.put(data)
+        else:  # the header, written by StreamingWriter.__init__ before the thread starts
+            self._hash.update(data)
 
     def close(self) -> None:
         try:
@@ -259,16 +263,26 @@ class AtomicDirectory:
         try:
             _fsync_dir(self.tmp)
             if self.target.exists():
-                old = self.target.with_name(f".{self.target.name}.npuconv-old-{os.getpid()}")
-                os.rename(self.target, old)
-                os.rename(self.tmp, self.target)
-                shutil.rmtree(old, ignore_errors=True)
+                self._replace_target()
             else:
                 os.rename(self.tmp, self.target)
             _fsync_dir(self.target.parent)
         except OSError as e:
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise OutputError(f"{self.target}: cannot publish the output: {e.strerror or e}") from None
+
+    def _replace_target(self) -> None:
+        """Swap the new build in for the previous output; if the swap fails, the previous output is
+        put back, so OUT is always either the old or the new complete output."""
+        assert self.tmp is not None
+        old = self.tmp.with_name(self.tmp.name + "-old")  # unique: derived from the mkdtemp name
+        os.rename(self.target, old)
+        try:
+            os.rename(self.tmp, self.target)
+        except BaseException:
+            os.rename(old, self.target)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -213,11 +213,16 @@ class StreamingWriter:
         self.path = path
         self._plans = plans
         self._next = 0
+        header = encode_header(plans, metadata)  # before opening: a bad plan leaves no open file
         try:
             self._file: BinaryIO = open(path, "wb")
         except OSError as e:
             raise OutputError(f"{path}: cannot create: {e.strerror or e}") from None
-        self._emit(encode_header(plans, metadata))
+        try:
+            self._emit(header)
+        except BaseException:
+            self.abort()
+            raise
 
     def _emit(self, data) -> None:
         try:

@@ -28,6 +28,11 @@ HUB_PATTERNS = [
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")
 
 
+def looks_like_hub_id(text: str) -> bool:
+    """``org/name[@revision]`` syntax (a path starting with ``.`` or ``/`` never is one)."""
+    return not text.startswith((".", "/")) and bool(_REPO_ID.match(text))
+
+
 def split_repo_id(model: str) -> tuple[str, str | None]:
     """``"org/name@rev"`` → ``("org/name", "rev")``."""
     repo, _, revision = model.partition("@")
@@ -40,7 +45,7 @@ def open_source(model: str | Path) -> Checkpoint:
     if path.exists():
         return Checkpoint(path)
     text = str(model)
-    if not _REPO_ID.match(text) or text.startswith((".", "/")):
+    if not looks_like_hub_id(text):
         raise InputError(f"{text}: no such directory (and not a Hugging Face repo id like org/name[@revision])")
     repo_id, revision = split_repo_id(text)
     local = _download(repo_id, revision)

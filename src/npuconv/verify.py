@@ -25,17 +25,17 @@ from __future__ import annotations
 import fnmatch
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from npuconv.checkpoint import Checkpoint
-from npuconv.convert import MANIFEST, config_dtype
+from npuconv.convert import config_dtype
 from npuconv.errors import InputError, VerificationFailed
 from npuconv.model import FP8_E4M3, INT, SCALE_E8M0, LinearSpec, QuantizedLinear, dequantize
-from npuconv.output import sha256_file
+from npuconv.output import MANIFEST, sha256_file
 from npuconv.readers import open_reader
 from npuconv.readers.base import Reader
 from npuconv.readers.npuconv_output import NpuconvReader
@@ -98,9 +98,11 @@ class _Pairing:
 
     output: Reader
     source: Reader
-    kernel_tensors: Callable[[LinearSpec, QuantizedLinear], tuple[dict, dict]]
+    # (layer as stored in the output, its stored tensors by role if the output holds kernel tensors)
+    decode: Callable[[LinearSpec], tuple[QuantizedLinear, dict | None]]
+    # (kernel tensors by role, manifest entry) from the decoded layer and its stored tensors
+    kernel_tensors: Callable[[LinearSpec, QuantizedLinear, dict | None], tuple[dict, dict]]
     mode: str
-    extra: dict = field(default_factory=dict)
 
 
 def verify(path: str | Path, options: VerifyOptions, on_layer: Callable[[int, int], None] | None = None) -> dict:
@@ -164,10 +166,14 @@ def _pair(output_ckpt: Checkpoint, output_reader: Reader, options: VerifyOptions
         if prepare is not None:  # a float source: its linears quantized as the conversion did (npuconv.offline)
             prepare(manifest["target"])
 
-        def stored(spec: LinearSpec, _layer: QuantizedLinear) -> tuple[dict, dict]:
-            return output_reader.tensors_of(spec), manifest["layers"][spec.name]
+        def decode(spec: LinearSpec) -> tuple[QuantizedLinear, dict]:
+            stored = output_reader.tensors_of(spec)  # read once: decoded for the layout check, run as is
+            return output_reader.writer.read_layer(spec, stored), stored
 
-        return _Pairing(output_reader, source, stored, "converted")
+        def stored_tensors(spec: LinearSpec, _layer: QuantizedLinear, stored: dict | None) -> tuple[dict, dict]:
+            return stored, manifest["layers"][spec.name]
+
+        return _Pairing(output_reader, source, decode, stored_tensors, "converted")
 
     # any other checkpoint: an npuconv output in a foreign format (e.g. --to modelslim, whose
     # npuconv.json records the source), a checkpoint given with --source, or one checked alone
@@ -177,7 +183,10 @@ def _pair(output_ckpt: Checkpoint, output_reader: Reader, options: VerifyOptions
     source_id = options.source or (manifest.get("source") or {}).get("id")
     source = open_reader(open_source(source_id)) if source_id else output_reader
 
-    def in_memory(spec: LinearSpec, layer: QuantizedLinear) -> tuple[dict, dict]:
+    def decode(spec: LinearSpec) -> tuple[QuantizedLinear, None]:
+        return output_reader.load(spec), None
+
+    def in_memory(spec: LinearSpec, layer: QuantizedLinear, _stored: dict | None) -> tuple[dict, dict]:
         target = default_target(spec)
         if target is None:
             raise _Skip(f"no Ascend kernel for {spec.scheme}")
@@ -190,7 +199,7 @@ def _pair(output_ckpt: Checkpoint, output_reader: Reader, options: VerifyOptions
         tensors = {role: from_storage(stored[e["name"]], e) for role, e in entry["tensors"].items()}
         return tensors, entry
 
-    return _Pairing(output_reader, source, in_memory, "paired" if source_id else "source")
+    return _Pairing(output_reader, source, decode, in_memory, "paired" if source_id else "source")
 
 
 def default_target(spec: LinearSpec) -> str | None:
@@ -237,10 +246,10 @@ class _Skip(Exception):
 def _verify_layer(spec, source_spec, pairing: _Pairing, backend, x, options: VerifyOptions) -> LayerResult:
     device = backend.device if backend.name != "npu" else "cpu"  # where the reference is computed
     source_layer = pairing.source.load(source_spec)
-    output_layer = source_layer if pairing.mode == "source" else pairing.output.load(spec)
+    output_layer, stored = (source_layer, None) if pairing.mode == "source" else pairing.decode(spec)
     exact = None if pairing.mode == "source" else same_weights(output_layer.to(device), source_layer.to(device))
     try:
-        tensors, entry = pairing.kernel_tensors(spec, output_layer)
+        tensors, entry = pairing.kernel_tensors(spec, output_layer, stored)
     except _Skip as skip:
         status = "fail" if exact is False else "skip"
         return LayerResult(spec.name, spec.scheme, "-", exact, math.nan, math.nan, math.nan, math.nan, status, f"skipped: {skip}")
@@ -250,7 +259,7 @@ def _verify_layer(spec, source_spec, pairing: _Pairing, backend, x, options: Ver
     y, x_effective = run_kernel(backend, entry, spec, moved, x.to(backend.device))
     y_ref = reference_output(source_layer.to(device), x_effective)
     max_abs, rel_l2, cosine = compare(y.double().cpu(), y_ref)
-    threshold = options.max_rel_l2 or THRESHOLDS[(family, x.dtype)]
+    threshold = options.max_rel_l2 if options.max_rel_l2 is not None else THRESHOLDS[(family, x.dtype)]
     passed = bool(exact is not False and rel_l2 <= threshold and cosine >= options.min_cosine)
     note = "" if exact is not False else "decoded layout differs from the source"
     return LayerResult(spec.name, spec.scheme, kernel, exact, max_abs, rel_l2, cosine, threshold, "pass" if passed else "fail", note)

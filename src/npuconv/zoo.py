@@ -43,9 +43,10 @@ from pathlib import Path
 from typing import Callable
 
 import npuconv
-from npuconv.errors import InputError, NpuconvError, OutputError
-from npuconv.fingerprint import check_output, looks_like_hub_id
-from npuconv.output import DEFAULT_MAX_SHARD
+from npuconv.errors import InputError, NpuconvError
+from npuconv.fingerprint import check_output
+from npuconv.source import looks_like_hub_id
+from npuconv.output import DEFAULT_MAX_SHARD, MANIFEST
 
 ENTRY_ONLY_KEYS = ("source", "output", "name")
 OPTION_KEYS = ("target", "nz", "dtype", "mx_layout", "max_shard_size", "verify")
@@ -258,8 +259,6 @@ def run_entry(entry: ZooEntry, force: bool = False, dry_run: bool = False) -> di
             status = "would-skip" if dry_run else "skipped"
             values["reason"] = freshness.reason
         else:
-            if freshness.exists and not freshness.is_output:
-                raise OutputError(f"{entry.output}: {freshness.reason}; refusing to replace it (even with --force)")
             values["reason"] = "forced" if force else freshness.reason
             report = convert(entry.source, entry.output, options)
             if dry_run:
@@ -283,8 +282,8 @@ def _verify_entry(entry: ZooEntry, values: dict, status: str) -> str:
 
     source = entry.source
     fingerprint = _read_manifest(entry.output).get("source_fingerprint") or {}
-    if fingerprint.get("kind") == "hub":  # the commit that was converted, not where a branch points now
-        source = f"{fingerprint['repo']}@{fingerprint['commit']}"
+    if fingerprint.get("kind") == "hub" and fingerprint.get("repo") and fingerprint.get("commit"):
+        source = f"{fingerprint['repo']}@{fingerprint['commit']}"  # the commit converted, not where a branch is now
     try:
         report = verify(entry.output, VerifyOptions(source=source))
     except Exception as e:
@@ -305,7 +304,7 @@ def _verify_entry(entry: ZooEntry, values: dict, status: str) -> str:
 
 def _read_manifest(output: Path) -> dict:
     try:
-        value = json.loads((output / "npuconv.json").read_text(encoding="utf-8"))
+        value = json.loads((output / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return value if isinstance(value, dict) else {}

@@ -42,10 +42,6 @@ class Backend:
         for op in OP_NAMES:
             setattr(self, op, getattr(ops, op))
 
-    def to_device(self, t: torch.Tensor) -> torch.Tensor:
-        """Move a tensor to this backend's device (a no-op when it is there already)."""
-        return t.to(self.device)
-
     def __repr__(self) -> str:
         return f"Backend({self.name!r}, device={self.device!r})"
 

@@ -15,9 +15,9 @@ from npuconv.errors import InputError
 from npuconv.model import LinearSpec, QuantizedLinear, spec_from_dict
 from npuconv.readers.base import Reader
 from npuconv.writers import WriterOptions, writer_class
+from npuconv.output import MANIFEST
 from npuconv.writers.npu_common import from_storage
 
-MANIFEST = "npuconv.json"
 
 
 class NpuconvReader(Reader):

@@ -8,6 +8,7 @@ from typing import ClassVar
 import torch
 
 from npuconv.model import LinearSpec, QuantizedLinear
+from npuconv.output import MANIFEST
 from npuconv.safetensors_io import TensorInfo, TensorPlan
 
 
@@ -77,7 +78,7 @@ class Writer:
         config["quantization_config"] = {
             "quant_method": "npuconv",
             "target": self.target,
-            "manifest": "npuconv.json",
+            "manifest": MANIFEST,
             "npuconv_version": manifest["npuconv_version"],
         }
         return config
