@@ -176,12 +176,37 @@ def decode_e8m0(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(scale == 255, torch.full_like(values, float("nan")), values)
 
 
+DEQUANT_CHUNK_ELEMENTS = 1 << 22  # float32 temporaries per chunk of output rows (16 MiB each)
+
+
 def dequantize(layer: QuantizedLinear, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Float weight ``[..., N, K]`` by the canonical rule, computed in float32 then cast to ``dtype``.
 
     Done as ``(code - zero) * scale`` with one float32 product per element, which is exactly what
     GPTQModel, AutoAWQ, compressed-tensors and msModelSlim compute for integer and MX formats.
+    Large layers are computed in chunks of output rows straight into the result, so the float32
+    temporaries stay at :data:`DEQUANT_CHUNK_ELEMENTS` whatever the layer size.
     """
+    n, k = layer.qweight.shape[-2], layer.spec.in_features
+    rows = max(1, DEQUANT_CHUNK_ELEMENTS // max(1, k))
+    if n <= rows:
+        return _dequantize_rows(layer, dtype)
+    out = torch.empty(layer.qweight.shape, dtype=dtype, device=layer.qweight.device)
+    for start in range(0, n, rows):
+        out[..., start : start + rows, :] = _dequantize_rows(_row_slice(layer, start, start + rows), dtype)
+    return out
+
+
+def _row_slice(layer: QuantizedLinear, start: int, stop: int) -> QuantizedLinear:
+    """Output rows ``[start, stop)`` of a layer (views; group assignment and global scale unchanged)."""
+
+    def rows(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t[..., start:stop, :]
+
+    return replace(layer, qweight=rows(layer.qweight), scale=rows(layer.scale), zero=rows(layer.zero))
+
+
+def _dequantize_rows(layer: QuantizedLinear, dtype: torch.dtype) -> torch.Tensor:
     values = layer.decoded_codes()
     scale = layer.effective_scale()
     zero = None if layer.zero is None and layer.spec.weight_format != INT else layer.zero_points()
