@@ -78,6 +78,13 @@ def _digest_output(out: Path) -> dict[str, str]:
         if rel == "npuconv.json":
             text = json.dumps(_normalized_manifest(json.loads(path.read_text())), sort_keys=True)
             digests[rel] = hashlib.sha256(text.encode()).hexdigest()
+        elif rel == "npuconv_nz.json":  # npu-float's NZ listing: tensor entries, like the manifest's
+            data = json.loads(path.read_text())
+            data["tensors"] = {
+                name: {k: v for k, v in t.items() if k not in IGNORED_TENSOR_KEYS} for name, t in data["tensors"].items()
+            }
+            text = json.dumps(data, indent=2, sort_keys=True) + "\n"  # as npuconv.output.write_json
+            digests[rel] = hashlib.sha256(text.encode()).hexdigest()
         else:
             digests[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
     return digests

@@ -190,9 +190,9 @@ def _distinct(values) -> str:
 
 # ------------------------------------------------------------------------------------- convert
 def _target_help() -> str:
-    from npuconv.writers.targets import TARGETS
+    from npuconv.registry import target_names
 
-    return "Target layout: " + ", ".join(TARGETS) + " (see README / docs/layouts.md)."
+    return "Target layout: " + ", ".join(target_names()) + " (see README / docs/layouts.md)."
 
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -230,9 +230,10 @@ def convert_command(model, out, target, dtype, nz, mx_layout, max_shard_size, wo
 
     from npuconv.convert import ConvertOptions, convert
     from npuconv.output import parse_size
-    from npuconv.writers import WriterOptions, writer_class
+    from npuconv.registry import target_class
+    from npuconv.writers import WriterOptions
 
-    writer_class(target)  # validate the target before any I/O
+    target_class(target)  # validate the target before any I/O
     options = ConvertOptions(
         target=target,
         writer=WriterOptions(dtype=getattr(torch, dtype) if dtype else None, nz=nz, mx_layout=mx_layout),

@@ -39,8 +39,9 @@ from npuconv.output import (
 )
 from npuconv.readers import open_reader
 from npuconv.readers.base import Reader
+from npuconv.registry import get_target
 from npuconv.source import open_source
-from npuconv.writers import Writer, WriterOptions, writer_class
+from npuconv.writers import Target, WriterOptions
 
 
 
@@ -59,7 +60,7 @@ class ConvertOptions:
 class ConversionPlan:
     checkpoint: Checkpoint
     reader: Reader
-    writer: Writer
+    writer: Target
     layers: list[LinearSpec]
     shards: list[Shard]
 
@@ -72,7 +73,7 @@ class ConversionPlan:
         return {
             "source": self.checkpoint.source_id,
             "source_format": self.reader.format,
-            "target": self.writer.target,
+            "target": self.writer.name,
             "layers": [
                 {"name": s.name, "scheme": s.scheme, **self.writer.layer_manifest(s)} for s in self.layers
             ],
@@ -90,16 +91,16 @@ def make_plan(checkpoint: Checkpoint, options: ConvertOptions) -> ConversionPlan
     writer_options = options.writer
     if writer_options.model_dtype is None:
         writer_options = replace(writer_options, model_dtype=config_dtype(checkpoint.config))
-    writer = writer_class(options.target)(writer_options)
+    writer = get_target(options.target, writer_options)
     prepare = getattr(reader, "prepare_for_target", None)
     if prepare is not None:  # float sources: offline quantization for targets that have a recipe
-        prepare(writer.target)
+        prepare(writer.name)
     layers = reader.linear_specs()
     units: list[Unit] = []
     for spec in layers:
-        reason = writer.unsupported_reason(spec)
+        reason = writer.accepts(spec)
         if reason:
-            raise UnsupportedError(f"layer '{spec.name}' ({spec.scheme}) cannot be written as {writer.target}: {reason}")
+            raise UnsupportedError(f"layer '{spec.name}' ({spec.scheme}) cannot be written as {writer.name}: {reason}")
         units.append(Unit(writer.plan_layer(spec), _layer_producer(reader, writer, spec), spec.name))
     for name in reader.passthrough_names():
         info = checkpoint.info(name)
@@ -177,7 +178,7 @@ def build_manifest(plan: ConversionPlan, options: ConvertOptions, digests: dict[
     """
     return {
         "npuconv_version": npuconv.__version__,
-        "target": plan.writer.target,
+        "target": plan.writer.name,
         "source": {
             "id": plan.checkpoint.source_id,
             "revision": plan.checkpoint.revision,
@@ -213,14 +214,14 @@ def config_dtype(config: dict) -> torch.dtype | None:
     return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else None
 
 
-def _layer_producer(reader: Reader, writer: Writer, spec: LinearSpec):
+def _layer_producer(reader: Reader, writer: Target, spec: LinearSpec):
     def produce() -> dict[str, torch.Tensor]:
         return writer.write_layer(reader.load(spec))
 
     return produce
 
 
-def _passthrough_producer(checkpoint: Checkpoint, writer: Writer, name: str):
+def _passthrough_producer(checkpoint: Checkpoint, writer: Target, name: str):
     def produce() -> dict[str, torch.Tensor]:
         return {name: writer.write_passthrough(name, checkpoint.get(name))}
 

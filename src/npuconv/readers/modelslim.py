@@ -625,4 +625,3 @@ def decode_deq_scale(deq: torch.Tensor) -> torch.Tensor:
     return deq.float()
 
 
-READER = ModelSlimReader
