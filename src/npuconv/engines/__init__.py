@@ -1,0 +1,1 @@
+"""Serving-engine integrations (SGLang, vLLM / vLLM-Ascend): import only inside the engine's environment."""
