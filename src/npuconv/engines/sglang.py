@@ -136,16 +136,24 @@ class NpuconvConfig(QuantizationConfig):
         return None
 
     # ------------------------------------------------------------------ manifest lookup
+    def resolve(self, name: str) -> str | None:
+        """The manifest layer of an SGLang module name: the same name, or the one name ending in
+        ``"." + name`` (some SGLang models build their layers without the checkpoint's ``model.``)."""
+        if name in self.layers:
+            return name
+        found = [layer for layer in self.layers if layer.endswith("." + name)]
+        return found[0] if len(found) == 1 else None
+
     def part(self, name: str) -> tuple[str, dict, LinearSpec]:
         entry = self.layers[name]
         return name, entry, spec_from_dict(entry["spec"])
 
     def linear_parts(self, prefix: str) -> list[tuple[str, dict, LinearSpec]]:
         """The manifest layers behind an SGLang linear module, in shard order ([] if not converted)."""
-        if prefix in self.layers:
-            return [self.part(prefix)]
+        if self.resolve(prefix):
+            return [self.part(self.resolve(prefix))]
         head, _, leaf = prefix.rpartition(".")
-        names = [f"{head}.{sub}" if head else sub for sub in self.packed.get(leaf, [])]
+        names = [self.resolve(f"{head}.{sub}" if head else sub) or f"{head}.{sub}" for sub in self.packed.get(leaf, [])]
         present = [n for n in names if n in self.layers]
         if not present:
             return []
@@ -157,8 +165,8 @@ class NpuconvConfig(QuantizationConfig):
     def expert_parts(self, prefix: str) -> list[tuple[str, dict, LinearSpec]]:
         """(gate, up, down) stacked expert layers of a FusedMoE module ([] if not converted)."""
         for names in EXPERT_NAMES:
-            full = [f"{prefix}.{n}" for n in names]
-            if all(n in self.layers for n in full):
+            full = [self.resolve(f"{prefix}.{n}") for n in names]
+            if all(full):
                 return [self.part(n) for n in full]
         return []
 

@@ -21,7 +21,7 @@ def _inputs(k: int, dtype, seed: int) -> torch.Tensor:
     return torch.randn(TOKENS, k, generator=g).to(dtype)
 
 
-def run_checks(model, quant_config, model_config, fixture: str, rank: int, world: int) -> dict:
+def run_checks(model, model_config, fixture: str, rank: int, world: int) -> dict:
     from sglang.srt.layers.linear import LinearBase, RowParallelLinear
     from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
     from npuconv.engines.sglang import NpuconvLinearMethod, NpuconvMoEMethod
@@ -39,6 +39,22 @@ def run_checks(model, quant_config, model_config, fixture: str, rank: int, world
     return out
 
 
+def _activations(entry: dict, module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input, the activations the reference multiplies), as verify does: weight-only kernels use
+    ``x``; static W8A8 gets inputs inside its calibrated range (|x| ≲ 60·input_scale) and the reference
+    its int8 grid ``(clamp(round(x/s + o)) − o)·s``; dynamic W8A8 the per-token grid (absmax/127)."""
+    if entry.get("kernel") != "npu_quant_matmul":
+        return x, x.double()
+    if "input_scale" in entry["tensors"]:
+        s = float(module.input_scale.float().flatten()[0])
+        o = float(module.input_offset.float().flatten()[0])
+        x = (x.float() * s * 20).to(x.dtype)
+        q = torch.clamp(torch.round(x.double() / s + o), -128, 127)
+        return x, (q - o) * s
+    step = x.double().abs().amax(-1, keepdim=True) / 127
+    return x, torch.round(x.double() / step) * step
+
+
 def _ref_weight(refs, name: str) -> torch.Tensor:
     return refs[f"{name}.weight"].double()
 
@@ -46,13 +62,13 @@ def _ref_weight(refs, name: str) -> torch.Tensor:
 def _linear(module, method, refs, dtype, rank, world, row: bool) -> dict:
     parts = [name for name, _, _ in method.parts]
     full_k = method.parts[0][2].in_features
-    x_full = _inputs(full_k, dtype, seed=len(parts[0]))
+    x_full, x_ref = _activations(method.parts[0][1], module, _inputs(full_k, dtype, seed=len(parts[0])))
     bias = getattr(module, "bias", None)
     if row:
         k = full_k // world
         y = module(x_full[:, rank * k:(rank + 1) * k])
         y = y[0] if isinstance(y, tuple) else y
-        ref = x_full.double() @ _ref_weight(refs, parts[0]).T
+        ref = x_ref @ _ref_weight(refs, parts[0]).T
         if bias is not None:
             ref = ref + _full_bias(refs, module, parts, world)
         kind = "row"
@@ -64,7 +80,7 @@ def _linear(module, method, refs, dtype, rank, world, row: bool) -> dict:
             w = _ref_weight(refs, name)
             n = w.shape[0] // world
             blocks.append(w[rank * n:(rank + 1) * n])
-        ref = x_full.double() @ torch.cat(blocks).T
+        ref = x_ref @ torch.cat(blocks).T
         if bias is not None:
             ref = ref + bias.double()  # SGLang's own rank share of the checkpoint bias
         kind = "qkv" if len(parts) == 3 else "merged" if len(parts) == 2 else "column"
@@ -81,7 +97,7 @@ def _moe(module, method, refs, dtype, rank, world) -> dict:
 
     (gate_name, _, gspec), (up_name, _, _), (down_name, _, _) = method.parts
     experts, hidden = gspec.num_experts, gspec.in_features
-    x = _inputs(hidden, dtype, seed=7)
+    x, xd = _activations(method.parts[0][1], None, _inputs(hidden, dtype, seed=7))
     g = torch.Generator().manual_seed(11)
     top_k = 2
     logits = torch.randn(TOKENS, experts, generator=g)
@@ -91,7 +107,6 @@ def _moe(module, method, refs, dtype, rank, world) -> dict:
     head = gate_name.rpartition(".")[0]
     leaves = [n.rpartition(".")[2] for n in (gate_name, up_name, down_name)]
     ref = torch.zeros(TOKENS, hidden, dtype=torch.float64)
-    xd = x.double()
     for m in range(TOKENS):
         for j in range(top_k):
             e = int(ids[m, j])

@@ -69,57 +69,63 @@ def fake_torch_npu() -> types.ModuleType:
 
 
 # ------------------------------------------------------------------------------ SGLang set-up
-def setup(out: str, rank: int, world: int, port: int):
+def init_parallel(rank: int, world: int, port: int, first_model: str) -> None:
+    """gloo process groups the way SGLang's workers make them: publish server args, then the
+    world group, then the model-parallel groups."""
     import npuconv.engines.sglang as integration
-    integration.register()
-    from sglang.srt.configs.model_config import ModelConfig
+    integration.register()  # what the sglang.srt.plugins entry point does in every SGLang process
     from sglang.srt.distributed import init_distributed_environment, initialize_model_parallel
-    from sglang.srt.runtime_context import SpawnRanks, publish
-    from sglang.srt.server_args import ServerArgs
-
-    args = ServerArgs(model_path=out, tp_size=world, device="cpu")
-    publish(args, role="scheduler", ranks=SpawnRanks(world_rank=rank))
+    _publish(first_model, rank, world)
     init_distributed_environment(world_size=world, rank=rank, local_rank=rank, backend="gloo",
                                  distributed_init_method=f"tcp://127.0.0.1:{port}")
     initialize_model_parallel(backend="gloo")
-    model_config = ModelConfig(model_path=out)  # SGLang's own check of quant_method against its registry
-    return model_config
 
 
-def build(model_config):
+def _publish(model: str, rank: int, world: int) -> None:
+    from sglang.srt.runtime_context import SpawnRanks, publish
+    from sglang.srt.server_args import ServerArgs
+    publish(ServerArgs(model_path=model, tp_size=world, device="cpu"), role="scheduler",
+            ranks=SpawnRanks(world_rank=rank))
+
+
+def build(out: str):
+    """SGLang's ModelConfig (checks quant_method against its registry), get_quant_config, the
+    model class of config.json, and the model's own load_weights over the output's shards."""
     import torch
     from sglang.srt.configs.load_config import LoadConfig
+    from sglang.srt.configs.model_config import ModelConfig
     from sglang.srt.model_loader.weight_utils import get_quant_config, safetensors_weights_iterator
     from sglang.srt.models.registry import ModelRegistry
 
+    model_config = ModelConfig(model_path=out)
     arch = model_config.hf_config.architectures[0]
     model_class, _ = ModelRegistry.resolve_model_cls([arch])
     quant_config = get_quant_config(model_config, LoadConfig(), getattr(model_class, "packed_modules_mapping", {}))
     torch.set_default_dtype(model_config.dtype)
-    model = model_class(config=model_config.hf_config, quant_config=quant_config)
-    torch.set_default_dtype(torch.float32)
-    files = sorted(os.path.join(model_config.model_path, f) for f in os.listdir(model_config.model_path)
-                   if f.endswith(".safetensors"))
+    try:
+        model = model_class(config=model_config.hf_config, quant_config=quant_config)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    files = sorted(os.path.join(out, f) for f in os.listdir(out) if f.endswith(".safetensors"))
     model.load_weights(safetensors_weights_iterator(files))
     for module in model.modules():
         method = getattr(module, "quant_method", None)
         if method is not None and hasattr(method, "process_weights_after_loading"):
             method.process_weights_after_loading(module)
-    return model, quant_config
+    return model, model_config
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("out")
-    ap.add_argument("fixture")
+    ap.add_argument("--case", action="append", required=True, help="NAME=OUT=FIXTURE")
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--port", type=int, default=29555)
     args = ap.parse_args()
     install_stubs()
-    import torch.multiprocessing as mp
     if args.tp == 1:
-        print(json.dumps(worker(0, args)))
+        print("RESULT " + json.dumps([worker(0, args)]))
         return
+    import torch.multiprocessing as mp
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_child, args=(r, args, queue)) for r in range(args.tp)]
@@ -128,31 +134,31 @@ def main() -> None:
     results = [queue.get(timeout=600) for _ in procs]
     for p in procs:
         p.join()
-    results.sort(key=lambda r: r.get("rank", 0))
-    print(json.dumps({"ranks": results}))
+    print("RESULT " + json.dumps(sorted(results, key=lambda r: r["rank"])))
 
 
 def _child(rank, args, queue):
     try:
         queue.put(worker(rank, args))
     except BaseException as e:  # noqa: BLE001 - reported to the parent
-        import traceback
-        queue.put({"rank": rank, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]})
+        queue.put({"rank": rank, "error": f"{type(e).__name__}: {e}"})
 
 
 def worker(rank: int, args) -> dict:
+    """Every case on this rank: {"rank", "cases": {name: {"quantization", "layers"} | {"error"}}}."""
     from checks import run_checks
-    try:
-        model_config = setup(args.out, rank, args.tp, args.port)
-        model, quant_config = build(model_config)
-        result = run_checks(model, quant_config, model_config, args.fixture, rank, args.tp)
-    except Exception as e:  # noqa: BLE001 - one-line reasons are part of the result
-        import traceback
-        return {"rank": rank, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:],
-                "quantization": None}
-    result["rank"] = rank
-    result["quantization"] = model_config.quantization
-    return result
+    cases = [c.split("=") for c in args.case]
+    init_parallel(rank, args.tp, args.port, cases[0][1])
+    results = {}
+    for name, out, fixture in cases:
+        try:
+            _publish(out, rank, args.tp)
+            model, model_config = build(out)
+            results[name] = run_checks(model, model_config, fixture, rank, args.tp)
+            results[name]["quantization"] = model_config.quantization
+        except Exception as e:  # noqa: BLE001 - a refusal is a one-line reason in the result
+            results[name] = {"error": f"{type(e).__name__}: {e}"}
+    return {"rank": rank, "cases": results}
 
 
 if __name__ == "__main__":
