@@ -55,6 +55,15 @@ def _activations(entry: dict, module, x: torch.Tensor) -> tuple[torch.Tensor, to
     return x, torch.round(x.double() / step) * step
 
 
+def _reduced(module, y: torch.Tensor, world: int) -> torch.Tensor:
+    """The all-reduce of a row-parallel output: the layer's own when ``reduce_results``, else the one
+    SGLang's decoder layer does after it (the layer communicator / MoE block), done here the same way."""
+    if world > 1 and not getattr(module, "reduce_results", True):
+        from sglang.srt.distributed import tensor_model_parallel_all_reduce
+        y = tensor_model_parallel_all_reduce(y.contiguous())
+    return y
+
+
 def _ref_weight(refs, name: str) -> torch.Tensor:
     return refs[f"{name}.weight"].double()
 
@@ -67,7 +76,7 @@ def _linear(module, method, refs, dtype, rank, world, row: bool) -> dict:
     if row:
         k = full_k // world
         y = module(x_full[:, rank * k:(rank + 1) * k])
-        y = y[0] if isinstance(y, tuple) else y
+        y = _reduced(module, y[0] if isinstance(y, tuple) else y, world)
         ref = x_ref @ _ref_weight(refs, parts[0]).T
         if bias is not None:
             ref = ref + _full_bias(refs, module, parts, world)
@@ -103,7 +112,7 @@ def _moe(module, method, refs, dtype, rank, world) -> dict:
     logits = torch.randn(TOKENS, experts, generator=g)
     weights, ids = torch.softmax(logits, -1).topk(top_k, -1)
     topk = StandardTopKOutput(topk_weights=weights.float(), topk_ids=ids.int(), router_logits=logits)
-    y = module(x, topk)
+    y = _reduced(module, module(x, topk), world)
     head = gate_name.rpartition(".")[0]
     leaves = [n.rpartition(".")[2] for n in (gate_name, up_name, down_name)]
     ref = torch.zeros(TOKENS, hidden, dtype=torch.float64)

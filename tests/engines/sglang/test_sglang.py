@@ -1,0 +1,54 @@
+"""npuconv outputs served by SGLang 0.5.23's own code (model classes, fused linear shard logic,
+load_weights, RowParallel / MoE reductions over gloo): each converted layer's forward matches
+``x @ dequant(source)ᵀ`` (the writing tool's own dequantization) within verify's limits, at TP 1 and 2,
+or is refused at load with the target's one-line reason where no exact split exists."""
+
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+
+from conftest import CASES, REPO
+
+#: (case, tp) → the refusal expected instead of a load: the targets' exact-split rules (Target.split)
+REFUSED = {
+    ("gptq_int4_asym_actorder", 2): "act-order groups are not aligned to the rank boundary",
+    ("modelslim_w8a8", 2): "quant_bias folds the activation offset over all of K",
+}
+#: the SGLang module kinds each model must exercise
+KINDS = {"qkv", "row", "merged"}
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("case", list(CASES))
+def test_layers_match_reference(sglang_results, case, tp):
+    ranks = sglang_results(tp)
+    assert len(ranks) == tp
+    for rank in ranks:
+        assert "error" not in rank, rank
+        result = rank["cases"][case]
+        if (case, tp) in REFUSED:
+            assert REFUSED[case, tp] in result.get("error", ""), result
+            assert "\n" not in result["error"]
+            continue
+        assert "error" not in result, result["error"]
+        assert result["quantization"] == "npuconv"  # SGLang's ModelConfig took quant_method npuconv
+        layers = result["layers"]
+        kinds = {layer["kind"] for layer in layers.values()}
+        expected = KINDS | ({"moe"} if case.startswith("moe") else set())
+        if case == "moe_mixtral_w8a8":
+            expected -= {"merged"}  # Mixtral has no dense MLP
+        assert expected <= kinds, kinds
+        for name, layer in layers.items():
+            assert layer["rel_l2"] <= layer["limit"], (case, tp, rank["rank"], name, layer)
+
+
+def test_plugin_entry_point_declared():
+    """``python -m sglang.launch_server`` finds the method through this entry point (SGLang calls
+    every ``sglang.srt.plugins`` entry point in each process); it names a function that exists."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    target = project["project"]["entry-points"]["sglang.srt.plugins"]["npuconv"]
+    module, _, function = target.partition(":")
+    source = (REPO / "src" / (module.replace(".", "/") + ".py")).read_text()
+    assert f"def {function}(" in source
