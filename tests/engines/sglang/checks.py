@@ -39,7 +39,7 @@ def run_checks(model, model_config, fixture: str, rank: int, world: int) -> dict
     return out
 
 
-def _activations(entry: dict, module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _activations(entry: dict, module, x: torch.Tensor, chunks: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """(input, the activations the reference multiplies), as verify does: weight-only kernels use
     ``x``; static W8A8 gets inputs inside its calibrated range (|x| ≲ 60·input_scale) and the reference
     its int8 grid ``(clamp(round(x/s + o)) − o)·s``; dynamic W8A8 the per-token grid (absmax/127)."""
@@ -51,8 +51,11 @@ def _activations(entry: dict, module, x: torch.Tensor) -> tuple[torch.Tensor, to
         x = (x.float() * s * 20).to(x.dtype)
         q = torch.clamp(torch.round(x.double() / s + o), -128, 127)
         return x, (q - o) * s
-    step = x.double().abs().amax(-1, keepdim=True) / 127
-    return x, torch.round(x.double() / step) * step
+    pieces = []  # row-parallel: each rank quantizes its own K slice per token
+    for piece in x.double().chunk(chunks, dim=-1):
+        step = piece.abs().amax(-1, keepdim=True) / 127
+        pieces.append(torch.round(piece / step) * step)
+    return x, torch.cat(pieces, dim=-1)
 
 
 def _reduced(module, y: torch.Tensor, world: int) -> torch.Tensor:
@@ -71,7 +74,8 @@ def _ref_weight(refs, name: str) -> torch.Tensor:
 def _linear(module, method, refs, dtype, rank, world, row: bool) -> dict:
     parts = [name for name, _, _ in method.parts]
     full_k = method.parts[0][2].in_features
-    x_full, x_ref = _activations(method.parts[0][1], module, _inputs(full_k, dtype, seed=len(parts[0])))
+    x_full, x_ref = _activations(method.parts[0][1], module, _inputs(full_k, dtype, seed=len(parts[0])),
+                                 world if row else 1)
     bias = getattr(module, "bias", None)
     if row:
         k = full_k // world

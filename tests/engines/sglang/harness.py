@@ -72,8 +72,12 @@ def fake_torch_npu() -> types.ModuleType:
 def init_parallel(rank: int, world: int, port: int, first_model: str) -> None:
     """gloo process groups the way SGLang's workers make them: publish server args, then the
     world group, then the model-parallel groups."""
-    import npuconv.engines.sglang as integration
-    integration.register()  # what the sglang.srt.plugins entry point does in every SGLang process
+    from sglang.srt.layers.quantization import QUANTIZATION_METHODS
+    from sglang.srt.plugins import load_plugins
+    load_plugins()  # SGLang's own discovery: finds npuconv where it is pip-installed with its entry point
+    if "npuconv" not in QUANTIZATION_METHODS:  # npuconv on PYTHONPATH only: what the entry point calls
+        import npuconv.engines.sglang as integration
+        integration.register()
     from sglang.srt.distributed import init_distributed_environment, initialize_model_parallel
     _publish(first_model, rank, world)
     init_distributed_environment(world_size=world, rank=rank, local_rank=rank, backend="gloo",
