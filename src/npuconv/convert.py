@@ -54,6 +54,9 @@ class ConvertOptions:
     dry_run: bool = False
     workers: int = 1  # background threads producing layers ahead of the writer (0: none)
     hash_source: bool = False  # record the sha256 of every source file in the manifest (zoo mode)
+    #: write layer types that no serving engine loads (npuconv.engines.support); the CLI passes False
+    #: unless --allow-unservable, so `npuconv convert --to modelslim` refuses them before writing
+    allow_unservable: bool = True
 
 
 @dataclass
@@ -101,6 +104,12 @@ def make_plan(checkpoint: Checkpoint, options: ConvertOptions) -> ConversionPlan
         reason = writer.accepts(spec)
         if reason:
             raise UnsupportedError(f"layer '{spec.name}' ({spec.scheme}) cannot be written as {writer.name}: {reason}")
+        if not options.allow_unservable:
+            from npuconv.engines.support import unservable_reason
+
+            reason = unservable_reason(writer, spec)
+            if reason:
+                raise UnsupportedError(f"layer '{spec.name}' ({spec.scheme}) as {writer.name}: {reason}")
         units.append(Unit(writer.plan_layer(spec), _layer_producer(reader, writer, spec), spec.name))
     for name in reader.passthrough_names():
         info = checkpoint.info(name)
