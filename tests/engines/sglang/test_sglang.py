@@ -9,7 +9,7 @@ import tomllib
 
 import pytest
 
-from conftest import CASES, REPO
+from sglang_cases import CASES, REPO
 
 #: (case, tp) → the refusal expected instead of a load: the targets' exact-split rules (Target.split)
 REFUSED = {
