@@ -52,3 +52,26 @@ def test_plugin_entry_point_declared():
     module, _, function = target.partition(":")
     source = (REPO / "src" / (module.replace(".", "/") + ".py")).read_text()
     assert f"def {function}(" in source
+
+
+def test_sglang_own_gptq_npu_path_is_wrong_where_npuconv_is_right(sglang_env, tmp_path):
+    """engines.md: SGLang's GPTQ NPU conversion passes ``z − 8`` as ``antiquant_offset`` (the kernel adds
+    it; ``8 − z`` is right), so an asymmetric checkpoint comes out wrong; npuconv's output of the same
+    layer matches the GPTQ tool's own dequantization."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import _env
+    from sglang_cases import FIXTURES, HERE
+
+    fixture, out = FIXTURES / "gptq_v2_b4_g32_asym", tmp_path / "out"
+    subprocess.run([sys.executable, "-m", "npuconv", "convert", "-q", str(fixture), str(out), "--to", "npu-int4"],
+                   check=True, env=_env())
+    proc = subprocess.run([str(sglang_env), str(HERE / "engine_gptq.py"), str(fixture), str(out),
+                           "model.layers.0.self_attn.q_proj"], capture_output=True, text=True, env=_env(), timeout=600)
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    assert line, proc.stderr[-3000:]
+    err = json.loads(line[-1][len("RESULT "):])
+    assert err["sglang"] > 0.5  # engines.md measured 1.7–2.3 on these fixtures
+    assert err["npuconv"] < 1e-2
