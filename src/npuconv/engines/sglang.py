@@ -6,9 +6,8 @@ every SGLang process)::
 
     python -m sglang.launch_server --model-path OUT          # config.json says quant_method "npuconv"
 
-Without the entry point (npuconv not pip-installed), call :func:`register` before SGLang parses its
-arguments, e.g. ``python -c "import npuconv.engines.sglang as s; s.register(); from
-sglang.launch_server import ...``" — the entry point is the supported way.
+Without the entry point (npuconv only on ``PYTHONPATH``), :func:`register` must run in every SGLang
+process before the model config is checked; the entry point is the supported way.
 
 What :func:`register` does (SGLang 0.5.23 has no register function): adds :class:`NpuconvConfig` to
 ``sglang.srt.layers.quantization.QUANTIZATION_METHODS`` (the dict ``ModelConfig`` checks a
@@ -46,7 +45,7 @@ import torch
 from torch.nn import Parameter
 
 from sglang.srt.distributed.utils import get_group_rank_size
-from sglang.srt.layers.linear import LinearBase, RowParallelLinear
+from sglang.srt.layers.linear import LinearBase, ReplicatedLinear, RowParallelLinear
 from sglang.srt.layers.quantization.base_config import (
     FusedMoEMethodBase,
     LinearMethodBase,
@@ -236,7 +235,8 @@ class NpuconvLinearMethod(LinearMethodBase):
 
     def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
                        params_dtype, **extra_weight_attrs):
-        rank, world = get_group_rank_size(getattr(layer, "tp_group", None)) if hasattr(layer, "tp_group") else (0, 1)
+        replicated = isinstance(layer, ReplicatedLinear) or not hasattr(layer, "tp_group")
+        rank, world = (0, 1) if replicated else get_group_rank_size(layer.tp_group)
         parallel = ROW if isinstance(layer, RowParallelLinear) else COLUMN
         self.rank, self.world, self.parallel = rank, world, parallel
         self.sglang_loader = extra_weight_attrs.get("weight_loader")
@@ -301,7 +301,8 @@ class NpuconvLinearMethod(LinearMethodBase):
         if bias is not None:
             tensors["bias"] = bias
         backend = _backend_for(x)
-        y, _ = self.target.run(backend, self.parts[0][1], self.spec, tensors, x, tp=self.world if self.parallel == ROW else 1)
+        # tp=1: the tensors already are this rank's share (Target.split); the engine does the all-reduce
+        y, _ = self.target.run(backend, self.parts[0][1], self.spec, tensors, x, tp=1)
         return y
 
 
