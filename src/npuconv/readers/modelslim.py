@@ -96,6 +96,7 @@ from functools import cached_property
 
 import torch
 
+from npuconv import layouts
 from npuconv.checkpoint import Checkpoint
 from npuconv.errors import InputError, UnsupportedError
 from npuconv.model import (
@@ -619,9 +620,7 @@ def decode_deq_scale(deq: torch.Tensor) -> torch.Tensor:
     32..63 are ignored, as msModelSlim's ``int64tofp32`` does); float (bf16 models): as is.
     """
     if deq.dtype == torch.int64:
-        low = deq & 0xFFFFFFFF
-        low = torch.where(low >= 2**31, low - 2**32, low)  # the same 32 bits as a signed int32
-        return low.to(torch.int32).view(torch.float32)
+        return layouts.int64_bits_to_float(deq)
     return deq.float()
 
 

@@ -26,6 +26,7 @@ import torch
 from npuconv.errors import InputError
 from npuconv.model import LinearSpec, QuantizedLinear
 from npuconv.output import MANIFEST
+from npuconv.parallel import COLUMN, ROW
 from npuconv.safetensors_io import TensorInfo, TensorPlan
 
 #: verify's default minimum cosine similarity, every kernel
@@ -33,8 +34,6 @@ MIN_COSINE = 0.9999
 #: verify's rel-L2 limits of kernels that quantize activations (int8/int4/MX), per activation dtype
 QUANT_REL_L2 = {torch.float16: 5e-3, torch.bfloat16: 1e-2}
 
-COLUMN = "column"  # tensor parallelism that splits N (output features)
-ROW = "row"  # tensor parallelism that splits K (input features)
 
 
 @dataclass(frozen=True)
