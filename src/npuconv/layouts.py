@@ -408,6 +408,9 @@ def a8w4_scale_bias(values: torch.Tensor, scale: torch.Tensor, chunks: int = 1,
 # E8M0 and FP4 (ops §0.2, §7)
 # ----------------------------------------------------------------------------------------------
 
+#: Elements per E8M0 scale of every MX format (OCP MX; ops §4.5): one scale byte per 32 along K.
+MX_BLOCK = 32
+
 #: E2M1 magnitudes indexed by the low 3 code bits (ops §0.2); code bit 3 is the sign.
 E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 #: E1M2 magnitudes (ops §0.2: max 1.75, emax 0): 0.mm subnormals, then 1.mm.

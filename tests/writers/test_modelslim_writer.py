@@ -43,7 +43,8 @@ from npuconv.safetensors_io import TensorInfo, read_header, read_tensor, save_fi
 from npuconv.verify import VerifyOptions, verify
 from npuconv.registry import target_class
 from npuconv.writers import WriterOptions
-from npuconv.writers.modelslim import ModelSlimTarget, compute_scale_bias, fused_group
+from npuconv.modelslim_schema import fused_group
+from npuconv.writers.modelslim import ModelSlimTarget, compute_scale_bias
 
 # fixture → msModelSlim type of every layer
 EXPECTED = {

@@ -89,66 +89,26 @@ from npuconv import layouts
 from npuconv.layouts import A8W4_SCALE_BIAS_CHUNKS
 from npuconv.errors import InputError, UnsupportedError
 from npuconv.model import FP4_E2M1, FP8_E4M3, INT, SCALE_E8M0, LinearSpec, QuantizedLinear
+from npuconv.modelslim_schema import (
+    DESCRIPTION,
+    FLOAT,
+    INT_SUFFIXES,
+    KERNELS,
+    MX_GROUP,
+    QUANT_TYPE_PRIORITY,
+    STORAGE_BITS,
+    UNDESCRIBED_SUFFIXES,
+    VERSION,
+    fused_group,
+    mx_type,
+)
 from npuconv.packing import pack_nibbles
 from npuconv.parallel import COLUMN, ROW, parallel_kind
 from npuconv.readers.experts import unstack_layer, unstack_spec
-from npuconv.readers.modelslim import DESCRIPTION, FLOAT, UNDESCRIBED_SUFFIXES
 from npuconv.safetensors_io import TensorInfo, TensorPlan
 from npuconv.writers.base import Target
 from npuconv.writers.npu_common import entry_plan, tensor_entry
 
-VERSION = "1.0.0"
-MX_BLOCK = 32
-
-# msModelSlim AscendV1Saver.QUANT_TYPE_PRIORITY (later = higher); W4A8_DYNAMIC deliberately absent
-QUANT_TYPE_PRIORITY = (
-    "FLOAT",
-    "W16A16S",
-    "W8A16",
-    "W8A8_DYNAMIC",
-    "W8A8_MIX",
-    "W8A8",
-    "WFP8AFP8_DYNAMIC",
-    "W8A8_MXFP8",
-    "W4A8_MXFP",
-    "W4A4_DYNAMIC",
-    "W4A4_MXFP4",
-    "W4A4_MXFP4_DUALSCALE",
-    "W4A4_MXFP4_SVD",
-)
-
-# shards that engines fuse into one layer: leaf name → group
-FUSED_SHARDS = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up",
-                "w1": "gate_up", "w3": "gate_up"}
-MOE_SHARDS = {"gate_proj": "w13", "up_proj": "w13", "w1": "w13", "w3": "w13", "down_proj": "w2", "w2": "w2"}
-
-_INT_SUFFIXES = ("weight_scale", "weight_offset")
-KERNELS = {  # what the engines run for the type (npu_loaders.md §3)
-    "W8A16": "npu_weight_quant_batchmatmul",
-    "W4A16": "none (no linear method)",
-    "W8A8_DYNAMIC": "npu_quant_matmul (dynamic)",
-    "W8A8": "npu_quant_matmul (static)",
-    "W4A8_DYNAMIC": "npu_grouped_matmul (MoE)",
-    "W4A4_DYNAMIC": "npu_quant_matmul (int4)",
-    "WFP8AFP8_DYNAMIC": "none (no engine method)",
-    "W8A8_MXFP8": "npu_quant_matmul (MX)",
-    "W4A8_MXFP": "npu_quant_matmul (MX)",
-    "W4A4_MXFP4": "npu_quant_matmul (MX)",
-    "W4A16_MXFP4": "npu_grouped_matmul (MoE)",
-}
-# integer types → storage width B of the signed codes
-_WIDTH = {"W8A16": 8, "W8A8_DYNAMIC": 8, "W8A8": 8, "W4A16": 4, "W4A8_DYNAMIC": 4, "W4A4_DYNAMIC": 4}
-
-
-def fused_group(prefix: str) -> tuple[str, str] | None:
-    """(owner, group) of a shard that engines fuse with its siblings, or None."""
-    parts = prefix.split(".")
-    leaf = parts[-1]
-    if len(parts) >= 3 and parts[-3] == "experts" and parts[-2].isdigit():
-        group = MOE_SHARDS.get(leaf)
-        return None if group is None else (".".join(parts[:-2]), group)
-    group = FUSED_SHARDS.get(leaf)
-    return None if group is None else (".".join(parts[:-1]), group)
 
 
 def compute_scale_bias(prefix: str, signed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -263,16 +223,14 @@ class ModelSlimTarget(Target):
 
     def _classify_mx(self, spec: LinearSpec) -> tuple[str | None, str | None]:
         act = spec.activation
-        if spec.group_size != MX_BLOCK:
-            return None, f"MX block size must be 32, got {spec.group_size}"
+        if spec.group_size != MX_GROUP:
+            return None, f"MX block size must be {MX_GROUP}, got {spec.group_size}"
         act_kind = None if act is None else (act.kind if act.strategy == "group" and act.dynamic else "other")
-        if spec.weight_format == FP8_E4M3:
-            if act_kind in (None, FP8_E4M3):
-                return "W8A8_MXFP8", None
-        elif spec.weight_format == FP4_E2M1:
-            types = {None: "W4A16_MXFP4", FP8_E4M3: "W4A8_MXFP", FP4_E2M1: "W4A4_MXFP4"}
-            if act_kind in types:
-                return types[act_kind], None
+        if spec.weight_format == FP8_E4M3 and act_kind is None:
+            act_kind = FP8_E4M3  # no weight-only MXFP8 type: written as W8A8_MXFP8 (a planning warning says so)
+        qtype = mx_type(spec.weight_format, act_kind)
+        if qtype is not None:
+            return qtype, None
         return None, f"{spec.scheme} has no msModelSlim type (MX activations must be MXFP8/MXFP4 or none)"
 
     @staticmethod
@@ -323,9 +281,9 @@ class ModelSlimTarget(Target):
             entries["input_offset"] = tensor_entry(f"{p}.input_offset", f32, (1,))
             entries["deq_scale"] = tensor_entry(f"{p}.deq_scale", self._deq_dtype(), (n,), n=0)
         elif spec.scale_format == SCALE_E8M0:
-            entries["weight_scale"] = tensor_entry(f"{p}.weight_scale", torch.uint8, (n, -(-k // MX_BLOCK)), n=0, k=1)
+            entries["weight_scale"] = tensor_entry(f"{p}.weight_scale", torch.uint8, (n, -(-k // MX_GROUP)), n=0, k=1)
         else:
-            for suffix in _INT_SUFFIXES:
+            for suffix in INT_SUFFIXES:
                 entries[suffix] = tensor_entry(f"{p}.{suffix}", f32, (n, groups), n=0, k=None if groups == 1 else 1)
             if qtype == "W4A8_DYNAMIC":
                 kind = parallel_kind(p)
@@ -345,7 +303,7 @@ class ModelSlimTarget(Target):
         for role, entry in entries.items():
             self._description[entry["name"]] = FLOAT if role == "bias" else qtype
         if spec.scale_format == SCALE_E8M0:
-            self._group_sizes.append(MX_BLOCK)
+            self._group_sizes.append(MX_GROUP)
         else:
             self._group_sizes.append(0 if spec.num_groups == 1 else spec.group_size)
         if len({g for g in self._group_sizes if g}) > 1:
@@ -417,7 +375,7 @@ class ModelSlimTarget(Target):
         spec = layer.spec
         qtype = self.quant_type(spec)
         entries = self.tensor_entries(spec)
-        if qtype in _WIDTH:
+        if qtype in STORAGE_BITS:
             out = self._write_int(layer, qtype)
         elif spec.scale_format == SCALE_E8M0:
             codes = layer.qweight
@@ -433,7 +391,7 @@ class ModelSlimTarget(Target):
 
     def _write_int(self, layer: QuantizedLinear, qtype: str) -> dict[str, torch.Tensor]:
         spec = layer.spec
-        midpoint = 2 ** (_WIDTH[qtype] - 1)
+        midpoint = 2 ** (STORAGE_BITS[qtype] - 1)
         signed = (layer.qweight.to(torch.int16) - midpoint).to(torch.int8).contiguous()  # [N, K], as msModelSlim holds it
         if qtype == "W8A8":
             return self._write_static(layer, signed)
@@ -490,7 +448,7 @@ class ModelSlimTarget(Target):
 
     def split_unit(self, role, entry, spec, axis, parallel):
         if parallel == ROW and role in ("weight_scale", "weight_offset"):
-            return MX_BLOCK if spec.scale_format == SCALE_E8M0 else spec.group_size
+            return MX_GROUP if spec.scale_format == SCALE_E8M0 else spec.group_size
         if parallel == ROW and role == "scale_bias":
             return spec.in_features // A8W4_SCALE_BIAS_CHUNKS
         return super().split_unit(role, entry, spec, axis, parallel)
