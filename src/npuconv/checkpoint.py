@@ -180,3 +180,12 @@ def _is_hub_blob(real: Path, root: Path) -> bool:
     """Hugging Face cache snapshots symlink into ``../../blobs``: those links are inside the repo cache."""
     repo_dir = root.parent.parent if root.parent.name == "snapshots" else None
     return repo_dir is not None and (repo_dir / "blobs") in real.parents
+
+
+def config_dtype(config: dict) -> torch.dtype | None:
+    """The model's activation dtype from config.json (``torch_dtype`` or transformers 5 ``dtype``)."""
+    name = config.get("torch_dtype") or config.get("dtype")
+    if not name and isinstance(config.get("text_config"), dict):
+        name = config["text_config"].get("torch_dtype") or config["text_config"].get("dtype")
+    dtype = getattr(torch, str(name), None) if name else None
+    return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else None

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 import npuconv
-from npuconv.checkpoint import Checkpoint
+from npuconv.checkpoint import Checkpoint, config_dtype
 from npuconv.errors import InputError, OutputError, UnsupportedError
 from npuconv.fingerprint import source_fingerprint
 from npuconv.model import LinearSpec, spec_to_dict
@@ -203,15 +203,6 @@ def manifest_options(options: ConvertOptions) -> dict:
         "mx_layout": writer_options.mx_layout,
         "max_shard_bytes": options.max_shard_bytes,
     }
-
-
-def config_dtype(config: dict) -> torch.dtype | None:
-    """The model's activation dtype from config.json (``torch_dtype`` or transformers 5 ``dtype``)."""
-    name = config.get("torch_dtype") or config.get("dtype")
-    if not name and isinstance(config.get("text_config"), dict):
-        name = config["text_config"].get("torch_dtype") or config["text_config"].get("dtype")
-    dtype = getattr(torch, str(name), None) if name else None
-    return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else None
 
 
 def _layer_producer(reader: Reader, writer: Target, spec: LinearSpec):

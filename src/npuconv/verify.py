@@ -36,8 +36,7 @@ from typing import Callable
 
 import torch
 
-from npuconv.checkpoint import Checkpoint
-from npuconv.convert import config_dtype
+from npuconv.checkpoint import Checkpoint, config_dtype
 from npuconv.errors import InputError
 from npuconv.model import LinearSpec, QuantizedLinear, dequantize
 from npuconv.output import MANIFEST, check_shards
@@ -49,7 +48,7 @@ from npuconv.runtime import to_backend
 from npuconv.source import open_source
 from npuconv.writers import Target, WriterOptions
 from npuconv.writers.base import MIN_COSINE
-from npuconv.writers.npu_common import from_storage
+from npuconv.entries import from_storage
 
 
 @dataclass(frozen=True)

@@ -324,11 +324,9 @@ def _worker(entry: ZooEntry, force: bool, env: dict, threads: int | None, conn) 
     """Body of a worker process: run one entry and send its result back."""
     os.environ.clear()
     os.environ.update(env)  # the zoo command's environment now, not the forkserver's at its start
-    from npuconv import cli
+    from npuconv.memory import tune_allocator
 
-    tune = getattr(cli, "tune_allocator", None)  # what `npuconv convert` does at start (glibc only)
-    if callable(tune):
-        tune()
+    tune_allocator()  # what `npuconv convert` does at start (glibc only)
     if threads:
         import torch
 

@@ -220,7 +220,7 @@ def test_backend_is_the_emulation():
 def test_expert_stack_runs_every_token_through_every_expert():
     from npuconv.model import dequantize
     from npuconv.runtime import run_kernel
-    from npuconv.writers.npu_common import from_storage
+    from npuconv.entries import from_storage
     from npuconv.writers.npu_w4a8 import NpuW4A8Target
 
     spec = LinearSpec("m.experts.down_proj", 16, 512, 4, 256, True, scale_dtype=torch.float16, num_experts=2)

@@ -115,7 +115,7 @@ class AWQConfig:
 
 class AWQReader(Reader):
     format = "awq"
-    stack_experts = True  # MoE experts → one [E, N, K] layer (npuconv.readers.experts)
+    stack_experts = True  # MoE experts → one [E, N, K] layer (npuconv.experts)
 
     def __init__(self, checkpoint: Checkpoint):
         super().__init__(checkpoint)

@@ -10,7 +10,7 @@ import torch
 from npuconv.checkpoint import Checkpoint
 from npuconv.errors import InputError
 from npuconv.model import LinearSpec, QuantizedLinear
-from npuconv.readers import experts
+from npuconv import experts
 
 
 class Reader:
@@ -23,7 +23,7 @@ class Reader:
 
     format: ClassVar[str] = ""
     #: MoE experts ``<p>.experts.<e>.<proj>`` become one stacked layer ``<p>.experts.<proj>`` with
-    #: ``num_experts = E`` (:mod:`npuconv.readers.experts`). Off here; on in the GPTQ, AWQ,
+    #: ``num_experts = E`` (:mod:`npuconv.experts`). Off here; on in the GPTQ, AWQ,
     #: compressed-tensors and msModelSlim readers (not in the float and npuconv-output readers). An
     #: instance may change it before its first :meth:`linear_specs` call.
     stack_experts: bool = False

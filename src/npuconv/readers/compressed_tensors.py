@@ -238,7 +238,7 @@ def _shape(shape) -> str:
 # ---------------------------------------------------------------------------------------- reader
 class CompressedTensorsReader(Reader):
     format = "compressed-tensors"
-    stack_experts = True  # MoE experts → one [E, N, K] layer (npuconv.readers.experts)
+    stack_experts = True  # MoE experts → one [E, N, K] layer (npuconv.experts)
 
     def __init__(self, checkpoint: Checkpoint):
         super().__init__(checkpoint)

@@ -337,7 +337,7 @@ def _dynamic_rules(dynamic: object, source: str) -> tuple[tuple[str, re.Pattern,
 # ------------------------------------------------------------------------------------------- reader
 class GPTQReader(Reader):
     format = "gptq"
-    stack_experts = True  # MoE experts → one [E, N, K] layer (npuconv.readers.experts)
+    stack_experts = True  # MoE experts → one [E, N, K] layer (npuconv.experts)
 
     def __init__(self, checkpoint: Checkpoint):
         super().__init__(checkpoint)

@@ -154,7 +154,7 @@ def description_files(checkpoint: Checkpoint) -> list[str]:
 
 class ModelSlimReader(Reader):
     format = "modelslim"
-    stack_experts = True  # MoE experts → one [E, N, K] layer (npuconv.readers.experts)
+    stack_experts = True  # MoE experts → one [E, N, K] layer (npuconv.experts)
 
     @classmethod
     def matches(cls, checkpoint: Checkpoint) -> bool:

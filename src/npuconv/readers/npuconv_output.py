@@ -17,7 +17,7 @@ from npuconv.model import LinearSpec, QuantizedLinear, spec_from_dict
 from npuconv.readers.base import Reader
 from npuconv.output import MANIFEST
 from npuconv.registry import layer_target
-from npuconv.writers.npu_common import from_storage
+from npuconv.entries import from_storage
 
 
 class NpuconvReader(Reader):

@@ -23,6 +23,7 @@ from typing import ClassVar, NamedTuple
 
 import torch
 
+from npuconv.entries import entry_plan, nd_shape_of_storage
 from npuconv.errors import InputError
 from npuconv.model import LinearSpec, QuantizedLinear
 from npuconv.output import MANIFEST
@@ -71,6 +72,14 @@ class Target:
         self.options = options or WriterOptions()
         self.warnings: list[str] = []
 
+    @classmethod
+    def for_layer(cls, manifest: dict, entry: dict) -> Target:
+        """The instance that reads back and runs one layer of an npuconv output: the output's recorded
+        ``options.mx_layout`` (a layer entry's own ``mx_layout`` wins), everything else default."""
+        options = manifest.get("options") or {}
+        mx_layout = entry.get("mx_layout") or options.get("mx_layout") or "vllm-ascend"
+        return cls(WriterOptions(mx_layout=mx_layout))
+
     # ------------------------------------------------------------------ what it takes
     def accepts(self, spec: LinearSpec) -> str | None:
         """None if this target can take the layer, else a one-line reason."""
@@ -84,13 +93,11 @@ class Target:
 
     # ------------------------------------------------------------------ plan and write
     def tensor_entries(self, spec: LinearSpec) -> dict[str, dict]:
-        """The layer's tensors by role, as ``npuconv.json`` entries (:func:`npu_common.tensor_entry`)."""
+        """The layer's tensors by role, as ``npuconv.json`` entries (:func:`npuconv.entries.tensor_entry`)."""
         raise NotImplementedError
 
     def plan_layer(self, spec: LinearSpec) -> list[TensorPlan]:
         """What :meth:`write_layer` will write, in order (default: from :meth:`tensor_entries`)."""
-        from npuconv.writers.npu_common import entry_plan
-
         return [entry_plan(entry) for entry in self.tensor_entries(spec).values()]
 
     def write_layer(self, layer: QuantizedLinear) -> dict[str, torch.Tensor]:
@@ -181,7 +188,7 @@ class Target:
     ) -> torch.Tensor:
         """Rank ``rank``'s share of one stored tensor under ``world``-way tensor parallelism.
 
-        ``tensor``: the tensor of ``role`` in its ND form (NZ tiles undone: :func:`npu_common.from_storage`;
+        ``tensor``: the tensor of ``role`` in its ND form (NZ tiles undone: :func:`npuconv.entries.from_storage`;
         packing kept); ``entry``: its ``npuconv.json`` tensor entry, whose ``"split"`` names the axis
         holding output features (``"n"``) and input features (``"k"``), or null; ``parallel``:
         ``"column"`` splits N, ``"row"`` splits K. A tensor without the axis is replicated (a
@@ -227,8 +234,6 @@ def _nd_shape(entry: dict) -> list[int]:
     """The stored dtype's ND shape of a tensor entry (= ``storage_shape`` unless NZ)."""
     if entry.get("layout") != "nz":
         return list(entry["storage_shape"])
-    from npuconv.writers.npu_common import nd_shape_of_storage
-
     return nd_shape_of_storage(entry)
 
 

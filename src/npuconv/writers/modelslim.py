@@ -63,7 +63,7 @@ row-parallel ones get 16 partial sums over K/16-wide chunks ``[N, 16]``; a name 
 match for the names msModelSlim's substring test knows (q/k/v/gate/up/o/down/w1/w2/w3); names it
 misses but engines split (``q_a_proj``, ``dense_4h_to_h``, …) get the engines' form instead.
 
-MoE expert stacks (``<p>.experts.<proj>`` with ``num_experts = E``, :mod:`npuconv.readers.experts`)
+MoE expert stacks (``<p>.experts.<proj>`` with ``num_experts = E``, :mod:`npuconv.experts`)
 are written un-stacked, ``<p>.experts.<e>.<proj>.*`` per expert with the types and tensors above,
 because msModelSlim stores (and the engines load) every expert as its own linear; the modelslim
 reader stacks them again.
@@ -104,10 +104,10 @@ from npuconv.modelslim_schema import (
 )
 from npuconv.packing import pack_nibbles
 from npuconv.parallel import COLUMN, ROW, parallel_kind
-from npuconv.readers.experts import unstack_layer, unstack_spec
+from npuconv.experts import unstack_layer, unstack_spec
 from npuconv.safetensors_io import TensorInfo, TensorPlan
 from npuconv.writers.base import Target
-from npuconv.writers.npu_common import entry_plan, tensor_entry
+from npuconv.entries import entry_plan, tensor_entry
 
 
 

@@ -24,7 +24,7 @@ from npuconv.layouts import MX_BLOCK
 from npuconv.model import FP4_E2M1, FP8_E4M3, SCALE_E8M0, LinearSpec, QuantizedLinear
 from npuconv.model import INT
 from npuconv.writers.base import ROW, Target
-from npuconv.writers.npu_common import tensor_entry
+from npuconv.entries import tensor_entry
 
 
 

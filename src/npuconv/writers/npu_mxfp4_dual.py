@@ -46,7 +46,8 @@ from npuconv.errors import InputError
 from npuconv.model import FP4_E2M1, SCALE_E8M0, SCALE_FLOAT, LinearSpec, QuantizedLinear
 from npuconv.offline import SOURCE_PREFIX, RecordsQuantizationError
 from npuconv.writers.base import ROW, Target
-from npuconv.writers.npu_common import MAX_KERNEL_DIM, maybe_nz, tensor_entry
+from npuconv.entries import tensor_entry
+from npuconv.writers.npu_common import MAX_KERNEL_DIM, maybe_nz
 
 KERNEL = "npu_dual_level_quant_matmul"
 L0 = layouts.DUAL_L0_BLOCK

@@ -48,7 +48,8 @@ from npuconv.model import INT, LinearSpec, QuantizedLinear
 from npuconv.errors import InputError
 from npuconv.parallel import COLUMN, ROW, parallel_kind
 from npuconv.writers.base import Target
-from npuconv.writers.npu_common import maybe_nz, tensor_entry
+from npuconv.entries import tensor_entry
+from npuconv.writers.npu_common import maybe_nz
 
 KERNEL = "npu_grouped_matmul"
 

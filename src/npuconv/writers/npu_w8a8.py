@@ -37,7 +37,8 @@ from npuconv import layouts
 from npuconv.model import INT, LinearSpec, QuantizedLinear
 from npuconv.errors import InputError
 from npuconv.writers.base import ROW, Target
-from npuconv.writers.npu_common import MAX_KERNEL_DIM, maybe_nz, moe_rows, tensor_entry
+from npuconv.entries import tensor_entry
+from npuconv.writers.npu_common import MAX_KERNEL_DIM, maybe_nz, moe_rows
 
 KERNEL = "npu_quant_matmul"
 

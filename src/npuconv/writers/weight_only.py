@@ -18,7 +18,7 @@ From the canonical ``w = (q - z) * s`` with unsigned codes ``q`` of ``b`` bits a
 - act-order: K is sorted by ``perm = argsort(g_idx)`` (rows of ``weight`` and therefore groups
   become contiguous) and ``perm`` int32 ``[K]`` is written; the caller feeds ``x[..., perm]``.
 - ``bias`` as in the source.
-- MoE expert stacks (``num_experts = E``, :mod:`npuconv.readers.experts`): every tensor gets a
+- MoE expert stacks (``num_experts = E``, :mod:`npuconv.experts`): every tensor gets a
   leading ``E`` — ``weight`` int32 ``[E, K, N/8]`` (int8 ``[E, K, N]``), ``antiquant_scale`` /
   ``antiquant_offset`` ``[E, G, N]`` (``[E, N]`` per-channel), ``bias`` ``[E, N]`` — under the stacked
   name ``<prefix>.experts.<proj>``, always ND, for ``npu_grouped_matmul`` (``antiquant_scale=[s]``,
@@ -39,6 +39,7 @@ from npuconv.model import INT, LinearSpec, QuantizedLinear
 from npuconv.packing import pack_nibbles
 from npuconv.errors import InputError
 from npuconv.writers.base import ROW, Target, Thresholds
+from npuconv.entries import tensor_entry
 from npuconv.writers.npu_common import (
     MAX_KERNEL_DIM,
     group_scale_layout,
@@ -46,7 +47,6 @@ from npuconv.writers.npu_common import (
     maybe_nz,
     moe_rows,
     sort_by_act_order,
-    tensor_entry,
 )
 
 KERNEL = "npu_weight_quant_batchmatmul"
