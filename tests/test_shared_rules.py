@@ -120,3 +120,24 @@ def test_each_shared_function_is_defined_once():
                 defined.setdefault(node.name, []).append(str(path.relative_to(SRC)))
     assert {name: where for name, where in defined.items() if len(where) > 1} == {}
     assert "decode_e8m0" not in defined and "deq_scale_int64" not in defined and "scale_bias_kind" not in defined
+
+
+# ------------------------------------------------------------------ offline quantization: explicit result
+def test_offline_quantization_returns_layer_and_report_without_side_attributes():
+    from dataclasses import fields
+
+    from npuconv.offline import MXFP4_DUAL_RECIPE, FloatLinear, OfflineResult
+
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(4, 1024, generator=gen).to(torch.bfloat16)
+    weight[:, 512:] = 0  # an all-zero 512-block: level 0 is DUAL_ZERO_BLOCK_L0 by the rule
+    linear = FloatLinear("m.proj", 4, 1024, torch.bfloat16, "m.proj.weight", None)
+    spec = MXFP4_DUAL_RECIPE.spec(linear)
+    result = MXFP4_DUAL_RECIPE.quantize(spec, weight, None)
+    assert isinstance(result, OfflineResult) and 0 < result.rel_l2 < 0.2
+    assert set(vars(result.layer)) == {f.name for f in fields(result.layer)}  # nothing hung on the layer
+    # the levels the target writes are the ones the rule made (split back from the canonical scale)
+    _, level0, level1 = layouts.dual_level_mx_quantize(weight)
+    split0, split1 = layouts.split_dual_level_scale(result.layer.scale, 1024)
+    assert torch.equal(split0, level0) and torch.equal(split1, level1)
+    assert bool((split0[:, 1] == layouts.DUAL_ZERO_BLOCK_L0).all())

@@ -75,7 +75,8 @@ class ConversionPlan:
             "source_format": self.reader.format,
             "target": self.writer.name,
             "layers": [
-                {"name": s.name, "scheme": s.scheme, **self.writer.layer_manifest(s)} for s in self.layers
+                {"name": s.name, "scheme": s.scheme, **self.writer.layer_manifest(s), **self.reader.layer_report(s)}
+                for s in self.layers
             ],
             "shards": [
                 {"file": s.filename, "bytes": s.nbytes, "tensors": len(s.plans)} for s in self.shards
@@ -92,9 +93,8 @@ def make_plan(checkpoint: Checkpoint, options: ConvertOptions) -> ConversionPlan
     if writer_options.model_dtype is None:
         writer_options = replace(writer_options, model_dtype=config_dtype(checkpoint.config))
     writer = get_target(options.target, writer_options)
-    prepare = getattr(reader, "prepare_for_target", None)
-    if prepare is not None:  # float sources: offline quantization for targets that have a recipe
-        prepare(writer.name)
+    if writer.offline_recipe is not None:  # float sources: offline quantization (others ignore it)
+        reader.quantize_float_linears(writer.offline_recipe)
     layers = reader.linear_specs()
     units: list[Unit] = []
     for spec in layers:
@@ -188,7 +188,8 @@ def build_manifest(plan: ConversionPlan, options: ConvertOptions, digests: dict[
         "source_fingerprint": source_fingerprint(plan.checkpoint, options.hash_source),
         "options": manifest_options(options),
         "layers": {
-            spec.name: {**plan.writer.layer_manifest(spec), "spec": spec_to_dict(spec)} for spec in plan.layers
+            spec.name: {**plan.writer.layer_manifest(spec), **plan.reader.layer_report(spec), "spec": spec_to_dict(spec)}
+            for spec in plan.layers
         },
         "shards": digests,
     }

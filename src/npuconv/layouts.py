@@ -665,9 +665,36 @@ def dual_level_mx_quantize(x: torch.Tensor, round_mode: str = "rint") -> tuple[t
 def dual_level_scale(level0: torch.Tensor, level1: torch.Tensor, d: int) -> torch.Tensor:
     """Effective fp32 scale of every 32-block: ``level0[..., j // 16] · 2**(level1[..., j] − 127)``, ``[..., ceil(d/32)]``.
 
-    Computed as one ``ldexp`` (exact unless it underflows below fp32's normal range, where it rounds once).
+    The level-1 byte is decoded by :func:`e8m0_decode` (its switches apply); the product is exact unless
+    it underflows below fp32's normal range, where it rounds once.
     """
     kb = math.ceil(d / DUAL_L1_BLOCK)
     per = DUAL_L0_BLOCK // DUAL_L1_BLOCK
     l0 = level0.to(torch.float32).repeat_interleave(per, dim=-1)[..., :kb]
-    return torch.ldexp(l0, level1[..., :kb].to(torch.int32) - 127)
+    return l0 * e8m0_decode(level1[..., :kb].contiguous())
+
+
+def split_dual_level_scale(scale: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`dual_level_scale` for levels made by :func:`dual_level_mx_quantize`.
+
+    ``scale``: effective fp32 block scales ``[..., ceil(d/32)]`` → (level0 fp32 ``[..., ceil(d/512)]``,
+    level1 uint8 ``[..., ceil(d/32)]``). The rule gives the largest 32-block of a non-zero 512-block
+    the byte 127 (its values reach ``amax / level0 = 6``), so level 0 is the largest block scale; an
+    all-zero 512-block has level 0 :data:`DUAL_ZERO_BLOCK_L0` and bytes 0 (every scale equal to their
+    product). Raises ``ValueError`` unless the levels give back every scale exactly.
+    """
+    kb = scale.shape[-1]
+    per = DUAL_L0_BLOCK // DUAL_L1_BLOCK
+    nb0 = math.ceil(d / DUAL_L0_BLOCK)
+    scale = scale.to(torch.float32)
+    zero_scale = DUAL_ZERO_BLOCK_L0 * e8m0_decode(torch.zeros(1, dtype=torch.uint8)).item()
+    largest = F.pad(scale, (0, nb0 * per - kb)).unflatten(-1, (nb0, per)).amax(-1)
+    zero = (F.pad(scale, (0, nb0 * per - kb), value=zero_scale).unflatten(-1, (nb0, per)) == zero_scale).all(-1)
+    level0 = torch.where(zero, torch.full_like(largest, DUAL_ZERO_BLOCK_L0), largest)
+    if bool((level0 <= 0).any()):
+        raise ValueError("a 512-block has no positive scale; it cannot be split into two levels")
+    ratio = scale / level0.repeat_interleave(per, dim=-1)[..., :kb]
+    level1 = (torch.round(torch.log2(ratio)).clamp(-127, 127) + 127).to(torch.uint8)
+    if not torch.equal(dual_level_scale(level0, level1, d), scale):
+        raise ValueError("the block scales are not level0 · 2**e within each 512-block")
+    return level0, level1

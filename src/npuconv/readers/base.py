@@ -83,6 +83,16 @@ class Reader:
         """Read and decode one layer of :meth:`scan` into canonical form (override)."""
         raise NotImplementedError
 
+    def quantize_float_linears(self, recipe) -> None:
+        """Opt in to offline quantization with ``recipe`` (a :class:`npuconv.offline.Recipe`, declared by
+        the target as ``Target.offline_recipe``). Only a float checkpoint has float linears to quantize:
+        every other reader ignores it."""
+
+    def layer_report(self, spec: LinearSpec) -> dict:
+        """Reader-side facts about one layer for its ``npuconv.json`` entry (the float reader: the
+        ``offline_quantization`` block of a layer it quantized). Empty by default."""
+        return {}
+
     def consumed_files(self) -> list[str]:
         """Format-specific side files (relative paths) that describe the source format and must not
         be copied into a converted output (e.g. GPTQ ``quantize_config.json``)."""

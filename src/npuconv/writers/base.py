@@ -67,6 +67,8 @@ class Target:
     weight_prefix: ClassVar[str] = "model"
     #: preference among the targets whose kernel serves a scheme natively (lower first; None: never)
     native_rank: ClassVar[int | None] = None
+    #: how this target quantizes the linears of a float checkpoint (:class:`npuconv.offline.Recipe`), or None
+    offline_recipe: ClassVar[object] = None
 
     def __init__(self, options: WriterOptions | None = None):
         self.options = options or WriterOptions()
