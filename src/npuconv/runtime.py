@@ -70,8 +70,8 @@ def to_backend(tensor: torch.Tensor, entry: dict, backend) -> torch.Tensor:
         if entry.get("packing") == "int4pack":
             # int4pack NZ tiles are 16 rows × 32 bytes: cast the bytes as int8 (C0 = 32), then view as
             # int32, as vLLM-Ascend does (npu_loaders.md §3.6); npu_format_cast on int32 would use C0 = 16
-            return backend.npu_format_cast(tensor.view(torch.int8), 29).view(torch.int32)
-        tensor = backend.npu_format_cast(tensor, 29)
+            return backend.ops.npu_format_cast(tensor.view(torch.int8), 29).view(torch.int32)
+        tensor = backend.ops.npu_format_cast(tensor, 29)
     return tensor
 
 

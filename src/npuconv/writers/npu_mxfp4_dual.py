@@ -151,9 +151,9 @@ class DualLevelLayout(Target):
         """``npu_dynamic_dual_level_mx_quant`` + ``npu_dual_level_quant_matmul`` (ops §5.3, §5.4)."""
         k = x.shape[-1]
         lead = x.shape[:-1]
-        x_q, x_l0, x_l1 = backend.npu_dynamic_dual_level_mx_quant(x.reshape(-1, k))
+        x_q, x_l0, x_l1 = backend.ops.npu_dynamic_dual_level_mx_quant(x.reshape(-1, k))
         bias = tensors.get("bias")
-        y = backend.npu_dual_level_quant_matmul(
+        y = backend.ops.npu_dual_level_quant_matmul(
             x_q, tensors["weight"], x_l0, tensors["weight_scale_level0"], x_l1, tensors["weight_scale_level1"],
             bias=None if bias is None else bias.float(), output_dtype=x.dtype,
         )

@@ -124,9 +124,9 @@ class NpuW4A4Target(Target):
             return self.run_experts(backend, entry, spec, tensors, x)
         k = x.shape[-1]
         lead = x.shape[:-1]
-        x_q, x_scale = backend.npu_dynamic_quant(x.reshape(-1, k), dst_type=torch.quint4x2)
+        x_q, x_scale = backend.ops.npu_dynamic_quant(x.reshape(-1, k), dst_type=torch.quint4x2)
         bias = tensors.get("bias")
-        y = backend.npu_quant_matmul(
+        y = backend.ops.npu_quant_matmul(
             x_q, tensors["weight"], tensors["weight_scale"], pertoken_scale=x_scale,
             bias=None if bias is None else bias.float(), output_dtype=x.dtype,
         )

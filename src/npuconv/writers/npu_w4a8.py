@@ -294,7 +294,7 @@ def _a8w4_gmm(backend, spec: LinearSpec, x: torch.Tensor, weight, scale, scale_b
     """One rank: ``npu_dynamic_quant`` + the A8W4 ``npu_grouped_matmul`` (MoE form; a dense layer is E = 1)."""
     k = x.shape[-1]
     lead = x.shape[:-1]
-    x_q, pts = backend.npu_dynamic_quant(x.reshape(-1, k))
+    x_q, pts = backend.ops.npu_dynamic_quant(x.reshape(-1, k))
     m = x_q.shape[0]
     experts = spec.num_experts
     if experts is None:
@@ -304,7 +304,7 @@ def _a8w4_gmm(backend, spec: LinearSpec, x: torch.Tensor, weight, scale, scale_b
         xs, counts = x_q.repeat(experts, 1), [m] * experts
         pts = pts.repeat(experts)
     group_list = torch.tensor(counts, dtype=torch.int64, device=x_q.device)
-    y = backend.npu_grouped_matmul(
+    y = backend.ops.npu_grouped_matmul(
         [xs], [weights], scale=[scales], bias=[biases.float()], per_token_scale=[pts], group_list=group_list,
         split_item=2, group_type=0, group_list_type=1, output_dtype=x.dtype,
     )[0]

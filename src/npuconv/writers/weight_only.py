@@ -203,7 +203,7 @@ class WeightOnlyIntTarget(Target):
         x_sorted = x[..., t["perm"].long()] if "perm" in t else x  # act-order: the engine feeds x[..., perm]
         scale = t["antiquant_scale"].to(x.dtype)
         offset = t["antiquant_offset"].to(x.dtype) if "antiquant_offset" in t else None
-        y = backend.npu_weight_quant_batchmatmul(
+        y = backend.ops.npu_weight_quant_batchmatmul(
             x_sorted, t["weight"], scale, antiquant_offset=offset, bias=_bias_for(t.get("bias"), x.dtype),
             antiquant_group_size=entry["antiquant_group_size"],
         )
@@ -248,7 +248,7 @@ def _gmm_weight_only(backend, spec: LinearSpec, t: dict, x: torch.Tensor) -> tor
     offset = t["antiquant_offset"].to(x.dtype) if "antiquant_offset" in t else torch.zeros_like(scale)
     bias = _bias_for(t.get("bias"), x.dtype)
     rows, counts = moe_rows(x, experts)
-    y = backend.npu_grouped_matmul(
+    y = backend.ops.npu_grouped_matmul(
         [rows], [t["weight"]], antiquant_scale=[scale], antiquant_offset=[offset],
         bias=None if bias is None else [bias], group_list=counts,
         split_item=2, group_type=0, group_list_type=1, output_dtype=x.dtype,
