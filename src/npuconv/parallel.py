@@ -16,6 +16,8 @@ for those names the leaf table gives the same answer. Names it misses (``q_a_pro
 
 from __future__ import annotations
 
+from npuconv.errors import InputError
+
 COLUMN = "column"
 ROW = "row"
 
@@ -39,3 +41,17 @@ def parallel_kind(name: str) -> str | None:
     if leaf in ROW_PARALLEL_LEAVES:
         return ROW
     return None
+
+
+def refuse_static_quant_bias(name: str) -> None:
+    """Static W8A8 ``quant_bias`` (``round(bias/deq − input_offset·Σ_k q)``) folds the activation offset
+    over all of K: no row-parallel rank can hold its share of it."""
+    raise InputError(f"{name}: quant_bias folds the activation offset over all of K; "
+                     "a row-parallel split of static W8A8 is not exact")
+
+
+def check_partial_sums_share(name: str, world: int, chunks: int) -> None:
+    """A row-parallel rank sums ``chunks / world`` consecutive partial sums (W4A8 ``scale_bias``):
+    ``world`` must divide ``chunks``."""
+    if chunks % world:
+        raise InputError(f"{name}: tp={world} does not divide the {chunks} scale_bias partial sums")

@@ -37,6 +37,7 @@ from typing import Callable
 import torch
 
 from npuconv.checkpoint import Checkpoint, config_dtype
+from npuconv.entries import from_storage
 from npuconv.errors import InputError
 from npuconv.model import LinearSpec, QuantizedLinear, dequantize
 from npuconv.output import MANIFEST, check_shards
@@ -48,7 +49,6 @@ from npuconv.runtime import to_backend
 from npuconv.source import open_source
 from npuconv.writers import Target, WriterOptions
 from npuconv.writers.base import MIN_COSINE
-from npuconv.entries import from_storage
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from npuconv.entries import from_storage
 from npuconv.kernels import get_backend
 from npuconv.model import INT, ActivationQuant, LinearSpec, QuantizedLinear, dequantize
 from npuconv.readers.base import Reader
@@ -16,7 +17,6 @@ from npuconv.runtime import run_kernel
 from npuconv.verify import reference_output, same_canonical
 from npuconv.registry import target_class
 from npuconv.writers import WriterOptions
-from npuconv.entries import from_storage
 
 MOE = "model.layers.0.mlp.experts"
 DYNAMIC = ActivationQuant(INT, 8, dynamic=True)

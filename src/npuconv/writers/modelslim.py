@@ -86,6 +86,7 @@ from typing import ClassVar
 import torch
 
 from npuconv import layouts
+from npuconv.entries import entry_plan, tensor_entry
 from npuconv.layouts import A8W4_SCALE_BIAS_CHUNKS
 from npuconv.errors import InputError, UnsupportedError
 from npuconv.model import FP4_E2M1, FP8_E4M3, INT, SCALE_E8M0, LinearSpec, QuantizedLinear
@@ -103,11 +104,10 @@ from npuconv.modelslim_schema import (
     mx_type,
 )
 from npuconv.packing import pack_nibbles
-from npuconv.parallel import COLUMN, ROW, parallel_kind
+from npuconv.parallel import COLUMN, ROW, check_partial_sums_share, parallel_kind, refuse_static_quant_bias
 from npuconv.experts import unstack_layer, unstack_spec
 from npuconv.safetensors_io import TensorInfo, TensorPlan
 from npuconv.writers.base import Target
-from npuconv.entries import entry_plan, tensor_entry
 
 
 
@@ -438,12 +438,11 @@ class ModelSlimTarget(Target):
         the 16 partial sums."""
         if parallel == ROW and world > 1:
             if role == "quant_bias":
-                raise InputError(f"{spec.name}: quant_bias folds the activation offset over all of K; "
-                                 "a row-parallel split of W8A8 is not exact")
+                refuse_static_quant_bias(spec.name)
             if role == "scale_bias" and tensor.shape[-1] != A8W4_SCALE_BIAS_CHUNKS:
                 raise InputError(f"{spec.name}: scale_bias [N, {tensor.shape[-1]}] has no row-parallel share")
-            if role == "scale_bias" and A8W4_SCALE_BIAS_CHUNKS % world:
-                raise InputError(f"{spec.name}: tp={world} does not divide the {A8W4_SCALE_BIAS_CHUNKS} scale_bias partial sums")
+            if role == "scale_bias":
+                check_partial_sums_share(spec.name, world, A8W4_SCALE_BIAS_CHUNKS)
         return super().split(role, tensor, entry, spec, rank, world, parallel)
 
     def split_unit(self, role, entry, spec, axis, parallel):

@@ -20,11 +20,11 @@ from __future__ import annotations
 import torch
 
 from npuconv import layouts
+from npuconv.entries import tensor_entry
 from npuconv.layouts import MX_BLOCK
 from npuconv.model import FP4_E2M1, FP8_E4M3, SCALE_E8M0, LinearSpec, QuantizedLinear
 from npuconv.model import INT
 from npuconv.writers.base import ROW, Target
-from npuconv.entries import tensor_entry
 
 
 

@@ -42,11 +42,11 @@ from dataclasses import replace
 import torch
 
 from npuconv import layouts
+from npuconv.entries import tensor_entry
 from npuconv.errors import InputError
 from npuconv.model import FP4_E2M1, SCALE_E8M0, SCALE_FLOAT, LinearSpec, QuantizedLinear
 from npuconv.offline import MXFP4_DUAL_RECIPE, SOURCE_PREFIX
 from npuconv.writers.base import ROW, Target
-from npuconv.entries import tensor_entry
 from npuconv.writers.npu_common import MAX_KERNEL_DIM, maybe_nz
 
 KERNEL = "npu_dual_level_quant_matmul"

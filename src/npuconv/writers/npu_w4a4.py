@@ -31,9 +31,9 @@ from __future__ import annotations
 import torch
 
 from npuconv import layouts
+from npuconv.entries import tensor_entry
 from npuconv.model import INT, LinearSpec, QuantizedLinear
 from npuconv.writers.base import Target
-from npuconv.entries import tensor_entry
 from npuconv.writers.npu_common import MAX_KERNEL_DIM
 from npuconv.writers.npu_w4a8 import codes_from_signed_kn, int4_weight_entry, signed_kn
 

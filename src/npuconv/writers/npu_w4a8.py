@@ -43,12 +43,12 @@ from __future__ import annotations
 import torch
 
 from npuconv import layouts
+from npuconv.entries import tensor_entry
 from npuconv.layouts import A8W4_SCALE_BIAS_CHUNKS
 from npuconv.model import INT, LinearSpec, QuantizedLinear
 from npuconv.errors import InputError
-from npuconv.parallel import COLUMN, ROW, parallel_kind
+from npuconv.parallel import COLUMN, ROW, check_partial_sums_share, parallel_kind
 from npuconv.writers.base import Target
-from npuconv.entries import tensor_entry
 from npuconv.writers.npu_common import maybe_nz
 
 KERNEL = "npu_grouped_matmul"
@@ -278,8 +278,8 @@ class NpuW4A8Target(Target):
         if parallel == ROW and world > 1:
             if role == "scale_bias":
                 raise InputError(f"{spec.name}: a row-parallel rank takes its scale_bias from scale_bias_partials")
-            if role == "scale_bias_partials" and A8W4_SCALE_BIAS_CHUNKS % world:
-                raise InputError(f"{spec.name}: tp={world} does not divide the {A8W4_SCALE_BIAS_CHUNKS} scale_bias partial sums")
+            if role == "scale_bias_partials":
+                check_partial_sums_share(spec.name, world, A8W4_SCALE_BIAS_CHUNKS)
         return super().split(role, tensor, entry, spec, rank, world, parallel)
 
     def split_unit(self, role, entry, spec, axis, parallel):

@@ -34,10 +34,10 @@ from __future__ import annotations
 import torch
 
 from npuconv import layouts
-from npuconv.model import INT, LinearSpec, QuantizedLinear
-from npuconv.errors import InputError
-from npuconv.writers.base import ROW, Target
 from npuconv.entries import tensor_entry
+from npuconv.model import INT, LinearSpec, QuantizedLinear
+from npuconv.parallel import ROW, refuse_static_quant_bias
+from npuconv.writers.base import Target
 from npuconv.writers.npu_common import MAX_KERNEL_DIM, maybe_nz, moe_rows
 
 KERNEL = "npu_quant_matmul"
@@ -157,8 +157,7 @@ class NpuW8A8Target(Target):
         """As :meth:`Target.split`; a static layer's ``quant_bias`` folds the activation offset over
         all of K (``− input_offset · Σ_k q``), so it has no exact row-parallel share."""
         if role == "quant_bias" and parallel == ROW and world > 1:
-            raise InputError(f"{spec.name}: quant_bias folds the activation offset over all of K; "
-                             "a row-parallel split of static W8A8 is not exact")
+            refuse_static_quant_bias(spec.name)
         return super().split(role, tensor, entry, spec, rank, world, parallel)
 
 

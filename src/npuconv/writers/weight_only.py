@@ -35,11 +35,11 @@ from __future__ import annotations
 import torch
 
 from npuconv import layouts
+from npuconv.entries import tensor_entry
 from npuconv.model import INT, LinearSpec, QuantizedLinear
 from npuconv.packing import pack_nibbles
 from npuconv.errors import InputError
 from npuconv.writers.base import ROW, Target, Thresholds
-from npuconv.entries import tensor_entry
 from npuconv.writers.npu_common import (
     MAX_KERNEL_DIM,
     group_scale_layout,
