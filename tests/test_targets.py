@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import ALL_FIXTURES, fixture_dir
-from npuconv.checkpoint import Checkpoint
+from npuconv.io.checkpoint import Checkpoint
 from npuconv.convert import ConvertOptions, convert
 from npuconv.errors import InputError, UnsupportedError
 from npuconv.kernels import get_backend

@@ -116,7 +116,7 @@ def inspect_command(model: str, show_layers: bool, as_json: bool, quiet: bool) -
       npuconv inspect TheBloke/Llama-2-7B-GPTQ@main --json | jq .layers[0]
     """
     from npuconv.inspect import inspect_checkpoint
-    from npuconv.source import open_source
+    from npuconv.io.source import open_source
 
     report = inspect_checkpoint(open_source(model))
     if as_json:
@@ -229,7 +229,7 @@ def convert_command(model, out, target, dtype, nz, mx_layout, max_shard_size, wo
     import torch
 
     from npuconv.convert import ConvertOptions, convert
-    from npuconv.output import parse_size
+    from npuconv.io.output import parse_size
     from npuconv.registry import target_class
     from npuconv.writers import WriterOptions
 

@@ -7,7 +7,7 @@ Library API (the CLI is a thin shell over it)::
 
 Order of work: open and detect the source, plan every layer with the writer (kernel limits are
 checked here, before anything is written), split into shards, then stream layer by layer into a
-temporary directory that is renamed onto OUT at the end (see :mod:`npuconv.output`).
+temporary directory that is renamed onto OUT at the end (see :mod:`npuconv.io.output`).
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from typing import Callable
 import torch
 
 import npuconv
-from npuconv.checkpoint import Checkpoint, config_dtype
+from npuconv.io.checkpoint import Checkpoint, config_dtype
 from npuconv.errors import InputError, OutputError, UnsupportedError
-from npuconv.fingerprint import source_fingerprint
+from npuconv.io.fingerprint import source_fingerprint
 from npuconv.model import LinearSpec, spec_to_dict
-from npuconv.output import (
+from npuconv.io.output import (
     DEFAULT_MAX_SHARD,
     MANIFEST,
     AtomicDirectory,
@@ -40,7 +40,7 @@ from npuconv.output import (
 from npuconv.readers import open_reader
 from npuconv.readers.base import Reader
 from npuconv.registry import get_target
-from npuconv.source import open_source
+from npuconv.io.source import open_source
 from npuconv.writers import Target, WriterOptions
 
 
@@ -173,7 +173,7 @@ def _finish_output(directory: Path, checkpoint: Checkpoint, plan: ConversionPlan
 def build_manifest(plan: ConversionPlan, options: ConvertOptions, digests: dict[str, str]) -> dict:
     """``npuconv.json``: what was converted, how, and a checksum of every shard.
 
-    ``source_fingerprint`` (see :mod:`npuconv.fingerprint`) together with ``npuconv_version``,
+    ``source_fingerprint`` (see :mod:`npuconv.io.fingerprint`) together with ``npuconv_version``,
     ``target`` and ``options`` is what ``npuconv zoo`` compares to skip an up-to-date output.
     """
     return {

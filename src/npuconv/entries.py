@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from npuconv import layouts
-from npuconv.safetensors_io import TensorPlan
+from npuconv.io.safetensors_io import TensorPlan
 
 
 def dtype_label(dtype: torch.dtype) -> str:

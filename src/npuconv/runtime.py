@@ -41,11 +41,11 @@ class NpuLinear:
 
 def load_output(path: str | Path, device: str | None = None, check_checksums: bool = True) -> dict[str, NpuLinear]:
     """Every converted linear of an npuconv output, keyed by module name, ready to run."""
-    from npuconv.checkpoint import Checkpoint
+    from npuconv.io.checkpoint import Checkpoint
     from npuconv.errors import InputError
     from npuconv.kernels import get_backend
     from npuconv.readers import open_reader
-    from npuconv.output import check_shards
+    from npuconv.io.output import check_shards
     from npuconv.readers.npuconv_output import NpuconvReader
 
     backend = get_backend(device)

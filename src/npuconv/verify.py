@@ -36,17 +36,17 @@ from typing import Callable
 
 import torch
 
-from npuconv.checkpoint import Checkpoint, config_dtype
+from npuconv.io.checkpoint import Checkpoint, config_dtype
 from npuconv.entries import from_storage
 from npuconv.errors import InputError
 from npuconv.model import LinearSpec, QuantizedLinear, dequantize
-from npuconv.output import MANIFEST, check_shards
+from npuconv.io.output import MANIFEST, check_shards
 from npuconv.readers import open_reader
 from npuconv.readers.base import Reader
 from npuconv.readers.npuconv_output import NpuconvReader
 from npuconv.registry import layer_target, native_target, target_class
 from npuconv.runtime import to_backend
-from npuconv.source import open_source
+from npuconv.io.source import open_source
 from npuconv.writers import Target, WriterOptions
 from npuconv.writers.base import MIN_COSINE
 

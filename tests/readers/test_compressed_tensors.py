@@ -14,13 +14,13 @@ from conftest import load_reference, open_fixture
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from npuconv.checkpoint import Checkpoint
+from npuconv.io.checkpoint import Checkpoint
 from npuconv.errors import InputError, UnsupportedError
 from npuconv.model import FP4_E2M1, FP8_E4M3, INT, SCALE_E8M0, SCALE_FLOAT, ActivationQuant, dequantize
 from npuconv.readers import open_reader
 from npuconv.packing import unpack_columns, unpack_rows
 from npuconv.readers.compressed_tensors import CompressedTensorsReader
-from npuconv.safetensors_io import save_file
+from npuconv.io.safetensors_io import save_file
 
 CT_FIXTURES = ["ct020_w4a16_g32_asym", "ct020_w8a8_int", "ct020_fp8_static", "ct020_mxfp8a16", "ct020_nvfp4a16"]
 

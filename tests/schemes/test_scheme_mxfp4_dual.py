@@ -18,7 +18,7 @@ from scheme_helpers import LLAMA_CONFIG, manifest, nibbles_of_bytes, nz_to_nd, r
 from npuconv.convert import ConvertOptions, convert
 from npuconv.errors import UnsupportedError
 from npuconv.kernels import emulated
-from npuconv.safetensors_io import save_file
+from npuconv.io.safetensors_io import save_file
 from npuconv.verify import VerifyOptions, verify
 from test_verify import rewrite
 

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from conftest import FIXTURES
 from scheme_helpers import make_float_model, manifest, nibbles_of_bytes, read_all
 
-from npuconv.checkpoint import Checkpoint
+from npuconv.io.checkpoint import Checkpoint
 from npuconv.cli import cli
 from npuconv.convert import ConvertOptions, convert
 from npuconv.kernels import emulated

@@ -17,7 +17,7 @@ from npuconv.errors import UnsupportedError
 from npuconv.kernels import emulated, get_backend
 from npuconv.model import INT, ActivationQuant, LinearSpec, QuantizedLinear
 from npuconv.runtime import load_output
-from npuconv.safetensors_io import read_header, read_tensor
+from npuconv.io.safetensors_io import read_header, read_tensor
 from npuconv.registry import native_target
 from npuconv.verify import VerifyOptions, verify
 from npuconv.writers import WriterOptions

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
-from npuconv.checkpoint import Checkpoint
+from npuconv.io.checkpoint import Checkpoint
 from npuconv.errors import InputError, UnsupportedError
 from npuconv.model import LinearSpec, QuantizedLinear
 from npuconv.packing import awq_unpack, unpack_bitstream

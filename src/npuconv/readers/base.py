@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from npuconv.checkpoint import Checkpoint
+from npuconv.io.checkpoint import Checkpoint
 from npuconv.errors import InputError
 from npuconv.model import LinearSpec, QuantizedLinear
 from npuconv import experts

@@ -81,7 +81,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from npuconv.checkpoint import Checkpoint
+from npuconv.io.checkpoint import Checkpoint
 from npuconv.errors import InputError, UnsupportedError
 from npuconv.model import (
     FP4_E2M1,

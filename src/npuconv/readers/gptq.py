@@ -97,7 +97,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from npuconv.checkpoint import Checkpoint
+from npuconv.io.checkpoint import Checkpoint
 from npuconv.errors import InputError, UnsupportedError
 from npuconv.model import LinearSpec, QuantizedLinear
 from npuconv.packing import unpack_bitstream, unpack_columns

@@ -97,7 +97,7 @@ from functools import cached_property
 import torch
 
 from npuconv import layouts
-from npuconv.checkpoint import Checkpoint
+from npuconv.io.checkpoint import Checkpoint
 from npuconv.errors import InputError, UnsupportedError
 from npuconv.model import (
     FP8_E4M3,

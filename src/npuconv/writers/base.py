@@ -26,9 +26,9 @@ import torch
 from npuconv.entries import entry_plan, nd_shape_of_storage
 from npuconv.errors import InputError
 from npuconv.model import LinearSpec, QuantizedLinear
-from npuconv.output import MANIFEST
+from npuconv.io.output import MANIFEST
 from npuconv.parallel import COLUMN, ROW
-from npuconv.safetensors_io import TensorInfo, TensorPlan
+from npuconv.io.safetensors_io import TensorInfo, TensorPlan
 
 #: verify's default minimum cosine similarity, every kernel
 MIN_COSINE = 0.9999

@@ -19,7 +19,7 @@ import torch
 
 from npuconv.model import LinearSpec, QuantizedLinear, dequantize
 from npuconv.experts import unstack_layer, unstack_spec
-from npuconv.safetensors_io import TensorPlan
+from npuconv.io.safetensors_io import TensorPlan
 from npuconv.writers.base import Target
 
 

@@ -106,7 +106,7 @@ from npuconv.modelslim_schema import (
 from npuconv.packing import pack_nibbles
 from npuconv.parallel import COLUMN, ROW, check_partial_sums_share, parallel_kind, refuse_static_quant_bias
 from npuconv.experts import unstack_layer, unstack_spec
-from npuconv.safetensors_io import TensorInfo, TensorPlan
+from npuconv.io.safetensors_io import TensorInfo, TensorPlan
 from npuconv.writers.base import Target
 
 

@@ -32,7 +32,7 @@ from npuconv import layouts
 from npuconv.entries import tensor_entry
 from npuconv.model import LinearSpec
 from npuconv.offline import FLOAT_DTYPES, is_linear_weight
-from npuconv.safetensors_io import TensorInfo, TensorPlan
+from npuconv.io.safetensors_io import TensorInfo, TensorPlan
 from npuconv.writers.base import Target
 
 SIDE_FILE = "npuconv_nz.json"

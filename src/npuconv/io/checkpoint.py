@@ -8,7 +8,7 @@ Weight files, in order of preference:
 3. otherwise every ``*.safetensors`` in the directory.
 
 Files named ``reference_dequant*.safetensors`` (oracles shipped beside test fixtures) are never
-weights. Tensors are read one at a time (:func:`npuconv.safetensors_io.read_tensor`).
+weights. Tensors are read one at a time (:func:`npuconv.io.safetensors_io.read_tensor`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from npuconv.errors import InputError
-from npuconv.safetensors_io import TensorInfo, read_header, read_tensor
+from npuconv.io.safetensors_io import TensorInfo, read_header, read_tensor
 
 WEIGHT_PATTERNS = ("model*.safetensors", "quant_model_weight*.safetensors")
 NOT_WEIGHTS_PREFIX = "reference_dequant"
