@@ -370,6 +370,9 @@ def float_bits_to_int64(scale_fp32: torch.Tensor) -> torch.Tensor:
     SGLang ``_process_scale`` all take ``np.frombuffer(fp32 bytes, int32).astype(int64)`` (loaders §1.4a).
     For a positive scale the high word is 0; a negative one gets ``0xFFFFFFFF`` (the kernel reads the
     low 32 bits only). No FP19 masking and no bit 46. Same shape; any float input is first rounded to fp32.
+    A negative scale's sign extension also sets bits 37..46, which :func:`decode_quant_param` (the
+    ``npu_trans_quant_param`` golden decode) reads as an offset of −1; real checkpoints have positive
+    scales (readers warn about non-positive ones), so this only matters for such a warned layer.
     """
     return scale_fp32.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
 

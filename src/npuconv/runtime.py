@@ -12,11 +12,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from npuconv.model import LinearSpec
 from npuconv.registry import layer_target
+
+if TYPE_CHECKING:  # pragma: no cover
+    from npuconv.writers.base import Target
 
 
 @dataclass
@@ -29,7 +33,7 @@ class NpuLinear:
     backend: object
 
     tp: int = 1  # tensor-parallel degree emulated for layers whose kernel tensors depend on it (W4A8 scale_bias)
-    target: object = None  # the layer's Target (default: layer_target of the entry)
+    target: Target | None = None  # the layer's Target (default: layer_target of the entry)
 
     def __post_init__(self) -> None:
         if self.target is None:
