@@ -55,10 +55,11 @@ from sglang.srt.layers.quantization.unquant import UnquantizedLinearMethod
 
 from npuconv.errors import InputError
 from npuconv.model import LinearSpec, spec_from_dict
-from npuconv.output import MANIFEST
+from npuconv.io.output import MANIFEST
 from npuconv.registry import layer_target
-from npuconv.writers.base import COLUMN, ROW, Target
-from npuconv.writers.npu_common import from_storage, nd_shape_of_storage
+from npuconv.parallel import COLUMN, ROW
+from npuconv.writers.base import Target
+from npuconv.entries import from_storage, nd_shape_of_storage
 
 METHOD = "npuconv"
 #: fused SGLang module → the checkpoint modules it stacks, in shard order (used when the model
