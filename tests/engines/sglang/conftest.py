@@ -79,6 +79,9 @@ def sglang_results(sglang_env, converted):
     def get(tp: int) -> list[dict]:
         if tp not in cache:
             cache[tp] = run_harness(sglang_env, converted, tp)
+            report = os.environ.get("NPUCONV_SGLANG_REPORT")  # optional: keep the per-case numbers
+            if report:
+                Path(f"{report}.tp{tp}.json").write_text(json.dumps(cache[tp], indent=1))
         return cache[tp]
 
     return get
