@@ -10,6 +10,7 @@ import tomllib
 import pytest
 
 from sglang_cases import CASES, REPO
+from sglang_fixtures import converted, sglang_env, sglang_results  # noqa: F401 - pytest fixtures
 
 #: (case, tp) → the refusal expected instead of a load: the targets' exact-split rules (Target.split)
 REFUSED = {
@@ -62,7 +63,7 @@ def test_sglang_own_gptq_npu_path_is_wrong_where_npuconv_is_right(sglang_env, tm
     import subprocess
     import sys
 
-    from conftest import _env
+    from sglang_fixtures import _env
     from sglang_cases import FIXTURES, HERE
 
     fixture, out = FIXTURES / "gptq_v2_b4_g32_asym", tmp_path / "out"

@@ -1,4 +1,7 @@
-"""The SGLang venv and one harness run per TP degree, shared by the tests of this folder.
+"""Fixtures of the SGLang engine tests: the venv, the converted cases, one harness run per TP degree.
+
+Not a conftest.py: this folder is put on sys.path while its tests are collected, and a second
+module named ``conftest`` there would shadow tests/conftest.py for every ``from conftest import``.
 
 The venv is ``${NPUCONV_ENGINE_ENVS:-~/.cache/npuconv/engines}/sglang`` (made by
 ``.ci/engine-env-sglang.sh``, which ``.ci/run`` calls first). Without it the tests skip locally and
