@@ -207,8 +207,9 @@ DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 @click.option("--mx-layout", type=click.Choice(["vllm-ascend", "sglang"]), default="vllm-ascend", show_default=True,
               help="MX targets: contiguous [K,N] (vLLM-Ascend) or the [N,K] storage that sglang views.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard (e.g. 500MB, 5GB).")
-@click.option("--workers", default=1, show_default=True, type=click.IntRange(0, 64),
-              help="Threads that read and repack layers ahead of the writer (0: none; memory grows by one layer each).")
+@click.option("--workers", default=None, type=click.IntRange(0, 64),
+              help="Threads that read and repack layers ahead of the writer (0: none; default: cores - 1, at most 16). "
+                   "Memory stays about twice the largest tensor whatever the number.")
 @click.option("--force", is_flag=True, help="Replace OUT if it is an earlier npuconv output (atomically, at the end).")
 @click.option("--dry-run", is_flag=True, help="Print the plan (layers, layouts, shards, bytes) and write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -510,6 +511,7 @@ def _write_report(path: str, report: dict) -> None:
 
 
 MMAP_THRESHOLD = 64 << 20
+MALLOC_ARENAS = 2
 
 
 def _terminate(signum, _frame) -> None:
@@ -531,9 +533,12 @@ def tune_allocator() -> None:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return
-    m_trim_threshold, m_mmap_threshold = -1, -3
+    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
     libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD)  # buffers below this are recycled from the heap
     libc.mallopt(m_trim_threshold, 2 * MMAP_THRESHOLD)  # keep up to this much freed heap for reuse
+    # every producer thread would otherwise get an arena of its own, each keeping its freed buffers:
+    # RSS would grow with --workers; a few shared arenas recycle the same buffers across threads
+    libc.mallopt(m_arena_max, MALLOC_ARENAS)
 
 
 def main() -> None:
