@@ -251,9 +251,10 @@ def int4_words_k_to_n(words: torch.Tensor) -> torch.Tensor:
     rows, n = words.shape
     if words.dtype != torch.int32 or n % 8:
         raise ValueError(f"expected int32 [K/8, N] with N % 8 == 0, got {words.dtype} {list(words.shape)}")
-    blocks = words.reshape(rows, n // 8, 8).clone()  # [r, j, t]: nibble i = code (8j + t, 8r + i)
-    transpose_nibble_blocks(blocks, -1)  # [r, j, i]: nibble t = code (8j + t, 8r + i)
-    return blocks.transpose(1, 2).reshape(rows * 8, n // 8)  # [r, i, j] = [k, j]
+    out = torch.empty(rows, 8, n // 8, dtype=torch.int32)
+    out.transpose(1, 2).copy_(words.reshape(rows, n // 8, 8))  # out[r, t, j]: nibble i = code (8j + t, 8r + i)
+    transpose_nibble_blocks(out, 1)  # out[r, i, j]: nibble t = code (8j + t, 8r + i)
+    return out.reshape(rows * 8, n // 8)  # [k = 8r + i, j]
 
 
 def int4_words_nk_to_kn(words: torch.Tensor) -> torch.Tensor:
@@ -266,9 +267,10 @@ def int4_words_nk_to_kn(words: torch.Tensor) -> torch.Tensor:
     n, width = words.shape
     if words.dtype != torch.int32 or n % 8:
         raise ValueError(f"expected int32 [N, K/8] with N % 8 == 0, got {words.dtype} {list(words.shape)}")
-    blocks = words.reshape(n // 8, 8, width).clone()  # [j, t, r]: nibble i = code (8j + t, 8r + i)
-    transpose_nibble_blocks(blocks, 1)  # [j, i, r]: nibble t = code (8j + t, 8r + i)
-    return blocks.permute(2, 1, 0).reshape(width * 8, n // 8)  # [r, i, j] = [k, j]
+    out = torch.empty(width, 8, n // 8, dtype=torch.int32)
+    out.permute(2, 1, 0).copy_(words.reshape(n // 8, 8, width))  # out[r, t, j]: nibble i = code (8j + t, 8r + i)
+    transpose_nibble_blocks(out, 1)  # out[r, i, j]: nibble t = code (8j + t, 8r + i)
+    return out.reshape(width * 8, n // 8)  # [k = 8r + i, j]
 
 
 def awq_words_to_bitstream(words: torch.Tensor) -> torch.Tensor:
