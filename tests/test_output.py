@@ -100,7 +100,7 @@ def test_producer_queue_is_bounded_by_bytes(tmp_path, workers):
             written.append(int(done.label[1:]))
 
     shards = plan_shards(units, 10_000)
-    write_shards(tmp_path, shards, on_unit, workers=workers, bytes_ahead=250)
+    write_shards(tmp_path, shards, on_unit, workers=workers, bytes_ahead=500)  # 250 output bytes
     assert written == list(range(len(sizes)))
     assert max(peaks) <= 300  # the 300-byte unit alone (nothing else in flight), else within 250
     tensors = {name: read_tensor(info) for name, info in read_header(tmp_path / shards[0].filename)[0].items()}

@@ -510,7 +510,7 @@ def _write_report(path: str, report: dict) -> None:
         raise OutputError(f"--report {path}: cannot write: {e.strerror or e}") from None
 
 
-MMAP_THRESHOLD = 64 << 20
+MMAP_THRESHOLD = 8 << 20
 MALLOC_ARENAS = 2
 
 
@@ -519,13 +519,14 @@ def _terminate(signum, _frame) -> None:
 
 
 def tune_allocator() -> None:
-    """Let glibc recycle large tensor buffers instead of mmap'ing (and page-faulting) fresh ones.
+    """Let glibc recycle small and mid-sized tensor buffers instead of mmap'ing (and page-faulting)
+    fresh ones, and keep the number of malloc arenas small.
 
-    Conversion allocates and frees the same few large buffers for every layer; with glibc's
-    default 128 KiB-ish mmap threshold each one is a fresh mapping whose pages fault in on first
-    touch, which costs more than the repack itself (measured ~2x on repack throughput, see
-    benchmarks/RESULTS.md). Buffers of 64 MiB and more (embeddings, huge experts) still get their own
-    mappings and are returned at once, so peak RSS stays bounded by the tensors in flight. No-op off glibc.
+    Buffers of :data:`MMAP_THRESHOLD` and more (layer weights, embeddings) get their own mappings
+    and are returned to the system when freed, so peak RSS follows the tensors in flight; smaller
+    ones are recycled from the heap. Measured on GPTQ → npu-int4, 1.37 GB, ``--workers 15``, 2 cores:
+    peak RSS 1507 MB with a 64 MiB threshold, 1119 MB with 16 MiB, 921 MB with 8 MiB (522 MB at
+    ``--workers 1``); see benchmarks/RESULTS.md. No-op off glibc.
     """
     try:
         import ctypes

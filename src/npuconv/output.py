@@ -121,15 +121,16 @@ def write_shards(
     Units are produced (read + repack) by ``workers`` background threads ahead of the one being
     written, while the calling thread writes and hashes in plan order — so reading, repacking and
     writing overlap. The queue is bounded by bytes, not by count: a unit starts only while the
-    output bytes of the units produced, in production or being written stay within
-    ``bytes_ahead`` (default: the largest unit, at least :data:`MIN_BYTES_AHEAD`), or when nothing
-    else is in flight. So peak memory is about twice the largest unit whatever ``workers`` is.
+    units produced, in production or being written hold at most ``bytes_ahead`` (counted as twice
+    their output bytes: input and temporaries; default budget: twice the largest unit, at least
+    :data:`MIN_BYTES_AHEAD`), or when nothing else is in flight. So peak memory is about twice
+    the largest unit whatever ``workers`` is.
     ``workers=0`` produces each unit in the calling thread just before writing it. torch and
     file I/O release the GIL, so the threads run in parallel.
     """
     units = [u for s in shards for u in s.units]
     if bytes_ahead is None:
-        bytes_ahead = max([MIN_BYTES_AHEAD, *(u.nbytes for u in units)])
+        bytes_ahead = max([MIN_BYTES_AHEAD, *(_cost(u) for u in units)])
     digests = {}
     produced = _produce_in_order(units, workers, bytes_ahead)
     try:
@@ -171,10 +172,10 @@ def _produce_in_order(units: list[Unit], workers: int, bytes_ahead: int) -> Iter
     def admit() -> None:
         nonlocal following, in_flight
         while following is not None and len(pending) < workers and (
-            in_flight == 0 or in_flight + following.nbytes <= bytes_ahead
+            in_flight == 0 or in_flight + _cost(following) <= bytes_ahead
         ):
             pending.append((following, pool.submit(following.produce)))
-            in_flight += following.nbytes
+            in_flight += _cost(following)
             following = next(upcoming, None)
 
     try:
@@ -185,12 +186,17 @@ def _produce_in_order(units: list[Unit], workers: int, bytes_ahead: int) -> Iter
             tensors = future.result()
             yield unit, tensors
             del tensors
-            in_flight -= unit.nbytes
+            in_flight -= _cost(unit)
             admit()
     finally:
         for _, future in pending:
             future.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _cost(unit: Unit) -> int:
+    """Bytes a unit holds while produced: its output plus about as much again of input and temporaries."""
+    return 2 * unit.nbytes
 
 
 class _HashingWriter(StreamingWriter):
