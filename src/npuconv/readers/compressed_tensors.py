@@ -749,6 +749,8 @@ class CompressedTensorsReader(Reader):
     def _signed_to_codes(stored: torch.Tensor, bits: int, name: str) -> torch.Tensor:
         """Signed int8 ``q`` (CT's storage) → canonical unsigned uint8 ``q + 2**(bits-1)``."""
         offset = 1 << (bits - 1)
+        if bits == 8 and stored.dtype == torch.int8:  # s + 128 wraps exactly onto s ^ 0x80 in a byte: no int16 copy
+            return stored.view(torch.uint8) ^ 0x80
         wide = stored.to(torch.int16)
         if bits < 8 and wide.numel():
             low, high = int(wide.min()), int(wide.max())
