@@ -178,7 +178,7 @@ def bench_startup(repeats: int = 5) -> list[dict]:
 
 
 def max_tensor_bytes(path: Path) -> int:
-    from npuconv.checkpoint import Checkpoint
+    from npuconv.io.checkpoint import Checkpoint
 
     return max(info.nbytes for info in Checkpoint(path).tensors.values())
 
