@@ -31,6 +31,10 @@ EXPECTED = {
     "ms_w8a16_per_group32_asym": ("modelslim", {("w8a16", 8, 32, False)}, 0, None),
     "ms_w8a8_mxfp8": ("modelslim", {("w8a8_mxfp8", 8, 32, True)}, 0, None),
     "ms_w8a8_static_fp16": ("modelslim", {("w8a8_static", 8, -1, True)}, 0, None),
+    # AutoRound "asymmetric": unsigned codes 0..15 with offset 8 everywhere = symmetric in canonical form
+    "ms_w4a4_dynamic_g32_asym_autoround": ("modelslim", {("w4a4_dynamic", 4, 32, True)}, 0, None),
+    "ms_v0_w4a8_dynamic_g32": ("modelslim", {("w4a8_dynamic", 4, 32, True)}, 0, None),
+    "ms_mixed_w8a8dyn_attn_w4a8dyn_mlp": ("modelslim", {("w8a8_dynamic", 8, -1, True), ("w4a8_dynamic", 4, -1, True)}, 0, None),
 }
 
 
