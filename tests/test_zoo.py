@@ -235,6 +235,7 @@ def test_verify_true_and_verify_failed(zoo_dir):
     report = run_zoo(zoo_dir, expect=1)  # skipped (sources unchanged), but verification catches it
     assert statuses(report) == {"gptq": "verify-failed", "awq": "skipped", "w8a8": "skipped", "int8": "skipped"}
     assert "sha256 differs" in report["entries"][0]["error"]
+    assert "--skip-checksum" not in report["entries"][0]["error"]  # a verify option zoo does not have
     assert report["totals"]["verify-failed"] == 1 and report["exit_code"] == 1
 
 

@@ -322,7 +322,8 @@ def verify_command(out, source, layer_glob, tokens, seed, device, skip_checksum,
       npuconv verify ./llama-npu --layers '*.self_attn.*' --tokens 64 --json
       npuconv verify ./some-gptq-model          # check a source checkpoint itself
     """
-    from npuconv.verify import VerifyOptions, verify
+    from npuconv.errors import VerificationFailed
+    from npuconv.verify import ChecksumMismatch, VerifyOptions, verify
 
     options = VerifyOptions(
         source=source, layers=layer_glob, tokens=tokens, seed=seed, device=device,
@@ -341,6 +342,8 @@ def verify_command(out, source, layer_glob, tokens, seed, device, skip_checksum,
 
     try:
         report = verify(out, options, on_layer)
+    except ChecksumMismatch as e:
+        raise VerificationFailed(f"{e}; use --skip-checksum to run the numeric checks anyway") from None
     finally:
         if bar is not None:
             bar.close()
@@ -356,8 +359,10 @@ def verify_command(out, source, layer_glob, tokens, seed, device, skip_checksum,
             f"({report['mode']} vs {report['source']}, backend {report['backend']}, "
             f"{report['activation_dtype']} activations, {report['seconds']:.1f} s)"
         )
+        if not report["ok"]:
+            stderr.print(f"[bold red]error:[/] {escape(report['error'])}", soft_wrap=True)
     if not report["ok"]:
-        sys.exit(1)
+        sys.exit(report["exit_code"])
 
 
 def _print_verify(report: dict) -> None:

@@ -18,6 +18,10 @@ Metrics: max abs error, relative L2 error, cosine similarity. A layer passes whe
 check holds and ``rel_l2 <= max_rel_l2`` and ``cosine >= min_cosine`` (thresholds below, per
 activation dtype and kernel, derived from the rounding each kernel does: fp16 rounds the
 dequantized weight to 11 significant bits, bf16 to 8, outputs are cast to the activation dtype).
+
+Verdict (``ok``, ``exit_code``): 0 when every checked layer passes and at least one was checked;
+1 when a layer fails; 2 when *no* layer could be checked (every layer skipped, e.g. a scheme
+without an Ascend kernel): checking nothing is not a pass, and ``error`` says why.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from npuconv.readers import open_reader
 from npuconv.readers.base import Reader
 from npuconv.readers.npuconv_output import NpuconvReader
 from npuconv.runtime import run_kernel, to_backend
-from npuconv.source import open_source
+from npuconv.source import looks_like_hub_id, open_source
 from npuconv.writers import TARGETS, WriterOptions, writer_class
 from npuconv.writers.npu_common import from_storage
 
@@ -135,8 +139,9 @@ def verify(path: str | Path, options: VerifyOptions, on_layer: Callable[[int, in
     order = {"fail": 0, "pass": 1, "skip": 2}
     results.sort(key=lambda r: (order[r.status], -r.rel_l2 if math.isfinite(r.rel_l2) else -math.inf))
     counts = {status: sum(r.status == status for r in results) for status in order}
+    verdict = _verdict(counts, results)
     return {
-        "ok": counts["fail"] == 0,
+        **verdict,
         "backend": backend.name,
         "mode": pairing.mode,
         "output": str(path),
@@ -152,6 +157,20 @@ def verify(path: str | Path, options: VerifyOptions, on_layer: Callable[[int, in
     }
 
 
+def _verdict(counts: dict[str, int], results: list[LayerResult]) -> dict:
+    """``ok``, ``exit_code`` and (when not ok) ``error`` of a verification (see the module docstring)."""
+    if counts["fail"]:
+        return {"ok": False, "exit_code": 1, "error": f"{counts['fail']} of {counts['fail'] + counts['pass']} checked layers failed"}
+    if not counts["pass"]:
+        reasons = sorted({r.note.removeprefix("skipped: ") for r in results if r.status == "skip"})
+        return {
+            "ok": False,
+            "exit_code": 2,
+            "error": f"nothing could be checked: all {counts['skip']} layers were skipped ({'; '.join(reasons)})",
+        }
+    return {"ok": True, "exit_code": 0}
+
+
 # ------------------------------------------------------------------------------------- pairing
 def _pair(output_ckpt: Checkpoint, output_reader: Reader, options: VerifyOptions) -> _Pairing:
     if isinstance(output_reader, NpuconvReader):
@@ -161,7 +180,7 @@ def _pair(output_ckpt: Checkpoint, output_reader: Reader, options: VerifyOptions
         source_id = options.source or (manifest.get("source") or {}).get("id")
         if not source_id:
             raise InputError(f"{MANIFEST} names no source; pass --source MODEL")
-        source = open_reader(open_source(source_id))
+        source = open_reader(_open_recorded_source(source_id, options))
         prepare = getattr(source, "prepare_for_target", None)
         if prepare is not None:  # a float source: its linears quantized as the conversion did (npuconv.offline)
             prepare(manifest["target"])
@@ -181,7 +200,7 @@ def _pair(output_ckpt: Checkpoint, output_reader: Reader, options: VerifyOptions
     if manifest.get("shards") and not options.skip_checksum:
         check_shards(output_ckpt, manifest)
     source_id = options.source or (manifest.get("source") or {}).get("id")
-    source = open_reader(open_source(source_id)) if source_id else output_reader
+    source = open_reader(_open_recorded_source(source_id, options)) if source_id else output_reader
 
     def decode(spec: LinearSpec) -> tuple[QuantizedLinear, None]:
         return output_reader.load(spec), None
@@ -200,6 +219,18 @@ def _pair(output_ckpt: Checkpoint, output_reader: Reader, options: VerifyOptions
         return tensors, entry
 
     return _Pairing(output_reader, source, decode, in_memory, "paired" if source_id else "source")
+
+
+def _open_recorded_source(source_id: str, options: VerifyOptions) -> Checkpoint:
+    """The source to compare with; a recorded one that is gone asks for ``--source``."""
+    if options.source:
+        return open_source(source_id)
+    if not looks_like_hub_id(source_id) and not Path(source_id).exists():
+        raise InputError(f"source {source_id} (recorded in {MANIFEST}) not found; pass --source MODEL")
+    try:
+        return open_source(source_id)
+    except InputError as e:
+        raise InputError(f"{e}; or pass --source MODEL") from None
 
 
 def default_target(spec: LinearSpec) -> str | None:
@@ -232,10 +263,11 @@ def check_shards(checkpoint: Checkpoint, manifest: dict) -> None:
         if not path.is_file():
             raise VerificationFailed(f"{filename}: listed in {MANIFEST} but missing")
         if sha256_file(path) != digest:
-            raise VerificationFailed(
-                f"{filename}: sha256 differs from {MANIFEST} (modified after conversion); "
-                "use --skip-checksum to run the numeric checks anyway"
-            )
+            raise ChecksumMismatch(f"{filename}: sha256 differs from {MANIFEST} (modified after conversion)")
+
+
+class ChecksumMismatch(VerificationFailed):
+    """A shard's bytes differ from the checksum recorded at conversion (``verify --skip-checksum`` skips the check)."""
 
 
 class _Skip(Exception):

@@ -293,6 +293,9 @@ def _verify_entry(entry: ZooEntry, values: dict, status: str) -> str:
     values["verify"] = {k: report[k] for k in ("ok", "passed", "failed", "skipped", "backend", "seconds")}
     if report["ok"]:
         return status
+    if not report["failed"]:  # nothing could be checked
+        values.update(error=f"verify: {report['error']}", exit_code=report["exit_code"])
+        return "verify-failed"
     worst = next(layer for layer in report["layers"] if layer["status"] == "fail")
     values.update(
         error=f"verify: {report['failed']} of {report['passed'] + report['failed']} layers failed "
