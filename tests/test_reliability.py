@@ -779,7 +779,7 @@ def test_verify_manifest_names_no_source(converted_gptq, tmp_path):
 def test_verify_source_is_gone(converted_gptq, tmp_path):
     out = copy_output(converted_gptq, tmp_path)
     set_key("npuconv.json", "source.id", str(tmp_path / "deleted-model"))(out)
-    cli_error(run_cli("verify", out), ("deleted-model", "no such directory"))
+    cli_error(run_cli("verify", out), ("deleted-model", "not found; pass --source MODEL"))
 
 
 def test_verify_manifest_invalid_json(converted_gptq, tmp_path):

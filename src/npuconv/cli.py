@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import signal
 import sys
 import traceback
@@ -38,13 +39,52 @@ def emit_json(value: object) -> None:
     click.echo(json.dumps(value, indent=2, sort_keys=True, default=str))
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Log lines to whatever ``sys.stderr`` is when they are emitted (not the one at setup)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def _remember(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    """Record ``--debug`` / ``--verbose`` wherever they were given (``ctx.meta`` is shared by the
+    whole command chain; :func:`handle_errors` applies them when the command starts)."""
+    if value:
+        ctx.meta[f"npuconv.{param.name}"] = True
+
+
+def _configure_logging(meta: dict) -> None:
+    """npuconv's log lines on stderr: DEBUG with ``--debug``, INFO with ``-v``, else warnings only."""
+    logger = logging.getLogger("npuconv")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("npuconv: %(message)s"))
+        logger.addHandler(handler)
+    level = logging.DEBUG if meta.get("npuconv.debug") else logging.INFO if meta.get("npuconv.verbose") else logging.WARNING
+    logger.setLevel(level)
+
+
+def global_options(func):
+    """``--debug`` and ``-v/--verbose``, accepted before or after the subcommand name."""
+    func = click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=_remember,
+                        help="Show full tracebacks on errors (and debug log lines).")(func)
+    return click.option("-v", "--verbose", is_flag=True, expose_value=False, is_eager=True, callback=_remember,
+                        help="Log what npuconv is doing on stderr (source, format, per-layer steps).")(func)
+
+
 def handle_errors(func):
     """Turn library errors into one-line messages and exit codes (``--debug`` shows tracebacks)."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         ctx = click.get_current_context()
-        debug = (ctx.find_root().params or {}).get("debug", False)
+        debug = bool(ctx.meta.get("npuconv.debug"))
+        _configure_logging(ctx.meta)
         as_json = kwargs.get("as_json", False)
         try:
             return func(*args, **kwargs)
@@ -73,19 +113,21 @@ def _fail(message: str, code: int, as_json: bool) -> None:
     sys.exit(code)
 
 
-def progress_bar(total: int, description: str, enabled: bool):
-    """A tqdm byte counter, or None when disabled (quiet, JSON, or not a terminal)."""
+def progress_bar(total: int, description: str, enabled: bool, unit: str = "B"):
+    """A tqdm counter of bytes (``unit="B"``, scaled: kB, MB, …) or of whole items such as layers,
+    or None when disabled (quiet, JSON, or not a terminal)."""
     if not enabled or not sys.stderr.isatty():
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=description, unit="B", unit_scale=True, unit_divisor=1000, leave=False)
+    scaled = unit == "B"
+    return tqdm(total=total, desc=description, unit=unit, unit_scale=scaled, unit_divisor=1000, leave=False)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(npuconv.__version__, prog_name="npuconv")
-@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
-def cli(debug: bool) -> None:
+@global_options
+def cli() -> None:
     """Convert quantized LLM checkpoints (GPTQ, AWQ, compressed-tensors, msModelSlim) into
     Ascend NPU-ready checkpoints, and verify them against the source.
 
@@ -98,13 +140,18 @@ def cli(debug: bool) -> None:
 
 
 # ------------------------------------------------------------------------------------- inspect
+REVISION_HELP = "Hub revision of MODEL: branch, tag or commit (same as MODEL@REV)."
+
+
 @cli.command("inspect")
+@global_options
 @click.argument("model")
+@click.option("--revision", default=None, metavar="REV", help=REVISION_HELP)
 @click.option("--layers", "show_layers", is_flag=True, help="Print a per-layer table.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (for scripts).")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the format line.")
 @handle_errors
-def inspect_command(model: str, show_layers: bool, as_json: bool, quiet: bool) -> None:
+def inspect_command(model: str, revision: str | None, show_layers: bool, as_json: bool, quiet: bool) -> None:
     """Detect a checkpoint's format and show its quantization.
 
     MODEL is a local directory or a Hugging Face repo id (org/name[@revision]).
@@ -118,7 +165,7 @@ def inspect_command(model: str, show_layers: bool, as_json: bool, quiet: bool) -
     from npuconv.inspect import inspect_checkpoint
     from npuconv.source import open_source
 
-    report = inspect_checkpoint(open_source(model))
+    report = inspect_checkpoint(open_source(model, revision))
     if as_json:
         emit_json(report)
         return
@@ -131,12 +178,13 @@ def inspect_command(model: str, show_layers: bool, as_json: bool, quiet: bool) -
 def _print_inspect(report: dict, show_layers: bool) -> None:
     fmt = report["format"]
     detected = report.get("checkpoint_format")
-    if detected:
+    if detected and detected != fmt:
         fmt += f" ({detected})"
     stdout.print(f"[bold]{report['model']}[/]")
+    depth = report.get("num_hidden_layers")
     rows = [
         ("format", fmt),
-        ("model type", f"{report.get('model_type')} ({report.get('num_hidden_layers')} layers)"),
+        ("model type", f"{report.get('model_type')} ({depth} layer{'' if depth == 1 else 's'})"),
         ("weights", f"{human_bytes(report['size_bytes'])} in {len(report['files'])} file(s), {report['num_tensors']} tensors"),
     ]
     if report.get("moe_experts"):
@@ -199,9 +247,11 @@ DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
 @cli.command("convert")
+@global_options
 @click.argument("model")
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--to", "target", required=True, help=_target_help())
+@click.option("--revision", default=None, metavar="REV", help=REVISION_HELP)
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), default=None, help="float target: output dtype (default bfloat16).")
 @click.option("--nz/--no-nz", default=None, help="Write weights as FRACTAL_NZ tiles (default: what the engines cast to NZ).")
 @click.option("--mx-layout", type=click.Choice(["vllm-ascend", "sglang"]), default="vllm-ascend", show_default=True,
@@ -214,7 +264,7 @@ DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
 @handle_errors
-def convert_command(model, out, target, dtype, nz, mx_layout, max_shard_size, workers, force, dry_run, as_json, quiet) -> None:
+def convert_command(model, out, target, revision, dtype, nz, mx_layout, max_shard_size, workers, force, dry_run, as_json, quiet) -> None:
     """Convert MODEL into OUT in the layout of TARGET.
 
     MODEL is a local directory or a Hugging Face repo id (org/name[@revision]). OUT is built in a
@@ -240,6 +290,7 @@ def convert_command(model, out, target, dtype, nz, mx_layout, max_shard_size, wo
         force=force,
         dry_run=dry_run,
         workers=workers,
+        revision=revision,
     )
     bar = None
 
@@ -268,11 +319,11 @@ def convert_command(model, out, target, dtype, nz, mx_layout, max_shard_size, wo
         _print_plan(plan)
         return
     seconds = report["seconds"]
-    rate = report["bytes_in"] / seconds / 1e9 if seconds else 0.0
+    rate = f", {human_bytes(report['bytes_in'] / seconds)}/s of input" if seconds else ""
     stdout.print(
-        f"[green]converted[/] {len(plan['layers'])} quantized layers ({plan['source_format']} → {target}) "
+        f"[green]converted[/] {len(plan['layers'])} quantized layers ({plan['source_format']} → {plan['target']}) "
         f"into {out}: {human_bytes(report['bytes_out'])} in {len(plan['shards'])} shard(s), "
-        f"{seconds:.1f} s ({rate:.2f} GB/s of input)"
+        f"{seconds:.1f} s{rate}"
     )
 
 
@@ -294,6 +345,7 @@ def _print_plan(plan: dict) -> None:
 
 # ------------------------------------------------------------------------------------- verify
 @cli.command("verify")
+@global_options
 @click.argument("out")
 @click.option("--source", default=None, help="Source checkpoint to compare with (default: the one recorded in npuconv.json).")
 @click.option("--layers", "layer_glob", default=None, help="Only layers whose name matches this glob (e.g. '*.mlp.*').")
@@ -334,10 +386,9 @@ def verify_command(out, source, layer_glob, tokens, seed, device, skip_checksum,
     def on_layer(done: int, total: int) -> None:
         nonlocal bar
         if bar is None:
-            bar = progress_bar(total, "verify", enabled=not (quiet or as_json))
+            bar = progress_bar(total, "verify", enabled=not (quiet or as_json), unit="layer")
             if bar is None:
                 return
-            bar.unit = "layer"
         bar.update(done - bar.n)
 
     try:
@@ -391,6 +442,7 @@ ZOO_STYLE = {
 
 
 @cli.command("zoo")
+@global_options
 @click.argument("zoo_file")
 @click.option("--force", is_flag=True, help="Reconvert every entry, even if up to date (a directory that is not an npuconv output is never replaced).")
 @click.option("--fail-fast", is_flag=True, help="Start no further entry after the first failure.")

@@ -12,6 +12,7 @@ temporary directory that is renamed onto OUT at the end (see :mod:`npuconv.outpu
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -42,6 +43,7 @@ from npuconv.readers.base import Reader
 from npuconv.source import open_source
 from npuconv.writers import Writer, WriterOptions, writer_class
 
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class ConvertOptions:
     dry_run: bool = False
     workers: int = 1  # background threads producing layers ahead of the writer (0: none)
     hash_source: bool = False  # record the sha256 of every source file in the manifest (zoo mode)
+    revision: str | None = None  # Hub revision of MODEL (same as MODEL@revision)
 
 
 @dataclass
@@ -106,6 +109,10 @@ def make_plan(checkpoint: Checkpoint, options: ConvertOptions) -> ConversionPlan
         units.append(Unit([writer.plan_passthrough(info)], _passthrough_producer(checkpoint, writer, name), name))
     _check_unique_names(units)
     shards = plan_shards(units, options.max_shard_bytes, writer.weight_prefix)
+    log.info(
+        "%s: %s format, %d quantized layers, %d other tensors → %s, %d shard(s)",
+        checkpoint.source_id, reader.format, len(layers), len(units) - len(layers), writer.target, len(shards),
+    )
     return ConversionPlan(checkpoint, reader, writer, layers, shards)
 
 
@@ -117,7 +124,7 @@ def convert(
 ) -> dict:
     """Convert MODEL into OUT; returns a report dict (and writes nothing on ``dry_run``)."""
     started = time.perf_counter()
-    checkpoint = open_source(model)
+    checkpoint = open_source(model, options.revision)
     out = Path(out)
     if not options.dry_run:
         _check_paths(checkpoint.root, out)
@@ -215,6 +222,7 @@ def config_dtype(config: dict) -> torch.dtype | None:
 
 def _layer_producer(reader: Reader, writer: Writer, spec: LinearSpec):
     def produce() -> dict[str, torch.Tensor]:
+        log.debug("layer %s (%s)", spec.name, spec.scheme)
         return writer.write_layer(reader.load(spec))
 
     return produce

@@ -27,6 +27,7 @@ without an Ascend kernel): checking nothing is not a pass, and ``error`` says wh
 from __future__ import annotations
 
 import fnmatch
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -56,6 +57,7 @@ THRESHOLDS = {
     ("quant", torch.bfloat16): 1e-2,
 }
 MIN_COSINE = 0.9999
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,7 @@ def verify(path: str | Path, options: VerifyOptions, on_layer: Callable[[int, in
             raise InputError(f"layer '{spec.name}' is not a quantized layer of the source {pairing.source.ckpt.source_id}")
         x = torch.randn(options.tokens, spec.in_features, generator=generator).to(act_dtype)
         results.append(_verify_layer(spec, source_specs[spec.name], pairing, backend, x, options))
+        log.info("layer %d/%d %s: %s %s", i + 1, len(specs), spec.name, results[-1].status, results[-1].note)
         if on_layer:
             on_layer(i + 1, len(specs))
     order = {"fail": 0, "pass": 1, "skip": 2}
