@@ -441,7 +441,39 @@ ZOO_STYLE = {
 }
 
 
-@cli.command("zoo")
+class _ZooGroup(click.Group):
+    """``npuconv zoo ZOO_FILE [OPTIONS]`` runs a zoo file (the ``run`` command); ``npuconv zoo merge …``
+    and the other subcommands are named. A zoo file literally named like a subcommand: ``./merge``."""
+
+    def resolve_command(self, ctx, args):
+        if args and args[0] not in self.commands:
+            return "run", self.commands["run"], args
+        return super().resolve_command(ctx, args)
+
+
+@cli.group("zoo", cls=_ZooGroup, context_settings={"ignore_unknown_options": True})
+def zoo_group() -> None:
+    """Convert every checkpoint listed in a zoo file (TOML), skipping outputs that are up to date.
+
+    \b
+    npuconv zoo ZOO_FILE [OPTIONS]       run the zoo (same as: npuconv zoo run ZOO_FILE)
+    npuconv zoo merge REPORT... [OPTIONS] combine the JSON reports of --shard jobs
+
+    See `npuconv zoo run --help` and the CI guide (docs/ci.md).
+    """
+
+
+def _report_outputs(func):
+    """``--report``, ``--junit`` and ``--markdown``: where to write the report, and in which forms."""
+    func = click.option("--markdown", "markdown_path", default=None, type=click.Path(dir_okay=False),
+                        help="Write a Markdown summary to this file (a PR comment, or $GITHUB_STEP_SUMMARY).")(func)
+    func = click.option("--junit", "junit_path", default=None, type=click.Path(dir_okay=False),
+                        help="Write JUnit XML to this file: one testcase per entry (GitLab, GitHub, Jenkins test reports).")(func)
+    return click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False),
+                        help="Write the JSON report to this file.")(func)
+
+
+@zoo_group.command("run")
 @global_options
 @click.argument("zoo_file")
 @click.option("--force", is_flag=True, help="Reconvert every entry, even if up to date (a directory that is not an npuconv output is never replaced).")
@@ -451,16 +483,20 @@ ZOO_STYLE = {
 @click.option("--shard-by", type=click.Choice(["index", "hash"]), default="index", show_default=True,
               help="Shard by position in the file (index mod N) or by a hash of the output path (stable when entries are added).")
 @click.option("--dry-run", is_flag=True, help="Show what would be converted or skipped; write nothing.")
-@click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False), help="Write the JSON report to this file.")
+@_report_outputs
+@click.option("--heartbeat", default=30.0, show_default=True, type=click.FloatRange(0), metavar="SECONDS",
+              help="Every SECONDS, a progress line for each entry still running (0: none).")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress; print only the summary line (and failed entries).")
 @handle_errors
-def zoo_command(zoo_file, force, fail_fast, jobs, shard_text, shard_by, dry_run, report_path, as_json, quiet) -> None:
+def zoo_command(zoo_file, force, fail_fast, jobs, shard_text, shard_by, dry_run, report_path, junit_path, markdown_path,
+                heartbeat, as_json, quiet) -> None:
     """Convert every checkpoint listed in ZOO_FILE (TOML), skipping outputs that are up to date.
 
     An output is up to date when its npuconv.json records the same source (Hub commit, or the
     size/mtime/sha256 of each local file), target, options and npuconv version. Every entry runs
-    even if some fail (unless --fail-fast). See docs/ci.md for the file format and the report.
+    even if some fail (unless --fail-fast). See the CI guide (docs/ci.md) for the file format and
+    the report.
 
     Exit code: 0 if every entry was converted or skipped (and verified, where asked), 1 if an
     entry failed verification and none failed otherwise, 2 if an entry failed on bad input or
@@ -469,22 +505,23 @@ def zoo_command(zoo_file, force, fail_fast, jobs, shard_text, shard_by, dry_run,
     \b
     Examples:
       npuconv zoo zoo.toml
-      npuconv zoo zoo.toml --jobs 4 --report zoo-report.json
+      npuconv zoo zoo.toml --jobs 4 --report zoo-report.json --junit zoo.xml
       npuconv zoo zoo.toml --shard 2/4 --json
       npuconv zoo zoo.toml --dry-run
     """
 
     from npuconv.zoo import ZooOptions, load_zoo, parse_shard, run_zoo, select_shard
 
+    outputs = (report_path, junit_path, markdown_path)
     try:
         shard = parse_shard(shard_text) if shard_text else None
         entries = load_zoo(zoo_file)
     except NpuconvError as e:
-        if report_path:
-            _write_report(report_path, {"ok": False, "error": " ".join(str(e).split()), "exit_code": e.exit_code})
+        _write_reports(*outputs, {"ok": False, "error": " ".join(str(e).split()), "exit_code": e.exit_code})
         raise
     selected = select_shard(entries, shard, shard_by)
-    options = ZooOptions(force=force, fail_fast=fail_fast, jobs=jobs, dry_run=dry_run, shard=shard, shard_by=shard_by)
+    options = ZooOptions(force=force, fail_fast=fail_fast, jobs=jobs, dry_run=dry_run, shard=shard, shard_by=shard_by,
+                         heartbeat=heartbeat)
     show_progress = not (quiet or as_json)
     if show_progress:
         part = f", shard {shard_text} by {shard_by}" if shard else ""
@@ -497,6 +534,11 @@ def zoo_command(zoo_file, force, fail_fast, jobs, shard_text, shard_by, dry_run,
             return
         if kind == "start":
             stderr.print(f"  [dim]start[/]  {escape(entry.name)}", soft_wrap=True)
+            return
+        if kind == "running":
+            done, total = result["done"], result["total"]
+            part = f", {100 * done / total:.0f}% ({human_bytes(done)} of {human_bytes(total)})" if total else ""
+            stderr.print(f"  [dim]running[/] {escape(entry.name)}: {result['seconds']:.0f} s{part}", soft_wrap=True)
             return
         finished += 1
         style = ZOO_STYLE.get(result["status"], "")
@@ -511,11 +553,44 @@ def zoo_command(zoo_file, force, fail_fast, jobs, shard_text, shard_by, dry_run,
         report = run_zoo(selected, options, on_event, zoo_file=zoo_file, zoo_entries=len(entries))
     except KeyboardInterrupt:
         _fail("interrupted; entries in progress published nothing, finished entries are in place", EXIT_INTERRUPTED, as_json)
-    if report_path:
-        _write_report(report_path, report)
+    _finish_zoo(report, outputs, as_json, quiet)
+
+
+@zoo_group.command("merge")
+@global_options
+@click.argument("reports", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@_report_outputs
+@click.option("--json", "as_json", is_flag=True, help="Print the merged JSON report.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the summary line (and failed entries).")
+@handle_errors
+def zoo_merge_command(reports, report_path, junit_path, markdown_path, as_json, quiet) -> None:
+    """Combine the JSON reports of `npuconv zoo --shard I/N --report FILE` jobs into one.
+
+    Entries come out in zoo-file order, totals are recomputed, and the exit code is the worst
+    of all shards (as one `npuconv zoo` run over the whole file would give). A report of a job
+    whose zoo file was invalid makes the merged report fail with that error.
+
+    \b
+    Examples:
+      npuconv zoo merge zoo-report-*.json --report zoo-report.json
+      npuconv zoo merge zoo-report-*.json --markdown "$GITHUB_STEP_SUMMARY" --junit zoo.xml
+    """
+    from npuconv.zoo_report import merge_reports, read_report
+
+    merged = merge_reports([read_report(path) for path in reports], list(reports))
+    _finish_zoo(merged, (report_path, junit_path, markdown_path), as_json, quiet)
+
+
+def _finish_zoo(report: dict, outputs: tuple, as_json: bool, quiet: bool) -> None:
+    """Write the report files, print the table (or JSON) and the summary, exit with the report's code."""
+    from npuconv.zoo_report import summary_line
+
+    _write_reports(*outputs, report)
     if as_json:
         emit_json(report)
     else:
+        for error in report.get("errors") or []:
+            stderr.print(f"[bold red]error:[/] {escape(error)}", soft_wrap=True)
         if not quiet and report["entries"]:
             _print_zoo(report)
         elif quiet:
@@ -523,10 +598,10 @@ def zoo_command(zoo_file, force, fail_fast, jobs, shard_text, shard_by, dry_run,
                 if r["error"]:
                     stderr.print(f"[bold red]{r['status']}:[/] {escape(r['name'])}: {escape(r['error'])}", soft_wrap=True)
         totals = report["totals"]
-        counts = ", ".join(f"{totals[s]} {s}" for s in ZOO_STYLE if totals.get(s)) or "nothing to do"
-        status = "[green]OK[/]" if report["ok"] else "[bold red]FAIL[/]"
+        status, _, counts = summary_line(report).partition(" ")
+        style = "green" if report["ok"] else "bold red"
         stdout.print(
-            f"{status} {totals['entries']} entr{'y' if totals['entries'] == 1 else 'ies'}: {counts}; {human_bytes(totals['bytes_in'])} in, "
+            f"[{style}]{status}[/] {escape(counts)}; {human_bytes(totals['bytes_in'])} in, "
             f"{human_bytes(totals['bytes_out'])} out, {totals['seconds']:.1f} s",
             soft_wrap=True,
         )
@@ -535,21 +610,45 @@ def zoo_command(zoo_file, force, fail_fast, jobs, shard_text, shard_by, dry_run,
 
 
 def _print_zoo(report: dict) -> None:
+    from npuconv.zoo_report import verify_text
+
     table = Table(title="zoo", title_justify="left")
-    for column in ("#", "name", "target", "status", "time", "in", "out", "peak RSS", "detail"):
+    for column in ("#", "name", "target", "status", "time", "in", "out", "peak RSS", "verify", "detail"):
         table.add_column(column)
     for r in report["entries"]:
         style = ZOO_STYLE.get(r["status"], "")
         table.add_row(
             str(r["index"] + 1), escape(r["name"]), r["target"], f"[{style}]{r['status']}[/]", f"{r['seconds']:.2f} s",
             human_bytes(r["bytes_in"]) if r["bytes_in"] else "-", human_bytes(r["bytes_out"]) if r["bytes_out"] else "-",
-            human_bytes(r["peak_rss_bytes"]) if r["peak_rss_bytes"] else "-", escape(r["error"] or r["reason"]),
+            human_bytes(r["peak_rss_bytes"]) if r["peak_rss_bytes"] else "-", escape(verify_text(r)),
+            escape(r["error"] or r["reason"]),
         )
     stdout.print(table)
+    for r in report["entries"]:
+        for warning in r.get("warnings") or []:
+            stderr.print(f"[yellow]warning:[/] {escape(r['name'])}: {escape(warning)}", soft_wrap=True)
+
+
+def _write_reports(report_path: str | None, junit_path: str | None, markdown_path: str | None, report: dict) -> None:
+    """The report as JSON (``--report``), JUnit XML (``--junit``) and Markdown (``--markdown``), each atomically."""
+    from npuconv.zoo_report import junit_xml, markdown_summary
+
+    if report_path:
+        _write_report(report_path, report)
+    if junit_path:
+        _write_text(junit_path, junit_xml(report), "--junit")
+    if markdown_path:
+        _write_text(markdown_path, markdown_summary(report), "--markdown")
 
 
 def _write_report(path: str, report: dict) -> None:
     """Write the JSON report atomically (a temporary sibling renamed into place)."""
+    _write_text(path, json.dumps(report, indent=2, sort_keys=True, default=str) + "\n", "--report")
+
+
+def _write_text(path: str, text: str, option: str) -> None:
+    """Write a text file atomically (a temporary sibling renamed into place); a path that is not a
+    regular file (``/dev/stdout``, a pipe) is written in place."""
     import os
     from pathlib import Path
 
@@ -558,12 +657,16 @@ def _write_report(path: str, report: dict) -> None:
     target = Path(path)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
+        if target.exists() and not target.is_file():
+            with open(target, "a", encoding="utf-8") as f:
+                f.write(text)
+            return
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, target)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise OutputError(f"--report {path}: cannot write: {e.strerror or e}") from None
+        raise OutputError(f"{option} {path}: cannot write: {e.strerror or e}") from None
 
 
 MMAP_THRESHOLD = 64 << 20
