@@ -240,7 +240,7 @@ def _distinct(values) -> str:
 def _target_help() -> str:
     from npuconv.writers.targets import TARGETS
 
-    return "Target layout: " + ", ".join(TARGETS) + " (see README / docs/layouts.md)."
+    return "Target layout: " + ", ".join(TARGETS) + " (layouts: `npuconv docs layouts`)."
 
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -434,6 +434,33 @@ def _num(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+# ------------------------------------------------------------------------------------- docs
+@cli.command("docs")
+@global_options
+@click.argument("topic", required=False)
+@click.option("--path", "show_path", is_flag=True, help="Print where the page is instead of its text.")
+@handle_errors
+def docs_command(topic: str | None, show_path: bool) -> None:
+    """Show the documentation shipped with npuconv (works offline, without a checkout).
+
+    Without TOPIC, list the topics.
+
+    \b
+    Examples:
+      npuconv docs
+      npuconv docs ci | less
+      npuconv docs layouts --path
+    """
+    from npuconv.userdocs import doc_path, topics
+
+    if topic is None:
+        for name, title in topics().items():
+            click.echo(f"{name:<28} {title}")
+        return
+    path = doc_path(topic)
+    click.echo(str(path) if show_path else path.read_text(encoding="utf-8"))
+
+
 # ------------------------------------------------------------------------------------- zoo
 ZOO_STYLE = {
     "converted": "green", "skipped": "cyan", "failed": "bold red", "verify-failed": "bold red",
@@ -459,7 +486,7 @@ def zoo_group() -> None:
     npuconv zoo ZOO_FILE [OPTIONS]       run the zoo (same as: npuconv zoo run ZOO_FILE)
     npuconv zoo merge REPORT... [OPTIONS] combine the JSON reports of --shard jobs
 
-    See `npuconv zoo run --help` and the CI guide (docs/ci.md).
+    See `npuconv zoo run --help` and the CI guide: `npuconv docs ci`.
     """
 
 
@@ -495,8 +522,7 @@ def zoo_command(zoo_file, force, fail_fast, jobs, shard_text, shard_by, dry_run,
 
     An output is up to date when its npuconv.json records the same source (Hub commit, or the
     size/mtime/sha256 of each local file), target, options and npuconv version. Every entry runs
-    even if some fail (unless --fail-fast). See the CI guide (docs/ci.md) for the file format and
-    the report.
+    even if some fail (unless --fail-fast). The file format and the report: `npuconv docs ci`.
 
     Exit code: 0 if every entry was converted or skipped (and verified, where asked), 1 if an
     entry failed verification and none failed otherwise, 2 if an entry failed on bad input or
