@@ -238,9 +238,9 @@ def _distinct(values) -> str:
 
 # ------------------------------------------------------------------------------------- convert
 def _target_help() -> str:
-    from npuconv.writers.targets import TARGETS
+    from npuconv.registry import target_names
 
-    return "Target layout: " + ", ".join(TARGETS) + " (layouts: `npuconv docs layouts`)."
+    return "Target layout: " + ", ".join(target_names()) + " (layouts: `npuconv docs layouts`)."
 
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -280,9 +280,10 @@ def convert_command(model, out, target, revision, dtype, nz, mx_layout, max_shar
 
     from npuconv.convert import ConvertOptions, convert
     from npuconv.output import parse_size
-    from npuconv.writers import WriterOptions, writer_class
+    from npuconv.registry import target_class
+    from npuconv.writers import WriterOptions
 
-    writer_class(target)  # validate the target before any I/O
+    target_class(target)  # validate the target before any I/O
     options = ConvertOptions(
         target=target,
         writer=WriterOptions(dtype=getattr(torch, dtype) if dtype else None, nz=nz, mx_layout=mx_layout),
@@ -375,7 +376,8 @@ def verify_command(out, source, layer_glob, tokens, seed, device, skip_checksum,
       npuconv verify ./some-gptq-model          # check a source checkpoint itself
     """
     from npuconv.errors import VerificationFailed
-    from npuconv.verify import ChecksumMismatch, VerifyOptions, verify
+    from npuconv.output import ChecksumMismatch
+    from npuconv.verify import VerifyOptions, verify
 
     options = VerifyOptions(
         source=source, layers=layer_glob, tokens=tokens, seed=seed, device=device,

@@ -40,8 +40,9 @@ from npuconv.output import (
 )
 from npuconv.readers import open_reader
 from npuconv.readers.base import Reader
+from npuconv.registry import get_target
 from npuconv.source import open_source
-from npuconv.writers import Writer, WriterOptions, writer_class
+from npuconv.writers import Target, WriterOptions
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ class ConvertOptions:
 class ConversionPlan:
     checkpoint: Checkpoint
     reader: Reader
-    writer: Writer
+    writer: Target
     layers: list[LinearSpec]
     shards: list[Shard]
 
@@ -75,7 +76,7 @@ class ConversionPlan:
         return {
             "source": self.checkpoint.source_id,
             "source_format": self.reader.format,
-            "target": self.writer.target,
+            "target": self.writer.name,
             "layers": [
                 {"name": s.name, "scheme": s.scheme, **self.writer.layer_manifest(s)} for s in self.layers
             ],
@@ -93,16 +94,16 @@ def make_plan(checkpoint: Checkpoint, options: ConvertOptions) -> ConversionPlan
     writer_options = options.writer
     if writer_options.model_dtype is None:
         writer_options = replace(writer_options, model_dtype=config_dtype(checkpoint.config))
-    writer = writer_class(options.target)(writer_options)
+    writer = get_target(options.target, writer_options)
     prepare = getattr(reader, "prepare_for_target", None)
     if prepare is not None:  # float sources: offline quantization for targets that have a recipe
-        prepare(writer.target)
+        prepare(writer.name)
     layers = reader.linear_specs()
     units: list[Unit] = []
     for spec in layers:
-        reason = writer.unsupported_reason(spec)
+        reason = writer.accepts(spec)
         if reason:
-            raise UnsupportedError(f"layer '{spec.name}' ({spec.scheme}) cannot be written as {writer.target}: {reason}")
+            raise UnsupportedError(f"layer '{spec.name}' ({spec.scheme}) cannot be written as {writer.name}: {reason}")
         units.append(Unit(writer.plan_layer(spec), _layer_producer(reader, writer, spec), spec.name))
     for name in reader.passthrough_names():
         info = checkpoint.info(name)
@@ -111,7 +112,7 @@ def make_plan(checkpoint: Checkpoint, options: ConvertOptions) -> ConversionPlan
     shards = plan_shards(units, options.max_shard_bytes, writer.weight_prefix)
     log.info(
         "%s: %s format, %d quantized layers, %d other tensors → %s, %d shard(s)",
-        checkpoint.source_id, reader.format, len(layers), len(units) - len(layers), writer.target, len(shards),
+        checkpoint.source_id, reader.format, len(layers), len(units) - len(layers), writer.name, len(shards),
     )
     return ConversionPlan(checkpoint, reader, writer, layers, shards)
 
@@ -184,7 +185,7 @@ def build_manifest(plan: ConversionPlan, options: ConvertOptions, digests: dict[
     """
     return {
         "npuconv_version": npuconv.__version__,
-        "target": plan.writer.target,
+        "target": plan.writer.name,
         "source": {
             "id": plan.checkpoint.source_id,
             "revision": plan.checkpoint.revision,
@@ -220,7 +221,7 @@ def config_dtype(config: dict) -> torch.dtype | None:
     return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else None
 
 
-def _layer_producer(reader: Reader, writer: Writer, spec: LinearSpec):
+def _layer_producer(reader: Reader, writer: Target, spec: LinearSpec):
     def produce() -> dict[str, torch.Tensor]:
         log.debug("layer %s (%s)", spec.name, spec.scheme)
         return writer.write_layer(reader.load(spec))
@@ -228,7 +229,7 @@ def _layer_producer(reader: Reader, writer: Writer, spec: LinearSpec):
     return produce
 
 
-def _passthrough_producer(checkpoint: Checkpoint, writer: Writer, name: str):
+def _passthrough_producer(checkpoint: Checkpoint, writer: Target, name: str):
     def produce() -> dict[str, torch.Tensor]:
         return {name: writer.write_passthrough(name, checkpoint.get(name))}
 

@@ -218,7 +218,7 @@ def describe(target: str, spec: LinearSpec, errors: dict[str, float]) -> dict | 
 
 
 class RecordsQuantizationError:
-    """Writer mixin: keep each offline-quantized layer's error and report it in ``layer_manifest``.
+    """Writer mixin: keep each offline-quantized layer's error and report it in ``describe_layer``.
 
     ``convert`` builds the manifest after every layer is written, so the errors are there by then.
     """
@@ -229,9 +229,9 @@ class RecordsQuantizationError:
             self.__dict__.setdefault("quantization_errors", {})[layer.spec.name] = error
         return super().write_layer(layer)
 
-    def layer_manifest(self, spec: LinearSpec) -> dict:
-        entry = super().layer_manifest(spec)
-        block = describe(self.target, spec, self.__dict__.get("quantization_errors", {}))
+    def describe_layer(self, spec: LinearSpec) -> dict:
+        entry = super().describe_layer(spec)
+        block = describe(self.name, spec, self.__dict__.get("quantization_errors", {}))
         if block is not None:
             entry["offline_quantization"] = block
         return entry

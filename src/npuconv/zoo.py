@@ -105,7 +105,7 @@ def _toml_module():
 def load_zoo(path: str | Path) -> list[ZooEntry]:
     """Parse and validate a zoo file; every problem is a one-line :class:`ZooFileError`."""
     from npuconv.output import parse_size
-    from npuconv.writers import TARGETS
+    from npuconv.registry import target_names
 
     path = Path(path)
     tomllib = _toml_module()
@@ -150,7 +150,7 @@ def load_zoo(path: str | Path) -> list[ZooEntry]:
 
         source_text = get("source", str, required=True)
         output_text = get("output", str, required=True)
-        target = get("target", str, required=True, choices=tuple(sorted(TARGETS)))
+        target = get("target", str, required=True, choices=tuple(sorted(target_names())))
         if not source_text.strip() or not output_text.strip():
             raise ZooFileError(f"{path}: {where}: 'source' and 'output' must not be empty")
         local = base / Path(source_text).expanduser()

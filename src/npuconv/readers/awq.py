@@ -222,4 +222,3 @@ def _expect_shape(info, shape: tuple[int, int], what: str) -> None:
         raise InputError(f"tensor '{info.name}': shape {list(info.shape)}, expected {list(shape)} ({what})")
 
 
-READER = AWQReader

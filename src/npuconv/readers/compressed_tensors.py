@@ -797,4 +797,3 @@ def _match(name: str, target: str, is_linear: bool) -> int | None:
     return None
 
 
-READER = CompressedTensorsReader

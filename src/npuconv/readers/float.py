@@ -91,4 +91,3 @@ class FloatReader(Reader):
         return [] if self.recipe is None else self._offline_specs()
 
 
-READER = FloatReader

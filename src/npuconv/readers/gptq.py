@@ -533,4 +533,3 @@ def _expect_int32(info, ndim: int) -> None:
         raise InputError(f"tensor '{info.name}': expected {ndim} dimensions, got shape {list(info.shape)}")
 
 
-READER = GPTQReader

@@ -652,4 +652,3 @@ def decode_deq_scale(deq: torch.Tensor) -> torch.Tensor:
     return deq.float()
 
 
-READER = ModelSlimReader

@@ -20,11 +20,11 @@ import torch
 from npuconv.model import LinearSpec, QuantizedLinear, dequantize
 from npuconv.readers.experts import unstack_layer, unstack_spec
 from npuconv.safetensors_io import TensorPlan
-from npuconv.writers.base import Writer
+from npuconv.writers.base import Target
 
 
-class FloatWriter(Writer):
-    target = "float"
+class FloatTarget(Target):
+    name = "float"
     summary = "dequantized plain Hugging Face checkpoint (fine-tuning, debugging, verify reference)"
 
     @property
@@ -56,7 +56,7 @@ class FloatWriter(Writer):
         config.pop("quantization_config", None)
         return config
 
-    def layer_manifest(self, spec: LinearSpec) -> dict:
+    def describe_layer(self, spec: LinearSpec) -> dict:
         members = unstack_spec(spec)
         if members is not None:  # role "experts.<e>.weight" per expert
             tensors = {f"experts.{e}.weight": self._weight_entry(m) for e, m in enumerate(members)}
@@ -64,9 +64,8 @@ class FloatWriter(Writer):
         return {"scheme": "float", "kernel": "torch.nn.functional.linear", "tensors": {"weight": self._weight_entry(spec)}}
 
     def _weight_entry(self, spec: LinearSpec) -> dict:
+        rank = len(spec.batch_shape) + 2
         return {"name": f"{spec.name}.weight", "layout": "nd",
                 "shape": [*spec.batch_shape, spec.out_features, spec.in_features],
-                "dtype": str(self.dtype).removeprefix("torch.")}
+                "dtype": str(self.dtype).removeprefix("torch."), "split": {"n": rank - 2, "k": rank - 1}}
 
-
-WRITER = FloatWriter

@@ -84,13 +84,13 @@ from typing import ClassVar
 
 import torch
 
-from npuconv.errors import UnsupportedError
+from npuconv.errors import InputError, UnsupportedError
 from npuconv.model import FP4_E2M1, FP8_E4M3, INT, SCALE_E8M0, LinearSpec, QuantizedLinear
 from npuconv.packing import pack_nibbles
 from npuconv.readers.experts import unstack_layer, unstack_spec
 from npuconv.readers.modelslim import DESCRIPTION, FLOAT, UNDESCRIBED_SUFFIXES
 from npuconv.safetensors_io import TensorInfo, TensorPlan
-from npuconv.writers.base import Writer
+from npuconv.writers.base import Target
 from npuconv.writers.npu_common import entry_plan, tensor_entry
 
 VERSION = "1.0.0"
@@ -190,8 +190,8 @@ def deq_scale_int64(deq: torch.Tensor) -> torch.Tensor:
     return deq.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
 
 
-class ModelSlimWriter(Writer):
-    target = "modelslim"
+class ModelSlimTarget(Target):
+    name = "modelslim"
     summary = "msModelSlim AscendV1 checkpoint (quant_model_description.json), loaded by vLLM-Ascend / sglang as is"
     weight_prefix: ClassVar[str] = "quant_model_weights"
 
@@ -203,12 +203,12 @@ class ModelSlimWriter(Writer):
 
     # ------------------------------------------------------------------ mapping
     def quant_type(self, spec: LinearSpec) -> str:
-        """The msModelSlim type string of a layer (call only when :meth:`unsupported_reason` is None)."""
+        """The msModelSlim type string of a layer (call only when :meth:`accepts` is None)."""
         qtype, reason = self._classify(spec)
         assert qtype is not None, reason
         return qtype
 
-    def unsupported_reason(self, spec: LinearSpec) -> str | None:
+    def accepts(self, spec: LinearSpec) -> str | None:
         return self._classify(spec)[1]
 
     def _classify(self, spec: LinearSpec) -> tuple[str | None, str | None]:
@@ -321,32 +321,32 @@ class ModelSlimWriter(Writer):
         p, n, k, groups = spec.name, spec.out_features, spec.in_features, spec.num_groups
         f32 = torch.float32
         if qtype in ("W8A16", "W8A8_DYNAMIC", "W4A4_DYNAMIC", "W8A8"):
-            weight = tensor_entry(f"{p}.weight", torch.int8, (n, k))
+            weight = tensor_entry(f"{p}.weight", torch.int8, (n, k), n=0, k=1)
         elif qtype == "W4A8_DYNAMIC" or (qtype == "W4A16" and groups > 1):
-            weight = tensor_entry(f"{p}.weight", torch.int8, (n // 2, k), packing="int4x2_n", logical_shape=(n, k))
+            weight = tensor_entry(f"{p}.weight", torch.int8, (n // 2, k), packing="int4x2_n", logical_shape=(n, k), n=0, k=1)
         elif qtype == "W4A16":
-            weight = tensor_entry(f"{p}.weight", torch.int8, (n, k // 2), packing="int4x2_k", logical_shape=(n, k))
+            weight = tensor_entry(f"{p}.weight", torch.int8, (n, k // 2), packing="int4x2_k", logical_shape=(n, k), n=0, k=1)
         elif spec.weight_format == FP4_E2M1:
-            weight = tensor_entry(f"{p}.weight", torch.uint8, (n, k // 2), packing="fp4x2", logical_shape=(n, k))
+            weight = tensor_entry(f"{p}.weight", torch.uint8, (n, k // 2), packing="fp4x2", logical_shape=(n, k), n=0, k=1)
         else:  # W8A8_MXFP8, WFP8AFP8_DYNAMIC
-            weight = tensor_entry(f"{p}.weight", torch.float8_e4m3fn, (n, k))
+            weight = tensor_entry(f"{p}.weight", torch.float8_e4m3fn, (n, k), n=0, k=1)
         entries = {"weight": weight}
         if qtype == "W8A8":
-            entries["quant_bias"] = tensor_entry(f"{p}.quant_bias", torch.int32, (n,))
+            entries["quant_bias"] = tensor_entry(f"{p}.quant_bias", torch.int32, (n,), n=0)
             entries["input_scale"] = tensor_entry(f"{p}.input_scale", f32, (1,))
             entries["input_offset"] = tensor_entry(f"{p}.input_offset", f32, (1,))
-            entries["deq_scale"] = tensor_entry(f"{p}.deq_scale", self._deq_dtype(), (n,))
+            entries["deq_scale"] = tensor_entry(f"{p}.deq_scale", self._deq_dtype(), (n,), n=0)
         elif spec.scale_format == SCALE_E8M0:
-            entries["weight_scale"] = tensor_entry(f"{p}.weight_scale", torch.uint8, (n, -(-k // MX_BLOCK)))
+            entries["weight_scale"] = tensor_entry(f"{p}.weight_scale", torch.uint8, (n, -(-k // MX_BLOCK)), n=0, k=1)
         else:
             for suffix in _INT_SUFFIXES:
-                entries[suffix] = tensor_entry(f"{p}.{suffix}", f32, (n, groups))
+                entries[suffix] = tensor_entry(f"{p}.{suffix}", f32, (n, groups), n=0, k=None if groups == 1 else 1)
             if qtype == "W4A8_DYNAMIC":
                 kind = scale_bias_kind(p)
                 width = {"column": 1, "row": SCALE_BIAS_TP}.get(kind, k)
-                entries["scale_bias"] = tensor_entry(f"{p}.scale_bias", f32, (n, width))
+                entries["scale_bias"] = tensor_entry(f"{p}.scale_bias", f32, (n, width), n=0, k=None if kind == "column" else 1)
         if spec.has_bias:
-            entries["bias"] = tensor_entry(f"{p}.bias", f32, (n,))
+            entries["bias"] = tensor_entry(f"{p}.bias", f32, (n,), n=0)
         return entries
 
     def plan_layer(self, spec: LinearSpec) -> list[TensorPlan]:
@@ -405,7 +405,7 @@ class ModelSlimWriter(Writer):
                 "shards into one layer and require one msModelSlim type for all of them"
             )
 
-    def layer_manifest(self, spec: LinearSpec) -> dict:
+    def describe_layer(self, spec: LinearSpec) -> dict:
         qtype = self.quant_type(spec)
         members = unstack_spec(spec)
         if members is None:
@@ -487,6 +487,28 @@ class ModelSlimWriter(Writer):
             "deq_scale": deq if self._deq_dtype() == torch.float32 else deq_scale_int64(deq),
         }
 
+    # ------------------------------------------------------------------ tensor parallelism
+    def split(self, role, tensor, entry, spec, rank, world, parallel):
+        """As :meth:`Target.split`, with the msModelSlim folds that have no exact row-parallel share refused:
+        W8A8 ``quant_bias`` (folds the activation offset over all of K) and a ``scale_bias`` that is not
+        the 16 partial sums."""
+        if parallel == "row" and world > 1:
+            if role == "quant_bias":
+                raise InputError(f"{spec.name}: quant_bias folds the activation offset over all of K; "
+                                 "a row-parallel split of W8A8 is not exact")
+            if role == "scale_bias" and tensor.shape[-1] != SCALE_BIAS_TP:
+                raise InputError(f"{spec.name}: scale_bias [N, {tensor.shape[-1]}] has no row-parallel share")
+            if role == "scale_bias" and SCALE_BIAS_TP % world:
+                raise InputError(f"{spec.name}: tp={world} does not divide the {SCALE_BIAS_TP} scale_bias partial sums")
+        return super().split(role, tensor, entry, spec, rank, world, parallel)
+
+    def split_unit(self, role, entry, spec, axis, parallel):
+        if parallel == "row" and role in ("weight_scale", "weight_offset"):
+            return MX_BLOCK if spec.scale_format == SCALE_E8M0 else spec.group_size
+        if parallel == "row" and role == "scale_bias":
+            return spec.in_features // SCALE_BIAS_TP
+        return super().split_unit(role, entry, spec, axis, parallel)
+
     # ------------------------------------------------------------------ side files
     def model_quant_type(self) -> str:
         types = set(self._description.values())
@@ -521,5 +543,3 @@ class ModelSlimWriter(Writer):
         # a str is written verbatim: msModelSlim's json.dump(indent=4) in planning order, not sorted
         return {DESCRIPTION: json.dumps(self.description(), indent=4)}
 
-
-WRITER = ModelSlimWriter

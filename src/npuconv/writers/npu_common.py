@@ -4,7 +4,14 @@ Manifest tensor entry (``npuconv.json`` → ``layers[p].tensors[role]``)::
 
     {"name": "<p>.weight", "dtype": "int32", "layout": "nd" | "nz",
      "shape": [logical ND shape], "storage_shape": [shape as stored],
-     "packing": "int4pack" | "int4x2" | "fp4x2" | null, "c0": 8 (nz only)}
+     "packing": "int4pack" | "int4x2" | "fp4x2" | null, "c0": 8 (nz only),
+     "split": {"n": axis | null, "k": axis | null}}
+
+``split`` (tensor parallelism, :meth:`npuconv.writers.base.Target.split`): the axis of the stored
+dtype's ND form (NZ tiles undone, packing kept; batch dims such as experts counted) that holds the
+output features N, and the one that holds the input features K, or null when the tensor has no such
+axis (it is then replicated). Features per element along the axis = ``shape / ND storage shape``
+there (the packing factor: 8 for int4pack, 2 for FP4 pairs), or the group size for group scales.
 
 ``layout: "nz"`` means the tensor holds FRACTAL_NZ *storage order* of its logical ND matrix
 (:func:`npuconv.layouts.nd_to_nz`); a loader copies the bytes into an NPU tensor created with
@@ -35,8 +42,11 @@ def tensor_entry(
     nz_c0: int | None = None,
     packing: str | None = None,
     logical_shape: tuple[int, ...] | None = None,
+    n: int | None = None,
+    k: int | None = None,
 ) -> dict:
-    """Manifest entry of one written tensor; ``shape`` is the ND shape of the stored dtype."""
+    """Manifest entry of one written tensor; ``shape`` is the ND shape of the stored dtype; ``n`` / ``k``:
+    the axes holding output / input features (negative counts from the end), recorded non-negative."""
     storage = layouts.nz_storage_shape(shape, nz_c0) if nz_c0 else shape
     entry = {
         "name": name,
@@ -48,6 +58,8 @@ def tensor_entry(
     }
     if nz_c0:
         entry["c0"] = nz_c0
+    rank = len(shape)
+    entry["split"] = {"n": None if n is None else n % rank, "k": None if k is None else k % rank}
     return entry
 
 
@@ -60,18 +72,18 @@ def from_storage(tensor: torch.Tensor, entry: dict) -> torch.Tensor:
     """A stored tensor back in its ND form (undoes NZ tiling; packing is left to the caller)."""
     if entry.get("layout") != "nz":
         return tensor
-    rows, cols = _nd_shape_of_storage(entry)
+    *_, rows, cols = nd_shape_of_storage(entry)
     return layouts.nz_to_nd(tensor, rows, cols)
 
 
-def _nd_shape_of_storage(entry: dict) -> tuple[int, int]:
-    """(R, C) of the stored dtype's ND matrix behind an NZ entry (packed columns for int4pack)."""
-    *_, rows, cols = entry["shape"]
+def nd_shape_of_storage(entry: dict) -> list[int]:
+    """The stored dtype's ND shape behind an NZ entry (packed columns for int4pack / FP4 pairs)."""
+    *batch, rows, cols = entry["shape"]
     if entry.get("packing") == "int4pack":
         cols //= 8
     elif entry.get("packing") == "fp4x2":
         cols //= 2
-    return rows, cols
+    return [*batch, rows, cols]
 
 
 def maybe_nz(tensor: torch.Tensor, c0: int | None) -> torch.Tensor:
@@ -101,3 +113,11 @@ def group_scale_layout(t: torch.Tensor) -> torch.Tensor:
 
 def group_scale_shape(batch: tuple[int, ...], n: int, groups: int) -> tuple[int, ...]:
     return (*batch, n) if groups == 1 else (*batch, groups, n)
+
+
+def moe_rows(x: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` as ``[M, K]`` repeated for every expert, and ``group_list`` (counts) = M per expert: the
+    MoE form of ``npu_grouped_matmul`` that sends every token through every expert."""
+    rows = x.reshape(-1, x.shape[-1])
+    counts = torch.full((experts,), rows.shape[0], dtype=torch.int64, device=x.device)
+    return rows.repeat(experts, 1), counts

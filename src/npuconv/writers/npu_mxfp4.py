@@ -2,16 +2,15 @@
 
 from npuconv.model import FP4_E2M1
 from npuconv.offline import RecordsQuantizationError
-from npuconv.writers.mx import MxWriter
+from npuconv.writers.mx import MxTarget
 
 
-class NpuMxfp4Writer(RecordsQuantizationError, MxWriter):
+class NpuMxfp4Target(RecordsQuantizationError, MxTarget):
     """Layers quantized offline from a float checkpoint (:mod:`npuconv.offline`) also get their
     quantization error in the manifest (``offline_quantization``)."""
 
-    target = "npu-mxfp4"
+    native_rank = 70
+    name = "npu-mxfp4"
     summary = "MXFP4 weights + E8M0 scales for npu_quant_matmul (CT mxfp4, ModelSlim W4A8_MXFP / W4A4_MXFP4)"
     weight_format = FP4_E2M1
 
-
-WRITER = NpuMxfp4Writer

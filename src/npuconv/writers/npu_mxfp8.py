@@ -2,16 +2,15 @@
 
 from npuconv.model import FP8_E4M3
 from npuconv.offline import RecordsQuantizationError
-from npuconv.writers.mx import MxWriter
+from npuconv.writers.mx import MxTarget
 
 
-class NpuMxfp8Writer(RecordsQuantizationError, MxWriter):
+class NpuMxfp8Target(RecordsQuantizationError, MxTarget):
     """Layers quantized offline from a float checkpoint (:mod:`npuconv.offline`) also get their
     quantization error in the manifest (``offline_quantization``)."""
 
-    target = "npu-mxfp8"
+    native_rank = 60
+    name = "npu-mxfp8"
     summary = "MXFP8 weights + E8M0 scales for npu_quant_matmul (CT mxfp8, ModelSlim W8A8_MXFP8)"
     weight_format = FP8_E4M3
 
-
-WRITER = NpuMxfp8Writer

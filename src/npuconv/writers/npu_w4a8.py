@@ -44,7 +44,8 @@ import torch
 
 from npuconv import layouts
 from npuconv.model import INT, LinearSpec, QuantizedLinear
-from npuconv.writers.base import Writer
+from npuconv.errors import InputError
+from npuconv.writers.base import ROW, Target
 from npuconv.writers.npu_common import maybe_nz, tensor_entry
 
 KERNEL = "npu_grouped_matmul"
@@ -82,7 +83,7 @@ def codes_from_signed_kn(values_kn: torch.Tensor, bits: int) -> torch.Tensor:
 def int4_weight_entry(spec: LinearSpec, c0: int | None) -> dict:
     p, n, k, batch = spec.name, spec.out_features, spec.in_features, spec.batch_shape
     return tensor_entry(f"{p}.weight", torch.int32, (*batch, k, n // 8), nz_c0=c0, packing="int4pack",
-                        logical_shape=(*batch, k, n))
+                        logical_shape=(*batch, k, n), n=-1, k=-2)
 
 
 def parallel_kind(name: str) -> str:
@@ -96,12 +97,13 @@ def rounded_group_scale(scale: torch.Tensor) -> torch.Tensor:
     return scale.half().float() if GROUP_SCALE_VIA_FP16 else scale
 
 
-class NpuW4A8Writer(Writer):
-    target = "npu-w4a8"
+class NpuW4A8Target(Target):
+    name = "npu-w4a8"
+    native_rank = 10
     summary = "W4A8 int4 weights + int8 dynamic activations for npu_grouped_matmul A8W4 (ModelSlim W4A8_DYNAMIC, symmetric GPTQ/AWQ/CT)"
 
     # ------------------------------------------------------------------ checks
-    def unsupported_reason(self, spec: LinearSpec) -> str | None:
+    def accepts(self, spec: LinearSpec) -> str | None:
         act = spec.activation
         if spec.weight_format != INT or spec.bits not in (2, 3, 4):
             return "needs 2-, 3- or 4-bit integer weights"
@@ -135,17 +137,19 @@ class NpuW4A8Writer(Writer):
         p, n, batch = spec.name, spec.out_features, spec.batch_shape
         groups = spec.num_groups
         scale_shape = (*batch, n) if groups == 1 else (*batch, groups, n)
+        scale_k = None if groups == 1 else -2
         entries = {
             "weight": int4_weight_entry(spec, self.nz_c0(spec)),
-            "scale": tensor_entry(f"{p}.scale", torch.int64, scale_shape),
+            "scale": tensor_entry(f"{p}.scale", torch.int64, scale_shape, n=-1, k=scale_k),
         }
         if groups > 1:
-            entries["weight_scale"] = tensor_entry(f"{p}.weight_scale", torch.float32, scale_shape)
-        entries["scale_bias"] = tensor_entry(f"{p}.scale_bias", torch.float32, (*batch, n))
+            entries["weight_scale"] = tensor_entry(f"{p}.weight_scale", torch.float32, scale_shape, n=-1, k=scale_k)
+        entries["scale_bias"] = tensor_entry(f"{p}.scale_bias", torch.float32, (*batch, n), n=-1)
         if parallel_kind(p) == "row":
-            entries["scale_bias_partials"] = tensor_entry(f"{p}.scale_bias_partials", torch.float32, (*batch, n, SCALE_BIAS_CHUNKS))
+            entries["scale_bias_partials"] = tensor_entry(f"{p}.scale_bias_partials", torch.float32,
+                                                          (*batch, n, SCALE_BIAS_CHUNKS), n=-2, k=-1)
         if spec.has_bias:
-            entries["bias"] = tensor_entry(f"{p}.bias", torch.float32, (*batch, n))
+            entries["bias"] = tensor_entry(f"{p}.bias", torch.float32, (*batch, n), n=-1)
         return entries
 
     def verify_tp(self, spec: LinearSpec) -> int:
@@ -158,7 +162,7 @@ class NpuW4A8Writer(Writer):
                 return tp
         return 1
 
-    def layer_manifest(self, spec: LinearSpec) -> dict:
+    def describe_layer(self, spec: LinearSpec) -> dict:
         act = spec.activation
         row = parallel_kind(spec.name) == "row"
         k = spec.in_features
@@ -230,5 +234,92 @@ class NpuW4A8Writer(Writer):
             scale = (exact if consistent else kernel_scale).transpose(-1, -2).contiguous()
         return QuantizedLinear(spec, codes, scale, bias=tensors.get("bias"))
 
+    # ------------------------------------------------------------------ kernel
+    def serves(self, spec: LinearSpec) -> bool:
+        act = spec.activation
+        return (spec.weight_format == INT and act is not None and act.kind == INT and act.dynamic
+                and act.bits == 8 and spec.bits <= 4 and self.accepts(spec) is None)
 
-WRITER = NpuW4A8Writer
+    def run(self, backend, entry: dict, spec: LinearSpec, tensors: dict, x: torch.Tensor, tp: int | None = None):
+        """The A8W4 grouped matmul, as ``tp`` row-parallel ranks whose outputs are summed (all-reduce).
+
+        ``tp=None`` (what ``verify`` passes) runs every configuration the written tensors serve and
+        stacks them along the token axis: the tokens at TP=1, then again at the manifest's
+        ``verify_tp``, so ``y`` and the returned activations may hold a multiple of ``x``'s rows.
+        """
+        if tp is not None:
+            return self._run_ranks(backend, entry, spec, tensors, x, tp)
+        y, x_effective = self._run_ranks(backend, entry, spec, tensors, x, 1)
+        check = int(entry.get("verify_tp") or 1)
+        if check == 1:
+            return y, x_effective
+        y_tp, x_tp = self._run_ranks(backend, entry, spec, tensors, x, check)
+        return torch.cat([y, y_tp], dim=-2), torch.cat([x_effective, x_tp], dim=-2)
+
+    def _run_ranks(self, backend, entry: dict, spec: LinearSpec, t: dict, x: torch.Tensor, tp: int):
+        """``tp`` row-parallel ranks, each on its K slice (:meth:`split`) with its own activation
+        quantization and its ``scale_bias`` share; outputs summed in fp32, ``bias`` added once."""
+        rows = spec.in_features // tp
+        outputs, activations = [], []
+        for r in range(tp):
+            def share(role: str) -> torch.Tensor:
+                return self.split(role, t[role], entry["tensors"][role], spec, r, tp, ROW)
+
+            if tp == 1:
+                scale_bias = t["scale_bias"]
+            elif "scale_bias_partials" not in t:
+                raise InputError(f"{spec.name}: cannot run at tp={tp} (a column-parallel layer has no scale_bias partial sums)")
+            else:
+                scale_bias = share("scale_bias_partials").float().sum(-1)
+            y_r, x_eff = _a8w4_gmm(backend, spec, x[..., r * rows:(r + 1) * rows], share("weight"), share("scale"), scale_bias)
+            outputs.append(y_r.float())
+            activations.append(x_eff)
+        y = torch.stack(outputs).sum(0)
+        if "bias" in t:
+            y = y + t["bias"].float()
+        return y.to(x.dtype), torch.cat(activations, dim=-1)
+
+    # ------------------------------------------------------------------ tensor parallelism
+    def split(self, role, tensor, entry, spec, rank, world, parallel):
+        """As :meth:`Target.split`, plus the ``scale_bias`` rule: under row parallelism a rank's kernel
+        bias is the sum of its ``scale_bias_partials`` columns ``[r·16/t, (r+1)·16/t)`` (the slice this
+        returns for that role; ``t`` must divide 16), never a slice of the full ``scale_bias``."""
+        if parallel == ROW and world > 1:
+            if role == "scale_bias":
+                raise InputError(f"{spec.name}: a row-parallel rank takes its scale_bias from scale_bias_partials")
+            if role == "scale_bias_partials" and SCALE_BIAS_CHUNKS % world:
+                raise InputError(f"{spec.name}: tp={world} does not divide the {SCALE_BIAS_CHUNKS} scale_bias partial sums")
+        return super().split(role, tensor, entry, spec, rank, world, parallel)
+
+    def split_unit(self, role, entry, spec, axis, parallel):
+        if parallel == ROW and role in ("scale", "weight_scale"):
+            return spec.group_size
+        if parallel == ROW and role == "scale_bias_partials":
+            return spec.in_features // SCALE_BIAS_CHUNKS
+        return super().split_unit(role, entry, spec, axis, parallel)
+
+
+def _a8w4_gmm(backend, spec: LinearSpec, x: torch.Tensor, weight, scale, scale_bias):
+    """One rank: ``npu_dynamic_quant`` + the A8W4 ``npu_grouped_matmul`` (MoE form; a dense layer is E = 1)."""
+    k = x.shape[-1]
+    lead = x.shape[:-1]
+    x_q, pts = backend.npu_dynamic_quant(x.reshape(-1, k))
+    m = x_q.shape[0]
+    experts = spec.num_experts
+    if experts is None:
+        weights, scales, biases, xs, counts = weight[None], scale[None], scale_bias[None], x_q, [m]
+    else:  # every token through every expert: rows [e·M, (e+1)·M) go to expert e
+        weights, scales, biases = weight, scale, scale_bias
+        xs, counts = x_q.repeat(experts, 1), [m] * experts
+        pts = pts.repeat(experts)
+    group_list = torch.tensor(counts, dtype=torch.int64, device=x_q.device)
+    y = backend.npu_grouped_matmul(
+        [xs], [weights], scale=[scales], bias=[biases.float()], per_token_scale=[pts], group_list=group_list,
+        split_item=2, group_type=0, group_list_type=1, output_dtype=x.dtype,
+    )[0]
+    if experts is not None:
+        y = y.reshape(experts, *lead, -1)
+    else:
+        y = y.reshape(*lead, -1)
+    x_effective = (x_q.double() * pts[:m].double().unsqueeze(-1)).reshape(*lead, k)
+    return y, x_effective
