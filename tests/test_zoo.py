@@ -332,7 +332,6 @@ def test_report_file_schema(zoo_dir):
         ("[[model]\nsource = 1", "invalid TOML"),
         ("", "no models"),
         ("[defaults]\ntarget = 'npu-int4'", "no models"),
-        ("[[model]]\nsource = 'a'\noutput = 'b'", "model[0]: missing 'target'"),
         ("[[model]]\nsource = 'a'\noutput = 'b'\ntarget = 'npu-int5'", "target 'npu-int5' is not one of"),
         ("[[model]]\nsource = 'a'\noutput = 'b'\ntarget = 'float'\ntagret = 1", "unknown key 'tagret'"),
         ("[defaults]\nsource = 'a'\n[[model]]\nsource = 'a'\noutput = 'b'\ntarget = 'float'", "defaults: unknown key 'source'"),

@@ -240,7 +240,10 @@ def _distinct(values) -> str:
 def _target_help() -> str:
     from npuconv.registry import target_names
 
-    return "Target layout: " + ", ".join(target_names()) + " (layouts: `npuconv docs layouts`)."
+    return (
+        "Target layout: " + ", ".join(target_names()) + ". Default npu: each layer to its natural NPU "
+        "target (mixed-precision models in one output). Layouts: `npuconv docs layouts`."
+    )
 
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -250,7 +253,7 @@ DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 @global_options
 @click.argument("model")
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--to", "target", required=True, help=_target_help())
+@click.option("--to", "target", default="npu", show_default=True, help=_target_help())
 @click.option("--revision", default=None, metavar="REV", help=REVISION_HELP)
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), default=None, help="float target: output dtype (default bfloat16).")
 @click.option("--nz/--no-nz", default=None, help="Write weights as FRACTAL_NZ tiles (default: what the engines cast to NZ).")
@@ -322,22 +325,30 @@ def convert_command(model, out, target, revision, dtype, nz, mx_layout, max_shar
     seconds = report["seconds"]
     rate = f", {human_bytes(report['bytes_in'] / seconds)}/s of input" if seconds else ""
     stdout.print(
-        f"[green]converted[/] {len(plan['layers'])} quantized layers ({plan['source_format']} → {plan['target']}) "
+        f"[green]converted[/] {len(plan['layers'])} quantized layers ({plan['source_format']} → {_targets_text(plan)}) "
         f"into {out}: {human_bytes(report['bytes_out'])} in {len(plan['shards'])} shard(s), "
         f"{seconds:.1f} s{rate}"
     )
 
 
+def _targets_text(plan: dict) -> str:
+    """``npu-int4``, or for a per-layer choice ``npu: 4 npu-w8a8, 3 npu-w4a8``."""
+    counts = plan.get("layer_targets") or {}
+    if list(counts) in ([], [plan["target"]]):
+        return plan["target"]
+    return f"{plan['target']}: " + ", ".join(f"{n} {name}" for name, n in counts.items())
+
+
 def _print_plan(plan: dict) -> None:
-    stdout.print(f"[bold]plan[/] {plan['source']} ({plan['source_format']}) → {plan['target']}")
+    stdout.print(f"[bold]plan[/] {plan['source']} ({plan['source_format']}) → {_targets_text(plan)}")
     table = Table(show_header=True)
-    for column in ("layer", "scheme", "kernel", "tensors"):
+    for column in ("layer", "scheme", "target", "kernel", "tensors"):
         table.add_column(column)
     for layer in plan["layers"]:
         tensors = ", ".join(
             f"{role}:{t.get('layout', 'nd')}" for role, t in layer.get("tensors", {}).items()
         )
-        table.add_row(layer["name"], layer["scheme"], layer.get("kernel", ""), tensors)
+        table.add_row(layer["name"], layer["scheme"], layer.get("target", plan["target"]), layer.get("kernel", ""), tensors)
     stdout.print(table)
     for shard in plan["shards"]:
         stdout.print(f"  {shard['file']}: {shard['tensors']} tensors, {human_bytes(shard['bytes'])}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -40,7 +41,7 @@ from npuconv.output import (
 )
 from npuconv.readers import open_reader
 from npuconv.readers.base import Reader
-from npuconv.registry import get_target
+from npuconv.registry import get_target, target_names
 from npuconv.source import open_source
 from npuconv.writers import Target, WriterOptions
 
@@ -72,14 +73,14 @@ class ConversionPlan:
         return sum(s.nbytes for s in self.shards)
 
     def describe(self) -> dict:
-        """Machine-readable plan (``--dry-run``)."""
+        """Machine-readable plan (``--dry-run``); ``layer_targets``: layers per target (several for ``npu``)."""
+        layers = [{"name": s.name, "scheme": s.scheme, **self.writer.layer_manifest(s)} for s in self.layers]
         return {
             "source": self.checkpoint.source_id,
             "source_format": self.reader.format,
             "target": self.writer.name,
-            "layers": [
-                {"name": s.name, "scheme": s.scheme, **self.writer.layer_manifest(s)} for s in self.layers
-            ],
+            "layers": layers,
+            "layer_targets": dict(Counter(layer.get("target", self.writer.name) for layer in layers)),
             "shards": [
                 {"file": s.filename, "bytes": s.nbytes, "tensors": len(s.plans)} for s in self.shards
             ],
@@ -99,11 +100,10 @@ def make_plan(checkpoint: Checkpoint, options: ConvertOptions) -> ConversionPlan
     if prepare is not None:  # float sources: offline quantization for targets that have a recipe
         prepare(writer.name)
     layers = reader.linear_specs()
+    writer.prepare(layers)
+    check_fit(writer, layers)
     units: list[Unit] = []
     for spec in layers:
-        reason = writer.accepts(spec)
-        if reason:
-            raise UnsupportedError(f"layer '{spec.name}' ({spec.scheme}) cannot be written as {writer.name}: {reason}")
         units.append(Unit(writer.plan_layer(spec), _layer_producer(reader, writer, spec), spec.name))
     for name in reader.passthrough_names():
         info = checkpoint.info(name)
@@ -115,6 +115,39 @@ def make_plan(checkpoint: Checkpoint, options: ConvertOptions) -> ConversionPlan
         checkpoint.source_id, reader.format, len(layers), len(units) - len(layers), writer.name, len(shards),
     )
     return ConversionPlan(checkpoint, reader, writer, layers, shards)
+
+
+def check_fit(target: Target, layers: list[LinearSpec]) -> None:
+    """Every layer the target refuses, in one :class:`UnsupportedError`: grouped by scheme and
+    reason (each group names all its layers), then the targets that would take every layer."""
+    refused: dict[tuple[str, str], list[str]] = {}
+    for spec in layers:
+        reason = target.accepts(spec)
+        if reason:
+            refused.setdefault((spec.scheme, reason), []).append(spec.name)
+    if not refused:
+        return
+    count = sum(len(names) for names in refused.values())
+    groups = "; ".join(
+        f"{scheme} ({reason}): {len(names)} layer{'s' if len(names) > 1 else ''} {', '.join(names)}"
+        for (scheme, reason), names in refused.items()
+    )
+    fit = fitting_targets(layers, target.options)
+    raise UnsupportedError(
+        f"{count} of {len(layers)} quantized layers cannot be written as {target.name} — {groups}. "
+        f"Targets that take every layer: {', '.join(fit) if fit else 'none'}"
+    )
+
+
+def fitting_targets(layers: list[LinearSpec], options: WriterOptions) -> list[str]:
+    """The registered targets that accept every one of ``layers`` with these options."""
+    fit = []
+    for name in target_names():
+        candidate = get_target(name, options)
+        candidate.prepare(layers)
+        if all(candidate.accepts(spec) is None for spec in layers):
+            fit.append(name)
+    return fit
 
 
 def convert(

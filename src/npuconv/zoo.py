@@ -18,7 +18,7 @@ A zoo file is TOML (``tomllib``; on Python 3.10 the ``tomli`` package if install
     nz = false                             # also: dtype, mx_layout, max_shard_size
 
 Keys (per ``[[model]]``; all but ``source``/``output``/``name`` may also be in ``[defaults]``):
-``source`` and ``output`` (required), ``name``, ``target`` (required here or in defaults),
+``source`` and ``output`` (required), ``name``, ``target`` (default ``npu``, as ``convert``),
 ``nz`` (bool; default: the target's), ``dtype`` (``float32|bfloat16|float16``, float target),
 ``mx_layout`` (``vllm-ascend|sglang``), ``max_shard_size`` (``"5GB"`` or an integer of bytes),
 ``verify`` (bool, default false). Unknown keys are errors. There is no ``layers_skip``:
@@ -55,6 +55,7 @@ MX_LAYOUTS = ("vllm-ascend", "sglang")
 STATUSES = ("converted", "skipped", "failed", "verify-failed", "not-run")
 DRY_RUN_STATUSES = ("would-convert", "would-skip", "failed")
 EXIT_INTERNAL = 3
+DEFAULT_TARGET = "npu"  # as `npuconv convert` without --to
 PROGRESS_INTERVAL = 1.0  # seconds between a worker's progress messages
 HEARTBEAT = 30.0  # default seconds between "still running" events of a long entry
 
@@ -150,7 +151,7 @@ def load_zoo(path: str | Path) -> list[ZooEntry]:
 
         source_text = get("source", str, required=True)
         output_text = get("output", str, required=True)
-        target = get("target", str, required=True, choices=tuple(sorted(target_names())))
+        target = get("target", str, choices=tuple(sorted(target_names()))) or DEFAULT_TARGET
         if not source_text.strip() or not output_text.strip():
             raise ZooFileError(f"{path}: {where}: 'source' and 'output' must not be empty")
         local = base / Path(source_text).expanduser()
