@@ -83,7 +83,7 @@ def test_mislabelled_gptq_is_reported(tmp_path):
 def test_inspect_human_output_and_layers_table():
     result = CliRunner().invoke(cli, ["inspect", str(FIXTURES / "gptq_v1_b4_g64_asym_descact"), "--layers"])
     assert result.exit_code == 0
-    assert "gptq (gptq)" in result.output and "w4a16" in result.output and "model.layers.0.mlp.down_proj" in result.output
+    assert "format       gptq\n" in result.output and "gptq (gptq)" not in result.output and "w4a16" in result.output and "model.layers.0.mlp.down_proj" in result.output
     quiet = CliRunner().invoke(cli, ["inspect", str(FIXTURES / "ms_w8a8_mxfp8"), "-q"])
     assert quiet.output.strip() == "modelslim"
 

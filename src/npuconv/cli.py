@@ -134,8 +134,9 @@ def cli() -> None:
     \b
     Examples:
       npuconv inspect ./Qwen2-7B-GPTQ-Int4
-      npuconv convert ./Qwen2-7B-GPTQ-Int4 ./qwen-npu --to npu-int4
+      npuconv convert ./Qwen2-7B-GPTQ-Int4 ./qwen-npu
       npuconv verify ./qwen-npu
+      npuconv docs                          # the guides, shipped with npuconv
     """
 
 
@@ -268,13 +269,18 @@ DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
 @handle_errors
 def convert_command(model, out, target, revision, dtype, nz, mx_layout, max_shard_size, workers, force, dry_run, as_json, quiet) -> None:
-    """Convert MODEL into OUT in the layout of TARGET.
+    """Convert MODEL into OUT in the layout of TARGET (default npu).
 
     MODEL is a local directory or a Hugging Face repo id (org/name[@revision]). OUT is built in a
     temporary sibling directory and appears only when complete; MODEL is never modified.
 
+    --to npu gives every layer its natural NPU target (4-bit weight-only → npu-int4, W8A8 →
+    npu-w8a8, W4A8 → npu-w4a8, MX → npu-mxfp8/4, …), so a mixed-precision model (e.g. W8A8
+    attention + W4A8 MLP) becomes one NPU-ready output; the plan (--dry-run) shows each choice.
+
     \b
     Examples:
+      npuconv convert ./qwen-w8a8-w4a8 ./qwen-npu          # every layer to its NPU target
       npuconv convert ./llama-gptq ./llama-npu --to npu-int4
       npuconv convert ./llama-gptq ./llama-fp32 --to float --dtype float32
       npuconv convert org/model@main ./out --to modelslim --dry-run --json
