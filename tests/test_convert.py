@@ -31,6 +31,7 @@ NPU_TARGETS = {
     "ms_w4a4_dynamic_g32_asym_autoround": ["npu-int4"],
     "ms_v0_w4a8_dynamic_g32": ["npu-int4"],
     "ms_mixed_w8a8dyn_attn_w4a8dyn_mlp": [],  # mixed precision: no single npu-* target (see --to npu)
+    "ct020_mixed_attn_w8a8_mlp_w4a16_g32_asym": [],
     "gptq_v1_b8_g128_asym_descact": ["npu-int8"],
     "ms_w8a16_per_group32_asym": ["npu-int8"],
     "ct020_w8a8_int": ["npu-w8a8", "npu-int8"],

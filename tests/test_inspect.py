@@ -34,6 +34,7 @@ EXPECTED = {
     # AutoRound "asymmetric": unsigned codes 0..15 with offset 8 everywhere = symmetric in canonical form
     "ms_w4a4_dynamic_g32_asym_autoround": ("modelslim", {("w4a4_dynamic", 4, 32, True)}, 0, None),
     "ms_v0_w4a8_dynamic_g32": ("modelslim", {("w4a8_dynamic", 4, 32, True)}, 0, None),
+    "ct020_mixed_attn_w8a8_mlp_w4a16_g32_asym": ("compressed-tensors", {("w8a8_dynamic", 8, -1, True), ("w4a16", 4, 32, False)}, 0, None),
     "ms_mixed_w8a8dyn_attn_w4a8dyn_mlp": ("modelslim", {("w8a8_dynamic", 8, -1, True), ("w4a8_dynamic", 4, -1, True)}, 0, None),
 }
 

@@ -28,6 +28,7 @@ from npuconv.verify import VerifyOptions, verify
 from npuconv.writers import WriterOptions
 
 MIXED = "ms_mixed_w8a8dyn_attn_w4a8dyn_mlp"
+CT_MIXED = "ct020_mixed_attn_w8a8_mlp_w4a16_g32_asym"
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
 
@@ -50,6 +51,7 @@ NATURAL = {
     "ms_w4a4_dynamic_g32_asym_autoround": "npu-int4",
     "ms_v0_w4a8_dynamic_g32": "npu-int4",
     MIXED: {".self_attn.": "npu-w8a8", ".mlp.": "npu-w4a8"},
+    CT_MIXED: {".self_attn.": "npu-w8a8", ".mlp.": "npu-int4"},  # llm-compressor-style groups
     "ct020_nvfp4a16": None,  # no Ascend kernel
     "ct020_fp8_static": None,
     "ct020_moe_mixtral_w8a8_int": "npu-w8a8",
@@ -260,3 +262,20 @@ def test_zoo_entry_without_target_is_npu(tmp_path):
     report = json.loads(result.stdout)
     assert result.exit_code == 0, result.output
     assert report["entries"][0]["target"] == "npu" and report["entries"][0]["verify"]["passed"] == 7
+
+
+def test_compressed_tensors_mixed_precision_converts_and_verifies(tmp_path):
+    """CT's mixed-precision format (W8A8 attention group + W4A16 g32 MLP group), written by CT 0.20.0."""
+    out = tmp_path / "out"
+    result = run("convert", FIXTURES / CT_MIXED, out)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "npuconv.json").read_text())
+    assert {name: entry["target"] for name, entry in manifest["layers"].items()} == {
+        name: natural(CT_MIXED, name) for name in manifest["layers"]
+    }
+    result = run("verify", out)
+    assert result.exit_code == 0 and "PASS 7/7 layers" in result.output
+    reader = open_reader(Checkpoint(out))
+    reference = load_reference(CT_MIXED)
+    for spec in reader.linear_specs():
+        assert torch.equal(dequantize(reader.load(spec)), reference[f"{spec.name}.weight"]), spec.name

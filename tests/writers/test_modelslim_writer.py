@@ -61,6 +61,7 @@ EXPECTED = {
     "ms_w4a4_dynamic_g32_asym_autoround": "W4A4_DYNAMIC",
     # mixed precision: module-name fragment → type
     "ms_mixed_w8a8dyn_attn_w4a8dyn_mlp": {".self_attn.": "W8A8_DYNAMIC", ".mlp.": "W4A8_DYNAMIC"},
+    "ct020_mixed_attn_w8a8_mlp_w4a16_g32_asym": {".self_attn.": "W8A8_DYNAMIC", ".mlp.": "W4A16"},
 }
 # written with other (equivalent) bytes than msModelSlim: AutoRound's unsigned codes 0..15 with offset 8
 # become the signed codes -8..7 with offset 0 that msModelSlim's linear_quant writes (same dequantization)
@@ -89,6 +90,7 @@ SUMMARY = {
     "ms_w8a8_static_fp16": (0, "W8A8"),
     "ms_w4a4_dynamic_g32_asym_autoround": (32, "W4A4_DYNAMIC"),
     "ms_mixed_w8a8dyn_attn_w4a8dyn_mlp": (0, "W8A8_DYNAMIC"),
+    "ct020_mixed_attn_w8a8_mlp_w4a16_g32_asym": (32, "W8A8_DYNAMIC"),
 }
 META_KEYS = ["version", "model_quant_type", "metadata", "group_size", "optional"]
 
