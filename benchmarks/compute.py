@@ -13,7 +13,7 @@ import time
 import torch
 
 from npuconv import layouts
-from npuconv.cli import tune_allocator
+from npuconv.memory import tune_allocator
 from npuconv.model import LinearSpec, QuantizedLinear
 from npuconv.packing import unpack_bitstream
 from npuconv.readers.awq import unpack_gemm

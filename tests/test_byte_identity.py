@@ -83,7 +83,7 @@ def _digest_output(out: Path) -> dict[str, str]:
             data["tensors"] = {
                 name: {k: v for k, v in t.items() if k not in IGNORED_TENSOR_KEYS} for name, t in data["tensors"].items()
             }
-            text = json.dumps(data, indent=2, sort_keys=True) + "\n"  # as npuconv.output.write_json
+            text = json.dumps(data, indent=2, sort_keys=True) + "\n"  # as npuconv.io.output.write_json
             digests[rel] = hashlib.sha256(text.encode()).hexdigest()
         else:
             digests[rel] = hashlib.sha256(path.read_bytes()).hexdigest()

@@ -186,7 +186,7 @@ def test_npuconv_docs_command():
     page = CliRunner().invoke(cli, ["docs", "layouts"])
     assert page.exit_code == 0 and page.output.startswith("# npuconv output layouts")
     missing = CliRunner().invoke(cli, ["docs", "nothing"])
-    assert missing.exit_code == 2 and "topics: ci" in missing.output
+    assert missing.exit_code == 2 and "no documentation topic 'nothing' (topics: " in missing.output and " ci," in missing.output
 
 
 def user_strings() -> list[tuple[str, str]]:

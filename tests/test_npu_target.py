@@ -20,10 +20,10 @@ from npuconv.convert import ConvertOptions, convert
 from npuconv.errors import UnsupportedError
 from npuconv.model import FP4_E2M1, INT, SCALE_E8M0, ActivationQuant, LinearSpec, dequantize
 from npuconv.readers import open_reader
-from npuconv.checkpoint import Checkpoint
+from npuconv.io.checkpoint import Checkpoint
 from npuconv.registry import get_target, layer_target
 from npuconv.runtime import load_output
-from npuconv.safetensors_io import read_header, read_tensor, save_file
+from npuconv.io.safetensors_io import read_header, read_tensor, save_file
 from npuconv.verify import VerifyOptions, verify
 from npuconv.writers import WriterOptions
 

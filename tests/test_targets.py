@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import ALL_FIXTURES, fixture_dir
-from npuconv.checkpoint import Checkpoint
+from npuconv.io.checkpoint import Checkpoint
 from npuconv.convert import ConvertOptions, convert
 from npuconv.errors import InputError, UnsupportedError
 from npuconv.kernels import get_backend
@@ -225,3 +225,27 @@ def test_runtime_and_verify_do_not_sniff_manifest_keys():
         text = (SRC / "npuconv" / module).read_text()
         for needle in ("kernel_mode", '"weight_dtype" in', '"deq_scale" in', "npu_weight_quant_batchmatmul\"", "default_target"):
             assert needle not in text, (module, needle)
+
+
+class ToyTarget(get_target("npu-int8").__class__):
+    """A target defined outside npuconv: one class + one registration line."""
+
+    name = "toy-int8"
+    native_rank = None
+
+
+def test_a_new_target_is_one_class_and_one_registration(tmp_path, monkeypatch):
+    from npuconv import registry
+    from npuconv.verify import VerifyOptions, verify
+
+    monkeypatch.setattr(registry, "TARGETS", registry.Registry("target"))
+    for name in ("npu-int8",):
+        registry.register_target(name, "npuconv.writers.npu_int8:NpuInt8Target")
+    registry.register_target("toy-int8", f"{__name__}:ToyTarget")
+    assert "toy-int8" in target_names()
+    out = tmp_path / "out"
+    convert(fixture_dir("gptq_v1_b8_g128_asym_descact"), out, ConvertOptions(target="toy-int8"))
+    manifest = json.loads((out / "npuconv.json").read_text())
+    assert manifest["target"] == "toy-int8" and {e["target"] for e in manifest["layers"].values()} == {"toy-int8"}
+    report = verify(out, VerifyOptions(device="cpu", tokens=4))
+    assert report["ok"] and report["passed"] == len(manifest["layers"])

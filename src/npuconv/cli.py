@@ -164,7 +164,7 @@ def inspect_command(model: str, revision: str | None, show_layers: bool, as_json
       npuconv inspect TheBloke/Llama-2-7B-GPTQ@main --json | jq .layers[0]
     """
     from npuconv.inspect import inspect_checkpoint
-    from npuconv.source import open_source
+    from npuconv.io.source import open_source
 
     report = inspect_checkpoint(open_source(model, revision))
     if as_json:
@@ -288,7 +288,7 @@ def convert_command(model, out, target, revision, dtype, nz, mx_layout, max_shar
     import torch
 
     from npuconv.convert import ConvertOptions, convert
-    from npuconv.output import parse_size
+    from npuconv.io.output import parse_size
     from npuconv.registry import target_class
     from npuconv.writers import WriterOptions
 
@@ -393,7 +393,7 @@ def verify_command(out, source, layer_glob, tokens, seed, device, skip_checksum,
       npuconv verify ./some-gptq-model          # check a source checkpoint itself
     """
     from npuconv.errors import VerificationFailed
-    from npuconv.output import ChecksumMismatch
+    from npuconv.io.output import ChecksumMismatch
     from npuconv.verify import VerifyOptions, verify
 
     options = VerifyOptions(
@@ -714,35 +714,14 @@ def _write_text(path: str, text: str, option: str) -> None:
         raise OutputError(f"{option} {path}: cannot write: {e.strerror or e}") from None
 
 
-MMAP_THRESHOLD = 64 << 20
-
-
 def _terminate(signum, _frame) -> None:
     raise SystemExit(128 + signum)
 
 
-def tune_allocator() -> None:
-    """Let glibc recycle large tensor buffers instead of mmap'ing (and page-faulting) fresh ones.
-
-    Conversion allocates and frees the same few large buffers for every layer; with glibc's
-    default 128 KiB-ish mmap threshold each one is a fresh mapping whose pages fault in on first
-    touch, which costs more than the repack itself (measured ~2x on repack throughput, see
-    benchmarks/RESULTS.md). Buffers of 64 MiB and more (embeddings, huge experts) still get their own
-    mappings and are returned at once, so peak RSS stays bounded by the tensors in flight. No-op off glibc.
-    """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD)  # buffers below this are recycled from the heap
-    libc.mallopt(m_trim_threshold, 2 * MMAP_THRESHOLD)  # keep up to this much freed heap for reuse
-
-
 def main() -> None:
     """Console-script entry point."""
+    from npuconv.memory import tune_allocator
+
     tune_allocator()
     # SIGTERM (kill, timeout, container stop) unwinds like Ctrl-C, so the temporary output is removed
     signal.signal(signal.SIGTERM, _terminate)

@@ -7,7 +7,7 @@ Library API (the CLI is a thin shell over it)::
 
 Order of work: open and detect the source, plan every layer with the writer (kernel limits are
 checked here, before anything is written), split into shards, then stream layer by layer into a
-temporary directory that is renamed onto OUT at the end (see :mod:`npuconv.output`).
+temporary directory that is renamed onto OUT at the end (see :mod:`npuconv.io.output`).
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from typing import Callable
 import torch
 
 import npuconv
-from npuconv.checkpoint import Checkpoint
+from npuconv.io.checkpoint import Checkpoint, config_dtype
 from npuconv.errors import InputError, OutputError, UnsupportedError
-from npuconv.fingerprint import source_fingerprint
+from npuconv.io.fingerprint import source_fingerprint
 from npuconv.model import LinearSpec, spec_to_dict
-from npuconv.output import (
+from npuconv.io.output import (
     DEFAULT_MAX_SHARD,
     MANIFEST,
     AtomicDirectory,
@@ -41,8 +41,8 @@ from npuconv.output import (
 )
 from npuconv.readers import open_reader
 from npuconv.readers.base import Reader
+from npuconv.io.source import open_source
 from npuconv.registry import get_target, target_names
-from npuconv.source import open_source
 from npuconv.writers import Target, WriterOptions
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,10 @@ class ConversionPlan:
 
     def describe(self) -> dict:
         """Machine-readable plan (``--dry-run``); ``layer_targets``: layers per target (several for ``npu``)."""
-        layers = [{"name": s.name, "scheme": s.scheme, **self.writer.layer_manifest(s)} for s in self.layers]
+        layers = [
+            {"name": s.name, "scheme": s.scheme, **self.writer.layer_manifest(s), **self.reader.layer_report(s)}
+            for s in self.layers
+        ]
         return {
             "source": self.checkpoint.source_id,
             "source_format": self.reader.format,
@@ -96,9 +99,8 @@ def make_plan(checkpoint: Checkpoint, options: ConvertOptions) -> ConversionPlan
     if writer_options.model_dtype is None:
         writer_options = replace(writer_options, model_dtype=config_dtype(checkpoint.config))
     writer = get_target(options.target, writer_options)
-    prepare = getattr(reader, "prepare_for_target", None)
-    if prepare is not None:  # float sources: offline quantization for targets that have a recipe
-        prepare(writer.name)
+    if writer.offline_recipe is not None:  # float sources: offline quantization (others ignore it)
+        reader.quantize_float_linears(writer.offline_recipe)
     layers = reader.linear_specs()
     writer.prepare(layers)
     check_fit(writer, layers)
@@ -213,7 +215,7 @@ def _finish_output(directory: Path, checkpoint: Checkpoint, plan: ConversionPlan
 def build_manifest(plan: ConversionPlan, options: ConvertOptions, digests: dict[str, str]) -> dict:
     """``npuconv.json``: what was converted, how, and a checksum of every shard.
 
-    ``source_fingerprint`` (see :mod:`npuconv.fingerprint`) together with ``npuconv_version``,
+    ``source_fingerprint`` (see :mod:`npuconv.io.fingerprint`) together with ``npuconv_version``,
     ``target`` and ``options`` is what ``npuconv zoo`` compares to skip an up-to-date output.
     """
     return {
@@ -228,7 +230,8 @@ def build_manifest(plan: ConversionPlan, options: ConvertOptions, digests: dict[
         "source_fingerprint": source_fingerprint(plan.checkpoint, options.hash_source),
         "options": manifest_options(options),
         "layers": {
-            spec.name: {**plan.writer.layer_manifest(spec), "spec": spec_to_dict(spec)} for spec in plan.layers
+            spec.name: {**plan.writer.layer_manifest(spec), **plan.reader.layer_report(spec), "spec": spec_to_dict(spec)}
+            for spec in plan.layers
         },
         "shards": digests,
     }
@@ -243,15 +246,6 @@ def manifest_options(options: ConvertOptions) -> dict:
         "mx_layout": writer_options.mx_layout,
         "max_shard_bytes": options.max_shard_bytes,
     }
-
-
-def config_dtype(config: dict) -> torch.dtype | None:
-    """The model's activation dtype from config.json (``torch_dtype`` or transformers 5 ``dtype``)."""
-    name = config.get("torch_dtype") or config.get("dtype")
-    if not name and isinstance(config.get("text_config"), dict):
-        name = config["text_config"].get("torch_dtype") or config["text_config"].get("dtype")
-    dtype = getattr(torch, str(name), None) if name else None
-    return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else None
 
 
 def _layer_producer(reader: Reader, writer: Target, spec: LinearSpec):

@@ -132,12 +132,7 @@ def target_class(name: str) -> type[Target]:
 
 def get_target(name: str, options: WriterOptions | None = None) -> Target:
     """A Target instance (default options unless given: ``nz`` the target's default, vllm-ascend MX layout)."""
-    cls = target_class(name)
-    if options is None:
-        from npuconv.writers.base import WriterOptions
-
-        options = WriterOptions()
-    return cls(options)
+    return target_class(name)(options)
 
 
 def layer_target(manifest: dict, entry: dict) -> Target:
@@ -151,11 +146,7 @@ def layer_target(manifest: dict, entry: dict) -> Target:
     name = entry.get("target") or (manifest or {}).get("target")
     if not name:
         raise InputError("layer entry names no target (and the manifest has no 'target')")
-    from npuconv.writers.base import WriterOptions
-
-    options = (manifest or {}).get("options") or {}
-    mx_layout = entry.get("mx_layout") or options.get("mx_layout") or "vllm-ascend"
-    return target_class(name)(WriterOptions(mx_layout=mx_layout))
+    return target_class(name).for_layer(manifest or {}, entry)
 
 
 def native_target(spec) -> Target | None:

@@ -12,11 +12,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from npuconv.model import LinearSpec
 from npuconv.registry import layer_target
+
+if TYPE_CHECKING:  # pragma: no cover
+    from npuconv.writers.base import Target
 
 
 @dataclass
@@ -29,7 +33,7 @@ class NpuLinear:
     backend: object
 
     tp: int = 1  # tensor-parallel degree emulated for layers whose kernel tensors depend on it (W4A8 scale_bias)
-    target: object = None  # the layer's Target (default: layer_target of the entry)
+    target: Target | None = None  # the layer's Target (default: layer_target of the entry)
 
     def __post_init__(self) -> None:
         if self.target is None:
@@ -41,11 +45,11 @@ class NpuLinear:
 
 def load_output(path: str | Path, device: str | None = None, check_checksums: bool = True) -> dict[str, NpuLinear]:
     """Every converted linear of an npuconv output, keyed by module name, ready to run."""
-    from npuconv.checkpoint import Checkpoint
+    from npuconv.io.checkpoint import Checkpoint
     from npuconv.errors import InputError
     from npuconv.kernels import get_backend
     from npuconv.readers import open_reader
-    from npuconv.output import check_shards
+    from npuconv.io.output import check_shards
     from npuconv.readers.npuconv_output import NpuconvReader
 
     backend = get_backend(device)
@@ -70,8 +74,8 @@ def to_backend(tensor: torch.Tensor, entry: dict, backend) -> torch.Tensor:
         if entry.get("packing") == "int4pack":
             # int4pack NZ tiles are 16 rows × 32 bytes: cast the bytes as int8 (C0 = 32), then view as
             # int32, as vLLM-Ascend does (npu_loaders.md §3.6); npu_format_cast on int32 would use C0 = 16
-            return backend.npu_format_cast(tensor.view(torch.int8), 29).view(torch.int32)
-        tensor = backend.npu_format_cast(tensor, 29)
+            return backend.ops.npu_format_cast(tensor.view(torch.int8), 29).view(torch.int32)
+        tensor = backend.ops.npu_format_cast(tensor, 29)
     return tensor
 
 

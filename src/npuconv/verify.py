@@ -41,20 +41,19 @@ from typing import Callable
 
 import torch
 
-from npuconv.checkpoint import Checkpoint
-from npuconv.convert import config_dtype
+from npuconv.io.checkpoint import Checkpoint, config_dtype
+from npuconv.entries import from_storage
 from npuconv.errors import InputError
 from npuconv.model import LinearSpec, QuantizedLinear, dequantize
-from npuconv.output import MANIFEST, check_shards
+from npuconv.io.output import MANIFEST, check_shards
 from npuconv.readers import open_reader
 from npuconv.readers.base import Reader
 from npuconv.readers.npuconv_output import NpuconvReader
-from npuconv.registry import layer_target, native_target
+from npuconv.registry import layer_target, native_target, target_class
 from npuconv.runtime import to_backend
-from npuconv.source import looks_like_hub_id, open_source
+from npuconv.io.source import looks_like_hub_id, open_source
 from npuconv.writers import Target, WriterOptions
 from npuconv.writers.base import MIN_COSINE
-from npuconv.writers.npu_common import from_storage
 
 log = logging.getLogger(__name__)
 
@@ -183,9 +182,9 @@ def _pair(output_ckpt: Checkpoint, output_reader: Reader, options: VerifyOptions
         if not source_id:
             raise InputError(f"{MANIFEST} names no source; pass --source MODEL")
         source = open_reader(_open_recorded_source(source_id, options))
-        prepare = getattr(source, "prepare_for_target", None)
-        if prepare is not None:  # a float source: its linears quantized as the conversion did (npuconv.offline)
-            prepare(manifest["target"])
+        recipe = target_class(manifest["target"]).offline_recipe
+        if recipe is not None:  # a float source: its linears quantized as the conversion did (npuconv.offline)
+            source.quantize_float_linears(recipe)
 
         def decode(spec: LinearSpec) -> tuple[QuantizedLinear, dict]:
             stored = output_reader.tensors_of(spec)  # read once: decoded for the layout check, run as is

@@ -1,4 +1,4 @@
-"""The format-free expert stacking (npuconv.readers.experts), its hook in Reader.linear_specs/load,
+"""The format-free expert stacking (npuconv.experts), its hook in Reader.linear_specs/load,
 the writers' handling of stacks and the grouped-matmul runtime path."""
 
 from __future__ import annotations
@@ -8,15 +8,15 @@ from dataclasses import replace
 import pytest
 import torch
 
+from npuconv.entries import from_storage
 from npuconv.kernels import get_backend
 from npuconv.model import INT, ActivationQuant, LinearSpec, QuantizedLinear, dequantize
 from npuconv.readers.base import Reader
-from npuconv.readers.experts import stack_expert_specs, stack_layers, unstack_layer, unstack_spec
+from npuconv.experts import stack_expert_specs, stack_layers, unstack_layer, unstack_spec
 from npuconv.runtime import run_kernel
 from npuconv.verify import reference_output, same_canonical
 from npuconv.registry import target_class
 from npuconv.writers import WriterOptions
-from npuconv.writers.npu_common import from_storage
 
 MOE = "model.layers.0.mlp.experts"
 DYNAMIC = ActivationQuant(INT, 8, dynamic=True)

@@ -17,7 +17,7 @@ from npuconv.errors import UnsupportedError
 from npuconv.kernels import emulated, get_backend
 from npuconv.model import INT, ActivationQuant, LinearSpec, QuantizedLinear
 from npuconv.runtime import load_output
-from npuconv.safetensors_io import read_header, read_tensor
+from npuconv.io.safetensors_io import read_header, read_tensor
 from npuconv.registry import native_target
 from npuconv.verify import VerifyOptions, verify
 from npuconv.writers import WriterOptions
@@ -220,7 +220,7 @@ def test_backend_is_the_emulation():
 def test_expert_stack_runs_every_token_through_every_expert():
     from npuconv.model import dequantize
     from npuconv.runtime import run_kernel
-    from npuconv.writers.npu_common import from_storage
+    from npuconv.entries import from_storage
     from npuconv.writers.npu_w4a8 import NpuW4A8Target
 
     spec = LinearSpec("m.experts.down_proj", 16, 512, 4, 256, True, scale_dtype=torch.float16, num_experts=2)

@@ -23,7 +23,7 @@ import torch
 from click.testing import CliRunner
 from conftest import ALL_FIXTURES, FIXTURES, load_reference
 
-from npuconv.checkpoint import Checkpoint
+from npuconv.io.checkpoint import Checkpoint
 from npuconv.cli import cli
 from npuconv.convert import ConvertOptions, convert
 from npuconv.errors import UnsupportedError
@@ -39,11 +39,12 @@ from npuconv.model import (
 )
 from npuconv.readers import open_reader
 from npuconv.readers.modelslim import DESCRIPTION, ModelSlimReader, decode_deq_scale
-from npuconv.safetensors_io import TensorInfo, read_header, read_tensor, save_file
+from npuconv.io.safetensors_io import TensorInfo, read_header, read_tensor, save_file
 from npuconv.verify import VerifyOptions, verify
 from npuconv.registry import target_class
 from npuconv.writers import WriterOptions
-from npuconv.writers.modelslim import ModelSlimTarget, compute_scale_bias, fused_group
+from npuconv.modelslim_schema import fused_group
+from npuconv.writers.modelslim import ModelSlimTarget, compute_scale_bias
 
 # fixture → msModelSlim type of every layer
 EXPECTED = {

@@ -5,7 +5,7 @@ registration order is the detection order; plain float matches everything and co
 
 from __future__ import annotations
 
-from npuconv.checkpoint import Checkpoint
+from npuconv.io.checkpoint import Checkpoint
 from npuconv.readers.base import Reader
 from npuconv.registry import reader_classes
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from functools import cached_property
 
-from npuconv.checkpoint import Checkpoint
+from npuconv.io.checkpoint import Checkpoint
+from npuconv.entries import from_storage
 from npuconv.errors import InputError
 from npuconv.model import LinearSpec, QuantizedLinear, spec_from_dict
 from npuconv.readers.base import Reader
-from npuconv.output import MANIFEST
+from npuconv.io.output import MANIFEST
 from npuconv.registry import layer_target
-from npuconv.writers.npu_common import from_storage
 
 
 class NpuconvReader(Reader):

@@ -23,18 +23,18 @@ from typing import ClassVar, NamedTuple
 
 import torch
 
+from npuconv.entries import entry_plan, nd_shape_of_storage
 from npuconv.errors import InputError
 from npuconv.model import LinearSpec, QuantizedLinear
-from npuconv.output import MANIFEST
-from npuconv.safetensors_io import TensorInfo, TensorPlan
+from npuconv.io.output import MANIFEST
+from npuconv.parallel import COLUMN, ROW
+from npuconv.io.safetensors_io import TensorInfo, TensorPlan
 
 #: verify's default minimum cosine similarity, every kernel
 MIN_COSINE = 0.9999
 #: verify's rel-L2 limits of kernels that quantize activations (int8/int4/MX), per activation dtype
 QUANT_REL_L2 = {torch.float16: 5e-3, torch.bfloat16: 1e-2}
 
-COLUMN = "column"  # tensor parallelism that splits N (output features)
-ROW = "row"  # tensor parallelism that splits K (input features)
 
 
 @dataclass(frozen=True)
@@ -67,10 +67,20 @@ class Target:
     weight_prefix: ClassVar[str] = "model"
     #: preference among the targets whose kernel serves a scheme natively (lower first; None: never)
     native_rank: ClassVar[int | None] = None
+    #: how this target quantizes the linears of a float checkpoint (:class:`npuconv.offline.Recipe`), or None
+    offline_recipe: ClassVar[object] = None
 
     def __init__(self, options: WriterOptions | None = None):
         self.options = options or WriterOptions()
         self.warnings: list[str] = []
+
+    @classmethod
+    def for_layer(cls, manifest: dict, entry: dict) -> Target:
+        """The instance that reads back and runs one layer of an npuconv output: the output's recorded
+        ``options.mx_layout`` (a layer entry's own ``mx_layout`` wins), everything else default."""
+        options = manifest.get("options") or {}
+        mx_layout = entry.get("mx_layout") or options.get("mx_layout") or "vllm-ascend"
+        return cls(WriterOptions(mx_layout=mx_layout))
 
     # ------------------------------------------------------------------ what it takes
     def accepts(self, spec: LinearSpec) -> str | None:
@@ -89,13 +99,11 @@ class Target:
 
     # ------------------------------------------------------------------ plan and write
     def tensor_entries(self, spec: LinearSpec) -> dict[str, dict]:
-        """The layer's tensors by role, as ``npuconv.json`` entries (:func:`npu_common.tensor_entry`)."""
+        """The layer's tensors by role, as ``npuconv.json`` entries (:func:`npuconv.entries.tensor_entry`)."""
         raise NotImplementedError
 
     def plan_layer(self, spec: LinearSpec) -> list[TensorPlan]:
         """What :meth:`write_layer` will write, in order (default: from :meth:`tensor_entries`)."""
-        from npuconv.writers.npu_common import entry_plan
-
         return [entry_plan(entry) for entry in self.tensor_entries(spec).values()]
 
     def write_layer(self, layer: QuantizedLinear) -> dict[str, torch.Tensor]:
@@ -186,7 +194,7 @@ class Target:
     ) -> torch.Tensor:
         """Rank ``rank``'s share of one stored tensor under ``world``-way tensor parallelism.
 
-        ``tensor``: the tensor of ``role`` in its ND form (NZ tiles undone: :func:`npu_common.from_storage`;
+        ``tensor``: the tensor of ``role`` in its ND form (NZ tiles undone: :func:`npuconv.entries.from_storage`;
         packing kept); ``entry``: its ``npuconv.json`` tensor entry, whose ``"split"`` names the axis
         holding output features (``"n"``) and input features (``"k"``), or null; ``parallel``:
         ``"column"`` splits N, ``"row"`` splits K. A tensor without the axis is replicated (a
@@ -232,8 +240,6 @@ def _nd_shape(entry: dict) -> list[int]:
     """The stored dtype's ND shape of a tensor entry (= ``storage_shape`` unless NZ)."""
     if entry.get("layout") != "nz":
         return list(entry["storage_shape"])
-    from npuconv.writers.npu_common import nd_shape_of_storage
-
     return nd_shape_of_storage(entry)
 
 

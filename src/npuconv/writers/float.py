@@ -6,7 +6,7 @@ only changes which group a column uses, never the column order); ``<p>.bias`` is
 dtype. Every other tensor is copied unchanged and ``quantization_config`` is removed from
 config.json.
 
-MoE expert stacks (``<p>.experts.<proj>``, ``num_experts = E``, see :mod:`npuconv.readers.experts`)
+MoE expert stacks (``<p>.experts.<proj>``, ``num_experts = E``, see :mod:`npuconv.experts`)
 are written **un-stacked**, one ``<p>.experts.<e>.<proj>.weight`` ``[N, K]`` per expert: the names
 every Hugging Face MoE checkpoint uses and transformers loads (transformers 5 fuses them into its
 ``experts.gate_up_proj`` / ``experts.down_proj`` parameters while loading). A stacked layer whose name
@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 
 from npuconv.model import LinearSpec, QuantizedLinear, dequantize
-from npuconv.readers.experts import unstack_layer, unstack_spec
-from npuconv.safetensors_io import TensorPlan
+from npuconv.experts import unstack_layer, unstack_spec
+from npuconv.io.safetensors_io import TensorPlan
 from npuconv.writers.base import Target
 
 

@@ -20,12 +20,12 @@ from __future__ import annotations
 import torch
 
 from npuconv import layouts
+from npuconv.entries import tensor_entry
+from npuconv.layouts import MX_BLOCK
 from npuconv.model import FP4_E2M1, FP8_E4M3, SCALE_E8M0, LinearSpec, QuantizedLinear
 from npuconv.model import INT
 from npuconv.writers.base import ROW, Target
-from npuconv.writers.npu_common import tensor_entry
 
-MX_BLOCK = 32
 
 
 class MxTarget(Target):
@@ -118,11 +118,11 @@ class MxTarget(Target):
         fp4_act = act_kind == FP4_E2M1
         fp4 = layouts.NPU_DTYPE_IDS["float4_e2m1fn_x2"]
         e8m0 = layouts.NPU_DTYPE_IDS["float8_e8m0fnu"]
-        x_q, x_scale = backend.npu_dynamic_mx_quant(x, dst_type=fp4 if fp4_act else torch.float8_e4m3fn)
+        x_q, x_scale = backend.ops.npu_dynamic_mx_quant(x, dst_type=fp4 if fp4_act else torch.float8_e4m3fn)
         weight, scale = tensors["weight"], tensors["weight_scale"]
         if entry.get("view") == "transpose":  # sglang: [N, K] storage viewed as [K, N]
             weight, scale = weight.transpose(-1, -2), scale.transpose(-3, -2)
-        y = backend.npu_quant_matmul(
+        y = backend.ops.npu_quant_matmul(
             x_q, weight, scale, scale_dtype=e8m0, pertoken_scale=x_scale, pertoken_scale_dtype=e8m0,
             x1_dtype=fp4 if fp4_act else None, x2_dtype=fp4 if fp4_weight else None,
             group_sizes=[0, 0, 32] if (fp4_weight and not fp4_act) else [1, 1, 32],

@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 
 from npuconv.model import LinearSpec, QuantizedLinear
-from npuconv.safetensors_io import TensorInfo, TensorPlan
+from npuconv.io.safetensors_io import TensorInfo, TensorPlan
 from npuconv.writers.base import Target, Thresholds
 
 #: registered targets never chosen per layer (a float layout, a foreign format, this one)

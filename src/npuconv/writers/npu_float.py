@@ -29,11 +29,11 @@ from pathlib import Path
 import torch
 
 from npuconv import layouts
+from npuconv.entries import tensor_entry
 from npuconv.model import LinearSpec
 from npuconv.offline import FLOAT_DTYPES, is_linear_weight
-from npuconv.safetensors_io import TensorInfo, TensorPlan
+from npuconv.io.safetensors_io import TensorInfo, TensorPlan
 from npuconv.writers.base import Target
-from npuconv.writers.npu_common import tensor_entry
 
 SIDE_FILE = "npuconv_nz.json"
 #: Orientation of the NZ tiles: SGLang casts the checkpoint's ``[E, N, K]`` (no transpose).

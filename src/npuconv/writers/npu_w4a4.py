@@ -31,9 +31,10 @@ from __future__ import annotations
 import torch
 
 from npuconv import layouts
+from npuconv.entries import tensor_entry
 from npuconv.model import INT, LinearSpec, QuantizedLinear
 from npuconv.writers.base import Target
-from npuconv.writers.npu_common import MAX_KERNEL_DIM, tensor_entry
+from npuconv.writers.npu_common import MAX_KERNEL_DIM
 from npuconv.writers.npu_w4a8 import codes_from_signed_kn, int4_weight_entry, signed_kn
 
 KERNEL = "npu_quant_matmul"
@@ -123,9 +124,9 @@ class NpuW4A4Target(Target):
             return self.run_experts(backend, entry, spec, tensors, x)
         k = x.shape[-1]
         lead = x.shape[:-1]
-        x_q, x_scale = backend.npu_dynamic_quant(x.reshape(-1, k), dst_type=torch.quint4x2)
+        x_q, x_scale = backend.ops.npu_dynamic_quant(x.reshape(-1, k), dst_type=torch.quint4x2)
         bias = tensors.get("bias")
-        y = backend.npu_quant_matmul(
+        y = backend.ops.npu_quant_matmul(
             x_q, tensors["weight"], tensors["weight_scale"], pertoken_scale=x_scale,
             bias=None if bias is None else bias.float(), output_dtype=x.dtype,
         )

@@ -34,10 +34,11 @@ from __future__ import annotations
 import torch
 
 from npuconv import layouts
+from npuconv.entries import tensor_entry
 from npuconv.model import INT, LinearSpec, QuantizedLinear
-from npuconv.errors import InputError
-from npuconv.writers.base import ROW, Target
-from npuconv.writers.npu_common import MAX_KERNEL_DIM, maybe_nz, moe_rows, tensor_entry
+from npuconv.parallel import ROW, refuse_static_quant_bias
+from npuconv.writers.base import Target
+from npuconv.writers.npu_common import MAX_KERNEL_DIM, maybe_nz, moe_rows
 
 KERNEL = "npu_quant_matmul"
 
@@ -156,8 +157,7 @@ class NpuW8A8Target(Target):
         """As :meth:`Target.split`; a static layer's ``quant_bias`` folds the activation offset over
         all of K (``− input_offset · Σ_k q``), so it has no exact row-parallel share."""
         if role == "quant_bias" and parallel == ROW and world > 1:
-            raise InputError(f"{spec.name}: quant_bias folds the activation offset over all of K; "
-                             "a row-parallel split of static W8A8 is not exact")
+            refuse_static_quant_bias(spec.name)
         return super().split(role, tensor, entry, spec, rank, world, parallel)
 
 
@@ -165,19 +165,19 @@ def _w8a8_static(backend, spec: LinearSpec, t: dict, x: torch.Tensor):
     """Static per-tensor activation quantization (``npu_quantize``, ``div_mode=False``) + ``npu_quant_matmul``."""
     k = spec.in_features
     input_scale, input_offset = t["input_scale"].float(), t["input_offset"].float()
-    x_q = backend.npu_quantize(
+    x_q = backend.ops.npu_quantize(
         x, (1.0 / input_scale).expand(k).to(x.dtype), input_offset.expand(k).to(x.dtype), torch.qint8, -1, False
     )
-    y = backend.npu_quant_matmul(x_q, t["weight"], t["deq_scale"], bias=t["quant_bias"], output_dtype=x.dtype)
+    y = backend.ops.npu_quant_matmul(x_q, t["weight"], t["deq_scale"], bias=t["quant_bias"], output_dtype=x.dtype)
     x_effective = (x_q.double() - input_offset.double().to(x_q.device)) * input_scale.double().to(x_q.device)
     return y, x_effective
 
 
 def _w8a8_dynamic(backend, spec: LinearSpec, t: dict, x: torch.Tensor):
     """``npu_dynamic_quant`` (per-token int8) + ``npu_quant_matmul`` with ``pertoken_scale``."""
-    x_q, x_scale = backend.npu_dynamic_quant(x)
+    x_q, x_scale = backend.ops.npu_dynamic_quant(x)
     bias = t.get("bias")
-    y = backend.npu_quant_matmul(
+    y = backend.ops.npu_quant_matmul(
         x_q, t["weight"], t["weight_scale"], pertoken_scale=x_scale,
         bias=None if bias is None else bias.float(), output_dtype=x.dtype,
     )
@@ -190,13 +190,13 @@ def _gmm_w8a8_dynamic(backend, spec: LinearSpec, t: dict, x: torch.Tensor):
     params dtype; a bf16 scale gives bf16 output, torch_npu_ops.md §6.1), float32 otherwise."""
     experts = spec.num_experts
     k = x.shape[-1]
-    x_q, x_scale = backend.npu_dynamic_quant(x.reshape(-1, k))
+    x_q, x_scale = backend.ops.npu_dynamic_quant(x.reshape(-1, k))
     scale = t["weight_scale"]
     if x.dtype == torch.bfloat16:
         scale = scale.to(torch.bfloat16)
     bias = t.get("bias")
     rows, counts = moe_rows(x_q, experts)
-    y = backend.npu_grouped_matmul(
+    y = backend.ops.npu_grouped_matmul(
         [rows], [t["weight"]], scale=[scale], per_token_scale=[x_scale.repeat(experts)],
         bias=None if bias is None else [bias.float()], group_list=counts,
         split_item=2, group_type=0, group_list_type=1, output_dtype=x.dtype,

@@ -18,7 +18,7 @@ From the canonical ``w = (q - z) * s`` with unsigned codes ``q`` of ``b`` bits a
 - act-order: K is sorted by ``perm = argsort(g_idx)`` (rows of ``weight`` and therefore groups
   become contiguous) and ``perm`` int32 ``[K]`` is written; the caller feeds ``x[..., perm]``.
 - ``bias`` as in the source.
-- MoE expert stacks (``num_experts = E``, :mod:`npuconv.readers.experts`): every tensor gets a
+- MoE expert stacks (``num_experts = E``, :mod:`npuconv.experts`): every tensor gets a
   leading ``E`` — ``weight`` int32 ``[E, K, N/8]`` (int8 ``[E, K, N]``), ``antiquant_scale`` /
   ``antiquant_offset`` ``[E, G, N]`` (``[E, N]`` per-channel), ``bias`` ``[E, N]`` — under the stacked
   name ``<prefix>.experts.<proj>``, always ND, for ``npu_grouped_matmul`` (``antiquant_scale=[s]``,
@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 
 from npuconv import layouts
+from npuconv.entries import tensor_entry
 from npuconv.model import INT, LinearSpec, QuantizedLinear
 from npuconv.packing import pack_nibbles
 from npuconv.errors import InputError
@@ -46,7 +47,6 @@ from npuconv.writers.npu_common import (
     maybe_nz,
     moe_rows,
     sort_by_act_order,
-    tensor_entry,
 )
 
 KERNEL = "npu_weight_quant_batchmatmul"
@@ -203,7 +203,7 @@ class WeightOnlyIntTarget(Target):
         x_sorted = x[..., t["perm"].long()] if "perm" in t else x  # act-order: the engine feeds x[..., perm]
         scale = t["antiquant_scale"].to(x.dtype)
         offset = t["antiquant_offset"].to(x.dtype) if "antiquant_offset" in t else None
-        y = backend.npu_weight_quant_batchmatmul(
+        y = backend.ops.npu_weight_quant_batchmatmul(
             x_sorted, t["weight"], scale, antiquant_offset=offset, bias=_bias_for(t.get("bias"), x.dtype),
             antiquant_group_size=entry["antiquant_group_size"],
         )
@@ -248,7 +248,7 @@ def _gmm_weight_only(backend, spec: LinearSpec, t: dict, x: torch.Tensor) -> tor
     offset = t["antiquant_offset"].to(x.dtype) if "antiquant_offset" in t else torch.zeros_like(scale)
     bias = _bias_for(t.get("bias"), x.dtype)
     rows, counts = moe_rows(x, experts)
-    y = backend.npu_grouped_matmul(
+    y = backend.ops.npu_grouped_matmul(
         [rows], [t["weight"]], antiquant_scale=[scale], antiquant_offset=[offset],
         bias=None if bias is None else [bias], group_list=counts,
         split_item=2, group_type=0, group_list_type=1, output_dtype=x.dtype,

@@ -11,7 +11,7 @@ import logging
 import re
 from pathlib import Path
 
-from npuconv.checkpoint import Checkpoint
+from npuconv.io.checkpoint import Checkpoint
 from npuconv.errors import InputError
 
 HUB_PATTERNS = [

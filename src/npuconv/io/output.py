@@ -31,7 +31,7 @@ from typing import Callable, Iterator
 import torch
 
 from npuconv.errors import InputError, OutputError, VerificationFailed
-from npuconv.safetensors_io import StreamingWriter, TensorPlan
+from npuconv.io.safetensors_io import StreamingWriter, TensorPlan
 
 DEFAULT_MAX_SHARD = 5 * 1000**3
 MANIFEST = "npuconv.json"  # written into every output by npuconv.convert
