@@ -24,6 +24,13 @@ One rule dequantizes every layer::
   ``((code - zero) * group) * channel``, so a float conversion is bit-exact with the tool (one
   product of an exact integer, where ``(code - zero) * fl(group * channel)`` rounds twice).
 
+Packed 4-bit codes (a fast path, same values): a reader of a 4-bit integer format may hand over
+the codes still packed, as ``packed_kn`` int32 ``[K, N/8]`` whose word ``[k, j]`` holds code
+``qweight[8j + t, k]`` (unsigned) in bits ``4t..4t+3`` — the LSB-first bitstream along N of the
+``[K, N]`` code matrix, which is also Ascend's int4pack order. A target that writes that order
+uses the words directly; everything else reads ``qweight``, unpacked from them on first access.
+:data:`PACKED_CODES` turns the path off (the tests compare both).
+
 How each source format maps onto this rule is documented in its reader module.
 """
 
@@ -33,6 +40,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from npuconv.packing import unpack_bitstream
 from npuconv import layouts
 
 INT = "int"
@@ -109,12 +117,15 @@ class LinearSpec:
         return () if self.num_experts is None else (self.num_experts,)
 
 
+PACKED_CODES = True  # readers may set QuantizedLinear.packed_kn (False: always unpacked codes)
+
+
 @dataclass
 class QuantizedLinear:
     """The tensors of one quantized linear, in canonical form (see the module docstring)."""
 
     spec: LinearSpec
-    qweight: torch.Tensor  # [..., N, K]
+    qweight: torch.Tensor  # [..., N, K]; pass None with packed_kn (then unpacked on first access)
     scale: torch.Tensor  # [..., N, G]
     zero: torch.Tensor | None = None  # [..., N, G] int16, unsigned code domain; None: symmetric
     g_idx: torch.Tensor | None = None  # [K] int32 (or [E, K]); None: k // group_size
@@ -124,6 +135,9 @@ class QuantizedLinear:
     # static activation zero point, fp32 [1], integer-valued, in the *signed* int8 domain:
     # x_q = clamp(round(x / input_scale) + input_zero, -128, 127)  (CT input_zero_point, msModelSlim input_offset)
     input_zero: torch.Tensor | None = None
+    # the same codes, 4-bit integer only, packed along N: int32 [K, N/8] (module docstring); whoever
+    # replaces qweight must drop it
+    packed_kn: torch.Tensor | None = None
     # (group [..., N, G], channel [..., N, 1]) float32 factors of ``scale``, applied in this order by
     # dequantize() (see the module docstring); None: ``scale`` alone
     scale_stages: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -134,6 +148,7 @@ class QuantizedLinear:
             name: getattr(self, name).to(device) if isinstance(getattr(self, name), torch.Tensor) else getattr(self, name)
             for name in ("qweight", "scale", "zero", "g_idx", "bias", "global_scale", "input_scale", "input_zero")
         }
+        moved["packed_kn"] = None  # qweight was moved (and unpacked)
         if self.scale_stages is not None:
             moved["scale_stages"] = tuple(t.to(device) for t in self.scale_stages)
         return replace(self, **moved)
@@ -167,6 +182,24 @@ class QuantizedLinear:
             return self.zero.float()
         midpoint = float(2 ** (self.spec.bits - 1)) if self.spec.weight_format == INT else 0.0
         return torch.full(self.scale.shape, midpoint, device=self.scale.device)
+
+
+def _get_qweight(layer: QuantizedLinear) -> torch.Tensor:
+    if layer._qweight is None:
+        if layer.packed_kn is None:
+            raise ValueError(f"{layer.spec.name}: a layer needs qweight or packed_kn")
+        n = layer.spec.out_features
+        layer._qweight = unpack_bitstream(layer.packed_kn, 4, n).transpose(-1, -2)  # [N, K] view of [K, N]
+    return layer._qweight
+
+
+def _set_qweight(layer: QuantizedLinear, value: torch.Tensor | None) -> None:
+    layer._qweight = value
+
+
+# qweight is a dataclass field (constructor argument, replace(), repr) backed by this property, so
+# a layer built from packed_kn alone unpacks its codes only if something reads them
+QuantizedLinear.qweight = property(_get_qweight, _set_qweight)  # type: ignore[assignment]
 
 
 def decode_codes(codes: torch.Tensor, weight_format: str) -> torch.Tensor:
@@ -208,7 +241,9 @@ def _row_slice(layer: QuantizedLinear, start: int, stop: int) -> QuantizedLinear
         return None if t is None else t[..., start:stop, :]
 
     stages = None if layer.scale_stages is None else tuple(rows(t) for t in layer.scale_stages)
-    return replace(layer, qweight=rows(layer.qweight), scale=rows(layer.scale), zero=rows(layer.zero), scale_stages=stages)
+    return replace(
+        layer, qweight=rows(layer.qweight), scale=rows(layer.scale), zero=rows(layer.zero), packed_kn=None, scale_stages=stages
+    )
 
 
 def _dequantize_rows(layer: QuantizedLinear, dtype: torch.dtype) -> torch.Tensor:
