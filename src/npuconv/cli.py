@@ -1,12 +1,18 @@
 """Command-line interface: parsing, progress and output formatting only; the work is in the library.
 
-Exit codes: 0 ok, 1 verification failed, 2 bad input or usage, 3 internal error, 130 interrupted.
+Exit codes: 0 ok, 1 verification failed, 2 bad input or usage, 3 internal error; a signal exits
+128 + its number after cleaning up: 130 Ctrl-C (SIGINT), 129 SIGHUP, 143 SIGTERM (see
+:mod:`npuconv.interrupts`). A closed stdout (``| head``, ``>&-``) drops the rest of the output
+silently; the exit code stays the command's own.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
+import math
+import os
 import signal
 import sys
 import traceback
@@ -17,10 +23,21 @@ from rich.markup import escape
 from rich.table import Table
 
 import npuconv
+from npuconv import interrupts
 from npuconv.errors import NpuconvError
 
-stdout = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-stderr = Console(stderr=True, highlight=False)
+class _Console(Console):
+    """A rich Console that, when its reader goes away (``| head``), drops the rest of the output
+    and lets the command finish with its own exit code (rich's default: exit 1 on the spot)."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        if not self.stderr:
+            _silence_stdout()
+
+
+stdout = _Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+stderr = _Console(stderr=True, highlight=False)
 
 EXIT_INTERNAL = 3
 EXIT_INTERRUPTED = 130
@@ -35,7 +52,10 @@ def human_bytes(n: int | float) -> str:
 
 
 def emit_json(value: object) -> None:
-    click.echo(json.dumps(value, indent=2, sort_keys=True, default=str))
+    try:
+        click.echo(json.dumps(value, indent=2, sort_keys=True, default=str))
+    except BrokenPipeError:  # the reader went away: the rest of the output is dropped
+        _silence_stdout()
 
 
 def handle_errors(func):
@@ -52,16 +72,28 @@ def handle_errors(func):
             if debug:
                 traceback.print_exc()
             _fail(str(e), e.exit_code, as_json)
-        except KeyboardInterrupt:
+        except interrupts.Interrupted as e:
+            _fail(interrupts.message(e), e.exit_code, as_json)
+        except KeyboardInterrupt:  # the library used without npuconv.interrupts.install()
             _fail("interrupted; nothing was published at the output path", EXIT_INTERRUPTED, as_json)
         except click.exceptions.Exit:
             raise
         except Exception as e:  # a bug: keep it to one line unless --debug
+            if isinstance(e, OSError) and e.errno == errno.EPIPE:
+                _silence_stdout()  # the reader went away (| head): nothing more to say, no traceback
+                sys.exit(0)
             if debug:
                 traceback.print_exc()
             _fail(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", EXIT_INTERNAL, as_json)
 
     return wrapper
+
+
+def _silence_stdout() -> None:
+    """Point fd 1 at /dev/null, so that nothing (not even the flush at exit) writes to a closed pipe."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.close(null)
 
 
 def _fail(message: str, code: int, as_json: bool) -> None:
@@ -344,20 +376,22 @@ def verify_command(out, source, layer_glob, tokens, seed, device, skip_checksum,
     finally:
         if bar is not None:
             bar.close()
-    if as_json:
-        emit_json(report)
-    else:
-        if not quiet:
-            _print_verify(report)
-        status = "[green]PASS[/]" if report["ok"] else "[bold red]FAIL[/]"
-        skipped = f", {report['skipped']} skipped" if report["skipped"] else ""
-        stdout.print(
-            f"{status} {report['passed']}/{report['passed'] + report['failed']} layers{skipped} "
-            f"({report['mode']} vs {report['source']}, backend {report['backend']}, "
-            f"{report['activation_dtype']} activations, {report['seconds']:.1f} s)"
-        )
-    if not report["ok"]:
-        sys.exit(1)
+    try:
+        if as_json:
+            emit_json(report)
+        else:
+            if not quiet:
+                _print_verify(report)
+            status = "[green]PASS[/]" if report["ok"] else "[bold red]FAIL[/]"
+            skipped = f", {report['skipped']} skipped" if report["skipped"] else ""
+            stdout.print(
+                f"{status} {report['passed']}/{report['passed'] + report['failed']} layers{skipped} "
+                f"({report['mode']} vs {report['source']}, backend {report['backend']}, "
+                f"{report['activation_dtype']} activations, {report['seconds']:.1f} s)"
+            )
+    finally:  # also when the report cannot be printed (closed stdout): a failure stays exit 1
+        if not report["ok"]:
+            sys.exit(1)
 
 
 def _print_verify(report: dict) -> None:
@@ -452,10 +486,19 @@ def zoo_command(zoo_file, force, fail_fast, jobs, shard_text, shard_by, dry_run,
 
     try:
         report = run_zoo(selected, options, on_event, zoo_file=zoo_file, zoo_entries=len(entries))
-    except KeyboardInterrupt:
-        _fail("interrupted; entries in progress published nothing, finished entries are in place", EXIT_INTERRUPTED, as_json)
+    except (KeyboardInterrupt, interrupts.Interrupted) as e:
+        code = getattr(e, "exit_code", EXIT_INTERRUPTED)
+        _fail(f"{e or 'interrupted'}; entries in progress published nothing, finished entries are in place", code, as_json)
     if report_path:
         _write_report(report_path, report)
+    try:
+        _print_zoo_report(report, as_json, quiet)
+    finally:  # also when the report cannot be printed (closed stdout)
+        if report["exit_code"]:
+            sys.exit(report["exit_code"])
+
+
+def _print_zoo_report(report: dict, as_json: bool, quiet: bool) -> None:
     if as_json:
         emit_json(report)
     else:
@@ -473,8 +516,6 @@ def zoo_command(zoo_file, force, fail_fast, jobs, shard_text, shard_by, dry_run,
             f"{human_bytes(totals['bytes_out'])} out, {totals['seconds']:.1f} s",
             soft_wrap=True,
         )
-    if report["exit_code"]:
-        sys.exit(report["exit_code"])
 
 
 def _print_zoo(report: dict) -> None:
@@ -512,10 +553,6 @@ def _write_report(path: str, report: dict) -> None:
 MMAP_THRESHOLD = 64 << 20
 
 
-def _terminate(signum, _frame) -> None:
-    raise SystemExit(128 + signum)
-
-
 def tune_allocator() -> None:
     """Let glibc recycle large tensor buffers instead of mmap'ing (and page-faulting) fresh ones.
 
@@ -537,15 +574,22 @@ def tune_allocator() -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """The CLI proper; ``npuconv.__main__.main`` (the console script) installs signal handling first."""
     tune_allocator()
-    # SIGTERM (kill, timeout, container stop) unwinds like Ctrl-C, so the temporary output is removed
-    signal.signal(signal.SIGTERM, _terminate)
     if hasattr(signal, "SIGXFSZ"):
         # over a file-size limit, fail the write with EFBIG (clean error + cleanup) instead of dying
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    cli(prog_name="npuconv")
+    try:
+        cli(prog_name="npuconv")
+    finally:
+        interrupts.finish()
+        try:
+            sys.stdout.flush()
+        except (OSError, ValueError):  # a closed pipe: let the exit flush find /dev/null instead
+            _silence_stdout()
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    from npuconv.__main__ import main as entry
+
+    entry()

@@ -155,9 +155,10 @@ def load_zoo(path: str | Path) -> list[ZooEntry]:
         # an existing path (relative to the zoo file) wins; otherwise org/name[@rev] is a Hub id
         source = str(local) if local.exists() or not looks_like_hub_id(source_text) else source_text
         output = Path(os.path.abspath(base / Path(output_text).expanduser()))
-        if output in seen:
-            raise ZooFileError(f"{path}: {where}: output {output_text!r} is also the output of model[{seen[output]}]")
-        seen[output] = i
+        real = Path(os.path.realpath(output))  # two spellings of one directory (a symlink alias) are one output
+        if real in seen:
+            raise ZooFileError(f"{path}: {where}: output {output_text!r} is also the output of model[{seen[real]}]")
+        seen[real] = i
         size = get("max_shard_size", (str, int))
         try:
             max_shard_bytes = DEFAULT_MAX_SHARD if size is None else parse_size(size) if isinstance(size, str) else int(size)
@@ -324,8 +325,9 @@ def _worker(entry: ZooEntry, force: bool, env: dict, threads: int | None, conn) 
     """Body of a worker process: run one entry and send its result back."""
     os.environ.clear()
     os.environ.update(env)  # the zoo command's environment now, not the forkserver's at its start
-    from npuconv import cli
+    from npuconv import cli, interrupts
 
+    interrupts.install()  # SIGINT / SIGTERM / SIGHUP: clean up the entry's temporary output, then report
     tune = getattr(cli, "tune_allocator", None)  # what `npuconv convert` does at start (glibc only)
     if callable(tune):
         tune()
@@ -335,8 +337,8 @@ def _worker(entry: ZooEntry, force: bool, env: dict, threads: int | None, conn) 
         torch.set_num_threads(threads)
     try:
         result = run_entry(entry, force)
-    except KeyboardInterrupt:
-        result = _result(entry, "failed", error="interrupted", exit_code=130)
+    except (KeyboardInterrupt, interrupts.Interrupted) as e:
+        result = _result(entry, "failed", error=str(e) or "interrupted", exit_code=getattr(e, "exit_code", 130))
     result["peak_rss_bytes"] = _peak_rss_bytes()
     conn.send(result)
     conn.close()
