@@ -325,16 +325,30 @@ def _print_plan(plan: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------- verify
+class FiniteFloat(click.FloatRange):
+    """``click.FloatRange`` that also refuses nan and ±inf (nan passes every range comparison)."""
+
+    name = "finite float"
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
 @cli.command("verify")
 @click.argument("out")
 @click.option("--source", default=None, help="Source checkpoint to compare with (default: the one recorded in npuconv.json).")
 @click.option("--layers", "layer_glob", default=None, help="Only layers whose name matches this glob (e.g. '*.mlp.*').")
 @click.option("--tokens", default=16, show_default=True, type=click.IntRange(1, 65536), help="Random activation rows per layer.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random activations.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**64 - 1), help="Seed of the random activations (0 to 2**64-1).")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "npu"]), default=None, help="Where kernels run (default: npu, else cuda, else cpu).")
 @click.option("--skip-checksum", is_flag=True, help="Do not check shard sha256 against npuconv.json.")
-@click.option("--max-rel-l2", type=float, default=None, help="Override the per-scheme relative L2 threshold.")
-@click.option("--min-cosine", type=float, default=0.9999, show_default=True, help="Minimum cosine similarity.")
+@click.option("--max-rel-l2", type=FiniteFloat(0, None, min_open=True), default=None,
+              help="Override the per-scheme relative L2 threshold (a finite number > 0).")
+@click.option("--min-cosine", type=FiniteFloat(-1, 1), default=0.9999, show_default=True,
+              help="Minimum cosine similarity (-1 to 1).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the summary line.")
 @handle_errors
