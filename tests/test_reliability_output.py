@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -18,12 +19,12 @@ from pathlib import Path
 import pytest
 
 import moments
-from npuconv import publish
 from npuconv.convert import ConvertOptions, convert
 from npuconv.errors import OutputError
 from test_reliability import (
     GPTQ,
     assert_no_output,
+    clean_error,
     cli_error,
     copy_fixture,
     file_bytes,
@@ -279,23 +280,48 @@ def test_force_refuses_an_output_replaced_by_user_data_at_any_moment(model, refe
     assert not leftovers(out)
 
 
-@pytest.mark.parametrize("delay", [0.0, 0.6])
-def test_two_real_processes_to_one_out_exactly_one_wins(model, reference, tmp_path, delay):
-    """The lock is a real flock between processes (no --force: the second exits 2, OUT untouched)."""
+STOP_AT_FIRST_WRITE = """
+import os, signal, sys
+from npuconv import safetensors_io
+write = safetensors_io.StreamingWriter.write
+def stop_once(self, *args):
+    if not getattr(stop_once, "done", False):
+        stop_once.done = True
+        os.kill(os.getpid(), signal.SIGSTOP)
+    return write(self, *args)
+safetensors_io.StreamingWriter.write = stop_once
+sys.argv = ["npuconv", *sys.argv[1:]]
+from npuconv.__main__ import main
+main()
+"""
+
+
+def stopped(pid: int) -> bool:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def test_two_real_processes_to_one_out_exactly_one_wins(model, reference, tmp_path):
+    """The lock is a real flock between processes: the first run is stopped in the middle of writing
+    while a second one runs to the end (no --force): the second exits 2, the first publishes."""
     import time
 
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "npuconv", "convert", str(model), str(out), "-q", "--to"]
-    first = subprocess.Popen([*command, NEW], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=process_env())
-    time.sleep(delay)
-    second = subprocess.Popen([*command, OLD], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=process_env())
-    results = [(p.wait(timeout=300), *p.communicate()) for p in (first, second)]
-    codes = sorted(code for code, _, _ in results)
-    assert codes == [0, 2], results
-    winner = NEW if results[0][0] == 0 else OLD
-    loser_stderr = results[1][2] if results[0][0] == 0 else results[0][2]
-    assert loser_stderr.startswith("error: ") and len(loser_stderr.splitlines()) == 1, loser_stderr
-    assert file_bytes(out) == reference[winner]
+    args = ["convert", str(model), str(out), "-q", "--to"]
+    first = subprocess.Popen([sys.executable, "-c", STOP_AT_FIRST_WRITE, *args, NEW], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=process_env())
+    deadline = time.monotonic() + 120
+    while not stopped(first.pid):
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+        time.sleep(0.01)
+    try:
+        second = subprocess.run([sys.executable, "-m", "npuconv", *args, OLD], capture_output=True, text=True,
+                                env=process_env(), timeout=300)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    first_out, first_err = first.communicate(timeout=300)
+    assert first.returncode == 0, first_err
+    clean_error(second.returncode, second.stdout, second.stderr, ("another npuconv run",))
+    assert file_bytes(out) == reference[NEW]
     assert not leftovers(out)
 
 
@@ -317,6 +343,8 @@ def make_container(out: Path, suffix: str, owner: dict | None, content: str = "p
 
 def test_a_later_run_removes_only_its_own_abandoned_temporary_directories(model, reference, tmp_path):
     out = tmp_path / "out"
+    from npuconv import publish
+
     host = socket.gethostname()
     me = {"pid": os.getpid(), "host": host, "start": publish._process_start(os.getpid())}
     abandoned = make_container(out, "dead", {"pid": dead_pid(), "host": host, "start": 1})
@@ -348,6 +376,8 @@ def test_an_interrupted_fallback_swap_puts_the_previous_output_back(model, refer
 
 @pytest.mark.parametrize("force", [False, True])
 def test_portable_fallback_publishes_and_never_replaces_data(model, reference, tmp_path, monkeypatch, force):
+    from npuconv import publish
+
     monkeypatch.setattr(publish, "_RENAMEAT2", None)
     out = tmp_path / "out"
     if force:
