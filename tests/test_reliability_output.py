@@ -46,15 +46,18 @@ def model(tmp_path_factory) -> Path:
     return source
 
 
-@pytest.fixture(scope="module")
-def reference(model, tmp_path_factory) -> dict[str, dict[str, bytes]]:
-    """The complete bytes of the OLD and NEW outputs (conversion is deterministic)."""
-    root = tmp_path_factory.mktemp("reference")
+def complete_outputs(model: Path, root: Path) -> dict[str, dict[str, bytes]]:
+    """The complete bytes of the OLD and NEW outputs of ``model`` (conversion is deterministic)."""
     result = {}
     for target in (OLD, NEW):
         convert(model, root / target, ConvertOptions(target))
         result[target] = file_bytes(root / target)
     return result
+
+
+@pytest.fixture(scope="module")
+def reference(model, tmp_path_factory) -> dict[str, dict[str, bytes]]:
+    return complete_outputs(model, tmp_path_factory.mktemp("reference"))
 
 
 def old_output(model: Path, out: Path) -> None:
