@@ -241,7 +241,7 @@ DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard (e.g. 500MB, 5GB).")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(0, 64),
               help="Threads that read and repack layers ahead of the writer (0: none; memory grows by one layer each).")
-@click.option("--force", is_flag=True, help="Replace OUT if it is an earlier npuconv output (atomically, at the end).")
+@click.option("--force", is_flag=True, help="Replace OUT if it is empty or, as a whole, an earlier npuconv output (every file listed in its npuconv.json); one atomic swap at the end.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (layers, layouts, shards, bytes) and write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")

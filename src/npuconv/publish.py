@@ -86,7 +86,9 @@ def check_target(target: Path, force: bool) -> None:
     """Raise :class:`OutputError` unless OUT may be written: absent, or (``--force``) a whole npuconv output."""
     if not os.path.lexists(target):
         return
-    if target.is_symlink() or not target.is_dir():
+    if target.is_symlink():
+        raise OutputError(f"{target}: is a symbolic link; npuconv never writes through or over one")
+    if not target.is_dir():
         raise OutputError(f"{target}: exists and is not a directory")
     if not force:
         raise OutputError(f"{target}: already exists (use --force to replace an earlier npuconv output)")
