@@ -24,17 +24,17 @@ from typing import Callable
 
 POINTS = [
     "npuconv.convert:make_plan",
-    "npuconv.publish:OutputLock.acquire",
-    "npuconv.publish:remove_abandoned",
-    "npuconv.publish:AtomicDirectory._make_container",
-    "npuconv.safetensors_io:StreamingWriter.write",
-    "npuconv.safetensors_io:StreamingWriter.close",
+    "npuconv.io.publish:OutputLock.acquire",
+    "npuconv.io.publish:remove_abandoned",
+    "npuconv.io.publish:AtomicDirectory._make_container",
+    "npuconv.io.safetensors_io:StreamingWriter.write",
+    "npuconv.io.safetensors_io:StreamingWriter.close",
     "npuconv.convert:_finish_output",
-    "npuconv.publish:check_replaceable",
-    "npuconv.publish:renameat2",
-    "npuconv.publish:_fsync_dir",
+    "npuconv.io.publish:check_replaceable",
+    "npuconv.io.publish:renameat2",
+    "npuconv.io.publish:_fsync_dir",
     "shutil:rmtree",
-    "npuconv.publish:OutputLock.release",
+    "npuconv.io.publish:OutputLock.release",
 ]
 
 

@@ -37,14 +37,14 @@ Q = "model.layers.0.self_attn.q_proj"
 # ============================================================================== Hub revisions
 @pytest.mark.parametrize("revision", ["main", "v1.0", "refs/pr/3", "release-2024_01", COMMIT])
 def test_branch_tag_and_commit_revisions_are_accepted(revision):
-    from npuconv.source import check_revision
+    from npuconv.io.source import check_revision
 
     check_revision(revision)
 
 
 @pytest.mark.parametrize("revision", ["../../x", "a/../b", "..", ".hidden", "main.lock", "a//b", "/etc", "a\\b", "tag.", "x y", "a/./b"])
 def test_revisions_that_could_name_a_path_are_refused(revision):
-    from npuconv.source import check_revision
+    from npuconv.io.source import check_revision
 
     with pytest.raises(InputError, match="is not a branch, tag or commit"):
         check_revision(revision)

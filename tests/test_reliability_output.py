@@ -285,7 +285,7 @@ def test_force_refuses_an_output_replaced_by_user_data_at_any_moment(model, refe
 
 STOP_AT_FIRST_WRITE = """
 import os, signal, sys
-from npuconv import safetensors_io
+from npuconv.io import safetensors_io
 write = safetensors_io.StreamingWriter.write
 def stop_once(self, *args):
     if not getattr(stop_once, "done", False):
@@ -346,7 +346,7 @@ def make_container(out: Path, suffix: str, owner: dict | None, content: str = "p
 
 def test_a_later_run_removes_only_its_own_abandoned_temporary_directories(model, reference, tmp_path):
     out = tmp_path / "out"
-    from npuconv import publish
+    from npuconv.io import publish
 
     host = socket.gethostname()
     me = {"pid": os.getpid(), "host": host, "start": publish._process_start(os.getpid())}
@@ -379,7 +379,7 @@ def test_an_interrupted_fallback_swap_puts_the_previous_output_back(model, refer
 
 @pytest.mark.parametrize("force", [False, True])
 def test_portable_fallback_publishes_and_never_replaces_data(model, reference, tmp_path, monkeypatch, force):
-    from npuconv import publish
+    from npuconv.io import publish
 
     monkeypatch.setattr(publish, "_RENAMEAT2", None)
     out = tmp_path / "out"
@@ -409,7 +409,7 @@ def test_sigkill_leftovers_are_removed_by_the_next_run(model, reference, tmp_pat
     out = tmp_path / "out"
     code = (
         "import os, signal, sys\n"
-        "from npuconv import interrupts, safetensors_io\n"
+        "from npuconv import interrupts\nfrom npuconv.io import safetensors_io\n"
         "interrupts.install()\n"
         "write = safetensors_io.StreamingWriter.write\n"
         "def die(self, *a):\n"

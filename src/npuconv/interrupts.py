@@ -33,7 +33,7 @@ class Interrupted(BaseException):
     def __init__(self, signum: int):
         self.signum = signum
         self.exit_code = 128 + signum
-        self.published = None  # set by npuconv.publish when OUT was completed before the signal took effect
+        self.published = None  # set by npuconv.io.publish when OUT was completed before the signal took effect
         name = signal.Signals(signum).name
         super().__init__(NAMES.get(name, name))
 

@@ -12,7 +12,7 @@ import os
 import re
 from pathlib import Path
 
-from npuconv.checkpoint import Checkpoint
+from npuconv.io.checkpoint import Checkpoint
 from npuconv.errors import InputError
 
 HUB_PATTERNS = [
