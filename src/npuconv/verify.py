@@ -38,7 +38,7 @@ import torch
 
 from npuconv.io.checkpoint import Checkpoint, config_dtype
 from npuconv.entries import from_storage
-from npuconv.errors import InputError
+from npuconv.errors import InputError, VerificationFailed
 from npuconv.model import LinearSpec, QuantizedLinear, dequantize
 from npuconv.io.output import MANIFEST, check_shards
 from npuconv.readers import open_reader
