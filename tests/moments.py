@@ -71,13 +71,9 @@ def _main() -> None:
     from npuconv import interrupts
 
     interrupts.install()
-    import npuconv.cli
-
-    fired = []
 
     def action(i: int, label: str) -> None:
         if i == moment:
-            fired.append(label)
             if how == "SIGINT2":  # a second Ctrl-C as soon as cleanup starts
                 os.kill(os.getpid(), signal.SIGINT)
                 _second_at_cleanup()

@@ -15,7 +15,6 @@ place. Bounded on purpose: ~30 short processes in all.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
