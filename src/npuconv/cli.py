@@ -582,9 +582,3 @@ def main() -> None:
             sys.stdout.flush()
         except (OSError, ValueError):  # a closed pipe: let the exit flush find /dev/null instead
             _silence_stdout()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    from npuconv.__main__ import main as entry
-
-    entry()
