@@ -32,6 +32,7 @@ def main() -> None:
 
         cli_main()
     except interrupts.Interrupted as e:  # before the CLI's own handler is in place (start-up, parsing)
+        interrupts.finish()
         sys.stderr.write(f"error: {interrupts.message(e)}\n")
         raise SystemExit(e.exit_code) from None
 

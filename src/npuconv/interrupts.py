@@ -56,6 +56,9 @@ def finish() -> None:
     arriving during interpreter shutdown cannot print a traceback or change the exit code."""
     global _finished
     _finished = True
+    for name in HANDLED:  # SIG_IGN, not a flag only: Python resets its own handlers to SIG_DFL at exit
+        if hasattr(signal, name) and signal.getsignal(getattr(signal, name)) is _on_signal:
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def _on_signal(signum: int, _frame) -> None:
