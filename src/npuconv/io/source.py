@@ -8,6 +8,7 @@ and the snapshot they resolve to must lie inside the cache (refs files are not t
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -27,6 +28,7 @@ HUB_PATTERNS = [
     "*.md",
     "*.yaml",
 ]
+log = logging.getLogger(__name__)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")
 
 
@@ -66,20 +68,31 @@ def check_repo_name(repo_id: str) -> None:
         raise InputError(f"{repo_id}: not a valid Hugging Face repo id (no '..', '--' or empty parts)")
 
 
-def open_source(model: str | Path) -> Checkpoint:
-    """A Checkpoint for a local directory, or for a Hub repo id downloaded into the cache."""
+def open_source(model: str | Path, revision: str | None = None) -> Checkpoint:
+    """A Checkpoint for a local directory, or for a Hub repo id downloaded into the cache.
+
+    ``revision`` (a branch, tag or commit, as ``hf download --revision``) is the same as
+    ``MODEL@revision``; giving both with different values, or a revision for a local directory,
+    is an :class:`InputError`.
+    """
     path = Path(model)
-    if path.exists():
-        return Checkpoint(path)
     text = str(model)
+    if path.exists():
+        if revision:
+            raise InputError(f"--revision {revision}: {text} is a local directory; a revision applies to Hub repo ids")
+        return Checkpoint(path)
     if not looks_like_hub_id(text):
         raise InputError(f"{text}: no such directory (and not a Hugging Face repo id like org/name[@revision])")
-    repo_id, revision = split_repo_id(text)
+    repo_id, at_revision = split_repo_id(text)
+    if revision and at_revision and revision != at_revision:
+        raise InputError(f"{text}: names revision {at_revision!r} but --revision says {revision!r}; give one")
+    revision = revision or at_revision
     check_repo_name(repo_id)
     if revision is not None:
         check_revision(revision)
     local = _download(repo_id, revision)
     _check_in_cache(local, repo_id)
+    log.info("%s@%s: Hub cache snapshot %s", repo_id, revision or "main", local)
     return Checkpoint(local, source_id=repo_id, revision=_commit_of(local) or revision)
 
 
@@ -90,6 +103,13 @@ def _download(repo_id: str, revision: str | None) -> Path:
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
     except LocalEntryNotFoundError:
+        cached = cached_revisions(repo_id)
+        if cached:
+            raise InputError(
+                f"{repo_id}: revision {revision or 'main'!r} is not in the local Hugging Face cache "
+                f"(cached: {', '.join(cached)}) and the Hub cannot be reached "
+                "(download it once online, or unset HF_HUB_OFFLINE)"
+            ) from None
         raise InputError(
             f"{repo_id}: not in the local Hugging Face cache and the Hub cannot be reached "
             "(download it once online, or unset HF_HUB_OFFLINE)"
@@ -108,6 +128,19 @@ def _check_in_cache(local: Path, repo_id: str) -> None:
     real = Path(os.path.realpath(local))
     if cache not in real.parents:
         raise InputError(f"{repo_id}: the Hub cache resolves it to {local}, outside the cache {cache}; refusing to read it")
+
+
+def cached_revisions(repo_id: str) -> list[str]:
+    """Revisions of a model repo in the local Hub cache: branch/tag names (``refs/``), then the
+    commits of ``snapshots/`` that no ref names; empty when the repo is not cached at all."""
+    from huggingface_hub import constants
+
+    repo = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+    refs = repo / "refs"
+    names = {p.relative_to(refs).as_posix(): p.read_text().strip() for p in refs.rglob("*") if p.is_file()} if refs.is_dir() else {}
+    snapshots = repo / "snapshots"
+    commits = sorted(p.name for p in snapshots.iterdir() if p.is_dir()) if snapshots.is_dir() else []
+    return [*sorted(names), *(c for c in commits if c not in names.values())]
 
 
 def _commit_of(snapshot_dir: Path) -> str | None:
