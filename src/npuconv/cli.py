@@ -681,26 +681,29 @@ def _finish_zoo(report: dict, outputs: tuple, as_json: bool, quiet: bool) -> Non
     from npuconv.zoo_report import summary_line
 
     _write_reports(*outputs, report)
-    if as_json:
-        emit_json(report)
-    else:
-        for error in report.get("errors") or []:
-            stderr.print(f"[bold red]error:[/] {escape(error)}", soft_wrap=True)
-        if not quiet and report["entries"]:
-            _print_zoo(report)
-        elif quiet:
-            for r in report["entries"]:
-                if r["error"]:
-                    stderr.print(f"[bold red]{r['status']}:[/] {escape(r['name'])}: {escape(r['error'])}", soft_wrap=True)
-        totals = report["totals"]
-        status, _, counts = summary_line(report).partition(" ")
-        style = "green" if report["ok"] else "bold red"
-        stdout.print(
-            f"[{style}]{status}[/] {escape(counts)}; {human_bytes(totals['bytes_in'])} in, "
-            f"{human_bytes(totals['bytes_out'])} out, {totals['seconds']:.1f} s",
-            soft_wrap=True,
-        )
-
+    try:
+        if as_json:
+            emit_json(report)
+        else:
+            for error in report.get("errors") or []:
+                stderr.print(f"[bold red]error:[/] {escape(error)}", soft_wrap=True)
+            if not quiet and report["entries"]:
+                _print_zoo(report)
+            elif quiet:
+                for r in report["entries"]:
+                    if r["error"]:
+                        stderr.print(f"[bold red]{r['status']}:[/] {escape(r['name'])}: {escape(r['error'])}", soft_wrap=True)
+            totals = report["totals"]
+            status, _, counts = summary_line(report).partition(" ")
+            style = "green" if report["ok"] else "bold red"
+            stdout.print(
+                f"[{style}]{status}[/] {escape(counts)}; {human_bytes(totals['bytes_in'])} in, "
+                f"{human_bytes(totals['bytes_out'])} out, {totals['seconds']:.1f} s",
+                soft_wrap=True,
+            )
+    finally:  # also when the report cannot be printed (closed stdout)
+        if report["exit_code"]:
+            sys.exit(report["exit_code"])
 
 def _print_zoo(report: dict) -> None:
     from npuconv.zoo_report import verify_text
