@@ -158,13 +158,7 @@ def _pair(output_ckpt: Checkpoint, output_reader: Reader, options: VerifyOptions
         manifest = output_reader.manifest
         if not options.skip_checksum:
             check_shards(output_ckpt, manifest)
-        source_id = options.source or (manifest.get("source") or {}).get("id")
-        if not source_id:
-            raise InputError(f"{MANIFEST} names no source; pass --source MODEL")
-        source = open_reader(open_source(source_id))
-        prepare = getattr(source, "prepare_for_target", None)
-        if prepare is not None:  # a float source: its linears quantized as the conversion did (npuconv.offline)
-            prepare(manifest["target"])
+        source = source_reader(manifest, options.source)
 
         def decode(spec: LinearSpec) -> tuple[QuantizedLinear, dict]:
             stored = output_reader.tensors_of(spec)  # read once: decoded for the layout check, run as is
@@ -200,6 +194,19 @@ def _pair(output_ckpt: Checkpoint, output_reader: Reader, options: VerifyOptions
         return tensors, entry
 
     return _Pairing(output_reader, source, decode, in_memory, "paired" if source_id else "source")
+
+
+def source_reader(manifest: dict, source: str | None = None) -> Reader:
+    """The reader of an npuconv output's source (``source``, else the one its manifest records); a
+    float source has its linears quantized as the conversion did (npuconv.offline)."""
+    source_id = source or (manifest.get("source") or {}).get("id")
+    if not source_id:
+        raise InputError(f"{MANIFEST} names no source; pass --source MODEL")
+    reader = open_reader(open_source(source_id))
+    prepare = getattr(reader, "prepare_for_target", None)
+    if prepare is not None:
+        prepare(manifest["target"])
+    return reader
 
 
 def default_target(spec: LinearSpec) -> str | None:
