@@ -303,16 +303,37 @@ def _print_plan(plan: dict) -> None:
 @click.option("--skip-checksum", is_flag=True, help="Do not check shard sha256 against npuconv.json.")
 @click.option("--max-rel-l2", type=float, default=None, help="Override the per-scheme relative L2 threshold.")
 @click.option("--min-cosine", type=float, default=0.9999, show_default=True, help="Minimum cosine similarity.")
+@click.option("--model", "whole_model", is_flag=True,
+              help="Whole-model parity instead of per-layer: run OUT end to end (transformers) against the source.")
+@click.option("--prompts", "prompts_file", default=None, type=click.Path(dir_okay=False),
+              help="--model: prompts file, one prompt per line (default: a few built-in prompts).")
+@click.option("--new-tokens", default=8, show_default=True, type=click.IntRange(0, 4096),
+              help="--model: tokens to greedy-decode from both models.")
+@click.option("--min-top1", type=click.FloatRange(0, 1), default=None, help="--model: override the minimum top-1 agreement.")
+@click.option("--max-kl", type=click.FloatRange(0), default=None, help="--model: override the maximum mean KL(ref||out).")
+@click.option("--max-logit-diff", type=click.FloatRange(0), default=None,
+              help="--model: override the maximum |Δlogit|, as a multiple of the RMS of the reference logits.")
+@click.option("--stream", is_flag=True, help="--model: load the reference layer by layer even when it fits in memory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the summary line.")
 @handle_errors
-def verify_command(out, source, layer_glob, tokens, seed, device, skip_checksum, max_rel_l2, min_cosine, as_json, quiet) -> None:
+def verify_command(out, source, layer_glob, tokens, seed, device, skip_checksum, max_rel_l2, min_cosine, whole_model,
+                   prompts_file, new_tokens, min_top1, max_kl, max_logit_diff, stream, as_json, quiet) -> None:
     """Check OUT numerically: NPU kernels on the converted tensors vs the dequantized source.
 
     OUT is an npuconv output (its source comes from npuconv.json, or --source) or any supported
     checkpoint (then each layer is run through the kernel its scheme maps to and compared with
     its own dequantization). Uses torch_npu's real kernels when an NPU is present, otherwise an
     emulation of the same ops on CUDA or CPU; the report says which ran.
+
+    With --model (needs pip install 'npuconv[model]'), OUT runs as a whole model instead: built by
+    transformers from OUT's config.json, converted layers on their NPU kernels, every other tensor
+    from OUT, against the source model with its quantized layers dequantized in float32. It
+    compares the logits of a few prompts at every position (top-1 agreement, max |Δlogit|, mean
+    KL), greedy-decodes --new-tokens from both, and reports structural problems (a tensor missing
+    or unused, a bias the config drops, shapes the config does not match). This catches what the
+    per-layer check cannot: wrongly named or dropped copied tensors, config.json edits, tied or
+    untied embeddings. Limits depend on the kernels' activation quantization (see the report).
 
     Exit code 0 if every layer passes, 1 if any fails, 2 on bad input.
 
@@ -321,7 +342,23 @@ def verify_command(out, source, layer_glob, tokens, seed, device, skip_checksum,
       npuconv verify ./llama-npu
       npuconv verify ./llama-npu --layers '*.self_attn.*' --tokens 64 --json
       npuconv verify ./some-gptq-model          # check a source checkpoint itself
+      npuconv verify ./llama-npu --model --prompts prompts.txt --new-tokens 16
     """
+    from npuconv.errors import InputError
+
+    if whole_model:
+        ctx = click.get_current_context()
+        per_layer = [f"--{name.replace('_', '-')}" for name in ("layer_glob", "tokens", "max_rel_l2", "min_cosine")
+                     if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+        if per_layer:
+            raise InputError(f"{per_layer[0].replace('--layer-glob', '--layers')} is a per-layer option; --model checks the whole model")
+        _verify_model(out, source, seed, device, skip_checksum, prompts_file, new_tokens, min_top1, max_kl,
+                      max_logit_diff, stream, as_json, quiet)
+        return
+    model_only = [name for name, value in (("--prompts", prompts_file), ("--min-top1", min_top1), ("--max-kl", max_kl),
+                                           ("--max-logit-diff", max_logit_diff), ("--stream", stream or None)) if value is not None]
+    if model_only:
+        raise InputError(f"{model_only[0]} needs --model")
     from npuconv.verify import VerifyOptions, verify
 
     options = VerifyOptions(
@@ -358,6 +395,67 @@ def verify_command(out, source, layer_glob, tokens, seed, device, skip_checksum,
         )
     if not report["ok"]:
         sys.exit(1)
+
+
+def _verify_model(out, source, seed, device, skip_checksum, prompts_file, new_tokens, min_top1, max_kl, max_logit_diff,
+                  stream, as_json, quiet) -> None:
+    from npuconv.parity import ParityOptions, check_model, load_prompts, parity_summary
+
+    options = ParityOptions(
+        source=source, prompts=load_prompts(prompts_file) if prompts_file else None, new_tokens=new_tokens, seed=seed,
+        device=device, skip_checksum=skip_checksum, stream=stream, min_top1=min_top1, max_kl=max_kl,
+        max_logit_diff=max_logit_diff,
+    )
+    bar = None
+
+    def on_progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = progress_bar(total, "verify --model", enabled=not (quiet or as_json))
+            if bar is None:
+                return
+            bar.unit = "layer"
+        bar.update(done - bar.n)
+
+    try:
+        report = check_model(out, options, on_progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    if as_json:
+        emit_json(report)
+    else:
+        if not quiet:
+            _print_model(report)
+        status = "[green]PASS[/]" if report["ok"] else "[bold red]FAIL[/]"
+        stdout.print(
+            f"{status} whole model ({report['architecture']}, {report['family']} limits, backend {report['backend']}, "
+            f"{report['activation_dtype']} vs float32 reference, {report['seconds']:.1f} s): {escape(parity_summary(report))}",
+            soft_wrap=True,
+        )
+    if not report["ok"]:
+        sys.exit(1)
+
+
+def _print_model(report: dict) -> None:
+    stdout.print(f"prompts: {escape(report['prompts']['from'])} ({report['prompts']['tokens']} tokens)", soft_wrap=True)
+    for problem in report["problems"]:
+        stdout.print(f"[bold red]problem:[/] {escape(problem)}", soft_wrap=True)
+    if "metrics" not in report:
+        return
+    table = Table(title="logits per prompt", title_justify="left")
+    for column in ("prompt", "tokens", "top-1", "max |Δlogit|", "mean KL"):
+        table.add_column(column)
+    for i, p in enumerate(report["metrics"]["per_prompt"]):
+        table.add_row(str(i), str(p["tokens"]), f"{p['top1_agreement']:.4f}", _num(p["max_logit_diff"], ".3g"), _num(p["mean_kl"], ".3g"))
+    stdout.print(table)
+    decode = report["decode"]
+    first = decode["first_divergence"]
+    where = "no divergence" if first is None else (
+        f"first divergence at prompt {first['prompt']}, step {first['step']}: reference {first['ref_token']}, "
+        f"converted {first['out_token']} (reference top-1 margin {first['ref_margin']:.3g})"
+    )
+    stdout.print(f"greedy decode of {decode['new_tokens']} tokens: {where}; reference layers {report['reference_layers']}")
 
 
 def _print_verify(report: dict) -> None:

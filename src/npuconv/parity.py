@@ -219,6 +219,23 @@ def check_model(path: str | Path, options: ParityOptions, on_progress: Callable[
     return report
 
 
+def parity_summary(report: dict) -> str:
+    """One line: the headline numbers of a parity report, then what failed."""
+    if "metrics" not in report:
+        return "; ".join(report["problems"]) or "not run"
+    m, limits = report["metrics"], report["thresholds"]
+    text = (
+        f"top-1 {m['top1_agreement']:.4f} (min {limits['min_top1']}), KL {m['mean_kl']:.3g} (max {limits['max_kl']}), "
+        f"max |Δlogit| {m['max_logit_diff']:.3g} = {m['max_logit_diff_rel']:.3g} × RMS (max {limits['max_logit_diff']})"
+    )
+    first = report["decode"]["first_divergence"]
+    if first is not None:
+        text += f"; greedy diverges at prompt {first['prompt']} step {first['step']} (ref margin {first['ref_margin']:.3g})"
+    if report["problems"]:
+        text += "; " + "; ".join(report["problems"])
+    return text
+
+
 def _require_transformers() -> None:
     try:
         import transformers  # noqa: F401
@@ -485,6 +502,7 @@ class _Plan:
         self.problems: list[str] = []
         self.fatal = False
         self.unused: set[str] = set()
+        self.mismatched: list[str] = []  # module prefixes already reported
         self.where = "OUT" if backend is not None else "source"
 
     def problem(self, message: str, fatal: bool = False) -> None:
@@ -510,7 +528,8 @@ class _Plan:
         self._plain_tensors()
         self._tied()
         for name, tensor in self.model.named_parameters():
-            if name not in self.loaders and tensor.is_meta and not self._in_kernel(name):
+            reported = any(name.startswith(prefix) for prefix in self.mismatched)
+            if name not in self.loaders and tensor.is_meta and not self._in_kernel(name) and not reported:
                 self.problem(f"no tensor for the model's '{name}' (run as zeros)")
                 self.loaders[name] = self._zeros(tensor)
 
@@ -527,6 +546,7 @@ class _Plan:
             raise UnsupportedError(f"'{path}' is a {type(module).__name__}, not a Linear")
         if tuple(module.weight.shape) != (spec.out_features, spec.in_features):
             self.problem(f"'{spec.name}' is [{spec.out_features}, {spec.in_features}] but the model's '{path}' is {list(module.weight.shape)}", fatal=True)
+            self.mismatched.append(path + ".")
             return
         has_bias = module.bias is not None
         if has_bias != spec.has_bias:
