@@ -82,6 +82,30 @@ def test_converted_model_matches_source(outputs, fixture, target, family):
     assert "seeded token ids" in report["prompts"]["from"]
 
 
+@pytest.fixture(scope="module")
+def float_llama(tmp_path_factory) -> Path:
+    """A seeded bf16 Llama (the fixtures' sizes) saved by transformers: the source of the offline targets."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=64, tie_word_embeddings=False)
+    path = tmp_path_factory.mktemp("float") / "llama"
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+    return path
+
+
+OFFLINE = [("npu-float", "weight_only"), ("npu-mxfp8", "act8"), ("npu-mxfp4", "act8"), ("npu-mxfp4-dual", "act4")]
+
+
+@pytest.mark.parametrize("target,family", OFFLINE, ids=[t for t, _ in OFFLINE])
+def test_offline_quantized_model_matches_source(outputs, float_llama, target, family):
+    """Targets that quantize a float model: the reference is the source quantized as the conversion did."""
+    report = check_model(outputs("float-llama", target, source=float_llama), FAST)
+    assert report["family"] == family and report["problems"] == []
+    assert report["ok"], report["metrics"]
+
+
 def test_thresholds_are_tight_for_weight_only(outputs):
     """The limits are not vacuous: the real weight-only error is far inside them, and a limit of zero fails."""
     out = outputs("gptq_v1_b4_g32_sym", "npu-int4")
