@@ -82,6 +82,29 @@ def progress_bar(total: int, description: str, enabled: bool):
     return tqdm(total=total, desc=description, unit="B", unit_scale=True, unit_divisor=1000, leave=False)
 
 
+class LayerProgress:
+    """A ``(done, total)`` callback drawing a layer counter, opened on the first call; closed on exit."""
+
+    def __init__(self, description: str, enabled: bool) -> None:
+        self.description, self.enabled, self.bar = description, enabled, None
+
+    def __enter__(self):
+        return self.update
+
+    def update(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = progress_bar(total, self.description, self.enabled)
+            if self.bar is None:
+                self.enabled = False
+                return
+            self.bar.unit = "layer"
+        self.bar.update(done - self.bar.n)
+
+    def __exit__(self, *_exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(npuconv.__version__, prog_name="npuconv")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
@@ -365,22 +388,8 @@ def verify_command(out, source, layer_glob, tokens, seed, device, skip_checksum,
         source=source, layers=layer_glob, tokens=tokens, seed=seed, device=device,
         skip_checksum=skip_checksum, max_rel_l2=max_rel_l2, min_cosine=min_cosine,
     )
-    bar = None
-
-    def on_layer(done: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = progress_bar(total, "verify", enabled=not (quiet or as_json))
-            if bar is None:
-                return
-            bar.unit = "layer"
-        bar.update(done - bar.n)
-
-    try:
+    with LayerProgress("verify", enabled=not (quiet or as_json)) as on_layer:
         report = verify(out, options, on_layer)
-    finally:
-        if bar is not None:
-            bar.close()
     if as_json:
         emit_json(report)
     else:
@@ -406,22 +415,8 @@ def _verify_model(out, source, seed, device, skip_checksum, prompts_file, new_to
         device=device, skip_checksum=skip_checksum, stream=stream, min_top1=min_top1, max_kl=max_kl,
         max_logit_diff=max_logit_diff,
     )
-    bar = None
-
-    def on_progress(done: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = progress_bar(total, "verify --model", enabled=not (quiet or as_json))
-            if bar is None:
-                return
-            bar.unit = "layer"
-        bar.update(done - bar.n)
-
-    try:
+    with LayerProgress("verify --model", enabled=not (quiet or as_json)) as on_progress:
         report = check_model(out, options, on_progress)
-    finally:
-        if bar is not None:
-            bar.close()
     if as_json:
         emit_json(report)
     else:

@@ -286,11 +286,8 @@ def _verify_entry(entry: ZooEntry, values: dict, status: str) -> str:
     """Verify the output (converted or skipped alike); STATUS stays, or becomes ``verify-failed``."""
     from npuconv.verify import VerifyOptions, verify
 
-    try:
-        report = verify(entry.output, VerifyOptions(source=_converted_source(entry)))
-    except Exception as e:
-        message, _ = _error_text(e)
-        values.update(error=f"verify: {message}", exit_code=1, verify={"ok": False, "error": message})
+    report = _check(values, "verify", lambda: verify(entry.output, VerifyOptions(source=_converted_source(entry))))
+    if report is None:
         return "verify-failed"
     values["verify"] = {k: report[k] for k in ("ok", "passed", "failed", "skipped", "backend", "seconds")}
     if report["ok"]:
@@ -304,29 +301,37 @@ def _verify_entry(entry: ZooEntry, values: dict, status: str) -> str:
     return "verify-failed"
 
 
-def _converted_source(entry: ZooEntry) -> str:
-    """The source to check an output against: for a Hub source the commit converted, not where a branch is now."""
-    fingerprint = _read_manifest(entry.output).get("source_fingerprint") or {}
-    if fingerprint.get("kind") == "hub" and fingerprint.get("repo") and fingerprint.get("commit"):
-        return f"{fingerprint['repo']}@{fingerprint['commit']}"
-    return entry.source
-
-
 def _model_entry(entry: ZooEntry, values: dict, status: str) -> str:
     """Whole-model parity of the output; STATUS stays, or becomes ``verify-failed``."""
     from npuconv.parity import ParityOptions, check_model, parity_summary
 
-    try:
-        report = check_model(entry.output, ParityOptions(source=_converted_source(entry)))
-    except Exception as e:
-        message, _ = _error_text(e)
-        values.update(error=f"verify --model: {message}", exit_code=1, model={"ok": False, "error": message})
+    report = _check(values, "model", lambda: check_model(entry.output, ParityOptions(source=_converted_source(entry))))
+    if report is None:
         return "verify-failed"
     values["model"] = {k: report.get(k) for k in ("ok", "family", "metrics", "decode", "problems", "seconds")}
     if report["ok"]:
         return status
     values.update(error=f"verify --model: {parity_summary(report)}", exit_code=1)
     return "verify-failed"
+
+
+def _check(values: dict, key: str, run: Callable[[], dict]) -> dict | None:
+    """Run a check; on an error record it under ``key`` (exit code 1) and return None."""
+    try:
+        return run()
+    except Exception as e:
+        message, _ = _error_text(e)
+        label = "verify" if key == "verify" else "verify --model"
+        values.update(error=f"{label}: {message}", exit_code=1, **{key: {"ok": False, "error": message}})
+        return None
+
+
+def _converted_source(entry: ZooEntry) -> str:
+    """The source to check an output against: for a Hub source the commit converted, not where a branch is now."""
+    fingerprint = _read_manifest(entry.output).get("source_fingerprint") or {}
+    if fingerprint.get("kind") == "hub" and fingerprint.get("repo") and fingerprint.get("commit"):
+        return f"{fingerprint['repo']}@{fingerprint['commit']}"
+    return entry.source
 
 
 def _read_manifest(output: Path) -> dict:
