@@ -151,72 +151,76 @@ def load_prompts(path: str | Path) -> tuple[str, ...]:
 def check_model(path: str | Path, options: ParityOptions, on_progress: Callable[[int, int], None] | None = None) -> dict:
     """Compare OUT (an npuconv output) as a whole model with its source; returns the report (``ok``)."""
     from npuconv.kernels import get_backend
-    from npuconv.verify import check_shards, source_reader
 
     started = time.perf_counter()
     _require_transformers()
     backend = get_backend(options.device)
-    out_ckpt = open_source(path)
-    out_reader = open_reader(out_ckpt)
-    if not isinstance(out_reader, NpuconvReader):
-        raise UnsupportedError(f"{path}: --model needs an npuconv output with NPU kernel tensors (--to npu-*)")
-    manifest = out_reader.manifest
-    if not options.skip_checksum:
-        check_shards(out_ckpt, manifest)
-    src_reader = source_reader(manifest, options.source)
-    act_dtype = config_dtype(out_ckpt.config) or torch.bfloat16
+    out_reader, src_reader = _readers(path, options)
+    act_dtype = config_dtype(out_reader.ckpt.config) or torch.bfloat16
     if act_dtype == torch.float32:
         act_dtype = torch.bfloat16
-    family = kernel_family(manifest)
+    family = kernel_family(out_reader.manifest)
     limits = _thresholds(family, options)
-
-    problems: list[str] = []
-    device = backend.device
-    ref_device = "cpu" if backend.name == "npu" else device
-    converted = _Model.build(out_ckpt, out_reader, act_dtype, device, backend=backend)
-    reference = _Model.build(src_reader.ckpt, src_reader, torch.float32, ref_device)
-    problems += converted.problems
-    problems += reference.problems
-    problems += [
+    converted = _Model.build(out_reader.ckpt, out_reader, act_dtype, backend.device, backend=backend)
+    reference = _Model.build(src_reader.ckpt, src_reader, torch.float32, "cpu" if backend.name == "npu" else backend.device)
+    problems = converted.problems + reference.problems + [
         f"OUT tensor '{name}' is not used by the model its config.json builds"
         for name in sorted(converted.unused - reference.unused)
     ]
-    ids, lengths, prompt_note, prompt_problems = _prompts(out_ckpt, src_reader.ckpt, converted.vocab_size, options)
-    problems += prompt_problems
+    ids, lengths, prompt_note, prompt_problems = _prompts(out_reader.ckpt, src_reader.ckpt, converted.vocab_size, options)
     report = {
         "ok": False, "mode": "model", "backend": backend.name, "output": str(path), "source": src_reader.ckpt.source_id,
         "architecture": type(converted.model).__name__, "family": family,
         "activation_dtype": str(act_dtype).removeprefix("torch."), "thresholds": limits.__dict__,
         "prompts": {"count": len(lengths), "tokens": int(sum(lengths)), "from": prompt_note},
-        "problems": problems,
+        "problems": problems + prompt_problems,
     }
-    if converted.fatal or reference.fatal:
-        report["seconds"] = round(time.perf_counter() - started, 3)
-        return report
+    if not (converted.fatal or reference.fatal):
+        report.update(_run(converted, reference, ids, lengths, options, on_progress))
+        report["ok"] = _passed(report, limits)
+    report["seconds"] = round(time.perf_counter() - started, 3)
+    return report
 
-    resident = not options.stream and _fits(reference.param_bytes, ref_device)
-    passes = max(1, options.new_tokens) + 1
-    progress = _Progress(on_progress, converted.num_layers * passes)
+
+def _readers(path: str | Path, options: ParityOptions) -> tuple[NpuconvReader, Reader]:
+    """(OUT's reader, shard checksums checked unless skipped; the source's reader)."""
+    from npuconv.verify import check_shards, source_reader
+
+    out_reader = open_reader(open_source(path))
+    if not isinstance(out_reader, NpuconvReader):
+        raise UnsupportedError(f"{path}: --model needs an npuconv output with NPU kernel tensors (--to npu-*)")
+    if not options.skip_checksum:
+        check_shards(out_reader.ckpt, out_reader.manifest)
+    return out_reader, source_reader(out_reader.manifest, options.source)
+
+
+def _run(converted: "_Model", reference: "_Model", ids, lengths, options: ParityOptions, on_progress) -> dict:
+    """Greedy-decode with the reference, one pass of the converted model; metrics and the first divergence."""
+    resident = not options.stream and _fits(reference.param_bytes, reference.device)
+    progress = _Progress(on_progress, converted.num_layers * (max(1, options.new_tokens) + 1))
     reference.attach(keep=resident, tick=progress.tick)
     converted.attach(keep=False, tick=progress.tick)
     with torch.no_grad():
         sequences, ref_logits, margins = _greedy(reference, ids, lengths, options.new_tokens)
         out_logits = converted.logits(sequences[:, : int(lengths.max()) + options.new_tokens])
-    metrics = _compare(ref_logits, out_logits, lengths)
-    decode = _first_divergence(sequences, out_logits, lengths, margins, options.new_tokens)
-    passed = (
-        not problems
-        and metrics["top1_agreement"] >= limits.min_top1
-        and metrics["mean_kl"] <= limits.max_kl
-        and metrics["max_logit_diff_rel"] <= limits.max_logit_diff
-        and (decode["first_divergence"] is None or decode["first_divergence"]["ref_margin"] <= 2 * limits.max_logit_diff * metrics["ref_logit_rms"])
+    return {
+        "metrics": _compare(ref_logits, out_logits, lengths),
+        "decode": _first_divergence(sequences, out_logits, lengths, margins, options.new_tokens),
+        "reference_layers": "resident" if resident else "streamed",
+    }
+
+
+def _passed(report: dict, limits: Thresholds) -> bool:
+    """No problem, every limit held, and no greedy divergence where the reference's top-1 margin exceeds
+    twice the allowed |Δlogit| (a flip there cannot come from rounding within the limits)."""
+    m, first = report["metrics"], report["decode"]["first_divergence"]
+    return bool(
+        not report["problems"]
+        and m["top1_agreement"] >= limits.min_top1
+        and m["mean_kl"] <= limits.max_kl
+        and m["max_logit_diff_rel"] <= limits.max_logit_diff
+        and (first is None or first["ref_margin"] <= 2 * limits.max_logit_diff * m["ref_logit_rms"])
     )
-    report.update(
-        ok=bool(passed), metrics=metrics, decode=decode,
-        reference_layers="resident" if resident else "streamed",
-        seconds=round(time.perf_counter() - started, 3),
-    )
-    return report
 
 
 def parity_summary(report: dict) -> str:
