@@ -389,8 +389,10 @@ class _Model:
         for path, kernel in self.kernels.items():
             if not self._in_layer(path):
                 kernel.materialize()
-        for module in self.model.modules():  # non-persistent buffers (rotary tables): recomputed
+        for module in self.model.modules():  # non-persistent buffers (rotary tables): recomputed by transformers
             if any(b.is_meta for b in module.buffers(recurse=False)):
+                if any(True for _ in module.parameters(recurse=False)):
+                    raise UnsupportedError(f"{type(module).__name__}: computed buffers beside parameters are not supported")
                 module.to_empty(device=self.device, recurse=False)
                 self.model._init_weights(module)
 
