@@ -702,15 +702,15 @@ def _prompts(out_ckpt: Checkpoint, src_ckpt: Checkpoint, vocab: int, options: Pa
 
 
 def _tokenizer(root: Path):
-    """(OUT's tokenizer, None) or (None, why it is not usable)."""
+    """(the tokenizer in root, None) or (None, why it is not usable, worded for OUT)."""
     if not any((root / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")):
-        return None, "no tokenizer files"
+        return None, "OUT has no tokenizer files"
     try:
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(str(root), local_files_only=True), None
     except Exception as e:  # any loading failure means: no usable tokenizer (said in the report)
-        return None, f"its tokenizer does not load ({type(e).__name__})"
+        return None, f"OUT's tokenizer does not load ({type(e).__name__})"
 
 
 # ------------------------------------------------------------------------------------- running
