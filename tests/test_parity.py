@@ -254,6 +254,15 @@ def test_untied_embeddings_fail(outputs, tmp_path):
     assert "OUT: no tensor for the model's 'lm_head.weight' (run as zeros)" in report["problems"]
 
 
+def test_config_with_fewer_layers_fails(outputs, tmp_path):
+    planted = _planted(outputs("gptq_v1_b4_g32_sym", "npu-int4"), tmp_path / "planted",
+                       config=lambda c: c.update(num_hidden_layers=0))
+    _per_layer_passes(planted)
+    report = check_model(planted, FAST)
+    assert not report["ok"] and "metrics" not in report
+    assert "OUT: layer 'model.layers.0.mlp.down_proj' has no module in the model its config.json builds" in report["problems"]
+
+
 def test_missing_copied_tensor_fails(outputs, tmp_path):
     def drop(tensors: dict) -> dict:
         del tensors["model.norm.weight"]

@@ -546,8 +546,9 @@ class _Plan:
     def _linear(self, spec: LinearSpec, path: str) -> None:
         try:
             module = self.model.get_submodule(path)
-        except AttributeError:
-            raise UnsupportedError(f"{type(self.model).__name__}: no module '{path}' for layer '{spec.name}'") from None
+        except AttributeError:  # e.g. a config.json with fewer layers than were converted
+            self.problem(f"layer '{spec.name}' has no module in the model its config.json builds", fatal=True)
+            return
         if not isinstance(module, nn.Linear):
             raise UnsupportedError(f"'{path}' is a {type(module).__name__}, not a Linear")
         if tuple(module.weight.shape) != (spec.out_features, spec.in_features):
