@@ -20,11 +20,11 @@ pytest.importorskip("transformers")
 
 from npuconv.cli import cli  # noqa: E402
 from npuconv.convert import ConvertOptions, convert  # noqa: E402
-from npuconv.output import MANIFEST, sha256_file  # noqa: E402
+from npuconv.io.output import MANIFEST, sha256_file  # noqa: E402
 from npuconv.parity import THRESHOLDS, ParityOptions, _first_divergence, _Model, check_model, kernel_family  # noqa: E402
 from npuconv.readers import open_reader  # noqa: E402
-from npuconv.safetensors_io import read_header, read_tensor, save_file  # noqa: E402
-from npuconv.source import open_source  # noqa: E402
+from npuconv.io.safetensors_io import read_header, read_tensor, save_file  # noqa: E402
+from npuconv.io.source import open_source  # noqa: E402
 from npuconv.verify import VerifyOptions, verify  # noqa: E402
 
 from conftest import fixture_dir  # noqa: E402

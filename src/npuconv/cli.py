@@ -139,7 +139,7 @@ def inspect_command(model: str, show_layers: bool, as_json: bool, quiet: bool) -
       npuconv inspect TheBloke/Llama-2-7B-GPTQ@main --json | jq .layers[0]
     """
     from npuconv.inspect import inspect_checkpoint
-    from npuconv.source import open_source
+    from npuconv.io.source import open_source
 
     report = inspect_checkpoint(open_source(model))
     if as_json:
@@ -213,9 +213,9 @@ def _distinct(values) -> str:
 
 # ------------------------------------------------------------------------------------- convert
 def _target_help() -> str:
-    from npuconv.writers.targets import TARGETS
+    from npuconv.registry import target_names
 
-    return "Target layout: " + ", ".join(TARGETS) + " (see README / docs/layouts.md)."
+    return "Target layout: " + ", ".join(target_names()) + " (see README / docs/layouts.md)."
 
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -230,8 +230,9 @@ DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 @click.option("--mx-layout", type=click.Choice(["vllm-ascend", "sglang"]), default="vllm-ascend", show_default=True,
               help="MX targets: contiguous [K,N] (vLLM-Ascend) or the [N,K] storage that sglang views.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard (e.g. 500MB, 5GB).")
-@click.option("--workers", default=1, show_default=True, type=click.IntRange(0, 64),
-              help="Threads that read and repack layers ahead of the writer (0: none; memory grows by one layer each).")
+@click.option("--workers", default=None, type=click.IntRange(0, 64),
+              help="Threads that read and repack layers ahead of the writer (0: none; default: cores - 1, at most 16). "
+                   "Memory stays about twice the largest tensor whatever the number.")
 @click.option("--force", is_flag=True, help="Replace OUT if it is an earlier npuconv output (atomically, at the end).")
 @click.option("--dry-run", is_flag=True, help="Print the plan (layers, layouts, shards, bytes) and write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -252,10 +253,11 @@ def convert_command(model, out, target, dtype, nz, mx_layout, max_shard_size, wo
     import torch
 
     from npuconv.convert import ConvertOptions, convert
-    from npuconv.output import parse_size
-    from npuconv.writers import WriterOptions, writer_class
+    from npuconv.io.output import parse_size
+    from npuconv.registry import target_class
+    from npuconv.writers import WriterOptions
 
-    writer_class(target)  # validate the target before any I/O
+    target_class(target)  # validate the target before any I/O
     options = ConvertOptions(
         target=target,
         writer=WriterOptions(dtype=getattr(torch, dtype) if dtype else None, nz=nz, mx_layout=mx_layout),
@@ -602,35 +604,14 @@ def _write_report(path: str, report: dict) -> None:
         raise OutputError(f"--report {path}: cannot write: {e.strerror or e}") from None
 
 
-MMAP_THRESHOLD = 64 << 20
-
-
 def _terminate(signum, _frame) -> None:
     raise SystemExit(128 + signum)
 
 
-def tune_allocator() -> None:
-    """Let glibc recycle large tensor buffers instead of mmap'ing (and page-faulting) fresh ones.
-
-    Conversion allocates and frees the same few large buffers for every layer; with glibc's
-    default 128 KiB-ish mmap threshold each one is a fresh mapping whose pages fault in on first
-    touch, which costs more than the repack itself (measured ~2x on repack throughput, see
-    benchmarks/RESULTS.md). Buffers of 64 MiB and more (embeddings, huge experts) still get their own
-    mappings and are returned at once, so peak RSS stays bounded by the tensors in flight. No-op off glibc.
-    """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD)  # buffers below this are recycled from the heap
-    libc.mallopt(m_trim_threshold, 2 * MMAP_THRESHOLD)  # keep up to this much freed heap for reuse
-
-
 def main() -> None:
     """Console-script entry point."""
+    from npuconv.memory import tune_allocator
+
     tune_allocator()
     # SIGTERM (kill, timeout, container stop) unwinds like Ctrl-C, so the temporary output is removed
     signal.signal(signal.SIGTERM, _terminate)

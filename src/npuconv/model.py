@@ -15,8 +15,16 @@ One rule dequantizes every layer::
   symmetric, i.e. ``2**(bits-1)`` for integer codes and ``0`` for float codes. So a signed code
   ``s`` (compressed-tensors, msModelSlim) is stored as ``s + 2**(bits-1)``.
 - ``scale``: ``[..., N, G]`` float (fp16/bf16/fp32 exactly as the source stores it), or ``uint8``
-  E8M0 exponents (``2**(byte-127)``) for MX formats. ``global_scale`` (NVFP4) divides the scale:
+  E8M0 exponents (``2**(byte-127)``) for MX formats. Every FP4 / E8M0 decode here is
+  :mod:`npuconv.layouts`' (one rule, with its switches such as ``E8M0_BYTE0_IS_ZERO``). ``global_scale`` (NVFP4) divides the scale:
   the effective scale is ``scale.float() / global_scale`` (that order, fp32, as compressed-tensors).
+
+Packed 4-bit codes (a fast path, same values): a reader of a 4-bit integer format may hand over
+the codes still packed, as ``packed_kn`` int32 ``[K, N/8]`` whose word ``[k, j]`` holds code
+``qweight[8j + t, k]`` (unsigned) in bits ``4t..4t+3`` — the LSB-first bitstream along N of the
+``[K, N]`` code matrix, which is also Ascend's int4pack order. A target that writes that order
+uses the words directly; everything else reads ``qweight``, unpacked from them on first access.
+:data:`PACKED_CODES` turns the path off (the tests compare both).
 
 How each source format maps onto this rule is documented in its reader module.
 """
@@ -27,14 +35,15 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from npuconv.packing import unpack_bitstream
+from npuconv import layouts
+
 INT = "int"
 FP8_E4M3 = "fp8_e4m3"
 FP4_E2M1 = "fp4_e2m1"
 
 SCALE_FLOAT = "float"
 SCALE_E8M0 = "e8m0"
-
-E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
 
 
 @dataclass(frozen=True)
@@ -103,12 +112,15 @@ class LinearSpec:
         return () if self.num_experts is None else (self.num_experts,)
 
 
+PACKED_CODES = True  # readers may set QuantizedLinear.packed_kn (False: always unpacked codes)
+
+
 @dataclass
 class QuantizedLinear:
     """The tensors of one quantized linear, in canonical form (see the module docstring)."""
 
     spec: LinearSpec
-    qweight: torch.Tensor  # [..., N, K]
+    qweight: torch.Tensor  # [..., N, K]; pass None with packed_kn (then unpacked on first access)
     scale: torch.Tensor  # [..., N, G]
     zero: torch.Tensor | None = None  # [..., N, G] int16, unsigned code domain; None: symmetric
     g_idx: torch.Tensor | None = None  # [K] int32 (or [E, K]); None: k // group_size
@@ -118,6 +130,9 @@ class QuantizedLinear:
     # static activation zero point, fp32 [1], integer-valued, in the *signed* int8 domain:
     # x_q = clamp(round(x / input_scale) + input_zero, -128, 127)  (CT input_zero_point, msModelSlim input_offset)
     input_zero: torch.Tensor | None = None
+    # the same codes, 4-bit integer only, packed along N: int32 [K, N/8] (module docstring); whoever
+    # replaces qweight must drop it
+    packed_kn: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> "QuantizedLinear":
         """The same layer with every tensor moved to ``device``."""
@@ -125,6 +140,7 @@ class QuantizedLinear:
             name: getattr(self, name).to(device) if isinstance(getattr(self, name), torch.Tensor) else getattr(self, name)
             for name in ("qweight", "scale", "zero", "g_idx", "bias", "global_scale", "input_scale", "input_zero")
         }
+        moved["packed_kn"] = None  # qweight was moved (and unpacked)
         return replace(self, **moved)
 
     def with_spec(self, **changes) -> "QuantizedLinear":
@@ -140,7 +156,7 @@ class QuantizedLinear:
     def effective_scale(self) -> torch.Tensor:
         """The float32 scale ``[..., N, G]`` applied to ``code - zero``."""
         if self.spec.scale_format == SCALE_E8M0:
-            return decode_e8m0(self.scale)
+            return layouts.e8m0_decode(self.scale)
         scale = self.scale.float()
         if self.global_scale is not None:
             scale = scale / self.global_scale.float().reshape(*self.spec.batch_shape, 1, 1)
@@ -158,22 +174,33 @@ class QuantizedLinear:
         return torch.full(self.scale.shape, midpoint, device=self.scale.device)
 
 
+def _get_qweight(layer: QuantizedLinear) -> torch.Tensor:
+    if layer._qweight is None:
+        if layer.packed_kn is None:
+            raise ValueError(f"{layer.spec.name}: a layer needs qweight or packed_kn")
+        n = layer.spec.out_features
+        layer._qweight = unpack_bitstream(layer.packed_kn, 4, n).transpose(-1, -2)  # [N, K] view of [K, N]
+    return layer._qweight
+
+
+def _set_qweight(layer: QuantizedLinear, value: torch.Tensor | None) -> None:
+    layer._qweight = value
+
+
+# qweight is a dataclass field (constructor argument, replace(), repr) backed by this property, so
+# a layer built from packed_kn alone unpacks its codes only if something reads them
+QuantizedLinear.qweight = property(_get_qweight, _set_qweight)  # type: ignore[assignment]
+
+
 def decode_codes(codes: torch.Tensor, weight_format: str) -> torch.Tensor:
-    """float32 values of canonical codes (unsigned ints, FP8 e4m3, or E2M1 nibbles)."""
+    """float32 values of canonical codes (unsigned ints, FP8 e4m3, or E2M1 nibbles: :func:`layouts.fp4_decode`)."""
     if weight_format == INT:
         return codes.float()
     if weight_format == FP8_E4M3:
         return codes.float()
     if weight_format == FP4_E2M1:
-        return E2M1_VALUES.to(codes.device)[codes.long()]
+        return layouts.fp4_decode(codes)
     raise ValueError(f"unknown weight format {weight_format!r}")
-
-
-def decode_e8m0(scale: torch.Tensor) -> torch.Tensor:
-    """E8M0 bytes → float32 ``2**(byte - 127)``; byte 255 → NaN. (Byte 0 → 2**-127, the OCP value.)"""
-    exponent = scale.to(torch.int32) - 127
-    values = torch.ldexp(torch.ones_like(exponent, dtype=torch.float32), exponent)
-    return torch.where(scale == 255, torch.full_like(values, float("nan")), values)
 
 
 DEQUANT_CHUNK_ELEMENTS = 1 << 22  # float32 temporaries per chunk of output rows (16 MiB each)
@@ -203,7 +230,7 @@ def _row_slice(layer: QuantizedLinear, start: int, stop: int) -> QuantizedLinear
     def rows(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t[..., start:stop, :]
 
-    return replace(layer, qweight=rows(layer.qweight), scale=rows(layer.scale), zero=rows(layer.zero))
+    return replace(layer, qweight=rows(layer.qweight), scale=rows(layer.scale), zero=rows(layer.zero), packed_kn=None)
 
 
 def _dequantize_rows(layer: QuantizedLinear, dtype: torch.dtype) -> torch.Tensor:

@@ -58,17 +58,15 @@ from typing import Callable
 import torch
 from torch import nn
 
-from npuconv.checkpoint import Checkpoint
-from npuconv.convert import config_dtype
+from npuconv.io.checkpoint import Checkpoint, config_dtype
 from npuconv.errors import InputError, UnsupportedError
 from npuconv.model import FP4_E2M1, LinearSpec, dequantize
-from npuconv.output import MANIFEST
 from npuconv.readers import open_reader
 from npuconv.readers.base import Reader
-from npuconv.readers.experts import STACKED_NAME
+from npuconv.experts import STACKED_NAME
 from npuconv.readers.npuconv_output import NpuconvReader
 from npuconv.runtime import NpuLinear, load_layer
-from npuconv.source import open_source
+from npuconv.io.source import open_source
 
 DEFAULT_PROMPTS = (
     "The capital of France is",
@@ -184,13 +182,14 @@ def check_model(path: str | Path, options: ParityOptions, on_progress: Callable[
 
 def _readers(path: str | Path, options: ParityOptions) -> tuple[NpuconvReader, Reader]:
     """(OUT's reader, shard checksums checked unless skipped; the source's reader)."""
-    from npuconv.verify import check_shards, source_reader
+    from npuconv.io.output import check_shards
+    from npuconv.verify import source_reader
 
     out_reader = open_reader(open_source(path))
     if not isinstance(out_reader, NpuconvReader):
         raise UnsupportedError(f"{path}: --model needs an npuconv output with NPU kernel tensors (--to npu-*)")
     if not options.skip_checksum:
-        check_shards(out_reader.ckpt, out_reader.manifest)
+        check_shards(out_reader.ckpt.root, out_reader.manifest)
     return out_reader, source_reader(out_reader.manifest, options.source)
 
 
