@@ -437,8 +437,7 @@ def verify_command(out, source, layer_glob, tokens, seed, device, skip_checksum,
       npuconv verify ./some-gptq-model          # check a source checkpoint itself
       npuconv verify ./llama-npu --model --prompts prompts.txt --new-tokens 16
     """
-    from npuconv.errors import InputError, VerificationFailed
-    from npuconv.io.output import ChecksumMismatch
+    from npuconv.errors import InputError
 
     if whole_model:
         ctx = click.get_current_context()
@@ -459,11 +458,7 @@ def verify_command(out, source, layer_glob, tokens, seed, device, skip_checksum,
         source=source, layers=layer_glob, tokens=tokens, seed=seed, device=device,
         skip_checksum=skip_checksum, max_rel_l2=max_rel_l2, min_cosine=min_cosine,
     )
-    with LayerProgress("verify", enabled=not (quiet or as_json)) as on_layer:
-        try:
-            report = verify(out, options, on_layer)
-        except ChecksumMismatch as e:
-            raise VerificationFailed(f"{e}; use --skip-checksum to run the numeric checks anyway") from None
+    report = _run_check("verify", verify, out, options, quiet or as_json)
     if as_json:
         emit_json(report)
     else:
@@ -482,10 +477,20 @@ def verify_command(out, source, layer_glob, tokens, seed, device, skip_checksum,
         sys.exit(report["exit_code"])
 
 
-def _verify_model(out, source, seed, device, skip_checksum, prompts_file, new_tokens, min_top1, max_kl, max_logit_diff,
-                  stream, as_json, quiet) -> None:
+def _run_check(description: str, check, out, options, silent: bool) -> dict:
+    """``check(out, options, on_progress)`` with a layer counter; a checksum mismatch gets the CLI's advice."""
     from npuconv.errors import VerificationFailed
     from npuconv.io.output import ChecksumMismatch
+
+    with LayerProgress(description, enabled=not silent) as on_progress:
+        try:
+            return check(out, options, on_progress)
+        except ChecksumMismatch as e:
+            raise VerificationFailed(f"{e}; use --skip-checksum to run the numeric checks anyway") from None
+
+
+def _verify_model(out, source, seed, device, skip_checksum, prompts_file, new_tokens, min_top1, max_kl, max_logit_diff,
+                  stream, as_json, quiet) -> None:
     from npuconv.parity import ParityOptions, check_model, load_prompts, parity_summary
 
     options = ParityOptions(
@@ -493,11 +498,7 @@ def _verify_model(out, source, seed, device, skip_checksum, prompts_file, new_to
         device=device, skip_checksum=skip_checksum, stream=stream, min_top1=min_top1, max_kl=max_kl,
         max_logit_diff=max_logit_diff,
     )
-    with LayerProgress("verify --model", enabled=not (quiet or as_json)) as on_progress:
-        try:
-            report = check_model(out, options, on_progress)
-        except ChecksumMismatch as e:
-            raise VerificationFailed(f"{e}; use --skip-checksum to run the numeric checks anyway") from None
+    report = _run_check("verify --model", check_model, out, options, quiet or as_json)
     if as_json:
         emit_json(report)
     else:
