@@ -70,7 +70,8 @@ def to_backend(tensor: torch.Tensor, entry: dict, backend) -> torch.Tensor:
 
 
 def run_kernel(
-    backend, entry: dict, spec: LinearSpec, t: dict, x: torch.Tensor, *, tp: int | None = None
+    backend, entry: dict, spec: LinearSpec, t: dict, x: torch.Tensor, *, tp: int | None = None,
+    group_list: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Call the layer's kernel as the engines do; returns (y, the activations the reference must use).
 
@@ -79,12 +80,16 @@ def run_kernel(
     (what ``verify`` passes) runs every configuration the written tensors serve and stacks them along
     the token axis: the tokens at TP=1, then again at the manifest's ``verify_tp``, so ``y`` and the
     returned activations may hold a multiple of ``x``'s rows.
+
+    ``group_list`` (stacked experts only; what a serving engine passes): ``x`` is ``[T, K]`` tokens
+    already dispatched to experts, sorted by expert, ``group_list[e]`` rows for expert ``e`` (counts,
+    ``group_list_type=1``); ``y`` is ``[T, N]``. Without it every token goes through every expert.
     """
     mode = entry.get("kernel_mode")
     if mode == "a8w4":
         return _a8w4(backend, entry, spec, t, x, tp)
     if spec.num_experts is not None:  # a stacked MoE layer: y [E, ..., N] (see run_experts)
-        return run_experts(backend, entry, spec, t, x)
+        return run_experts(backend, entry, spec, t, x, group_list=group_list)
     if mode == "a4w4":
         return _a4w4(backend, t, x)
     if mode == "dual_level_mx":
@@ -256,7 +261,9 @@ def _dual_level(backend, t: dict, x: torch.Tensor):
 
 
 # ---------------------------------------------------------------------------- stacked MoE experts
-def run_experts(backend, entry: dict, spec: LinearSpec, t: dict, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def run_experts(
+    backend, entry: dict, spec: LinearSpec, t: dict, x: torch.Tensor, group_list: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A stacked expert layer (``spec.num_experts = E``, tensors ``[E, ...]``): every token through every
     expert, so ``y`` is ``[E, *x.shape[:-1], N]`` (expert ``e``'s output for all tokens in ``y[e]``).
 
@@ -266,14 +273,24 @@ def run_experts(backend, entry: dict, spec: LinearSpec, t: dict, x: torch.Tensor
     through the dense kernel, each with its ``[E, ...]`` tensors sliced (a tensor is per-expert when it
     has ≥ 2 dims and E leading). The second value is the activations the reference must use:
     ``[*x.shape[:-1], K]``, or ``[E, ..., K]`` when they differ per expert (static per-expert input scales).
+    With ``group_list`` (routed tokens, see :func:`run_kernel`) both are ``[T, ...]`` rows.
     """
     kernel = entry["kernel"]
     if "kernel_mode" not in entry and kernel == "npu_weight_quant_batchmatmul" and "perm" not in t:
-        return _gmm_weight_only(backend, spec, t, x), x
+        return _gmm_weight_only(backend, spec, t, x, group_list), x
     if "kernel_mode" not in entry and kernel == "npu_quant_matmul" and "weight_dtype" not in entry and "deq_scale" not in t:
-        return _gmm_w8a8_dynamic(backend, spec, t, x)
+        return _gmm_w8a8_dynamic(backend, spec, t, x, group_list)
     experts = spec.num_experts
     dense = replace(spec, num_experts=None)
+    if group_list is not None:  # routed rows: each expert's slice through the dense kernel
+        outputs, activations, start = [], [], 0
+        for e, count in enumerate(int(c) for c in group_list.tolist()):
+            t_e = {role: v[e] if v.dim() >= 2 and v.shape[0] == experts else v for role, v in t.items()}
+            y_e, x_e = run_kernel(backend, entry, dense, t_e, x[start:start + count])
+            outputs.append(y_e)
+            activations.append(x_e)
+            start += count
+        return torch.cat(outputs), torch.cat(activations)
     outputs, activations = [], []
     for e in range(experts):
         t_e = {role: v[e] if v.dim() >= 2 and v.shape[0] == experts else v for role, v in t.items()}
@@ -284,14 +301,17 @@ def run_experts(backend, entry: dict, spec: LinearSpec, t: dict, x: torch.Tensor
     return torch.stack(outputs), activations[0] if same else torch.stack(activations)
 
 
-def _moe_rows(x: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x`` as ``[M, K]`` repeated for every expert, and ``group_list`` (counts) = M per expert."""
+def _moe_rows(x: torch.Tensor, experts: int, group_list: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` as ``[M, K]`` repeated for every expert, and ``group_list`` (counts) = M per expert; or, given
+    routed rows and their ``group_list``, those unchanged."""
+    if group_list is not None:
+        return x, group_list.to(device=x.device, dtype=torch.int64)
     rows = x.reshape(-1, x.shape[-1])
     counts = torch.full((experts,), rows.shape[0], dtype=torch.int64, device=x.device)
     return rows.repeat(experts, 1), counts
 
 
-def _gmm_weight_only(backend, spec: LinearSpec, t: dict, x: torch.Tensor) -> torch.Tensor:
+def _gmm_weight_only(backend, spec: LinearSpec, t: dict, x: torch.Tensor, group_list=None) -> torch.Tensor:
     """``npu_grouped_matmul`` antiquant (W4A16/W8A16 MoE): ``W = (w + antiquant_offset) * antiquant_scale``.
     A symmetric stack gets a zero offset, as vLLM-Ascend passes one (npu_loaders.md §6.3)."""
     experts = spec.num_experts
@@ -300,16 +320,16 @@ def _gmm_weight_only(backend, spec: LinearSpec, t: dict, x: torch.Tensor) -> tor
     bias = t.get("bias")
     if bias is not None:
         bias = bias.to(torch.float32 if x.dtype == torch.bfloat16 else x.dtype)
-    rows, counts = _moe_rows(x, experts)
+    rows, counts = _moe_rows(x, experts, group_list)
     y = backend.npu_grouped_matmul(
         [rows], [t["weight"]], antiquant_scale=[scale], antiquant_offset=[offset],
         bias=None if bias is None else [bias], group_list=counts,
         split_item=2, group_type=0, group_list_type=1, output_dtype=x.dtype,
     )[0]
-    return y.reshape(experts, *x.shape[:-1], -1)
+    return y if group_list is not None else y.reshape(experts, *x.shape[:-1], -1)
 
 
-def _gmm_w8a8_dynamic(backend, spec: LinearSpec, t: dict, x: torch.Tensor):
+def _gmm_w8a8_dynamic(backend, spec: LinearSpec, t: dict, x: torch.Tensor, group_list=None):
     """``npu_dynamic_quant`` + ``npu_grouped_matmul`` int8 × int8 with per-token scales (W8A8_DYNAMIC MoE).
     The weight scale goes in the activation dtype for bf16 (vLLM-Ascend casts ``w13_scale_fp32`` to the
     params dtype; a bf16 scale gives bf16 output, torch_npu_ops.md §6.1), float32 otherwise."""
@@ -320,11 +340,13 @@ def _gmm_w8a8_dynamic(backend, spec: LinearSpec, t: dict, x: torch.Tensor):
     if x.dtype == torch.bfloat16:
         scale = scale.to(torch.bfloat16)
     bias = t.get("bias")
-    rows, counts = _moe_rows(x_q, experts)
+    rows, counts = _moe_rows(x_q, experts, group_list)
     y = backend.npu_grouped_matmul(
-        [rows], [t["weight"]], scale=[scale], per_token_scale=[x_scale.repeat(experts)],
+        [rows], [t["weight"]], scale=[scale], per_token_scale=[x_scale if group_list is not None else x_scale.repeat(experts)],
         bias=None if bias is None else [bias.float()], group_list=counts,
         split_item=2, group_type=0, group_list_type=1, output_dtype=x.dtype,
     )[0]
     x_effective = (x_q.double() * x_scale.double().unsqueeze(-1)).reshape(*x.shape[:-1], k)
+    if group_list is not None:
+        return y, x_effective
     return y.reshape(experts, *x.shape[:-1], -1), x_effective
