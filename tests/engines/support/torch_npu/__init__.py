@@ -93,6 +93,12 @@ npu = _module(
     get_device_name=lambda *a, **k: "Ascend910B1 (fake)",
     get_device_properties=lambda *a, **k: types.SimpleNamespace(name="Ascend910B1 (fake)", total_memory=1 << 34),
     utils=types.SimpleNamespace(),
+    _is_in_bad_fork=lambda: False,
+    manual_seed=lambda *a, **k: None,
+    manual_seed_all=lambda *a, **k: None,
+    seed=lambda *a, **k: None,
+    _lazy_init=lambda: None,
+    is_bf16_supported=lambda *a, **k: True,
 )
 _C = _module("torch_npu._C")
 _module("torch_npu._C._distributed_c10d", ProcessGroupHCCL=type("ProcessGroupHCCL", (), {"Options": type("Options", (), {})}))
