@@ -1,4 +1,4 @@
-"""One engine test case, run INSIDE the vLLM venv (``python vllm_case.py OUT FIXTURE TP RESULT.json``).
+"""Engine test cases, run INSIDE the vLLM venv: ``python vllm_case.py TP RESULT.json OUT=FIXTURE ...``.
 
 vLLM 0.23.0 + vLLM-Ascend 0.23.0.post1, unmodified, on the emulated ``torch_npu`` (tests/engines/support):
 the plugin is loaded through vLLM's own ``load_general_plugins`` (entry point ``vllm.general_plugins``),
@@ -9,7 +9,7 @@ their own ``weight_loader``s with the model's own name mapping (``stacked_params
 ``FusedMoE.make_expert_params_mapping``), processed, and run. Every layer's output is compared with
 ``x_effective @ dequant(source)ᵀ (+ bias)`` in float64 (``reference_dequant.safetensors``: the writing
 tool's own dequantization). Stubbed: only infrastructure (tests/engines/support/torch_npu).
-Rank 0 writes ``{layer: {rel_l2, cosine}}`` or ``{"refused": {layer: reason}}`` to RESULT.json.
+Rank 0 writes ``{fixture: {"layers": {layer: {rel_l2, cosine, class, method}}, "refused": {layer: reason}}}``.
 """
 
 from __future__ import annotations
@@ -23,17 +23,61 @@ import torch
 import torch.distributed as dist
 
 
-def main(out: str, fixture: str, tp: int, result: str) -> None:
+def main(tp: int, result: str, cases: list[str]) -> None:
     port = 29500 + (os.getpid() % 2000)
     ctx = torch.multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=rank_main, args=(r, tp, port, out, fixture, result)) for r in range(1, tp)]
+    procs = [ctx.Process(target=rank_main, args=(r, tp, port, cases, result)) for r in range(1, tp)]
     for p in procs:
         p.start()
-    rank_main(0, tp, port, out, fixture, result)
+    rank_main(0, tp, port, cases, result)
     for p in procs:
-        p.join(120)
+        p.join(300)
         if p.exitcode != 0:
             raise SystemExit(f"rank exited with {p.exitcode}")
+
+
+def model_config(out: str):
+    """vLLM's own config code for the served model (``vllm serve OUT``): ``quant_method: npuconv`` in
+    config.json must resolve to npuconv's method with no flag (``_verify_quantization`` on NPUPlatform)."""
+    from vllm.config import ModelConfig, VllmConfig, set_current_vllm_config
+
+    vllm_config = VllmConfig(model_config=ModelConfig(model=out, dtype="bfloat16", enforce_eager=True))
+    assert vllm_config.model_config.quantization == "npuconv", vllm_config.model_config.quantization
+    global _CONFIG_CONTEXT  # held for the whole case, as a worker does (a dropped one resets the config)
+    _CONFIG_CONTEXT = set_current_vllm_config(vllm_config)
+    _CONFIG_CONTEXT.__enter__()
+    return vllm_config
+
+
+def emulate_routing_op() -> None:
+    """``_C_ascend::moe_gating_top_k`` (vLLM-Ascend's compiled expert-selection kernel, not built on CPU):
+    a plain-torch emulation, infrastructure like the fake torch_npu (routing is not under test; the
+    reference routes with its own softmax/top-k). Single group only."""
+    import torch.library
+
+    lib = torch.library.Library("_C_ascend", "FRAGMENT")
+    lib.define(
+        "moe_gating_top_k(Tensor x, *, int k, int k_group, int group_count, int group_select_mode, int renorm, "
+        "int norm_type, bool out_flag, float routed_scaling_factor=1.0, float eps=1e-20, Tensor? bias_opt=None) "
+        "-> (Tensor, Tensor, Tensor)"
+    )
+
+    def impl(x, *, k, k_group, group_count, group_select_mode, renorm, norm_type, out_flag,
+             routed_scaling_factor=1.0, eps=1e-20, bias_opt=None):
+        assert group_count == 1 and bias_opt is None, "emulated for one expert group without bias only"
+        logits = x.float()
+        if norm_type == 0:
+            scores = torch.softmax(logits, dim=-1)
+        else:
+            scores = torch.sigmoid(logits)
+        weights, ids = torch.topk(scores, k, dim=-1)
+        if renorm:
+            weights = weights / (weights.sum(-1, keepdim=True) + eps)
+        return (weights * routed_scaling_factor).to(x.dtype), ids.to(torch.int32), scores
+
+    lib.impl("moe_gating_top_k", impl, "CPU")
+    global _ROUTING_LIB
+    _ROUTING_LIB = lib
 
 
 def setup(rank: int, tp: int, port: int, out: str):
@@ -44,30 +88,36 @@ def setup(rank: int, tp: int, port: int, out: str):
     platform = type(current_platform)
     assert platform.__name__ == "NPUPlatform", f"vLLM-Ascend platform not active: {platform}"
     platform.dispatch_key = "CPU"  # vLLM's custom ops (vllm::all_reduce) dispatch on CPU tensors
-    from vllm.config import ModelConfig, VllmConfig, set_current_vllm_config
     from vllm.distributed import parallel_state as ps
     from vllm.plugins import load_general_plugins
 
     load_general_plugins()  # vLLM's own plugin loading: finds npuconv's entry point
-    # vLLM's own config code resolves quant_method "npuconv" (verify_quantization on the NPU platform)
-    vllm_config = VllmConfig(model_config=ModelConfig(model=out, dtype="bfloat16", enforce_eager=True))
-    assert vllm_config.model_config.quantization == "npuconv", vllm_config.model_config.quantization
+    emulate_routing_op()
+    vllm_config = model_config(out)
     from vllm_ascend.ascend_config import init_ascend_config
     from vllm_ascend.utils import register_ascend_customop
 
-    global _CONFIG_CONTEXT  # held for the whole process, as a worker does (a dropped one resets the config)
-    _CONFIG_CONTEXT = set_current_vllm_config(vllm_config)
-    _CONFIG_CONTEXT.__enter__()
     init_ascend_config(vllm_config)
     register_ascend_customop(vllm_config)
     ps.init_distributed_environment(tp, rank, f"tcp://127.0.0.1:{port}", rank, "gloo")
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, backend="gloo")
-    return vllm_config
 
 
-def rank_main(rank: int, tp: int, port: int, out: str, fixture: str, result: str) -> None:
-    sys.path[:0] = [p for p in os.environ.get("NPUCONV_CASE_PATH", "").split(os.pathsep) if p]
-    setup(rank, tp, port, out)
+def rank_main(rank: int, tp: int, port: int, cases: list[str], result: str) -> None:
+    setup(rank, tp, port, cases[0].split("=")[0])
+    report = {}
+    for i, case in enumerate(cases):
+        out, fixture = case.split("=")
+        if i:
+            model_config(out)
+        report[os.path.basename(fixture)] = run_case(out, fixture, rank, tp)
+    if rank == 0:
+        with open(result, "w") as f:
+            json.dump(report, f, indent=1)
+    dist.barrier()
+
+
+def run_case(out: str, fixture: str, rank: int, tp: int) -> dict:
     from safetensors.torch import load_file
 
     from npuconv.engines import layers as core
@@ -83,24 +133,20 @@ def rank_main(rank: int, tp: int, port: int, out: str, fixture: str, result: str
     records: dict[str, list] = {}
     core.OBSERVERS[:] = [lambda name, x, y, xe: records.setdefault(name, []).append(xe)]
     report: dict = {"layers": {}, "refused": {}}
-    if True:
-        for name, check in build_layers(hf, quant, tp, rank):
-            try:
-                module = check.build()
-                load(module, check, stored)
-                module.quant_method.process_weights_after_loading(module)
-            except Exception as e:  # noqa: BLE001 - refusals are reported, everything else re-raised below
-                if type(e).__name__ != "InputError":
-                    raise
-                report["refused"][name] = str(e)
-                continue
-            records.clear()
-            report["layers"][name] = {**check.run(module, ref, stored, records, rank, tp), "class": type(module).__name__,
-                                      "method": type(module.quant_method).__name__}
-    if rank == 0:
-        with open(result, "w") as f:
-            json.dump(report, f, indent=1)
-    dist.barrier()
+    for name, check in build_layers(hf, quant, tp, rank):
+        try:
+            module = check.build()
+            load(module, check, stored)
+            module.quant_method.process_weights_after_loading(module)
+        except Exception as e:  # noqa: BLE001 - refusals are reported, everything else re-raised
+            if type(e).__name__ != "InputError":
+                raise
+            report["refused"][name] = str(e)
+            continue
+        records.clear()
+        report["layers"][name] = {**check.run(module, ref, stored, records, rank, tp), "class": type(module).__name__,
+                                  "method": type(module.quant_method).__name__}
+    return report
 
 
 # ---------------------------------------------------------------------------- layers of the tiny models
@@ -159,7 +205,7 @@ class MoECheck:
             layer=module, x=x, router_logits=router_logits, top_k=self.kwargs["top_k"],
             renormalize=self.kwargs["renormalize"], num_experts=self.kwargs["num_experts"],
         )
-        y = result.routed_out.double()
+        y = result.routed_out.detach().double()
         dist.all_reduce(y)
         want = reference_moe(x, router_logits, ref, self.prefix, self.leaves, self.kwargs)
         return metrics(y, want)
@@ -183,7 +229,7 @@ def reference_moe(x, logits, ref, prefix, leaves, kw):
 
 
 def metrics(y, want) -> dict:
-    y, want = y.double(), want.double()
+    y, want = y.detach().double(), want.detach().double()
     rel = float((y - want).norm() / want.norm())
     cos = float(torch.nn.functional.cosine_similarity(y.flatten(), want.flatten(), dim=0))
     return {"rel_l2": rel, "cosine": cos}
@@ -205,16 +251,18 @@ def build_layers(hf, quant, tp, rank):
         RowParallelLinear, {"input_size": heads * head_dim, "output_size": hf.hidden_size, "bias": False, **common},
         f"{p}.self_attn.o_proj", [f"{p}.self_attn.o_proj"], [None], "row")
     moe = getattr(hf, "num_experts", None) or getattr(hf, "num_local_experts", None)
+    mlp, inter = f"{p}.mlp", getattr(hf, "intermediate_size", 0)
     if moe:
         yield from moe_layers(hf, quant, p, moe)
-        return
-    inter = hf.intermediate_size
+        if not getattr(hf, "shared_expert_intermediate_size", 0):
+            return
+        mlp, inter = f"{p}.mlp.shared_expert", hf.shared_expert_intermediate_size
     yield "gate_up_proj", LinearCheck(
         MergedColumnParallelLinear, {"input_size": hf.hidden_size, "output_sizes": [inter, inter], "bias": False, **common},
-        f"{p}.mlp.gate_up_proj", [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], [0, 1], "column")
+        f"{mlp}.gate_up_proj", [f"{mlp}.gate_proj", f"{mlp}.up_proj"], [0, 1], "column")
     yield "down_proj", LinearCheck(
         RowParallelLinear, {"input_size": inter, "output_size": hf.hidden_size, "bias": False, **common},
-        f"{p}.mlp.down_proj", [f"{p}.mlp.down_proj"], [None], "row")
+        f"{mlp}.down_proj", [f"{mlp}.down_proj"], [None], "row")
 
 
 def moe_layers(hf, quant, p, experts):
@@ -227,7 +275,7 @@ def moe_layers(hf, quant, p, experts):
         prefix, leaves, gate = f"{p}.mlp.experts", ("gate_proj", "up_proj", "down_proj"), f"{p}.mlp.gate.weight"
         inter, renorm, top_k = hf.moe_intermediate_size, bool(hf.norm_topk_prob), hf.num_experts_per_tok
     kwargs = {"num_experts": experts, "top_k": top_k, "hidden_size": hf.hidden_size, "intermediate_size": inter,
-              "reduce_results": False, "renormalize": renorm, "quant_config": quant}
+              "renormalize": renorm, "quant_config": quant}
     yield "experts", MoECheck(FusedMoE, kwargs, prefix, leaves, gate)
 
 
@@ -246,7 +294,7 @@ def load(module, check, stored):
         )
         for param_name, weight_name, expert_id, shard_id in mapping:
             # npuconv stores experts stacked: <prefix>.<leaf>.<role> [E, ...] → expert e's slice
-            leaf = weight_name.split(".")[1]
+            leaf = weight_name.split(".")[2]  # "experts.<e>.<leaf>."
             for key, tensor in stored.items():
                 if not key.startswith(f"{check.prefix}.{leaf}."):
                     continue
@@ -269,4 +317,4 @@ def load(module, check, stored):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4])
+    main(int(sys.argv[1]), sys.argv[2], sys.argv[3:])
