@@ -95,7 +95,7 @@ def bench_convert(fmt: str, work: Path, scale: float, workers: int, repeats: int
 
 
 def max_tensor_bytes(path: Path) -> int:
-    from npuconv.checkpoint import Checkpoint
+    from npuconv.io.checkpoint import Checkpoint
 
     return max(info.nbytes for info in Checkpoint(path).tensors.values())
 

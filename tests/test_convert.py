@@ -17,7 +17,7 @@ from conftest import ALL_FIXTURES, FIXTURES, load_reference
 from npuconv.cli import cli
 from npuconv.convert import ConvertOptions, convert
 from npuconv.errors import UnsupportedError
-from npuconv.safetensors_io import read_header, read_tensor
+from npuconv.io.safetensors_io import read_header, read_tensor
 from npuconv.writers import WriterOptions
 
 NPU_TARGETS = {
@@ -168,7 +168,7 @@ def test_asymmetric_offset_sign_is_eight_minus_zero(tmp_path):
     convert(FIXTURES / "gptq_v2_b4_g32_asym", out, ConvertOptions("npu-int4"))
     layer = json.loads((out / "npuconv.json").read_text())["layers"]["model.layers.0.mlp.down_proj"]
     offset = read_all(out)[layer["tensors"]["antiquant_offset"]["name"]]
-    from npuconv.checkpoint import Checkpoint
+    from npuconv.io.checkpoint import Checkpoint
     from npuconv.readers import open_reader
 
     reader = open_reader(Checkpoint(FIXTURES / "gptq_v2_b4_g32_asym"))

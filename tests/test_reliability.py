@@ -44,13 +44,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import FIXTURES
-from npuconv.checkpoint import Checkpoint
+from npuconv.io.checkpoint import Checkpoint
 from npuconv.cli import cli
 from npuconv.convert import ConvertOptions, convert, make_plan
 from npuconv.errors import NpuconvError
 from npuconv.inspect import inspect_checkpoint
 from npuconv.packing import pack_bitstream
-from npuconv.safetensors_io import read_header, read_tensor, save_file
+from npuconv.io.safetensors_io import read_header, read_tensor, save_file
 
 GPTQ = "gptq_v1_b4_g32_sym"
 GPTQ_ACT = "gptq_v1_b4_g64_asym_descact"

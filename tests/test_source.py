@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from conftest import FIXTURES
-from npuconv.source import split_repo_id
+from npuconv.io.source import split_repo_id
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

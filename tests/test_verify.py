@@ -19,7 +19,7 @@ from npuconv import layouts
 from npuconv.cli import cli
 from npuconv.convert import ConvertOptions, convert
 from npuconv.errors import VerificationFailed
-from npuconv.safetensors_io import read_header, read_tensor, save_file
+from npuconv.io.safetensors_io import read_header, read_tensor, save_file
 from npuconv.verify import VerifyOptions, verify
 from npuconv.writers import WriterOptions
 from test_convert import CASES

@@ -17,12 +17,12 @@ from click.testing import CliRunner
 
 import npuconv
 from conftest import FIXTURES
-from npuconv.checkpoint import Checkpoint
+from npuconv.io.checkpoint import Checkpoint
 from npuconv.cli import cli
 from npuconv.convert import ConvertOptions, convert
 from npuconv.errors import InputError
-from npuconv.fingerprint import check_output, source_fingerprint
-from npuconv.safetensors_io import read_header
+from npuconv.io.fingerprint import check_output, source_fingerprint
+from npuconv.io.safetensors_io import read_header
 from npuconv.zoo import ZooFileError, load_zoo, parse_shard, select_shard
 
 SOURCES = {  # entry name → (fixture, target)

@@ -116,7 +116,7 @@ def inspect_command(model: str, show_layers: bool, as_json: bool, quiet: bool) -
       npuconv inspect TheBloke/Llama-2-7B-GPTQ@main --json | jq .layers[0]
     """
     from npuconv.inspect import inspect_checkpoint
-    from npuconv.source import open_source
+    from npuconv.io.source import open_source
 
     report = inspect_checkpoint(open_source(model))
     if as_json:
@@ -190,9 +190,9 @@ def _distinct(values) -> str:
 
 # ------------------------------------------------------------------------------------- convert
 def _target_help() -> str:
-    from npuconv.writers.targets import TARGETS
+    from npuconv.registry import target_names
 
-    return "Target layout: " + ", ".join(TARGETS) + " (see README / docs/layouts.md)."
+    return "Target layout: " + ", ".join(target_names()) + " (see README / docs/layouts.md)."
 
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -229,10 +229,11 @@ def convert_command(model, out, target, dtype, nz, mx_layout, max_shard_size, wo
     import torch
 
     from npuconv.convert import ConvertOptions, convert
-    from npuconv.output import parse_size
-    from npuconv.writers import WriterOptions, writer_class
+    from npuconv.io.output import parse_size
+    from npuconv.registry import target_class
+    from npuconv.writers import WriterOptions
 
-    writer_class(target)  # validate the target before any I/O
+    target_class(target)  # validate the target before any I/O
     options = ConvertOptions(
         target=target,
         writer=WriterOptions(dtype=getattr(torch, dtype) if dtype else None, nz=nz, mx_layout=mx_layout),
@@ -509,35 +510,14 @@ def _write_report(path: str, report: dict) -> None:
         raise OutputError(f"--report {path}: cannot write: {e.strerror or e}") from None
 
 
-MMAP_THRESHOLD = 64 << 20
-
-
 def _terminate(signum, _frame) -> None:
     raise SystemExit(128 + signum)
 
 
-def tune_allocator() -> None:
-    """Let glibc recycle large tensor buffers instead of mmap'ing (and page-faulting) fresh ones.
-
-    Conversion allocates and frees the same few large buffers for every layer; with glibc's
-    default 128 KiB-ish mmap threshold each one is a fresh mapping whose pages fault in on first
-    touch, which costs more than the repack itself (measured ~2x on repack throughput, see
-    benchmarks/RESULTS.md). Buffers of 64 MiB and more (embeddings, huge experts) still get their own
-    mappings and are returned at once, so peak RSS stays bounded by the tensors in flight. No-op off glibc.
-    """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD)  # buffers below this are recycled from the heap
-    libc.mallopt(m_trim_threshold, 2 * MMAP_THRESHOLD)  # keep up to this much freed heap for reuse
-
-
 def main() -> None:
     """Console-script entry point."""
+    from npuconv.memory import tune_allocator
+
     tune_allocator()
     # SIGTERM (kill, timeout, container stop) unwinds like Ctrl-C, so the temporary output is removed
     signal.signal(signal.SIGTERM, _terminate)

@@ -7,7 +7,7 @@ Library API (the CLI is a thin shell over it)::
 
 Order of work: open and detect the source, plan every layer with the writer (kernel limits are
 checked here, before anything is written), split into shards, then stream layer by layer into a
-temporary directory that is renamed onto OUT at the end (see :mod:`npuconv.output`).
+temporary directory that is renamed onto OUT at the end (see :mod:`npuconv.io.output`).
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from typing import Callable
 import torch
 
 import npuconv
-from npuconv.checkpoint import Checkpoint
+from npuconv.io.checkpoint import Checkpoint, config_dtype
 from npuconv.errors import InputError, OutputError, UnsupportedError
-from npuconv.fingerprint import source_fingerprint
+from npuconv.io.fingerprint import source_fingerprint
 from npuconv.model import LinearSpec, spec_to_dict
-from npuconv.output import (
+from npuconv.io.output import (
     DEFAULT_MAX_SHARD,
     MANIFEST,
     AtomicDirectory,
@@ -39,8 +39,9 @@ from npuconv.output import (
 )
 from npuconv.readers import open_reader
 from npuconv.readers.base import Reader
-from npuconv.source import open_source
-from npuconv.writers import Writer, WriterOptions, writer_class
+from npuconv.registry import get_target
+from npuconv.io.source import open_source
+from npuconv.writers import Target, WriterOptions
 
 
 
@@ -59,7 +60,7 @@ class ConvertOptions:
 class ConversionPlan:
     checkpoint: Checkpoint
     reader: Reader
-    writer: Writer
+    writer: Target
     layers: list[LinearSpec]
     shards: list[Shard]
 
@@ -72,9 +73,10 @@ class ConversionPlan:
         return {
             "source": self.checkpoint.source_id,
             "source_format": self.reader.format,
-            "target": self.writer.target,
+            "target": self.writer.name,
             "layers": [
-                {"name": s.name, "scheme": s.scheme, **self.writer.layer_manifest(s)} for s in self.layers
+                {"name": s.name, "scheme": s.scheme, **self.writer.layer_manifest(s), **self.reader.layer_report(s)}
+                for s in self.layers
             ],
             "shards": [
                 {"file": s.filename, "bytes": s.nbytes, "tensors": len(s.plans)} for s in self.shards
@@ -90,16 +92,15 @@ def make_plan(checkpoint: Checkpoint, options: ConvertOptions) -> ConversionPlan
     writer_options = options.writer
     if writer_options.model_dtype is None:
         writer_options = replace(writer_options, model_dtype=config_dtype(checkpoint.config))
-    writer = writer_class(options.target)(writer_options)
-    prepare = getattr(reader, "prepare_for_target", None)
-    if prepare is not None:  # float sources: offline quantization for targets that have a recipe
-        prepare(writer.target)
+    writer = get_target(options.target, writer_options)
+    if writer.offline_recipe is not None:  # float sources: offline quantization (others ignore it)
+        reader.quantize_float_linears(writer.offline_recipe)
     layers = reader.linear_specs()
     units: list[Unit] = []
     for spec in layers:
-        reason = writer.unsupported_reason(spec)
+        reason = writer.accepts(spec)
         if reason:
-            raise UnsupportedError(f"layer '{spec.name}' ({spec.scheme}) cannot be written as {writer.target}: {reason}")
+            raise UnsupportedError(f"layer '{spec.name}' ({spec.scheme}) cannot be written as {writer.name}: {reason}")
         units.append(Unit(writer.plan_layer(spec), _layer_producer(reader, writer, spec), spec.name))
     for name in reader.passthrough_names():
         info = checkpoint.info(name)
@@ -172,12 +173,12 @@ def _finish_output(directory: Path, checkpoint: Checkpoint, plan: ConversionPlan
 def build_manifest(plan: ConversionPlan, options: ConvertOptions, digests: dict[str, str]) -> dict:
     """``npuconv.json``: what was converted, how, and a checksum of every shard.
 
-    ``source_fingerprint`` (see :mod:`npuconv.fingerprint`) together with ``npuconv_version``,
+    ``source_fingerprint`` (see :mod:`npuconv.io.fingerprint`) together with ``npuconv_version``,
     ``target`` and ``options`` is what ``npuconv zoo`` compares to skip an up-to-date output.
     """
     return {
         "npuconv_version": npuconv.__version__,
-        "target": plan.writer.target,
+        "target": plan.writer.name,
         "source": {
             "id": plan.checkpoint.source_id,
             "revision": plan.checkpoint.revision,
@@ -187,7 +188,8 @@ def build_manifest(plan: ConversionPlan, options: ConvertOptions, digests: dict[
         "source_fingerprint": source_fingerprint(plan.checkpoint, options.hash_source),
         "options": manifest_options(options),
         "layers": {
-            spec.name: {**plan.writer.layer_manifest(spec), "spec": spec_to_dict(spec)} for spec in plan.layers
+            spec.name: {**plan.writer.layer_manifest(spec), **plan.reader.layer_report(spec), "spec": spec_to_dict(spec)}
+            for spec in plan.layers
         },
         "shards": digests,
     }
@@ -204,23 +206,14 @@ def manifest_options(options: ConvertOptions) -> dict:
     }
 
 
-def config_dtype(config: dict) -> torch.dtype | None:
-    """The model's activation dtype from config.json (``torch_dtype`` or transformers 5 ``dtype``)."""
-    name = config.get("torch_dtype") or config.get("dtype")
-    if not name and isinstance(config.get("text_config"), dict):
-        name = config["text_config"].get("torch_dtype") or config["text_config"].get("dtype")
-    dtype = getattr(torch, str(name), None) if name else None
-    return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else None
-
-
-def _layer_producer(reader: Reader, writer: Writer, spec: LinearSpec):
+def _layer_producer(reader: Reader, writer: Target, spec: LinearSpec):
     def produce() -> dict[str, torch.Tensor]:
         return writer.write_layer(reader.load(spec))
 
     return produce
 
 
-def _passthrough_producer(checkpoint: Checkpoint, writer: Writer, name: str):
+def _passthrough_producer(checkpoint: Checkpoint, writer: Target, name: str):
     def produce() -> dict[str, torch.Tensor]:
         return {name: writer.write_passthrough(name, checkpoint.get(name))}
 

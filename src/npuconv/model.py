@@ -15,7 +15,8 @@ One rule dequantizes every layer::
   symmetric, i.e. ``2**(bits-1)`` for integer codes and ``0`` for float codes. So a signed code
   ``s`` (compressed-tensors, msModelSlim) is stored as ``s + 2**(bits-1)``.
 - ``scale``: ``[..., N, G]`` float (fp16/bf16/fp32 exactly as the source stores it), or ``uint8``
-  E8M0 exponents (``2**(byte-127)``) for MX formats. ``global_scale`` (NVFP4) divides the scale:
+  E8M0 exponents (``2**(byte-127)``) for MX formats. Every FP4 / E8M0 decode here is
+  :mod:`npuconv.layouts`' (one rule, with its switches such as ``E8M0_BYTE0_IS_ZERO``). ``global_scale`` (NVFP4) divides the scale:
   the effective scale is ``scale.float() / global_scale`` (that order, fp32, as compressed-tensors).
 
 How each source format maps onto this rule is documented in its reader module.
@@ -27,14 +28,14 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from npuconv import layouts
+
 INT = "int"
 FP8_E4M3 = "fp8_e4m3"
 FP4_E2M1 = "fp4_e2m1"
 
 SCALE_FLOAT = "float"
 SCALE_E8M0 = "e8m0"
-
-E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,7 @@ class QuantizedLinear:
     def effective_scale(self) -> torch.Tensor:
         """The float32 scale ``[..., N, G]`` applied to ``code - zero``."""
         if self.spec.scale_format == SCALE_E8M0:
-            return decode_e8m0(self.scale)
+            return layouts.e8m0_decode(self.scale)
         scale = self.scale.float()
         if self.global_scale is not None:
             scale = scale / self.global_scale.float().reshape(*self.spec.batch_shape, 1, 1)
@@ -159,21 +160,14 @@ class QuantizedLinear:
 
 
 def decode_codes(codes: torch.Tensor, weight_format: str) -> torch.Tensor:
-    """float32 values of canonical codes (unsigned ints, FP8 e4m3, or E2M1 nibbles)."""
+    """float32 values of canonical codes (unsigned ints, FP8 e4m3, or E2M1 nibbles: :func:`layouts.fp4_decode`)."""
     if weight_format == INT:
         return codes.float()
     if weight_format == FP8_E4M3:
         return codes.float()
     if weight_format == FP4_E2M1:
-        return E2M1_VALUES.to(codes.device)[codes.long()]
+        return layouts.fp4_decode(codes)
     raise ValueError(f"unknown weight format {weight_format!r}")
-
-
-def decode_e8m0(scale: torch.Tensor) -> torch.Tensor:
-    """E8M0 bytes → float32 ``2**(byte - 127)``; byte 255 → NaN. (Byte 0 → 2**-127, the OCP value.)"""
-    exponent = scale.to(torch.int32) - 127
-    values = torch.ldexp(torch.ones_like(exponent, dtype=torch.float32), exponent)
-    return torch.where(scale == 255, torch.full_like(values, float("nan")), values)
 
 
 DEQUANT_CHUNK_ELEMENTS = 1 << 22  # float32 temporaries per chunk of output rows (16 MiB each)

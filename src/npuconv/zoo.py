@@ -44,9 +44,9 @@ from typing import Callable
 
 import npuconv
 from npuconv.errors import InputError, NpuconvError
-from npuconv.fingerprint import check_output
-from npuconv.source import looks_like_hub_id
-from npuconv.output import DEFAULT_MAX_SHARD, MANIFEST
+from npuconv.io.fingerprint import check_output
+from npuconv.io.source import looks_like_hub_id
+from npuconv.io.output import DEFAULT_MAX_SHARD, MANIFEST
 
 ENTRY_ONLY_KEYS = ("source", "output", "name")
 OPTION_KEYS = ("target", "nz", "dtype", "mx_layout", "max_shard_size", "verify")
@@ -102,8 +102,8 @@ def _toml_module():
 
 def load_zoo(path: str | Path) -> list[ZooEntry]:
     """Parse and validate a zoo file; every problem is a one-line :class:`ZooFileError`."""
-    from npuconv.output import parse_size
-    from npuconv.writers import TARGETS
+    from npuconv.io.output import parse_size
+    from npuconv.registry import target_names
 
     path = Path(path)
     tomllib = _toml_module()
@@ -148,7 +148,7 @@ def load_zoo(path: str | Path) -> list[ZooEntry]:
 
         source_text = get("source", str, required=True)
         output_text = get("output", str, required=True)
-        target = get("target", str, required=True, choices=tuple(sorted(TARGETS)))
+        target = get("target", str, required=True, choices=tuple(sorted(target_names())))
         if not source_text.strip() or not output_text.strip():
             raise ZooFileError(f"{path}: {where}: 'source' and 'output' must not be empty")
         local = base / Path(source_text).expanduser()
@@ -324,11 +324,9 @@ def _worker(entry: ZooEntry, force: bool, env: dict, threads: int | None, conn) 
     """Body of a worker process: run one entry and send its result back."""
     os.environ.clear()
     os.environ.update(env)  # the zoo command's environment now, not the forkserver's at its start
-    from npuconv import cli
+    from npuconv.memory import tune_allocator
 
-    tune = getattr(cli, "tune_allocator", None)  # what `npuconv convert` does at start (glibc only)
-    if callable(tune):
-        tune()
+    tune_allocator()  # what `npuconv convert` does at start (glibc only)
     if threads:
         import torch
 

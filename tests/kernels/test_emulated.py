@@ -32,7 +32,7 @@ def t(values, dtype, dev):
 def test_backend_names(dev):
     backend = get_backend(dev)
     assert backend.name == f"emulated-{dev}" and backend.emulated
-    assert backend.npu_quant_matmul is E.npu_quant_matmul
+    assert backend.ops.npu_quant_matmul is E.npu_quant_matmul
 
 
 # ---------------------------------------------------------------- npu_dynamic_quant (ops §5.1)

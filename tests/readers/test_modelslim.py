@@ -20,12 +20,12 @@ from conftest import load_reference, open_fixture
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from npuconv.checkpoint import Checkpoint
+from npuconv.io.checkpoint import Checkpoint
 from npuconv.errors import InputError, UnsupportedError
 from npuconv.model import FP4_E2M1, FP8_E4M3, INT, SCALE_E8M0, SCALE_FLOAT, dequantize
 from npuconv.readers import open_reader
 from npuconv.readers.modelslim import ModelSlimReader, decode_deq_scale
-from npuconv.safetensors_io import save_file
+from npuconv.io.safetensors_io import save_file
 
 P = "model.layers.0.mlp.down_proj"
 

@@ -23,7 +23,7 @@ import torch
 from click.testing import CliRunner
 from conftest import ALL_FIXTURES, FIXTURES, load_reference
 
-from npuconv.checkpoint import Checkpoint
+from npuconv.io.checkpoint import Checkpoint
 from npuconv.cli import cli
 from npuconv.convert import ConvertOptions, convert
 from npuconv.errors import UnsupportedError
@@ -39,10 +39,12 @@ from npuconv.model import (
 )
 from npuconv.readers import open_reader
 from npuconv.readers.modelslim import DESCRIPTION, ModelSlimReader, decode_deq_scale
-from npuconv.safetensors_io import TensorInfo, read_header, read_tensor, save_file
+from npuconv.io.safetensors_io import TensorInfo, read_header, read_tensor, save_file
 from npuconv.verify import VerifyOptions, verify
-from npuconv.writers import WriterOptions, writer_class
-from npuconv.writers.modelslim import ModelSlimWriter, compute_scale_bias, fused_group
+from npuconv.registry import target_class
+from npuconv.writers import WriterOptions
+from npuconv.modelslim_schema import fused_group
+from npuconv.writers.modelslim import ModelSlimTarget, compute_scale_bias
 
 # fixture → msModelSlim type of every layer
 EXPECTED = {
@@ -113,8 +115,8 @@ def test_every_fixture_is_classified():
 
 
 def test_registered():
-    assert writer_class("modelslim") is ModelSlimWriter
-    assert ModelSlimWriter.weight_prefix == "quant_model_weights"
+    assert target_class("modelslim") is ModelSlimTarget
+    assert ModelSlimTarget.weight_prefix == "quant_model_weights"
 
 
 # ------------------------------------------------------------------------------------- round trips
@@ -314,13 +316,13 @@ def fp8_layer(name, n, k, seed=0) -> QuantizedLinear:
 
 
 def write_checkpoint(root: Path, layers: list[QuantizedLinear], floats: dict[str, torch.Tensor] | None = None,
-                     model_dtype=torch.bfloat16) -> ModelSlimWriter:
+                     model_dtype=torch.bfloat16) -> ModelSlimTarget:
     """Plan and write layers the way convert does, into a one-shard msModelSlim directory."""
     root.mkdir(parents=True, exist_ok=True)
-    writer = ModelSlimWriter(WriterOptions(model_dtype=model_dtype))
+    writer = ModelSlimTarget(WriterOptions(model_dtype=model_dtype))
     tensors: dict[str, torch.Tensor] = {}
     for layer in layers:
-        assert writer.unsupported_reason(layer.spec) is None, writer.unsupported_reason(layer.spec)
+        assert writer.accepts(layer.spec) is None, writer.accepts(layer.spec)
         plans = writer.plan_layer(layer.spec)
         written = writer.write_layer(layer)
         assert [p.name for p in plans] == list(written)
@@ -536,13 +538,13 @@ def test_description_order_and_float_tensors(tmp_path):
 
 def test_update_config_removes_quantization_config():
     config = {"a": 1, "quantization_config": {"quant_method": "gptq"}, "text_config": {"b": 2, "quantization_config": {}}}
-    assert ModelSlimWriter(WriterOptions()).update_config(config, {}) == {"a": 1, "text_config": {"b": 2}}
+    assert ModelSlimTarget(WriterOptions()).update_config(config, {}) == {"a": 1, "text_config": {"b": 2}}
     assert "quantization_config" in config and "quantization_config" in config["text_config"]  # input untouched
 
 
 # ------------------------------------------------------------------------------------- summary keys
-def planned(layers: list[LinearSpec]) -> ModelSlimWriter:
-    writer = ModelSlimWriter(WriterOptions())
+def planned(layers: list[LinearSpec]) -> ModelSlimTarget:
+    writer = ModelSlimTarget(WriterOptions())
     for spec in layers:
         writer.plan_layer(spec)
     writer.plan_passthrough(TensorInfo("lm_head.weight", Path("."), torch.bfloat16, (8, 64), 0, 0))
@@ -585,13 +587,13 @@ def test_fused_groups():
 
 
 def test_mixed_types_in_a_fused_layer_are_refused():
-    writer = ModelSlimWriter(WriterOptions())
+    writer = ModelSlimTarget(WriterOptions())
     writer.plan_layer(int_layer("l.self_attn.q_proj", 16, 64, 8).spec)
     with pytest.raises(UnsupportedError, match=r"'l.self_attn.k_proj' would be W8A8_DYNAMIC but 'l.self_attn.q_proj' is W8A16"):
         writer.plan_layer(int_layer("l.self_attn.k_proj", 16, 64, 8, activation=INT8_TOKEN).spec)
     with pytest.raises(UnsupportedError, match=r"'l.self_attn.v_proj' would be FLOAT"):
         writer.plan_passthrough(TensorInfo("l.self_attn.v_proj.weight", Path("."), torch.bfloat16, (16, 64), 0, 0))
-    moe = ModelSlimWriter(WriterOptions())
+    moe = ModelSlimTarget(WriterOptions())
     moe.plan_layer(int_layer("m.experts.0.gate_proj", 16, 64, 8).spec)
     moe.plan_layer(int_layer("m.experts.0.down_proj", 16, 64, 4, activation=INT8_TOKEN).spec)  # w2 group: own type
     with pytest.raises(UnsupportedError, match="m.experts.1.up_proj"):
@@ -618,8 +620,8 @@ def test_mixed_fused_source_fails_before_writing(tmp_path):
 
 # ------------------------------------------------------------------------------------- refusals
 def test_unsupported_reasons():
-    w = ModelSlimWriter(WriterOptions())
-    reason = lambda layer: w.unsupported_reason(layer.spec)  # noqa: E731
+    w = ModelSlimTarget(WriterOptions())
+    reason = lambda layer: w.accepts(layer.spec)  # noqa: E731
     stacked = int_layer("m.q_proj", 16, 64, 8).with_spec(num_experts=4)
     assert "stacked MoE" in reason(stacked)
     assert "symmetric" in reason(int_layer("m.q_proj", 16, 64, 8, symmetric=False, activation=INT8_TOKEN))
@@ -637,8 +639,8 @@ def test_unsupported_reasons():
                    scale_dtype=torch.uint8), torch.zeros(1), torch.zeros(1)))
     fp8_static = LinearSpec("m.q_proj", 16, 64, 8, -1, True, weight_format=FP8_E4M3, scale_dtype=torch.float32,
                             activation=ActivationQuant(FP8_E4M3, 8, dynamic=False, strategy="tensor"))
-    assert "WFP8AFP8_DYNAMIC" in w.unsupported_reason(fp8_static)
-    assert w.unsupported_reason(int_layer("m.q_proj", 16, 64, 8).spec) is None
+    assert "WFP8AFP8_DYNAMIC" in w.accepts(fp8_static)
+    assert w.accepts(int_layer("m.q_proj", 16, 64, 8).spec) is None
 
 
 def test_warnings_at_plan_time(tmp_path):

@@ -35,12 +35,8 @@ import torch
 from npuconv.errors import InputError
 from npuconv.model import spec_from_dict
 
-try:  # the target API (issue 14); until it lands, the stand-in marked for replacement
-    from npuconv.registry import layer_target
-except ImportError:  # pragma: no cover - replaced when npuconv.registry exists
-    from npuconv.engines.tp_split import layer_target
-
-from npuconv.engines.tp_split import ADDITIVE, axes
+from npuconv.entries import from_storage, nd_shape_of_storage
+from npuconv.registry import layer_target
 
 MANIFEST = "npuconv.json"
 COLUMN, ROW = "column", "row"
@@ -67,13 +63,14 @@ def read_manifest(model_dir: str | Path) -> dict:
 
 @dataclass(frozen=True)
 class Param:
-    """One parameter to create: the manifest role's per-rank storage."""
+    """One parameter to create: this rank's piece of a manifest role, in the stored dtype's ND form
+    (NZ tiles undone on the host, packing kept; NZ is restored on the device after loading)."""
 
     role: str
     dtype: torch.dtype
     shape: tuple[int, ...]
-    n_axis: int | None  # storage axis holding output features (fused shards concatenate along it)
-    n_unit: int  # output features per storage index along ``n_axis`` (the engine's "packed factor")
+    n_axis: int | None  # axis holding output features (fused shards concatenate along it)
+    n_unit: int  # output features per element along ``n_axis`` (the engine's "packed factor")
     shared: bool  # no N axis: one value for the whole module (fused shards must agree)
 
 
@@ -94,12 +91,13 @@ class LinearPlan:
     spec: object = None  # this rank's (fused) spec
 
     def split(self, role: str, tensor: torch.Tensor, shard: int = 0) -> torch.Tensor:
-        """This rank's piece of checkpoint tensor ``<shards[shard]>.<role>`` (storage bytes unchanged)."""
-        entry, spec = self.entries[shard], self.specs[shard]
-        stored = entry["tensors"][role]
+        """This rank's piece of checkpoint tensor ``<shards[shard]>.<role>`` (as stored): NZ tiles undone,
+        then the target's split rule (``Target.split``; raises InputError where it is not exact)."""
+        stored = self.entries[shard]["tensors"][role]
         if list(tensor.shape) != list(stored["storage_shape"]):
             raise InputError(f"{stored['name']}: shape {list(tensor.shape)}, manifest says {stored['storage_shape']}")
-        return self.target.split(role, tensor, entry, spec, self.rank, self.world, self.parallel)
+        nd = from_storage(tensor, stored)
+        return self.target.split(role, nd, stored, self.specs[shard], self.rank, self.world, self.parallel)
 
     def check_shared(self, role: str, held: torch.Tensor, piece: torch.Tensor, shard: int) -> None:
         """A fused module holds one copy of a role without an N axis (``perm``, per-tensor input
@@ -111,28 +109,20 @@ class LinearPlan:
             )
 
     def kernel_tensors(self, loaded: dict[str, torch.Tensor], backend) -> dict[str, torch.Tensor]:
-        """Loaded parameters (by role) as the kernel takes them: NZ storage restored, nothing else.
-        A row-parallel rank other than 0 gets zero additive terms (added once, after the all-reduce)."""
+        """Loaded parameters (by role) as the kernel takes them: NZ restored (``npu_format_cast`` on an
+        NPU) where the manifest says ``nz``, nothing else."""
         from npuconv.runtime import to_backend
-        from npuconv.writers.npu_common import from_storage
 
-        out = {}
-        for role, tensor in loaded.items():
-            stored = self.entry["tensors"][role]
-            tensor = to_backend(from_storage(tensor, stored), stored, backend)
-            if self.parallel == ROW and self.rank > 0 and role in ADDITIVE:
-                tensor = torch.zeros_like(tensor)
-            out[role] = tensor
-        return out
+        return {role: to_backend(tensor, self.entry["tensors"][role], backend) for role, tensor in loaded.items()}
 
     def forward(self, backend, tensors: dict, x: torch.Tensor, **kwargs) -> torch.Tensor:
         """The layer's kernel on this rank's tensors (``Target.run``); ``x`` ``[..., K_rank]``."""
         lead = x.shape[:-1]
         rows = x.reshape(-1, x.shape[-1])
-        y, x_effective = self.target.run(backend, self.entry, self.spec, tensors, rows, tp=1, **kwargs)
+        y, x_effective = self.target.run(backend, self.entry, self.spec, tensors, rows, tp=1)
         for observe in OBSERVERS:
             observe(self.name, rows, y, x_effective)
-        return y.reshape(*lead, y.shape[-1]) if not kwargs else y
+        return y.reshape(*lead, y.shape[-1])
 
 
 def plan_linear(manifest: dict, name: str, shards: list[str] | None, parallel: str, rank: int = 0, world: int = 1) -> LinearPlan:
@@ -165,55 +155,34 @@ def _fill(plan: LinearPlan, manifest: dict) -> None:
     """Per-rank params, entry and spec of ``plan`` (pieces found by splitting meta tensors)."""
     first = plan.entries[0]
     tensors = {}
-    n_local = []
-    for entry, spec in zip(plan.entries, plan.specs):
-        n_local.append(spec.out_features // plan.world if plan.parallel == COLUMN else spec.out_features)
-    k_local = plan.specs[0].in_features // plan.world if plan.parallel == ROW else plan.specs[0].in_features
+    specs = [plan.target.split_spec(spec, plan.world, plan.parallel) for spec in plan.specs]
     for role, stored in first["tensors"].items():
         dtype = _dtype(stored["dtype"])
-        ax = axes(role, stored, plan.specs[0])
-        pieces = []
-        for shard, (entry, spec) in enumerate(zip(plan.entries, plan.specs)):
-            meta = torch.empty(entry["tensors"][role]["storage_shape"], dtype=dtype, device="meta")
-            pieces.append(_meta_split(plan, role, meta, shard))
-        if ax.n is not None:
-            piece = torch.cat(pieces, dim=ax.n) if len(pieces) > 1 else pieces[0]
-        else:
-            piece = pieces[0]
-        shared = ax.n is None
-        plan.params[role] = Param(role, dtype, tuple(piece.shape), ax.n, ax.n_unit, shared)
+        n_axis = (stored.get("split") or {}).get("n")
+        pieces = [_meta_split(plan, role, dtype, shard) for shard in range(len(plan.shards))]
+        piece = torch.cat(pieces, dim=n_axis) if n_axis is not None and len(pieces) > 1 else pieces[0]
+        n_unit = plan.target.split_unit(role, stored, plan.specs[0], n_axis, COLUMN) if n_axis is not None else 1
+        plan.params[role] = Param(role, dtype, tuple(piece.shape), n_axis, n_unit, n_axis is None)
         local = copy.deepcopy(stored)
-        local["name"] = f"{plan.name}.{role}"
-        local["storage_shape"] = list(piece.shape)
-        local["shape"] = _logical_shape(stored, plan.specs[0], sum(n_local), k_local)
+        nd = nd_shape_of_storage(stored) if stored.get("layout") == "nz" else stored["storage_shape"]
+        local.update(name=f"{plan.name}.{role}", storage_shape=list(piece.shape),
+                     shape=[p * (int(full) // int(n)) for p, full, n in zip(piece.shape, stored["shape"], nd)])
         tensors[role] = local
-    spec = replace(plan.specs[0], name=plan.name, out_features=sum(n_local), in_features=k_local)
-    plan.spec = spec
+    plan.spec = replace(specs[0], name=plan.name, out_features=sum(s.out_features for s in specs))
     plan.entry = {**{k: v for k, v in first.items() if k != "tensors"}, "tensors": tensors, "spec": None}
 
 
-def _meta_split(plan: LinearPlan, role: str, meta: torch.Tensor, shard: int) -> torch.Tensor:
-    if role == "perm" and plan.parallel == ROW and plan.world > 1:  # values are checked at load
+def _meta_split(plan: LinearPlan, role: str, dtype: torch.dtype, shard: int) -> torch.Tensor:
+    """The shape of this rank's piece, from a meta tensor of the stored ND shape."""
+    stored = plan.entries[shard]["tensors"][role]
+    shape = nd_shape_of_storage(stored) if stored.get("layout") == "nz" else stored["storage_shape"]
+    meta = torch.empty(shape, dtype=dtype, device="meta")
+    if role == "perm" and plan.parallel == ROW and plan.world > 1:  # its values are checked at load
         size = meta.shape[-1]
         if size % plan.world:
             raise InputError(f"{plan.shards[shard]}.perm: {size} input features do not split into {plan.world} ranks")
         return meta.narrow(-1, 0, size // plan.world)
-    return plan.target.split(role, meta, plan.entries[shard], plan.specs[shard], plan.rank, plan.world, plan.parallel)
-
-
-def _logical_shape(stored: dict, spec, n: int, k: int) -> list[int]:
-    """The manifest's logical shape with N → ``n`` and K (or its groups) → ``k`` of this rank."""
-    shape = list(stored["shape"])
-    lead = 1 if spec.num_experts is not None else 0
-    body = shape[lead:]
-    if len(body) == 2 and body[1] == spec.out_features:
-        groups = body[0] if body[0] != spec.in_features else None
-        body = [k if groups is None else max(1, groups * k // spec.in_features), n]
-    elif len(body) == 1 and body[0] == spec.out_features and spec.out_features > 1:
-        body = [n]
-    elif len(body) == 1 and body[0] == spec.in_features:
-        body = [k]
-    return shape[:lead] + body
+    return plan.target.split(role, meta, stored, plan.specs[shard], plan.rank, plan.world, plan.parallel)
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -252,23 +221,43 @@ def moe_forward(
     plan: ExpertsPlan, backend, t13: dict, t2: dict, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
 ) -> torch.Tensor:
     """Routed experts on this rank: ``x`` ``[T, H]``, ``topk_ids``/``topk_weights`` ``[T, k]`` → ``[T, H]``
-    (this rank's partial sum; the engine all-reduces). Tokens are sorted by expert and run through
-    ``npu_grouped_matmul`` with ``group_list`` = tokens per expert (``Target.run`` with ``group_list``),
-    gate/up → SiLU(gate)·up → down, weighted by the router and summed per token."""
+    (this rank's partial sum; the engine all-reduces). Tokens are sorted by expert; each expert's rows
+    go through gate/up → SiLU(gate)·up → down with that expert's tensors, by the target's kernel call
+    (``Target.run`` on the dense slice: ``Target.run`` has no routed ``group_list`` form yet, so this
+    is one kernel call per expert instead of one ``npu_grouped_matmul``), weighted by the router and
+    summed per token."""
     tokens, top_k = topk_ids.shape
     flat = topk_ids.reshape(-1).long()
     order = torch.argsort(flat, stable=True)
     source_rows = order // top_k
-    counts = torch.bincount(flat, minlength=plan.w13.spec.num_experts)
+    counts = torch.bincount(flat, minlength=plan.w13.spec.num_experts).tolist()
     rows = x[source_rows]
-    h = plan.w13.forward(backend, t13, rows, group_list=counts)
-    inter = h.shape[-1] // 2
-    a = torch.nn.functional.silu(h[:, :inter].float()) * h[:, inter:].float()
-    y = plan.w2.forward(backend, t2, a.to(x.dtype), group_list=counts)
+    outputs, start = [], 0
+    for e, count in enumerate(counts):
+        if count:
+            h = _expert(plan.w13, backend, t13, rows[start:start + count], e)
+            inter = h.shape[-1] // 2
+            a = torch.nn.functional.silu(h[:, :inter].float()) * h[:, inter:].float()
+            outputs.append(_expert(plan.w2, backend, t2, a.to(x.dtype), e))
+        start += count
+    y = torch.cat(outputs)
     weights = topk_weights.reshape(-1)[order].float().unsqueeze(-1)
     out = torch.zeros(tokens, y.shape[-1], dtype=torch.float32, device=x.device)
     out.index_add_(0, source_rows, y.float() * weights)
     return out.to(x.dtype)
+
+
+def _expert(plan: LinearPlan, backend, tensors: dict, x: torch.Tensor, e: int) -> torch.Tensor:
+    """Expert ``e`` of a stacked layer through the target's dense kernel call."""
+    experts = plan.spec.num_experts
+    t_e = {role: v[e] if v.dim() >= 2 and v.shape[0] == experts else v for role, v in tensors.items()}
+    entry = {**plan.entry, "tensors": {r: {**t, "shape": t["shape"][1:], "storage_shape": t["storage_shape"][1:]}
+                                       if len(t["shape"]) >= 2 and t["shape"][0] == experts else t
+                                       for r, t in plan.entry["tensors"].items()}}
+    y, x_effective = plan.target.run(backend, entry, replace(plan.spec, num_experts=None), t_e, x, tp=1)
+    for observe in OBSERVERS:
+        observe(f"{plan.name}.{e}", x, y, x_effective)
+    return y
 
 
 def npu_backend(device: torch.device | str):

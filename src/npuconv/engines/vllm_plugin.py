@@ -33,6 +33,7 @@ import torch
 from torch.nn import Parameter
 
 from npuconv.engines import layers as core
+from npuconv.entries import from_storage
 from npuconv.errors import InputError
 
 NAME = "npuconv"
@@ -245,11 +246,10 @@ class NpuconvMoEMethod(FusedMoEMethodBase):
                     raise InputError(f"{self.prefix}: expert tensor role {role!r} cannot be loaded by vLLM's FusedMoE")
                 param = Parameter(torch.empty(spec.shape, dtype=spec.dtype), requires_grad=False)
                 per_channel = len(spec.shape) == 2  # [E, N] vectors: N on axis 0 of each expert
-                nz = sub.entry["tensors"][role].get("layout") == "nz"
                 layer.register_parameter(f"{prefix}_{role}", param)
                 set_weight_attrs(param, {
                     "weight_loader": _moe_loader(sub, role, engine_loader),
-                    "is_transposed": not (per_channel or nz),  # [K, N] storage: N is the last axis
+                    "is_transposed": not per_channel,  # [K, N] / [G, N] per expert: N is the last axis
                     "quant_method": (FusedMoeWeightScaleSupported.CHANNEL if per_channel else FusedMoeWeightScaleSupported.GROUP).value,
                 })
         self.plan = plan
@@ -283,12 +283,12 @@ def _moe_loader(sub: core.LinearPlan, role: str, engine_loader):
     """vLLM's FusedMoE.weight_loader places (and shards) one expert's tensor; the piece it keeps must be
     the target's split of that tensor, else the load is refused (never served wrong)."""
     def load(param: Parameter, loaded_weight: torch.Tensor, weight_name: str, shard_id: str, expert_id: int, **kw):
-        result = engine_loader(param, loaded_weight, weight_name, shard_id, expert_id, **kw)
         shard = 1 if shard_id == "w3" else 0
         stored = sub.entries[shard]["tensors"][role]
         full = loaded_weight.reshape(1, *loaded_weight.shape).expand(sub.specs[shard].num_experts, *loaded_weight.shape)
         if list(full.shape) != stored["storage_shape"]:
             raise InputError(f"{stored['name']}: expert shape {list(loaded_weight.shape)}, manifest says {stored['storage_shape'][1:]}")
+        result = engine_loader(param, from_storage(loaded_weight, stored), weight_name, shard_id, expert_id, **kw)
         want = sub.split(role, full, shard)[0]
         ax = sub.params[role].n_axis
         held = param.data[expert_id]

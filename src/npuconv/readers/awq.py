@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
-from npuconv.checkpoint import Checkpoint
+from npuconv.io.checkpoint import Checkpoint
 from npuconv.errors import InputError, UnsupportedError
 from npuconv.model import LinearSpec, QuantizedLinear
 from npuconv.packing import awq_unpack, unpack_bitstream
@@ -115,7 +115,7 @@ class AWQConfig:
 
 class AWQReader(Reader):
     format = "awq"
-    stack_experts = True  # MoE experts → one [E, N, K] layer (npuconv.readers.experts)
+    stack_experts = True  # MoE experts → one [E, N, K] layer (npuconv.experts)
 
     def __init__(self, checkpoint: Checkpoint):
         super().__init__(checkpoint)
@@ -222,4 +222,3 @@ def _expect_shape(info, shape: tuple[int, int], what: str) -> None:
         raise InputError(f"tensor '{info.name}': shape {list(info.shape)}, expected {list(shape)} ({what})")
 
 
-READER = AWQReader

@@ -7,10 +7,10 @@ from typing import ClassVar
 
 import torch
 
-from npuconv.checkpoint import Checkpoint
+from npuconv.io.checkpoint import Checkpoint
 from npuconv.errors import InputError
 from npuconv.model import LinearSpec, QuantizedLinear
-from npuconv.readers import experts
+from npuconv import experts
 
 
 class Reader:
@@ -23,7 +23,7 @@ class Reader:
 
     format: ClassVar[str] = ""
     #: MoE experts ``<p>.experts.<e>.<proj>`` become one stacked layer ``<p>.experts.<proj>`` with
-    #: ``num_experts = E`` (:mod:`npuconv.readers.experts`). Off here; on in the GPTQ, AWQ,
+    #: ``num_experts = E`` (:mod:`npuconv.experts`). Off here; on in the GPTQ, AWQ,
     #: compressed-tensors and msModelSlim readers (not in the float and npuconv-output readers). An
     #: instance may change it before its first :meth:`linear_specs` call.
     stack_experts: bool = False
@@ -82,6 +82,16 @@ class Reader:
     def load_layer(self, spec: LinearSpec) -> QuantizedLinear:
         """Read and decode one layer of :meth:`scan` into canonical form (override)."""
         raise NotImplementedError
+
+    def quantize_float_linears(self, recipe) -> None:
+        """Opt in to offline quantization with ``recipe`` (a :class:`npuconv.offline.Recipe`, declared by
+        the target as ``Target.offline_recipe``). Only a float checkpoint has float linears to quantize:
+        every other reader ignores it."""
+
+    def layer_report(self, spec: LinearSpec) -> dict:
+        """Reader-side facts about one layer for its ``npuconv.json`` entry (the float reader: the
+        ``offline_quantization`` block of a layer it quantized). Empty by default."""
+        return {}
 
     def consumed_files(self) -> list[str]:
         """Format-specific side files (relative paths) that describe the source format and must not

@@ -97,7 +97,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from npuconv.checkpoint import Checkpoint
+from npuconv.io.checkpoint import Checkpoint
 from npuconv.errors import InputError, UnsupportedError
 from npuconv.model import LinearSpec, QuantizedLinear
 from npuconv.packing import unpack_bitstream, unpack_columns
@@ -337,7 +337,7 @@ def _dynamic_rules(dynamic: object, source: str) -> tuple[tuple[str, re.Pattern,
 # ------------------------------------------------------------------------------------------- reader
 class GPTQReader(Reader):
     format = "gptq"
-    stack_experts = True  # MoE experts → one [E, N, K] layer (npuconv.readers.experts)
+    stack_experts = True  # MoE experts → one [E, N, K] layer (npuconv.experts)
 
     def __init__(self, checkpoint: Checkpoint):
         super().__init__(checkpoint)
@@ -533,4 +533,3 @@ def _expect_int32(info, ndim: int) -> None:
         raise InputError(f"tensor '{info.name}': expected {ndim} dimensions, got shape {list(info.shape)}")
 
 
-READER = GPTQReader

@@ -96,10 +96,10 @@ from functools import cached_property
 
 import torch
 
-from npuconv.checkpoint import Checkpoint
+from npuconv import layouts
+from npuconv.io.checkpoint import Checkpoint
 from npuconv.errors import InputError, UnsupportedError
 from npuconv.model import (
-    FP4_E2M1,
     FP8_E4M3,
     INT,
     SCALE_E8M0,
@@ -107,70 +107,31 @@ from npuconv.model import (
     LinearSpec,
     QuantizedLinear,
 )
+from npuconv.modelslim_schema import (
+    DESCRIPTION,
+    DESCRIPTION_GLOB,
+    FLOAT,
+    FP8_TYPES,
+    INT_TYPES,
+    META_KEYS,
+    MX_GROUP,
+    MX_TYPES,
+    NON_LINEAR_TYPES,
+    PAIRS_K,
+    PAIRS_N,
+    STATIC_TYPES,
+    SUFFIXES_FP8,
+    SUFFIXES_INT,
+    SUFFIXES_MX,
+    SUFFIXES_STATIC,
+    SUFFIXES_W4A8,
+    SUPPORTED_TYPES,
+    UNDESCRIBED_SUFFIXES,
+    UNPACKED,
+)
 from npuconv.packing import unpack_nibbles
 from npuconv.readers.base import Reader
 
-DESCRIPTION = "quant_model_description.json"
-DESCRIPTION_GLOB = "quant_model_description*.json"
-FLOAT = "FLOAT"
-MX_GROUP = 32
-
-# top-level keys of the description that are not tensor names
-META_KEYS = {
-    "version",
-    "model_quant_type",
-    "group_size",
-    "metadata",
-    "optional",
-    "kv_cache_type",
-    "kv_quant_type",
-    "fa_quant_type",
-    "indexer_quant_type",
-    "is_rot_used",
-    "ignore",
-    "packed_modules_mapping",
-}
-# tensors the v1 saver writes without a description entry (QuaRot online rotation)
-UNDESCRIBED_SUFFIXES = (".heads_rotation", ".kronecker_rotation_m", ".kronecker_rotation_n")
-# non-linear types whose tensors pass through unchanged
-NON_LINEAR_TYPES = {"C8", "FAQuant", "FAKQuant"}
-
-_INT8_DYN = ActivationQuant(INT, 8, dynamic=True, strategy="token")
-_INT4_DYN = ActivationQuant(INT, 4, dynamic=True, strategy="token")
-_FP8_DYN = ActivationQuant(FP8_E4M3, 8, dynamic=True, strategy="token")
-_MXFP8_ACT = ActivationQuant(FP8_E4M3, 8, dynamic=True, strategy="group")
-_MXFP4_ACT = ActivationQuant(FP4_E2M1, 4, dynamic=True, strategy="group")
-
-# integer weight + weight_scale (+ weight_offset): type → (bits, activation)
-INT_TYPES: dict[str, tuple[int, ActivationQuant | None]] = {
-    "W8A16": (8, None),
-    "W8A8_DYNAMIC": (8, _INT8_DYN),
-    "W4A4_DYNAMIC": (4, _INT4_DYN),
-    "W4A16": (4, None),
-    "W4A8_DYNAMIC": (4, _INT8_DYN),
-}
-STATIC_TYPES = {"W8A8", "W8A8_MIX"}
-FP8_TYPES = {"WFP8AFP8_DYNAMIC": _FP8_DYN}
-# MX: type → (weight format, bits, activation)
-MX_TYPES: dict[str, tuple[str, int, ActivationQuant | None]] = {
-    "W8A8_MXFP8": (FP8_E4M3, 8, _MXFP8_ACT),
-    "W4A8_MXFP": (FP4_E2M1, 4, _MXFP8_ACT),
-    "W4A4_MXFP4": (FP4_E2M1, 4, _MXFP4_ACT),
-    "W4A16_MXFP4": (FP4_E2M1, 4, None),
-}
-SUPPORTED_TYPES = {*INT_TYPES, *STATIC_TYPES, *FP8_TYPES, *MX_TYPES}
-
-# suffixes each family may consume (beyond "weight"); anything else typed like the layer is refused
-_SUFFIXES_INT = ("weight_scale", "weight_offset")
-_SUFFIXES_W4A8 = ("weight_scale", "weight_offset", "weight_scale_second", "weight_offset_second", "scale_bias")
-_SUFFIXES_STATIC = ("weight_scale", "weight_offset", "input_scale", "input_offset", "deq_scale", "quant_bias")
-_SUFFIXES_FP8 = ("weight_scale", "weight_offset")
-_SUFFIXES_MX = ("weight_scale",)
-
-# int weight layouts
-UNPACKED = "unpacked"  # one signed value per int8 byte [N, K] (int8 or int4)
-PAIRS_N = "pairs_n"  # int4 pairs along N: [N/2, K]
-PAIRS_K = "pairs_k"  # int4 pairs along K: [N, K/2]
 
 
 @dataclass
@@ -193,7 +154,7 @@ def description_files(checkpoint: Checkpoint) -> list[str]:
 
 class ModelSlimReader(Reader):
     format = "modelslim"
-    stack_experts = True  # MoE experts → one [E, N, K] layer (npuconv.readers.experts)
+    stack_experts = True  # MoE experts → one [E, N, K] layer (npuconv.experts)
 
     @classmethod
     def matches(cls, checkpoint: Checkpoint) -> bool:
@@ -332,7 +293,7 @@ class ModelSlimReader(Reader):
 
     def _scan_int(self, prefix: str, qtype: str) -> LinearSpec:
         bits, activation = INT_TYPES[qtype]
-        suffixes = _SUFFIXES_W4A8 if qtype == "W4A8_DYNAMIC" else _SUFFIXES_INT
+        suffixes = SUFFIXES_W4A8 if qtype == "W4A8_DYNAMIC" else SUFFIXES_INT
         plan = _Plan(qtype, "int", tensors=self._present(prefix, suffixes))
         weight = self._weight_info(plan.tensors["weight"], (torch.int8,))
         scale_name = self._need(plan, prefix, "weight_scale")
@@ -384,7 +345,7 @@ class ModelSlimReader(Reader):
         )
 
     def _scan_static(self, prefix: str, qtype: str) -> LinearSpec:
-        plan = _Plan(qtype, "static", tensors=self._present(prefix, _SUFFIXES_STATIC))
+        plan = _Plan(qtype, "static", tensors=self._present(prefix, SUFFIXES_STATIC))
         weight = self._weight_info(plan.tensors["weight"], (torch.int8,))
         n, k = weight.shape
         input_scale, input_offset = self._input_quant(plan, prefix)
@@ -427,7 +388,7 @@ class ModelSlimReader(Reader):
         )
 
     def _scan_fp8(self, prefix: str, qtype: str) -> LinearSpec:
-        plan = _Plan(qtype, "fp8", tensors=self._present(prefix, _SUFFIXES_FP8))
+        plan = _Plan(qtype, "fp8", tensors=self._present(prefix, SUFFIXES_FP8))
         weight = self._weight_info(plan.tensors["weight"], (torch.float8_e4m3fn,))
         n, k = weight.shape
         scale_name = self._need(plan, prefix, "weight_scale")
@@ -454,7 +415,7 @@ class ModelSlimReader(Reader):
 
     def _scan_mx(self, prefix: str, qtype: str) -> LinearSpec:
         weight_format, bits, activation = MX_TYPES[qtype]
-        plan = _Plan(qtype, "mx", tensors=self._present(prefix, _SUFFIXES_MX))
+        plan = _Plan(qtype, "mx", tensors=self._present(prefix, SUFFIXES_MX))
         if weight_format == FP8_E4M3:
             weight = self._weight_info(plan.tensors["weight"], (torch.float8_e4m3fn,))
             n, k = weight.shape
@@ -619,10 +580,7 @@ def decode_deq_scale(deq: torch.Tensor) -> torch.Tensor:
     32..63 are ignored, as msModelSlim's ``int64tofp32`` does); float (bf16 models): as is.
     """
     if deq.dtype == torch.int64:
-        low = deq & 0xFFFFFFFF
-        low = torch.where(low >= 2**31, low - 2**32, low)  # the same 32 bits as a signed int32
-        return low.to(torch.int32).view(torch.float32)
+        return layouts.int64_bits_to_float(deq)
     return deq.float()
 
 
-READER = ModelSlimReader

@@ -1,19 +1,10 @@
-"""Writers, one module per target, registered by target name."""
+"""Targets, one module per output layout (registered by name in :mod:`npuconv.registry`).
 
-from __future__ import annotations
+The base class is :class:`~npuconv.writers.base.Target`; get one with
+:func:`npuconv.registry.get_target` or, for a layer of an npuconv output,
+:func:`npuconv.registry.layer_target`.
+"""
 
-import importlib
+from npuconv.writers.base import Target, Thresholds, WriterOptions
 
-from npuconv.errors import InputError
-from npuconv.writers.base import Writer, WriterOptions
-from npuconv.writers.targets import TARGETS
-
-
-def writer_class(target: str) -> type[Writer]:
-    module = TARGETS.get(target)
-    if module is None:
-        raise InputError(f"unknown target {target!r} (choose from: {', '.join(sorted(TARGETS))})")
-    return importlib.import_module(module).WRITER
-
-
-__all__ = ["TARGETS", "Writer", "WriterOptions", "writer_class"]
+__all__ = ["Target", "Thresholds", "WriterOptions"]

@@ -144,8 +144,13 @@ def run_case(out: str, fixture: str, rank: int, tp: int) -> dict:
             report["refused"][name] = str(e)
             continue
         records.clear()
+        plan = module.quant_method.plan
+        target = (plan.w13 if hasattr(plan, "w13") else plan).target
+        entry = (plan.w13 if hasattr(plan, "w13") else plan).entry
+        limits = target.thresholds(entry, torch.bfloat16)  # verify's limits for this layer's target
         report["layers"][name] = {**check.run(module, ref, stored, records, rank, tp), "class": type(module).__name__,
-                                  "method": type(module.quant_method).__name__}
+                                  "method": type(module.quant_method).__name__, "target": target.name,
+                                  "max_rel_l2": limits.max_rel_l2, "min_cosine": limits.min_cosine}
     return report
 
 
