@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -42,6 +45,9 @@ def engine_results(request, engines, outputs, tmp_path_factory):
     script = str(engines.root / "tests" / "engines" / "vllm" / "vllm_case.py")
     proc = engines.run("vllm", [script, str(tp), str(result), *cases])
     assert proc.returncode == 0, proc.stderr[-4000:]
+    if os.environ.get("NPUCONV_ENGINE_RESULTS"):  # keep the per-layer numbers (CI artifact, README table)
+        Path(os.environ["NPUCONV_ENGINE_RESULTS"]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(result, Path(os.environ["NPUCONV_ENGINE_RESULTS"]) / f"vllm-tp{tp}.json")
     return tp, json.loads(result.read_text())
 
 
