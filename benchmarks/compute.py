@@ -6,6 +6,7 @@ No disk I/O: tensors are synthesized in memory.
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 
@@ -39,6 +40,7 @@ def report(step: str, nbytes: int, seconds: float) -> None:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     tune_allocator()  # as the CLI does
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)

@@ -1,6 +1,6 @@
 """Hand-checked vectors and round trips for npuconv.layouts.
 
-"ops §x" = shared/research/torch_npu_ops.md, "loaders §x" = shared/research/npu_loaders.md.
+"ops §x" = docs/research/torch_npu_ops.md, "loaders §x" = docs/research/npu_loaders.md.
 """
 
 from __future__ import annotations

@@ -12,7 +12,9 @@ temporary directory that is renamed onto OUT at the end (see :mod:`npuconv.io.ou
 
 from __future__ import annotations
 
+import logging
 import os
+from collections import Counter
 import shutil
 import time
 from contextlib import contextmanager
@@ -40,10 +42,11 @@ from npuconv.io.output import (
 )
 from npuconv.readers import open_reader
 from npuconv.readers.base import Reader
-from npuconv.registry import get_target
 from npuconv.io.source import open_source
+from npuconv.registry import get_target, target_names
 from npuconv.writers import Target, WriterOptions
 
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,7 @@ class ConvertOptions:
     dry_run: bool = False
     workers: int | None = None  # threads producing layers ahead of the writer (0: none; None: default_workers())
     hash_source: bool = False  # record the sha256 of every source file in the manifest (zoo mode)
+    revision: str | None = None  # Hub revision of MODEL (same as MODEL@revision)
 
 
 @dataclass
@@ -70,15 +74,17 @@ class ConversionPlan:
         return sum(s.nbytes for s in self.shards)
 
     def describe(self) -> dict:
-        """Machine-readable plan (``--dry-run``)."""
+        """Machine-readable plan (``--dry-run``); ``layer_targets``: layers per target (several for ``npu``)."""
+        layers = [
+            {"name": s.name, "scheme": s.scheme, **self.writer.layer_manifest(s), **self.reader.layer_report(s)}
+            for s in self.layers
+        ]
         return {
             "source": self.checkpoint.source_id,
             "source_format": self.reader.format,
             "target": self.writer.name,
-            "layers": [
-                {"name": s.name, "scheme": s.scheme, **self.writer.layer_manifest(s), **self.reader.layer_report(s)}
-                for s in self.layers
-            ],
+            "layers": layers,
+            "layer_targets": dict(Counter(layer.get("target", self.writer.name) for layer in layers)),
             "shards": [
                 {"file": s.filename, "bytes": s.nbytes, "tensors": len(s.plans)} for s in self.shards
             ],
@@ -97,18 +103,54 @@ def make_plan(checkpoint: Checkpoint, options: ConvertOptions) -> ConversionPlan
     if writer.offline_recipe is not None:  # float sources: offline quantization (others ignore it)
         reader.quantize_float_linears(writer.offline_recipe)
     layers = reader.linear_specs()
+    writer.prepare(layers)
+    check_fit(writer, layers)
     units: list[Unit] = []
     for spec in layers:
-        reason = writer.accepts(spec)
-        if reason:
-            raise UnsupportedError(f"layer '{spec.name}' ({spec.scheme}) cannot be written as {writer.name}: {reason}")
         units.append(Unit(writer.plan_layer(spec), _layer_producer(reader, writer, spec), spec.name))
     for name in reader.passthrough_names():
         info = checkpoint.info(name)
         units.append(Unit([writer.plan_passthrough(info)], _passthrough_producer(checkpoint, writer, name), name))
     _check_unique_names(units)
     shards = plan_shards(units, options.max_shard_bytes, writer.weight_prefix)
+    log.info(
+        "%s: %s format, %d quantized layers, %d other tensors → %s, %d shard(s)",
+        checkpoint.source_id, reader.format, len(layers), len(units) - len(layers), writer.name, len(shards),
+    )
     return ConversionPlan(checkpoint, reader, writer, layers, shards)
+
+
+def check_fit(target: Target, layers: list[LinearSpec]) -> None:
+    """Every layer the target refuses, in one :class:`UnsupportedError`: grouped by scheme and
+    reason (each group names all its layers), then the targets that would take every layer."""
+    refused: dict[tuple[str, str], list[str]] = {}
+    for spec in layers:
+        reason = target.accepts(spec)
+        if reason:
+            refused.setdefault((spec.scheme, reason), []).append(spec.name)
+    if not refused:
+        return
+    count = sum(len(names) for names in refused.values())
+    groups = "; ".join(
+        f"{scheme} ({reason}): {len(names)} layer{'s' if len(names) > 1 else ''} {', '.join(names)}"
+        for (scheme, reason), names in refused.items()
+    )
+    fit = fitting_targets(layers, target.options)
+    raise UnsupportedError(
+        f"{count} of {len(layers)} quantized layers cannot be written as {target.name} — {groups}. "
+        f"Targets that take every layer: {', '.join(fit) if fit else 'none'}"
+    )
+
+
+def fitting_targets(layers: list[LinearSpec], options: WriterOptions) -> list[str]:
+    """The registered targets that accept every one of ``layers`` with these options."""
+    fit = []
+    for name in target_names():
+        candidate = get_target(name, options)
+        candidate.prepare(layers)
+        if all(candidate.accepts(spec) is None for spec in layers):
+            fit.append(name)
+    return fit
 
 
 def convert(
@@ -119,7 +161,7 @@ def convert(
 ) -> dict:
     """Convert MODEL into OUT; returns a report dict (and writes nothing on ``dry_run``)."""
     started = time.perf_counter()
-    checkpoint = open_source(model)
+    checkpoint = open_source(model, options.revision)
     out = Path(out)
     if not options.dry_run:
         _check_paths(checkpoint.root, out)
@@ -241,6 +283,7 @@ def manifest_options(options: ConvertOptions) -> dict:
 
 def _layer_producer(reader: Reader, writer: Target, spec: LinearSpec):
     def produce() -> dict[str, torch.Tensor]:
+        log.debug("layer %s (%s)", spec.name, spec.scheme)
         return writer.write_layer(reader.load(spec))
 
     return produce

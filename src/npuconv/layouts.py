@@ -1,8 +1,8 @@
 """Tensor layouts and number encodings of Ascend NPU-ready checkpoints (pure functions, any device).
 
 The writers use these functions to produce NPU-ready tensors. ``verify`` and the emulated kernels
-use them to decode those tensors again. Every rule cites ``shared/research/torch_npu_ops.md``
-(written ``ops §x.y`` below) or ``shared/research/npu_loaders.md`` (``loaders §x.y``).
+use them to decode those tensors again. Every rule cites ``docs/research/torch_npu_ops.md``
+(written ``ops §x.y`` below) or ``docs/research/npu_loaders.md`` (``loaders §x.y``).
 
 Conventions:
 

@@ -87,6 +87,7 @@ for _name, _path in (
     register_reader(_name, _path)
 
 for _name, _path in (
+    ("npu", "npuconv.writers.npu:NpuTarget"),  # the default: each layer to its natural NPU target
     ("float", "npuconv.writers.float:FloatTarget"),
     ("npu-int4", "npuconv.writers.npu_int4:NpuInt4Target"),
     ("npu-int8", "npuconv.writers.npu_int8:NpuInt8Target"),

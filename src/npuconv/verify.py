@@ -21,13 +21,18 @@ its kernel does: fp16 rounds the dequantized weight to 11 significant bits, bf16
 are cast to the activation dtype).
 
 The kernel call is the layer's target's :meth:`~npuconv.writers.base.Target.run` (the target
-recorded in ``npuconv.json``, or for an unconverted checkpoint the target whose kernel serves the
-scheme natively, :func:`npuconv.registry.native_target`).
+recorded in ``npuconv.json`` for that layer, or for an unconverted checkpoint the target whose
+kernel serves the scheme natively, :func:`npuconv.registry.native_target`).
+
+Verdict (``ok``, ``exit_code``): 0 when every checked layer passes and at least one was checked;
+1 when a layer fails; 2 when *no* layer could be checked (every layer skipped, e.g. a scheme
+without an Ascend kernel): checking nothing is not a pass, and ``error`` says why.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -46,9 +51,11 @@ from npuconv.readers.base import Reader
 from npuconv.readers.npuconv_output import NpuconvReader
 from npuconv.registry import layer_target, native_target, target_class
 from npuconv.runtime import to_backend
-from npuconv.io.source import open_source
+from npuconv.io.source import looks_like_hub_id, open_source
 from npuconv.writers import Target, WriterOptions
 from npuconv.writers.base import MIN_COSINE
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -127,13 +134,15 @@ def verify(path: str | Path, options: VerifyOptions, on_layer: Callable[[int, in
             raise InputError(f"layer '{spec.name}' is not a quantized layer of the source {pairing.source.ckpt.source_id}")
         x = torch.randn(options.tokens, spec.in_features, generator=generator).to(act_dtype)
         results.append(_verify_layer(spec, source_specs[spec.name], pairing, backend, x, options))
+        log.info("layer %d/%d %s: %s %s", i + 1, len(specs), spec.name, results[-1].status, results[-1].note)
         if on_layer:
             on_layer(i + 1, len(specs))
     order = {"fail": 0, "pass": 1, "skip": 2}
     results.sort(key=lambda r: (order[r.status], -r.rel_l2 if math.isfinite(r.rel_l2) else -math.inf))
     counts = {status: sum(r.status == status for r in results) for status in order}
+    verdict = _verdict(counts, results)
     return {
-        "ok": counts["fail"] == 0,
+        **verdict,
         "backend": backend.name,
         "mode": pairing.mode,
         "output": str(path),
@@ -149,6 +158,20 @@ def verify(path: str | Path, options: VerifyOptions, on_layer: Callable[[int, in
     }
 
 
+def _verdict(counts: dict[str, int], results: list[LayerResult]) -> dict:
+    """``ok``, ``exit_code`` and (when not ok) ``error`` of a verification (see the module docstring)."""
+    if counts["fail"]:
+        return {"ok": False, "exit_code": 1, "error": f"{counts['fail']} of {counts['fail'] + counts['pass']} checked layers failed"}
+    if not counts["pass"]:
+        reasons = sorted({r.note.removeprefix("skipped: ") for r in results if r.status == "skip"})
+        return {
+            "ok": False,
+            "exit_code": 2,
+            "error": f"nothing could be checked: all {counts['skip']} layers were skipped ({'; '.join(reasons)})",
+        }
+    return {"ok": True, "exit_code": 0}
+
+
 # ------------------------------------------------------------------------------------- pairing
 def _pair(output_ckpt: Checkpoint, output_reader: Reader, options: VerifyOptions) -> _Pairing:
     if isinstance(output_reader, NpuconvReader):
@@ -158,7 +181,7 @@ def _pair(output_ckpt: Checkpoint, output_reader: Reader, options: VerifyOptions
         source_id = options.source or (manifest.get("source") or {}).get("id")
         if not source_id:
             raise InputError(f"{MANIFEST} names no source; pass --source MODEL")
-        source = open_reader(open_source(source_id))
+        source = open_reader(_open_recorded_source(source_id, options))
         recipe = target_class(manifest["target"]).offline_recipe
         if recipe is not None:  # a float source: its linears quantized as the conversion did (npuconv.offline)
             source.quantize_float_linears(recipe)
@@ -179,7 +202,7 @@ def _pair(output_ckpt: Checkpoint, output_reader: Reader, options: VerifyOptions
     if manifest.get("shards") and not options.skip_checksum:
         check_shards(output_ckpt.root, manifest)
     source_id = options.source or (manifest.get("source") or {}).get("id")
-    source = open_reader(open_source(source_id)) if source_id else output_reader
+    source = open_reader(_open_recorded_source(source_id, options)) if source_id else output_reader
 
     def decode(spec: LinearSpec) -> tuple[QuantizedLinear, None]:
         return output_reader.load(spec), None
@@ -198,6 +221,19 @@ def _pair(output_ckpt: Checkpoint, output_reader: Reader, options: VerifyOptions
         return tensors, entry, target
 
     return _Pairing(output_reader, source, decode, in_memory, "paired" if source_id else "source")
+
+
+def _open_recorded_source(source_id: str, options: VerifyOptions) -> Checkpoint:
+    """The source to compare with; a recorded one that is gone asks for ``--source``."""
+    if options.source:
+        return open_source(source_id)
+    if not looks_like_hub_id(source_id) and not Path(source_id).exists():
+        raise InputError(f"source {source_id} (recorded in {MANIFEST}) not found; pass --source MODEL")
+    try:
+        return open_source(source_id)
+    except InputError as e:
+        raise InputError(f"{e}; or pass --source MODEL") from None
+
 
 
 class _Skip(Exception):

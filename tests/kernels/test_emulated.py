@@ -1,6 +1,6 @@
 """Hand-checked vectors for the emulated torch_npu ops (npuconv.kernels.emulated).
 
-"ops §x" = shared/research/torch_npu_ops.md. Every test runs on CPU, and on CUDA when present.
+"ops §x" = docs/research/torch_npu_ops.md. Every test runs on CPU, and on CUDA when present.
 """
 
 from __future__ import annotations

@@ -59,9 +59,17 @@ EXPECTED = {
     "ms_w8a16_per_group32_asym": "W8A16",
     "ms_w8a8_mxfp8": "W8A8_MXFP8",
     "ms_w8a8_static_fp16": "W8A8",
+    "ms_w4a4_dynamic_g32_asym_autoround": "W4A4_DYNAMIC",
+    # mixed precision: module-name fragment → type
+    "ms_mixed_w8a8dyn_attn_w4a8dyn_mlp": {".self_attn.": "W8A8_DYNAMIC", ".mlp.": "W4A8_DYNAMIC"},
+    "ct020_mixed_attn_w8a8_mlp_w4a16_g32_asym": {".self_attn.": "W8A8_DYNAMIC", ".mlp.": "W4A16"},
 }
+# written with other (equivalent) bytes than msModelSlim: AutoRound's unsigned codes 0..15 with offset 8
+# become the signed codes -8..7 with offset 0 that msModelSlim's linear_quant writes (same dequantization)
+NOT_BYTE_IDENTICAL = {"ms_w4a4_dynamic_g32_asym_autoround"}
 # fixture → part of the refusal message
 REFUSED = {
+    "ms_v0_w4a8_dynamic_g32": "per-group int4 with int8 activations",
     "ct020_fp8_static": "dynamic per-token fp8 activations",
     "ct020_nvfp4a16": "NVFP4",
     "gptq_v1_b4_g64_asym_descact": "act-order",
@@ -81,8 +89,19 @@ SUMMARY = {
     "ms_w8a16_per_group32_asym": (32, "W8A16"),
     "ms_w8a8_mxfp8": (32, "W8A8_MXFP8"),
     "ms_w8a8_static_fp16": (0, "W8A8"),
+    "ms_w4a4_dynamic_g32_asym_autoround": (32, "W4A4_DYNAMIC"),
+    "ms_mixed_w8a8dyn_attn_w4a8dyn_mlp": (0, "W8A8_DYNAMIC"),
+    "ct020_mixed_attn_w8a8_mlp_w4a16_g32_asym": (32, "W8A8_DYNAMIC"),
 }
 META_KEYS = ["version", "model_quant_type", "metadata", "group_size", "optional"]
+
+
+def expected_type(fixture: str, name: str) -> str:
+    """The msModelSlim type of layer (or tensor) ``name`` of a fixture in :data:`EXPECTED`."""
+    expected = EXPECTED[fixture]
+    if isinstance(expected, str):
+        return expected
+    return next(qtype for fragment, qtype in expected.items() if fragment in name)
 
 
 def read_all(directory: Path) -> dict[str, torch.Tensor]:
@@ -129,11 +148,14 @@ def test_round_trip_is_bit_exact(outputs, fixture):
     out_specs = output.linear_specs()
     assert [s.name for s in out_specs] == [s.name for s in src_specs]  # description order = source order
     for src_spec, out_spec in zip(src_specs, out_specs):
-        assert out_spec.source_scheme == EXPECTED[fixture]
+        assert out_spec.source_scheme == expected_type(fixture, out_spec.name)
         src_layer, out_layer = source.load(src_spec), output.load(out_spec)
         assert torch.equal(dequantize(out_layer), dequantize(src_layer)), out_spec.name
         assert (out_layer.bias is None) == (src_layer.bias is None)
-    assert output.warnings == []
+    if fixture in NOT_BYTE_IDENTICAL:  # AutoRound's negative scales, now with signed codes: converted with a warning
+        assert output.warnings and all("zero or negative" in w for w in output.warnings)
+    else:
+        assert output.warnings == []
 
 
 @pytest.mark.parametrize("fixture", MS_FIXTURES)
@@ -164,7 +186,7 @@ def test_files_description_and_config(outputs, fixture):
     assert set(entries) == set(tensors)  # every tensor described, nothing else
     for name, qtype in entries.items():
         layer_tensor = not name.endswith(("norm.weight", "embed_tokens.weight", "lm_head.weight"))
-        assert qtype == (EXPECTED[fixture] if layer_tensor else "FLOAT"), name
+        assert qtype == (expected_type(fixture, name) if layer_tensor else "FLOAT"), name
 
     config = json.loads((out / "config.json").read_text())
     source_config = json.loads((FIXTURES / fixture / "config.json").read_text())
@@ -174,10 +196,10 @@ def test_files_description_and_config(outputs, fixture):
     manifest = json.loads((out / "npuconv.json").read_text())
     assert manifest["target"] == "modelslim"
     assert manifest["source"]["id"] == str(FIXTURES / fixture)
-    assert {layer["modelslim_type"] for layer in manifest["layers"].values()} == {EXPECTED[fixture]}
+    assert all(layer["modelslim_type"] == expected_type(fixture, name) for name, layer in manifest["layers"].items())
 
 
-@pytest.mark.parametrize("fixture", MS_FIXTURES)
+@pytest.mark.parametrize("fixture", sorted(set(MS_FIXTURES) - NOT_BYTE_IDENTICAL))
 def test_same_files_as_msmodelslim(outputs, fixture):
     """ms_* → modelslim reproduces what msModelSlim 26.1.0 wrote: names, dtypes, shapes, bytes, description."""
     ours = read_all(outputs[fixture])

@@ -13,7 +13,7 @@ import torch
 
 
 class KernelOps(Protocol):
-    """The torch_npu ops npuconv runs (ops §x: shared/research/torch_npu_ops.md)."""
+    """The torch_npu ops npuconv runs (ops §x: docs/research/torch_npu_ops.md)."""
 
     def npu_weight_quant_batchmatmul(
         self,

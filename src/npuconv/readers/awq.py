@@ -1,6 +1,6 @@
 """AWQ checkpoints (AutoAWQ; the layout vLLM, transformers and GPTQModel also read) → canonical layers.
 
-Facts: ``shared/research/checkpoint_formats.md`` §2 (read from AutoAWQ 0.2.9; the GEMM layout is
+Facts: ``docs/research/checkpoint_formats.md`` §2 (read from AutoAWQ 0.2.9; the GEMM layout is
 checked against the AutoAWQ-written fixture ``tests/fixtures/awq_gemm_g128``).
 
 Configuration: ``config.json["quantization_config"]`` (else ``quantize_config.json``) with

@@ -115,14 +115,17 @@ class Reader:
         if not self.ckpt.has(name):
             raise InputError(f"{where}: tensor '{name}' is missing")
 
-    def check_scale(self, name: str, scale: torch.Tensor, e8m0: bool = False, divisor: bool = False) -> None:
+    def check_scale(
+        self, name: str, scale: torch.Tensor, e8m0: bool = False, divisor: bool = False, negative_ok: bool = False
+    ) -> None:
         """The scale policy of every reader, applied when a layer is loaded (``scale`` as stored).
 
         NaN or infinite values (E8M0: byte 255, its NaN) are an :class:`InputError`: nothing
         computed from them is meaningful, and ``verify`` could not judge the output. Zero or
         negative float scales are valid arithmetic (an all-zero group, a sign flip) and are
         converted as stored, with a warning. A ``divisor`` (a global or input scale) must be
-        positive: zero would turn every dequantized value into inf.
+        positive: zero would turn every dequantized value into inf. ``negative_ok``: the format
+        stores negative scales by design (msModelSlim AutoRound), so only zeros are warned about.
         """
         if e8m0:
             bad = scale == 255
@@ -138,7 +141,7 @@ class Reader:
                 f"tensor '{name}': {int(bad.sum())} scale value(s) are NaN or infinite, "
                 f"first {values[bad][0].item()} at index {_first(bad)}"
             )
-        nonpositive = values <= 0
+        nonpositive = values == 0 if negative_ok and not divisor else values <= 0
         if bool(nonpositive.any()):
             if divisor:
                 raise InputError(f"tensor '{name}': scale {values[nonpositive][0].item()} is not positive (it is a divisor)")

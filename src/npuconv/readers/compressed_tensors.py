@@ -1,6 +1,6 @@
 """compressed-tensors checkpoints (``quantization_config.quant_method == "compressed-tensors"``).
 
-Written by llm-compressor / compressed-tensors (CT). Facts: ``shared/research/checkpoint_formats.md``
+Written by llm-compressor / compressed-tensors (CT). Facts: ``docs/research/checkpoint_formats.md``
 §3, read from CT 0.9–0.20 and confirmed on checkpoints written by CT 0.17.1 and 0.20.0.
 
 Module → scheme

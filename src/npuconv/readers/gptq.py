@@ -1,6 +1,6 @@
 """GPTQ checkpoints (GPTQModel, AutoGPTQ, optimum): v1 ``gptq`` and v2 ``gptq_v2`` → canonical layers.
 
-Facts: ``shared/research/checkpoint_formats.md`` §1 (read from GPTQModel 7.7.0 and AutoGPTQ; checked
+Facts: ``docs/research/checkpoint_formats.md`` §1 (read from GPTQModel 7.7.0 and AutoGPTQ; checked
 against the GPTQModel-written fixtures in ``tests/fixtures/gptq_*``).
 
 Configuration

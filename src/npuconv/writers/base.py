@@ -87,6 +87,10 @@ class Target:
         """None if this target can take the layer, else a one-line reason."""
         return None
 
+    def prepare(self, specs: list[LinearSpec]) -> None:
+        """Called once with every quantized layer of the model before any is checked or planned
+        (default: nothing). A target that decides per layer (``npu``) makes its choices here."""
+
     def serves(self, spec: LinearSpec) -> bool:
         """True when this target's kernel is the one the engines run for a layer of this scheme as it
         is (no activation quantization added or changed): ``verify`` of an unconverted checkpoint runs

@@ -318,10 +318,10 @@ class ModelSlimTarget(Target):
                       f"dequantized weight [N, K] (msModelSlim's process_scale fallthrough); engines expect [N, 1] or [N, 16]")
         elif qtype == "W4A16":
             self.warn("W4A16 has no linear method in vLLM-Ascend or sglang (vLLM-Ascend's W4A16 is MoE-only, "
-                      "with another weight layout); see docs/modelslim.md")
+                      "with another weight layout); see `npuconv docs modelslim`")
         elif qtype == "W8A16" and (not spec.symmetric or spec.bits < 8):
             self.warn("W8A16 with non-zero weight_offset: it is msModelSlim's signed zero point, w = (q - offset) * scale; "
-                      "vLLM-Ascend passes it unchanged as antiquant_offset, which adds it (see docs/modelslim.md)")
+                      "vLLM-Ascend passes it unchanged as antiquant_offset, which adds it (see `npuconv docs modelslim`)")
         elif qtype == "W8A8_MXFP8" and spec.activation is None:
             self.warn("MXFP8 weights without activation quantization are written as W8A8_MXFP8 (msModelSlim has no "
                       "weight-only MXFP8 type): engines will quantize the activations to MXFP8")
