@@ -156,6 +156,28 @@ def progress_bar(total: int, description: str, enabled: bool, unit: str = "B"):
     return tqdm(total=total, desc=description, unit=unit, unit_scale=scaled, unit_divisor=1000, leave=False)
 
 
+class LayerProgress:
+    """A ``(done, total)`` callback drawing a layer counter, opened on the first call; closed on exit."""
+
+    def __init__(self, description: str, enabled: bool) -> None:
+        self.description, self.enabled, self.bar = description, enabled, None
+
+    def __enter__(self):
+        return self.update
+
+    def update(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = progress_bar(total, self.description, self.enabled, unit="layer")
+            if self.bar is None:
+                self.enabled = False
+                return
+        self.bar.update(done - self.bar.n)
+
+    def __exit__(self, *_exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(npuconv.__version__, prog_name="npuconv")
 @global_options
@@ -420,16 +442,37 @@ class FiniteFloat(click.FloatRange):
               help="Override the per-scheme relative L2 threshold (a finite number > 0).")
 @click.option("--min-cosine", type=FiniteFloat(-1, 1), default=0.9999, show_default=True,
               help="Minimum cosine similarity (-1 to 1).")
+@click.option("--model", "whole_model", is_flag=True,
+              help="Whole-model parity instead of per-layer: run OUT end to end (transformers) against the source.")
+@click.option("--prompts", "prompts_file", default=None, type=click.Path(dir_okay=False),
+              help="--model: prompts file, one prompt per line (default: a few built-in prompts).")
+@click.option("--new-tokens", default=8, show_default=True, type=click.IntRange(0, 4096),
+              help="--model: tokens to greedy-decode from both models.")
+@click.option("--min-top1", type=click.FloatRange(0, 1), default=None, help="--model: override the minimum top-1 agreement.")
+@click.option("--max-kl", type=click.FloatRange(0), default=None, help="--model: override the maximum mean KL(ref||out).")
+@click.option("--max-logit-diff", type=click.FloatRange(0), default=None,
+              help="--model: override the maximum |Δlogit|, as a multiple of the RMS of the reference logits.")
+@click.option("--stream", is_flag=True, help="--model: load the reference layer by layer even when it fits in memory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the summary line.")
 @handle_errors
-def verify_command(out, source, layer_glob, tokens, seed, device, skip_checksum, max_rel_l2, min_cosine, as_json, quiet) -> None:
+def verify_command(out, source, layer_glob, tokens, seed, device, skip_checksum, max_rel_l2, min_cosine, whole_model,
+                   prompts_file, new_tokens, min_top1, max_kl, max_logit_diff, stream, as_json, quiet) -> None:
     """Check OUT numerically: NPU kernels on the converted tensors vs the dequantized source.
 
     OUT is an npuconv output (its source comes from npuconv.json, or --source) or any supported
     checkpoint (then each layer is run through the kernel its scheme maps to and compared with
     its own dequantization). Uses torch_npu's real kernels when an NPU is present, otherwise an
     emulation of the same ops on CUDA or CPU; the report says which ran.
+
+    With --model (needs pip install 'npuconv[model]'), OUT runs as a whole model instead: built by
+    transformers from OUT's config.json, converted layers on their NPU kernels, every other tensor
+    from OUT, against the source model with its quantized layers dequantized in float32. It
+    compares the logits of a few prompts at every position (top-1 agreement, max |Δlogit|, mean
+    KL), greedy-decodes --new-tokens from both, and reports structural problems (a tensor missing
+    or unused, a bias the config drops, shapes the config does not match). This catches what the
+    per-layer check cannot: wrongly named or dropped copied tensors, config.json edits, tied or
+    untied embeddings. Limits depend on the kernels' activation quantization (see the report).
 
     Exit code 0 if every layer passes, 1 if any fails, 2 on bad input.
 
@@ -438,32 +481,30 @@ def verify_command(out, source, layer_glob, tokens, seed, device, skip_checksum,
       npuconv verify ./llama-npu
       npuconv verify ./llama-npu --layers '*.self_attn.*' --tokens 64 --json
       npuconv verify ./some-gptq-model          # check a source checkpoint itself
+      npuconv verify ./llama-npu --model --prompts prompts.txt --new-tokens 16
     """
-    from npuconv.errors import VerificationFailed
-    from npuconv.io.output import ChecksumMismatch
+    from npuconv.errors import InputError
+
+    if whole_model:
+        ctx = click.get_current_context()
+        per_layer = [f"--{name.replace('_', '-')}" for name in ("layer_glob", "tokens", "max_rel_l2", "min_cosine")
+                     if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+        if per_layer:
+            raise InputError(f"{per_layer[0].replace('--layer-glob', '--layers')} is a per-layer option; --model checks the whole model")
+        _verify_model(out, source, seed, device, skip_checksum, prompts_file, new_tokens, min_top1, max_kl,
+                      max_logit_diff, stream, as_json, quiet)
+        return
+    model_only = [name for name, value in (("--prompts", prompts_file), ("--min-top1", min_top1), ("--max-kl", max_kl),
+                                           ("--max-logit-diff", max_logit_diff), ("--stream", stream or None)) if value is not None]
+    if model_only:
+        raise InputError(f"{model_only[0]} needs --model")
     from npuconv.verify import VerifyOptions, verify
 
     options = VerifyOptions(
         source=source, layers=layer_glob, tokens=tokens, seed=seed, device=device,
         skip_checksum=skip_checksum, max_rel_l2=max_rel_l2, min_cosine=min_cosine,
     )
-    bar = None
-
-    def on_layer(done: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = progress_bar(total, "verify", enabled=not (quiet or as_json), unit="layer")
-            if bar is None:
-                return
-        bar.update(done - bar.n)
-
-    try:
-        report = verify(out, options, on_layer)
-    except ChecksumMismatch as e:
-        raise VerificationFailed(f"{e}; use --skip-checksum to run the numeric checks anyway") from None
-    finally:
-        if bar is not None:
-            bar.close()
+    report = _run_check("verify", verify, out, options, quiet or as_json)
     try:
         if as_json:
             emit_json(report)
@@ -482,6 +523,64 @@ def verify_command(out, source, layer_glob, tokens, seed, device, skip_checksum,
     finally:  # also when the report cannot be printed (closed stdout): the verdict's exit code stays
         if not report["ok"]:
             sys.exit(report["exit_code"])
+
+
+def _run_check(description: str, check, out, options, silent: bool) -> dict:
+    """``check(out, options, on_progress)`` with a layer counter; a checksum mismatch gets the CLI's advice."""
+    from npuconv.errors import VerificationFailed
+    from npuconv.io.output import ChecksumMismatch
+
+    with LayerProgress(description, enabled=not silent) as on_progress:
+        try:
+            return check(out, options, on_progress)
+        except ChecksumMismatch as e:
+            raise VerificationFailed(f"{e}; use --skip-checksum to run the numeric checks anyway") from None
+
+
+def _verify_model(out, source, seed, device, skip_checksum, prompts_file, new_tokens, min_top1, max_kl, max_logit_diff,
+                  stream, as_json, quiet) -> None:
+    from npuconv.parity import ParityOptions, check_model, load_prompts, parity_summary
+
+    options = ParityOptions(
+        source=source, prompts=load_prompts(prompts_file) if prompts_file else None, new_tokens=new_tokens, seed=seed,
+        device=device, skip_checksum=skip_checksum, stream=stream, min_top1=min_top1, max_kl=max_kl,
+        max_logit_diff=max_logit_diff,
+    )
+    report = _run_check("verify --model", check_model, out, options, quiet or as_json)
+    if as_json:
+        emit_json(report)
+    else:
+        if not quiet:
+            _print_model(report)
+        status = "[green]PASS[/]" if report["ok"] else "[bold red]FAIL[/]"
+        stdout.print(
+            f"{status} whole model ({report['architecture']}, {report['family']} limits, backend {report['backend']}, "
+            f"{report['activation_dtype']} vs float32 reference, {report['seconds']:.1f} s): {escape(parity_summary(report))}",
+            soft_wrap=True,
+        )
+    if not report["ok"]:
+        sys.exit(1)
+
+
+def _print_model(report: dict) -> None:
+    stdout.print(f"prompts: {escape(report['prompts']['from'])} ({report['prompts']['tokens']} tokens)", soft_wrap=True)
+    for problem in report["problems"]:
+        stdout.print(f"[bold red]problem:[/] {escape(problem)}", soft_wrap=True)
+    if "metrics" not in report:
+        return
+    table = Table(title="logits per prompt", title_justify="left")
+    for column in ("prompt", "tokens", "top-1", "max |Δlogit|", "mean KL"):
+        table.add_column(column)
+    for i, p in enumerate(report["metrics"]["per_prompt"]):
+        table.add_row(str(i), str(p["tokens"]), f"{p['top1_agreement']:.4f}", _num(p["max_logit_diff"], ".3g"), _num(p["mean_kl"], ".3g"))
+    stdout.print(table)
+    decode = report["decode"]
+    first = decode["first_divergence"]
+    where = "no divergence" if first is None else (
+        f"first divergence at prompt {first['prompt']}, step {first['step']}: reference {first['ref_token']}, "
+        f"converted {first['out_token']} (reference top-1 margin {first['ref_margin']:.3g})"
+    )
+    stdout.print(f"greedy decode of {decode['new_tokens']} tokens: {where}; reference layers {report['reference_layers']}")
 
 
 def _print_verify(report: dict) -> None:

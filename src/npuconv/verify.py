@@ -214,13 +214,7 @@ def _pair(output_ckpt: Checkpoint, output_reader: Reader, options: VerifyOptions
         manifest = output_reader.manifest
         if not options.skip_checksum:
             check_shards(output_ckpt.root, manifest)
-        source_id = options.source or (manifest.get("source") or {}).get("id")
-        if not source_id:
-            raise InputError(f"{MANIFEST} names no source; pass --source MODEL")
-        source = open_reader(_open_recorded_source(source_id, options))
-        recipe = target_class(manifest["target"]).offline_recipe
-        if recipe is not None:  # a float source: its linears quantized as the conversion did (npuconv.offline)
-            source.quantize_float_linears(recipe)
+        source = source_reader(manifest, options.source)
 
         def decode(spec: LinearSpec) -> tuple[QuantizedLinear, dict]:
             stored = output_reader.tensors_of(spec)  # read once: decoded for the layout check, run as is
@@ -238,7 +232,7 @@ def _pair(output_ckpt: Checkpoint, output_reader: Reader, options: VerifyOptions
     if manifest.get("shards") and not options.skip_checksum:
         check_shards(output_ckpt.root, manifest)
     source_id = options.source or (manifest.get("source") or {}).get("id")
-    source = open_reader(_open_recorded_source(source_id, options)) if source_id else output_reader
+    source = open_reader(_open_recorded_source(source_id, explicit=bool(options.source))) if source_id else output_reader
 
     def decode(spec: LinearSpec) -> tuple[QuantizedLinear, None]:
         return output_reader.load(spec), None
@@ -259,9 +253,22 @@ def _pair(output_ckpt: Checkpoint, output_reader: Reader, options: VerifyOptions
     return _Pairing(output_reader, source, decode, in_memory, "paired" if source_id else "source")
 
 
-def _open_recorded_source(source_id: str, options: VerifyOptions) -> Checkpoint:
-    """The source to compare with; a recorded one that is gone asks for ``--source``."""
-    if options.source:
+def source_reader(manifest: dict, source: str | None = None) -> Reader:
+    """The reader of an npuconv output's source (``source``, else the one its manifest records); a
+    float source has its linears quantized as the conversion did (npuconv.offline)."""
+    source_id = source or (manifest.get("source") or {}).get("id")
+    if not source_id:
+        raise InputError(f"{MANIFEST} names no source; pass --source MODEL")
+    reader = open_reader(_open_recorded_source(source_id, explicit=bool(source)))
+    recipe = target_class(manifest["target"]).offline_recipe
+    if recipe is not None:
+        reader.quantize_float_linears(recipe)
+    return reader
+
+
+def _open_recorded_source(source_id: str, explicit: bool) -> Checkpoint:
+    """The source to compare with; a recorded one (not ``explicit``ly given) that is gone asks for ``--source``."""
+    if explicit:
         return open_source(source_id)
     if not looks_like_hub_id(source_id) and not Path(source_id).exists():
         raise InputError(f"source {source_id} (recorded in {MANIFEST}) not found; pass --source MODEL")

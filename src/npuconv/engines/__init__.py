@@ -1,0 +1,6 @@
+"""Serving-engine integrations: load npuconv outputs as written into vLLM / vLLM-Ascend and SGLang.
+
+:mod:`npuconv.engines.layers` is the engine-neutral core (what to create per TP rank, how each tensor
+splits, the kernel call through the layer's target); :mod:`npuconv.engines.vllm` is the vLLM /
+vLLM-Ascend plugin (entry point ``vllm.general_plugins``: ``npuconv = npuconv.engines.vllm:register``).
+"""
