@@ -1,13 +1,19 @@
 """Command-line interface: parsing, progress and output formatting only; the work is in the library.
 
-Exit codes: 0 ok, 1 verification failed, 2 bad input or usage, 3 internal error, 130 interrupted.
+Exit codes: 0 ok, 1 verification failed, 2 bad input or usage, 3 internal error; a signal exits
+128 + its number after cleaning up: 130 Ctrl-C (SIGINT), 129 SIGHUP, 143 SIGTERM (see
+:mod:`npuconv.interrupts`). A closed stdout (``| head``, ``>&-``) drops the rest of the output
+silently; the exit code stays the command's own.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
+import math
+import os
 import signal
 import sys
 import traceback
@@ -18,10 +24,21 @@ from rich.markup import escape
 from rich.table import Table
 
 import npuconv
+from npuconv import interrupts
 from npuconv.errors import NpuconvError
 
-stdout = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-stderr = Console(stderr=True, highlight=False)
+class _Console(Console):
+    """A rich Console that, when its reader goes away (``| head``), drops the rest of the output
+    and lets the command finish with its own exit code (rich's default: exit 1 on the spot)."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        if not self.stderr:
+            _silence_stdout()
+
+
+stdout = _Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+stderr = _Console(stderr=True, highlight=False)
 
 EXIT_INTERNAL = 3
 EXIT_INTERRUPTED = 130
@@ -36,7 +53,10 @@ def human_bytes(n: int | float) -> str:
 
 
 def emit_json(value: object) -> None:
-    click.echo(json.dumps(value, indent=2, sort_keys=True, default=str))
+    try:
+        click.echo(json.dumps(value, indent=2, sort_keys=True, default=str))
+    except BrokenPipeError:  # the reader went away: the rest of the output is dropped
+        _silence_stdout()
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -92,16 +112,28 @@ def handle_errors(func):
             if debug:
                 traceback.print_exc()
             _fail(str(e), e.exit_code, as_json)
-        except KeyboardInterrupt:
+        except interrupts.Interrupted as e:
+            _fail(interrupts.message(e), e.exit_code, as_json)
+        except KeyboardInterrupt:  # the library used without npuconv.interrupts.install()
             _fail("interrupted; nothing was published at the output path", EXIT_INTERRUPTED, as_json)
         except click.exceptions.Exit:
             raise
         except Exception as e:  # a bug: keep it to one line unless --debug
+            if isinstance(e, OSError) and e.errno == errno.EPIPE:
+                _silence_stdout()  # the reader went away (| head): nothing more to say, no traceback
+                sys.exit(0)
             if debug:
                 traceback.print_exc()
             _fail(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", EXIT_INTERNAL, as_json)
 
     return wrapper
+
+
+def _silence_stdout() -> None:
+    """Point fd 1 at /dev/null, so that nothing (not even the flush at exit) writes to a closed pipe."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.close(null)
 
 
 def _fail(message: str, code: int, as_json: bool) -> None:
@@ -286,7 +318,7 @@ DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 @click.option("--workers", default=None, type=click.IntRange(0, 64),
               help="Threads that read and repack layers ahead of the writer (0: none; default: cores - 1, at most 16). "
                    "Memory stays about twice the largest tensor whatever the number.")
-@click.option("--force", is_flag=True, help="Replace OUT if it is an earlier npuconv output (atomically, at the end).")
+@click.option("--force", is_flag=True, help="Replace OUT if it is empty or, as a whole, an earlier npuconv output (every file listed in its npuconv.json); one atomic swap at the end.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (layers, layouts, shards, bytes) and write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
@@ -385,17 +417,31 @@ def _print_plan(plan: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------- verify
+class FiniteFloat(click.FloatRange):
+    """``click.FloatRange`` that also refuses nan and ±inf (nan passes every range comparison)."""
+
+    name = "finite float"
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
 @cli.command("verify")
 @global_options
 @click.argument("out")
 @click.option("--source", default=None, help="Source checkpoint to compare with (default: the one recorded in npuconv.json).")
 @click.option("--layers", "layer_glob", default=None, help="Only layers whose name matches this glob (e.g. '*.mlp.*').")
 @click.option("--tokens", default=16, show_default=True, type=click.IntRange(1, 65536), help="Random activation rows per layer.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random activations.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**64 - 1), help="Seed of the random activations (0 to 2**64-1).")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "npu"]), default=None, help="Where kernels run (default: npu, else cuda, else cpu).")
 @click.option("--skip-checksum", is_flag=True, help="Do not check shard sha256 against npuconv.json.")
-@click.option("--max-rel-l2", type=float, default=None, help="Override the per-scheme relative L2 threshold.")
-@click.option("--min-cosine", type=float, default=0.9999, show_default=True, help="Minimum cosine similarity.")
+@click.option("--max-rel-l2", type=FiniteFloat(0, None, min_open=True), default=None,
+              help="Override the per-scheme relative L2 threshold (a finite number > 0).")
+@click.option("--min-cosine", type=FiniteFloat(-1, 1), default=0.9999, show_default=True,
+              help="Minimum cosine similarity (-1 to 1).")
 @click.option("--model", "whole_model", is_flag=True,
               help="Whole-model parity instead of per-layer: run OUT end to end (transformers) against the source.")
 @click.option("--prompts", "prompts_file", default=None, type=click.Path(dir_okay=False),
@@ -459,22 +505,24 @@ def verify_command(out, source, layer_glob, tokens, seed, device, skip_checksum,
         skip_checksum=skip_checksum, max_rel_l2=max_rel_l2, min_cosine=min_cosine,
     )
     report = _run_check("verify", verify, out, options, quiet or as_json)
-    if as_json:
-        emit_json(report)
-    else:
-        if not quiet:
-            _print_verify(report)
-        status = "[green]PASS[/]" if report["ok"] else "[bold red]FAIL[/]"
-        skipped = f", {report['skipped']} skipped" if report["skipped"] else ""
-        stdout.print(
-            f"{status} {report['passed']}/{report['passed'] + report['failed']} layers{skipped} "
-            f"({report['mode']} vs {report['source']}, backend {report['backend']}, "
-            f"{report['activation_dtype']} activations, {report['seconds']:.1f} s)"
-        )
+    try:
+        if as_json:
+            emit_json(report)
+        else:
+            if not quiet:
+                _print_verify(report)
+            status = "[green]PASS[/]" if report["ok"] else "[bold red]FAIL[/]"
+            skipped = f", {report['skipped']} skipped" if report["skipped"] else ""
+            stdout.print(
+                f"{status} {report['passed']}/{report['passed'] + report['failed']} layers{skipped} "
+                f"({report['mode']} vs {report['source']}, backend {report['backend']}, "
+                f"{report['activation_dtype']} activations, {report['seconds']:.1f} s)"
+            )
+            if not report["ok"]:
+                stderr.print(f"[bold red]error:[/] {escape(report['error'])}", soft_wrap=True)
+    finally:  # also when the report cannot be printed (closed stdout): the verdict's exit code stays
         if not report["ok"]:
-            stderr.print(f"[bold red]error:[/] {escape(report['error'])}", soft_wrap=True)
-    if not report["ok"]:
-        sys.exit(report["exit_code"])
+            sys.exit(report["exit_code"])
 
 
 def _run_check(description: str, check, out, options, silent: bool) -> dict:
@@ -696,8 +744,9 @@ def zoo_command(zoo_file, force, fail_fast, jobs, shard_text, shard_by, dry_run,
 
     try:
         report = run_zoo(selected, options, on_event, zoo_file=zoo_file, zoo_entries=len(entries))
-    except KeyboardInterrupt:
-        _fail("interrupted; entries in progress published nothing, finished entries are in place", EXIT_INTERRUPTED, as_json)
+    except (KeyboardInterrupt, interrupts.Interrupted) as e:
+        code = getattr(e, "exit_code", EXIT_INTERRUPTED)
+        _fail(f"{e or 'interrupted'}; entries in progress published nothing, finished entries are in place", code, as_json)
     _finish_zoo(report, outputs, as_json, quiet)
 
 
@@ -731,28 +780,29 @@ def _finish_zoo(report: dict, outputs: tuple, as_json: bool, quiet: bool) -> Non
     from npuconv.zoo_report import summary_line
 
     _write_reports(*outputs, report)
-    if as_json:
-        emit_json(report)
-    else:
-        for error in report.get("errors") or []:
-            stderr.print(f"[bold red]error:[/] {escape(error)}", soft_wrap=True)
-        if not quiet and report["entries"]:
-            _print_zoo(report)
-        elif quiet:
-            for r in report["entries"]:
-                if r["error"]:
-                    stderr.print(f"[bold red]{r['status']}:[/] {escape(r['name'])}: {escape(r['error'])}", soft_wrap=True)
-        totals = report["totals"]
-        status, _, counts = summary_line(report).partition(" ")
-        style = "green" if report["ok"] else "bold red"
-        stdout.print(
-            f"[{style}]{status}[/] {escape(counts)}; {human_bytes(totals['bytes_in'])} in, "
-            f"{human_bytes(totals['bytes_out'])} out, {totals['seconds']:.1f} s",
-            soft_wrap=True,
-        )
-    if report["exit_code"]:
-        sys.exit(report["exit_code"])
-
+    try:
+        if as_json:
+            emit_json(report)
+        else:
+            for error in report.get("errors") or []:
+                stderr.print(f"[bold red]error:[/] {escape(error)}", soft_wrap=True)
+            if not quiet and report["entries"]:
+                _print_zoo(report)
+            elif quiet:
+                for r in report["entries"]:
+                    if r["error"]:
+                        stderr.print(f"[bold red]{r['status']}:[/] {escape(r['name'])}: {escape(r['error'])}", soft_wrap=True)
+            totals = report["totals"]
+            status, _, counts = summary_line(report).partition(" ")
+            style = "green" if report["ok"] else "bold red"
+            stdout.print(
+                f"[{style}]{status}[/] {escape(counts)}; {human_bytes(totals['bytes_in'])} in, "
+                f"{human_bytes(totals['bytes_out'])} out, {totals['seconds']:.1f} s",
+                soft_wrap=True,
+            )
+    finally:  # also when the report cannot be printed (closed stdout)
+        if report["exit_code"]:
+            sys.exit(report["exit_code"])
 
 def _print_zoo(report: dict) -> None:
     from npuconv.zoo_report import verify_text
@@ -814,22 +864,19 @@ def _write_text(path: str, text: str, option: str) -> None:
         raise OutputError(f"{option} {path}: cannot write: {e.strerror or e}") from None
 
 
-def _terminate(signum, _frame) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main() -> None:
-    """Console-script entry point."""
+    """The CLI proper; ``npuconv.__main__.main`` (the console script) installs signal handling first."""
     from npuconv.memory import tune_allocator
 
     tune_allocator()
-    # SIGTERM (kill, timeout, container stop) unwinds like Ctrl-C, so the temporary output is removed
-    signal.signal(signal.SIGTERM, _terminate)
     if hasattr(signal, "SIGXFSZ"):
         # over a file-size limit, fail the write with EFBIG (clean error + cleanup) instead of dying
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    cli(prog_name="npuconv")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()
+    try:
+        cli(prog_name="npuconv")
+    finally:
+        interrupts.finish()
+        try:
+            sys.stdout.flush()
+        except (OSError, ValueError):  # a closed pipe: let the exit flush find /dev/null instead
+            _silence_stdout()

@@ -43,7 +43,7 @@ import torch
 
 from npuconv.io.checkpoint import Checkpoint, config_dtype
 from npuconv.entries import from_storage
-from npuconv.errors import InputError
+from npuconv.errors import InputError, VerificationFailed
 from npuconv.model import LinearSpec, QuantizedLinear, dequantize
 from npuconv.io.output import MANIFEST, check_shards
 from npuconv.readers import open_reader
@@ -68,6 +68,25 @@ class VerifyOptions:
     skip_checksum: bool = False
     max_rel_l2: float | None = None  # override every target's threshold
     min_cosine: float | None = MIN_COSINE  # None: each target's (Target.thresholds)
+
+    def __post_init__(self) -> None:
+        """Every numeric option in range and finite (InputError naming the option otherwise)."""
+        if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or not 1 <= self.tokens <= MAX_TOKENS:
+            raise InputError(f"tokens {self.tokens!r} must be an integer from 1 to {MAX_TOKENS}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise InputError(f"seed {self.seed!r} must be an integer from 0 to 2**64-1")
+        if self.max_rel_l2 is not None and not (_finite(self.max_rel_l2) and self.max_rel_l2 > 0):
+            raise InputError(f"max_rel_l2 {self.max_rel_l2!r} must be a finite number > 0")
+        if not (_finite(self.min_cosine) and -1 <= self.min_cosine <= 1):
+            raise InputError(f"min_cosine {self.min_cosine!r} must be a finite number from -1 to 1")
+
+
+MAX_TOKENS = 65536
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -116,6 +135,7 @@ def verify(path: str | Path, options: VerifyOptions, on_layer: Callable[[int, in
     started = time.perf_counter()
     backend = get_backend(options.device)
     output_ckpt = open_source(path)
+    check_loadable(output_ckpt)
     output_reader = open_reader(output_ckpt)
     pairing = _pair(output_ckpt, output_reader, options)
     act_dtype = config_dtype(output_ckpt.config) or torch.bfloat16
@@ -156,6 +176,22 @@ def verify(path: str | Path, options: VerifyOptions, on_layer: Callable[[int, in
         "skipped": counts["skip"],
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def check_loadable(checkpoint: Checkpoint) -> None:
+    """Open every weight file with the safetensors library, as a serving engine's loader does, and
+    check it sees the same tensors (names, shapes) as npuconv; raise VerificationFailed if not."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in checkpoint.weight_files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                seen = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise VerificationFailed(f"{path.name}: the safetensors library cannot open it: {e}") from None
+        ours = {info.name: info.shape for info in checkpoint.tensors.values() if info.path == path}
+        if seen != ours:
+            raise VerificationFailed(f"{path.name}: the safetensors library reads other tensors than npuconv does")
 
 
 def _verdict(counts: dict[str, int], results: list[LayerResult]) -> dict:

@@ -160,9 +160,10 @@ def load_zoo(path: str | Path) -> list[ZooEntry]:
         # an existing path (relative to the zoo file) wins; otherwise org/name[@rev] is a Hub id
         source = str(local) if local.exists() or not looks_like_hub_id(source_text) else source_text
         output = Path(os.path.abspath(base / Path(output_text).expanduser()))
-        if output in seen:
-            raise ZooFileError(f"{path}: {where}: output {output_text!r} is also the output of model[{seen[output]}]")
-        seen[output] = i
+        real = Path(os.path.realpath(output))  # two spellings of one directory (a symlink alias) are one output
+        if real in seen:
+            raise ZooFileError(f"{path}: {where}: output {output_text!r} is also the output of model[{seen[real]}]")
+        seen[real] = i
         size = get("max_shard_size", (str, int))
         try:
             max_shard_bytes = DEFAULT_MAX_SHARD if size is None else parse_size(size) if isinstance(size, str) else int(size)
@@ -364,8 +365,10 @@ def _worker(entry: ZooEntry, force: bool, env: dict, threads: int | None, conn) 
     """Body of a worker process: run one entry and send its result back."""
     os.environ.clear()
     os.environ.update(env)  # the zoo command's environment now, not the forkserver's at its start
+    from npuconv import interrupts
     from npuconv.memory import tune_allocator
 
+    interrupts.install()  # SIGINT / SIGTERM / SIGHUP: clean up the entry's temporary output, then report
     tune_allocator()  # what `npuconv convert` does at start (glibc only)
     if threads:
         import torch
@@ -382,8 +385,8 @@ def _worker(entry: ZooEntry, force: bool, env: dict, threads: int | None, conn) 
 
     try:
         result = run_entry(entry, force, on_progress=progress)
-    except KeyboardInterrupt:
-        result = _result(entry, "failed", error="interrupted", exit_code=130)
+    except (KeyboardInterrupt, interrupts.Interrupted) as e:
+        result = _result(entry, "failed", error=str(e) or "interrupted", exit_code=getattr(e, "exit_code", 130))
     result["peak_rss_bytes"] = _peak_rss_bytes()
     conn.send(result)
     conn.close()
