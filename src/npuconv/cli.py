@@ -303,10 +303,16 @@ def _print_plan(plan: dict) -> None:
 @click.option("--skip-checksum", is_flag=True, help="Do not check shard sha256 against npuconv.json.")
 @click.option("--max-rel-l2", type=float, default=None, help="Override the per-scheme relative L2 threshold.")
 @click.option("--min-cosine", type=float, default=0.9999, show_default=True, help="Minimum cosine similarity.")
+@click.option(
+    "--reference", type=click.Choice(["npuconv", "tool", "auto"]), default="npuconv", show_default=True,
+    help="Whose dequantization of the source the kernels are compared with: npuconv's reader, the library "
+         "that wrote the source (compressed-tensors, msmodelslim; must be installed), or the tool when present.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the summary line.")
 @handle_errors
-def verify_command(out, source, layer_glob, tokens, seed, device, skip_checksum, max_rel_l2, min_cosine, as_json, quiet) -> None:
+def verify_command(out, source, layer_glob, tokens, seed, device, skip_checksum, max_rel_l2, min_cosine, reference,
+                   as_json, quiet) -> None:
     """Check OUT numerically: NPU kernels on the converted tensors vs the dequantized source.
 
     OUT is an npuconv output (its source comes from npuconv.json, or --source) or any supported
@@ -321,12 +327,13 @@ def verify_command(out, source, layer_glob, tokens, seed, device, skip_checksum,
       npuconv verify ./llama-npu
       npuconv verify ./llama-npu --layers '*.self_attn.*' --tokens 64 --json
       npuconv verify ./some-gptq-model          # check a source checkpoint itself
+      npuconv verify ./llama-npu --reference tool   # against compressed-tensors' own dequantization
     """
     from npuconv.verify import VerifyOptions, verify
 
     options = VerifyOptions(
         source=source, layers=layer_glob, tokens=tokens, seed=seed, device=device,
-        skip_checksum=skip_checksum, max_rel_l2=max_rel_l2, min_cosine=min_cosine,
+        skip_checksum=skip_checksum, max_rel_l2=max_rel_l2, min_cosine=min_cosine, reference=reference,
     )
     bar = None
 
@@ -353,7 +360,7 @@ def verify_command(out, source, layer_glob, tokens, seed, device, skip_checksum,
         skipped = f", {report['skipped']} skipped" if report["skipped"] else ""
         stdout.print(
             f"{status} {report['passed']}/{report['passed'] + report['failed']} layers{skipped} "
-            f"({report['mode']} vs {report['source']}, backend {report['backend']}, "
+            f"({report['mode']} vs {report['source']}, reference {report['reference']}, backend {report['backend']}, "
             f"{report['activation_dtype']} activations, {report['seconds']:.1f} s)"
         )
     if not report["ok"]:

@@ -39,6 +39,8 @@ from npuconv.output import MANIFEST, sha256_file
 from npuconv.readers import open_reader
 from npuconv.readers.base import Reader
 from npuconv.readers.npuconv_output import NpuconvReader
+from npuconv.references import ToolMismatch, ToolReference
+from npuconv.references import select as select_reference
 from npuconv.runtime import run_kernel, to_backend
 from npuconv.source import open_source
 from npuconv.writers import TARGETS, WriterOptions, writer_class
@@ -64,6 +66,7 @@ class VerifyOptions:
     skip_checksum: bool = False
     max_rel_l2: float | None = None  # override every threshold
     min_cosine: float = MIN_COSINE
+    reference: str = "npuconv"  # npuconv | tool | auto (npuconv.references)
 
 
 @dataclass
@@ -78,6 +81,7 @@ class LayerResult:
     threshold: float
     status: str  # "pass" | "fail" | "skip"
     note: str = ""
+    reference: str = "npuconv"  # whose dequantization of the source y_ref was computed from
 
     @property
     def passed(self) -> bool:
@@ -118,6 +122,7 @@ def verify(path: str | Path, options: VerifyOptions, on_layer: Callable[[int, in
     if act_dtype == torch.float32:
         act_dtype = torch.bfloat16
     source_specs = {s.name: s for s in pairing.source.linear_specs()}
+    tool = select_reference(options.reference, pairing.source)
     specs = [s for s in output_reader.linear_specs() if not options.layers or fnmatch.fnmatchcase(s.name, options.layers)]
     if options.layers and not specs:
         raise InputError(f"--layers {options.layers!r} matches no quantized layer")
@@ -129,7 +134,7 @@ def verify(path: str | Path, options: VerifyOptions, on_layer: Callable[[int, in
         if spec.name not in source_specs:
             raise InputError(f"layer '{spec.name}' is not a quantized layer of the source {pairing.source.ckpt.source_id}")
         x = torch.randn(options.tokens, spec.in_features, generator=generator).to(act_dtype)
-        results.append(_verify_layer(spec, source_specs[spec.name], pairing, backend, x, options))
+        results.append(_verify_layer(spec, source_specs[spec.name], pairing, backend, x, options, tool))
         if on_layer:
             on_layer(i + 1, len(specs))
     order = {"fail": 0, "pass": 1, "skip": 2}
@@ -141,6 +146,7 @@ def verify(path: str | Path, options: VerifyOptions, on_layer: Callable[[int, in
         "mode": pairing.mode,
         "output": str(path),
         "source": pairing.source.ckpt.source_id,
+        "reference": tool.name if tool is not None else "npuconv",
         "activation_dtype": str(act_dtype).removeprefix("torch."),
         "tokens": options.tokens,
         "seed": options.seed,
@@ -243,7 +249,8 @@ class _Skip(Exception):
 
 
 # ------------------------------------------------------------------------------------- per layer
-def _verify_layer(spec, source_spec, pairing: _Pairing, backend, x, options: VerifyOptions) -> LayerResult:
+def _verify_layer(spec, source_spec, pairing: _Pairing, backend, x, options: VerifyOptions,
+                  tool: ToolReference | None = None) -> LayerResult:
     device = backend.device if backend.name != "npu" else "cpu"  # where the reference is computed
     source_layer = pairing.source.load(source_spec)
     output_layer, stored = (source_layer, None) if pairing.mode == "source" else pairing.decode(spec)
@@ -257,12 +264,21 @@ def _verify_layer(spec, source_spec, pairing: _Pairing, backend, x, options: Ver
     family = "weight_only" if kernel == "npu_weight_quant_batchmatmul" else "quant"
     moved = {role: to_backend(t, entry["tensors"][role], backend) for role, t in tensors.items()}
     y, x_effective = run_kernel(backend, entry, spec, moved, x.to(backend.device))
-    y_ref = reference_output(source_layer.to(device), x_effective)
+    try:
+        tool_weight = tool.weight(source_spec) if tool is not None else None
+    except ToolMismatch as mismatch:
+        return LayerResult(spec.name, spec.scheme, kernel, exact, math.nan, math.nan, math.nan, math.nan, "fail",
+                           f"tool reference: {mismatch}", tool.name)
+    y_ref = reference_output(source_layer.to(device), x_effective, tool_weight)
     max_abs, rel_l2, cosine = compare(y.double().cpu(), y_ref)
     threshold = options.max_rel_l2 if options.max_rel_l2 is not None else THRESHOLDS[(family, x.dtype)]
     passed = bool(exact is not False and rel_l2 <= threshold and cosine >= options.min_cosine)
     note = "" if exact is not False else "decoded layout differs from the source"
-    return LayerResult(spec.name, spec.scheme, kernel, exact, max_abs, rel_l2, cosine, threshold, "pass" if passed else "fail", note)
+    if tool is not None and tool_weight is None:
+        note = "; ".join(filter(None, [note, f"{tool.name} has no dequantization for {spec.scheme}: npuconv reference"]))
+    reference = tool.name if tool_weight is not None else "npuconv"
+    return LayerResult(spec.name, spec.scheme, kernel, exact, max_abs, rel_l2, cosine, threshold,
+                       "pass" if passed else "fail", note, reference)
 
 
 def same_weights(a: QuantizedLinear, b: QuantizedLinear) -> bool:
@@ -290,11 +306,12 @@ def same_canonical(a: QuantizedLinear, b: QuantizedLinear) -> bool:
     return torch.equal(a.group_index(), b.group_index())
 
 
-def reference_output(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
+def reference_output(layer: QuantizedLinear, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ dequant(layer)ᵀ + bias`` in float64 from the float32 dequantization (exact for every
     supported format) with a float32 matmul: its relative error (~1e-6) is far below every threshold.
-    A stacked MoE layer (weight ``[E, N, K]``) gives ``[E, M, N]``: every token through every expert."""
-    weight = dequantize(layer, torch.float32)
+    A stacked MoE layer (weight ``[E, N, K]``) gives ``[E, M, N]``: every token through every expert.
+    ``weight`` (float32, the layer's shape): a tool's dequantization used instead of npuconv's."""
+    weight = dequantize(layer, torch.float32) if weight is None else weight.to(x.device, torch.float32)
     y = (x.to(weight.device, torch.float32) @ weight.transpose(-1, -2)).double()
     if layer.bias is not None:
         bias = layer.bias.double()
