@@ -70,6 +70,31 @@ def fp32_of_int64(t: torch.Tensor) -> torch.Tensor:
     return low.to(torch.int32).view(torch.float32).double()
 
 
+def ocp_mx_reference(w: torch.Tensor, element: str, round_mode: str = "rint") -> torch.Tensor:
+    """OCP MX v1.0 §6.3 conversion of ``w`` ``[..., K]`` in 32-blocks along the last dim, dequantized:
+    shared exponent ``X = floor(log2(amax)) − emax_elem`` (emax 8 for E4M3, 2 for E2M1; clamped to
+    the E8M0 range), elements ``w / 2^X`` rounded on the element grid (``rint``: nearest, ties to the
+    even code; ``round``: ties away from zero) and saturated to the max normal (448, 6); ``Q · 2^X``."""
+    *lead, k = w.shape
+    padded = torch.nn.functional.pad(w.double(), (0, (-k) % 32)).reshape(*lead, -1, 32)
+    amax = padded.abs().amax(-1, keepdim=True)
+    emax = 8 if element == "fp8" else 2
+    x = torch.where(amax > 0, torch.floor(torch.log2(torch.where(amax > 0, amax, 1.0))) - emax, -127.0).clamp(-127, 127)
+    p = padded / torch.pow(2.0, x)
+    if element == "fp8":
+        assert round_mode == "rint"
+        q = p.clamp(-448, 448).to(torch.float8_e4m3fn).double()  # torch's cast rounds to nearest even
+    else:
+        distance = (p.abs().clamp(max=6).unsqueeze(-1) - E2M1).abs()
+        tied = distance == distance.min(-1, keepdim=True).values
+        if round_mode == "rint":  # of tied grid points, the even code
+            pick = torch.where(tied, torch.tensor([0, 1, 0, 1, 0, 1, 0, 1]), 9).argmin(-1)
+        else:  # the larger magnitude
+            pick = torch.where(tied, torch.arange(8), -1).argmax(-1)
+        q = torch.sign(p) * E2M1[pick]
+    return (q * torch.pow(2.0, x)).reshape(*lead, -1)[..., :k]
+
+
 def _tensor(files: dict, entry: dict, role: str) -> torch.Tensor | None:
     """A stored tensor in ND, still packed: NZ untiled to ``[..., rows, cols/packing]``."""
     info = entry["tensors"].get(role)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import FIXTURES, load_reference
 from schemes.scheme_helpers import make_float_model
-from spec_decoders import E2M1, decode_output, fp4_of_bytes, nz_to_nd, signed_nibbles_of_int32
+from spec_decoders import decode_output, fp4_of_bytes, nz_to_nd, ocp_mx_reference, signed_nibbles_of_int32
 
 from npuconv.convert import ConvertOptions, convert
 from npuconv.writers import WriterOptions
@@ -63,27 +63,6 @@ def test_spec_decoder_matches_the_writing_tool(fixture, target, nz, tmp_path):
 
 
 # ------------------------------------------------------------------------------ float sources: OCP MX
-def ocp_mx_reference(w: torch.Tensor, element: str) -> torch.Tensor:
-    """OCP MX v1.0 §6.3 conversion of ``w`` ``[N, K]`` in 32-blocks along K: shared exponent
-    ``X = floor(log2(amax)) − emax_elem`` (emax 8 for E4M3, 2 for E2M1), elements ``w / 2^X`` rounded
-    to nearest-even on the element grid and saturated to its max normal (448, 6); returns ``Q · 2^X``."""
-    n, k = w.shape
-    padded = torch.nn.functional.pad(w.double(), (0, (-k) % 32)).reshape(n, -1, 32)
-    amax = padded.abs().amax(-1, keepdim=True)
-    emax = 8 if element == "fp8" else 2
-    x = torch.where(amax > 0, torch.floor(torch.log2(torch.where(amax > 0, amax, 1.0))) - emax, 0.0).clamp(-127, 127)
-    p = padded / torch.pow(2.0, x)
-    if element == "fp8":
-        q = p.clamp(-448, 448).to(torch.float8_e4m3fn).double()  # torch's cast is round-to-nearest-even
-    else:
-        grid = E2M1
-        distance = (p.abs().clamp(max=6).unsqueeze(-1) - grid).abs()
-        best = distance.min(-1, keepdim=True).values
-        tie_even = torch.where(distance == best, torch.tensor([0, 1, 0, 1, 0, 1, 0, 1]), 9)  # even code wins a tie
-        q = torch.sign(p) * grid[tie_even.argmin(-1)]
-    return (q * torch.pow(2.0, x)).reshape(n, -1)[:, :k]
-
-
 @pytest.fixture(scope="module")
 def float_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("float_src")
