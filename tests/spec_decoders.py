@@ -101,7 +101,7 @@ def _tensor(files: dict, entry: dict, role: str) -> torch.Tensor | None:
     if info is None:
         return None
     t = files[info["name"]]
-    assert list(t.shape) == info["storage_shape"], (info["name"], t.shape)
+    assert list(t.shape) == info.get("storage_shape", list(t.shape)), (info["name"], t.shape)
     if info["layout"] == "nz":
         c0 = NZ_C0[(info["dtype"], info.get("packing"))]
         assert t.shape[-1] == c0 and t.shape[-2] == 16, (info["name"], tuple(t.shape), c0)
@@ -204,11 +204,16 @@ KERNELS = {
 }
 
 
+def decode_layers(layers: dict[str, dict], files: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Layers (name → manifest entry) of stored tensors ``files`` → float64 ``[N, K]`` (``[E, N, K]``) weights."""
+    return {name: KERNELS.get(entry["kernel"], _float)(files, entry) for name, entry in layers.items()}
+
+
 def decode_output(directory: Path) -> dict[str, torch.Tensor]:
-    """Every quantized layer of an npuconv output → float64 ``[N, K]`` (``[E, N, K]``) weight."""
+    """Every quantized layer of an npuconv output directory → float64 ``[N, K]`` (``[E, N, K]``) weight."""
     directory = Path(directory)
     manifest = json.loads((directory / "npuconv.json").read_text())
     files: dict[str, torch.Tensor] = {}
     for path in sorted(directory.glob("*.safetensors")):
         files.update(load_file(path))
-    return {name: KERNELS.get(entry["kernel"], _float)(files, entry) for name, entry in manifest["layers"].items()}
+    return decode_layers(manifest["layers"], files)
