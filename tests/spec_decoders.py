@@ -217,3 +217,23 @@ def decode_output(directory: Path) -> dict[str, torch.Tensor]:
     for path in sorted(directory.glob("*.safetensors")):
         files.update(load_file(path))
     return decode_layers(manifest["layers"], files)
+
+
+def tool_weight(reference: dict[str, torch.Tensor], name: str, experts: int | None) -> torch.Tensor:
+    """The tool's weight of layer ``name`` from a ``<module>.weight`` dict; an npuconv expert stack
+    ``<p>.experts.<proj>`` is the tool's per-expert modules ``<p>.experts.<e>.<proj>`` stacked."""
+    if experts is None:
+        return reference[f"{name}.weight"]
+    prefix, proj = name.rsplit(".experts.", 1)
+    return torch.stack([reference[f"{prefix}.experts.{e}.{proj}.weight"] for e in range(experts)])
+
+
+def assert_decodes_to_tool(directory: Path, reference: dict[str, torch.Tensor]) -> None:
+    """Every layer of an output, spec-decoded, equals the writing tool's dequantization (up to the
+    float32 rounding of the tool's own product: lossless targets)."""
+    decoded = decode_output(directory)
+    assert decoded, f"{directory}: no quantized layer"
+    for name, weight in decoded.items():
+        expected = tool_weight(reference, name, weight.shape[0] if weight.dim() == 3 else None).double()
+        assert weight.shape == expected.shape, name
+        assert torch.allclose(weight, expected, rtol=2e-6, atol=1e-12), (name, (weight - expected).abs().max())

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import FIXTURES, load_reference
 from schemes.scheme_helpers import make_float_model
-from spec_decoders import decode_output, fp4_of_bytes, nz_to_nd, ocp_mx_reference, signed_nibbles_of_int32
+from spec_decoders import assert_decodes_to_tool, decode_output, fp4_of_bytes, nz_to_nd, ocp_mx_reference, signed_nibbles_of_int32
 
 from npuconv.convert import ConvertOptions, convert
 from npuconv.writers import WriterOptions
@@ -39,27 +39,11 @@ CASES = {
 PARAMS = [(f, t, nz) for f, targets in sorted(CASES.items()) for t in targets for nz in (False, True)]
 
 
-def tool_weight(reference: dict[str, torch.Tensor], name: str, experts: int | None) -> torch.Tensor:
-    """The tool's weight of layer ``name``; an npuconv expert stack ``<p>.experts.<proj>`` is the
-    tool's per-expert modules ``<p>.experts.<e>.<proj>`` stacked."""
-    if experts is None:
-        return reference[f"{name}.weight"]
-    prefix, proj = name.rsplit(".experts.", 1)
-    return torch.stack([reference[f"{prefix}.experts.{e}.{proj}.weight"] for e in range(experts)])
-
-
 @pytest.mark.parametrize("fixture, target, nz", PARAMS, ids=[f"{f}-{t}-{'nz' if nz else 'nd'}" for f, t, nz in PARAMS])
 def test_spec_decoder_matches_the_writing_tool(fixture, target, nz, tmp_path):
     out = tmp_path / "out"
     convert(FIXTURES / fixture, out, ConvertOptions(target, WriterOptions(nz=nz)))
-    decoded = decode_output(out)
-    reference = load_reference(fixture)
-    assert decoded
-    for name, weight in decoded.items():
-        expected = tool_weight(reference, name, weight.shape[0] if weight.dim() == 3 else None).double()
-        assert weight.shape == expected.shape, name
-        # lossless targets: equal up to the float32 rounding of the tool's own product
-        assert torch.allclose(weight, expected, rtol=2e-6, atol=1e-12), (name, (weight - expected).abs().max())
+    assert_decodes_to_tool(out, load_reference(fixture))
 
 
 # ------------------------------------------------------------------------------ float sources: OCP MX
