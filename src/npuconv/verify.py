@@ -14,6 +14,11 @@ Per layer (streamed, one layer in memory at a time):
    for weight-only kernels, and the dequantized output of the backend's own activation-quant op
    for W8A8/MX kernels (so the comparison isolates the weights, not activation rounding).
 
+Reference (``VerifyOptions.reference``, :mod:`npuconv.references`): ``npuconv`` dequantizes the
+source with npuconv's own reader; ``tool`` with the library that wrote it (compressed-tensors,
+msModelSlim), so that a reader bug cannot pass on both sides; ``auto`` uses the tool when it is
+importable. The report's ``reference`` (and each layer's) names the one used.
+
 Metrics: max abs error, relative L2 error, cosine similarity. A layer passes when the layout
 check holds and ``rel_l2 <= max_rel_l2`` and ``cosine >= min_cosine`` (thresholds below, per
 activation dtype and kernel, derived from the rounding each kernel does: fp16 rounds the
