@@ -2,13 +2,20 @@
 
     python benchmarks/run.py                          # 7B-shaped, every format (needs ~40 GB disk)
     python benchmarks/run.py --scale 0.125 --formats gptq-sym awq   # quick
-    python benchmarks/run.py --json results.json --markdown
+    python benchmarks/run.py --json results.json
+    taskset -c 0,1 python benchmarks/run.py …        # the 2-core numbers (children inherit the mask)
+    python benchmarks/run.py --compare-src OLD/src    # also time another npuconv tree (before/after)
 
 Each measurement runs in a fresh subprocess; wall time and peak RSS (``ru_maxrss`` of that child,
 from GNU ``time``) are recorded. The baseline is ``copy_baseline.py``: ``safetensors.torch.load_file``
 + ``save_file`` of every shard (+ fsync, as npuconv fsyncs), i.e. the same bytes in and out with no
 conversion. Inputs are synthesized on the fly (``synth.py``) into ``--work`` and never committed;
 every input is read once before timing so both runs start from a warm page cache.
+
+Rows beside the conversion: ``float`` also records the copy of its *output* (13 GB of bf16 for
+the 7B shapes: ``output_copy_seconds``); AWQ adds the peer row, compressed-tensors' own
+converter (``peer_ct.py``) when ``compressed_tensors`` is installed; ``--startup`` times
+``npuconv --help``, ``--version`` and ``inspect`` of a small fixture.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ from synth import FORMATS, synthesize  # noqa: E402
 
 TARGETS = {"gptq-sym": ["npu-int4", "float"], "gptq-asym": ["npu-int4"], "awq": ["npu-int4"],
            "ct-w4a16": ["npu-int4"], "ct-w8a8": ["npu-w8a8", "npu-int8"]}
+PEER = "peer:compressed-tensors"  # compressed-tensors' AutoAWQ → CT converter on the AWQ input (peer_ct.py)
+COMPARED = ("npu-int4", "npu-w8a8")  # targets that --compare-src also times (the copy-speed goals)
 
 
 def run_measured(cmd: list[str]) -> dict:
@@ -59,38 +68,112 @@ def warm(path: Path) -> int:
     return total
 
 
-def bench_convert(fmt: str, work: Path, scale: float, workers: int, repeats: int) -> list[dict]:
+def npuconv_cmd(source: Path, out: Path, target: str, workers: str, src: Path | None = None) -> list[str]:
+    cmd = [sys.executable, "-m", "npuconv", "convert", str(source), str(out), "--to", target, "--force", "-q"]
+    if workers != "auto":
+        cmd += ["--workers", workers]
+    if src is not None:  # another npuconv tree (e.g. the code before a change): same interpreter, its sources
+        cmd = ["env", f"PYTHONPATH={src}", *cmd]
+    return cmd
+
+
+def best(cmds: list[list[str]], repeats: int, prepare) -> list[dict]:
+    """Best of ``repeats`` runs of each command, alternating them so none always runs on a hotter cache."""
+    runs: list[list[dict]] = [[] for _ in cmds]
+    for _ in range(repeats):
+        for i, cmd in enumerate(cmds):
+            prepare()
+            runs[i].append(run_measured(cmd))
+    return [min(r, key=lambda x: x["seconds"]) for r in runs]
+
+
+def bench_convert(fmt: str, work: Path, scale: float, workers: str, repeats: int, compare_src: Path | None,
+                  only: list[str] | None = None) -> list[dict]:
     source = work / f"{fmt}-x{scale:g}"
     if not (source / "config.json").exists():
         shutil.rmtree(source, ignore_errors=True)
         synthesize(fmt, source, scale)
     size = warm(source)
+    largest = max_tensor_bytes(source)
+    out_copy, out_conv = work / "out-copy", work / "out-convert"
+
+    def clean() -> None:
+        shutil.rmtree(out_copy, ignore_errors=True)
+        shutil.rmtree(out_conv, ignore_errors=True)
+
     rows = []
-    for target in TARGETS[fmt]:
-        copies, converts = [], []
-        for _ in range(repeats):  # alternate so neither side always runs on a hotter cache
-            out = work / "out-copy"
-            shutil.rmtree(out, ignore_errors=True)
-            copies.append(run_measured([sys.executable, str(HERE / "copy_baseline.py"), str(source), str(out)]))
-            out = work / "out-convert"
-            shutil.rmtree(out, ignore_errors=True)
-            converts.append(run_measured([sys.executable, "-m", "npuconv", "convert", str(source), str(out), "--to", target,
-                                          "--force", "-q", "--workers", str(workers)]))
-        copy = min(copies, key=lambda r: r["seconds"])
-        conv = min(converts, key=lambda r: r["seconds"])
-        largest = max_tensor_bytes(source)
-        rows.append({
-            "format": fmt, "target": target, "scale": scale, "workers": workers, "input_bytes": size,
-            "copy_seconds": copy["seconds"], "convert_seconds": conv["seconds"],
+    targets = TARGETS[fmt] + ([PEER] if fmt == "awq" and has_peer() else [])
+    for target in [t for t in targets if only is None or t in only]:
+        copy_cmd = [sys.executable, str(HERE / "copy_baseline.py"), str(source), str(out_copy)]
+        if target == PEER:
+            cmds = [copy_cmd, [sys.executable, str(HERE / "peer_ct.py"), str(source), str(out_conv)]]
+        else:
+            cmds = [copy_cmd, npuconv_cmd(source, out_conv, target, workers)]
+            if compare_src is not None and target in COMPARED:
+                cmds.append(npuconv_cmd(source, out_conv, target, "1", compare_src))
+        results = best(cmds, repeats, clean)
+        copy, conv = results[0], results[1]
+        row = {
+            "format": fmt, "target": target, "scale": scale, "workers": workers, "cores": usable_cores(),
+            "input_bytes": size, "copy_seconds": copy["seconds"], "convert_seconds": conv["seconds"],
             "ratio": round(conv["seconds"] / copy["seconds"], 3),
             "convert_gb_per_s": round(size / conv["seconds"] / 1e9, 3),
             "copy_peak_rss_mb": round(copy["peak_rss_bytes"] / 1e6), "convert_peak_rss_mb": round(conv["peak_rss_bytes"] / 1e6),
             "largest_tensor_mb": round(largest / 1e6),
             "rss_budget_mb": round((2 * largest + 400e6) / 1e6),
-        })
+        }
+        if compare_src is not None and len(results) > 2:
+            before = results[2]
+            row.update({"before_seconds": before["seconds"], "before_ratio": round(before["seconds"] / copy["seconds"], 3),
+                        "before_peak_rss_mb": round(before["peak_rss_bytes"] / 1e6), "before_workers": 1})
+        if target == "float":  # the float target's floor is the copy of what it writes
+            row.update(output_copy(work, out_conv, conv["seconds"], repeats))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    clean()
+    return rows
+
+
+def output_copy(work: Path, converted: Path, convert_seconds: float, repeats: int) -> dict:
+    """Copy of the float target's output files, measured right after it was converted."""
+    out = work / "out-copy-output"
+    best_run = None
+    for _ in range(repeats):
+        shutil.rmtree(out, ignore_errors=True)
+        result = run_measured([sys.executable, str(HERE / "copy_baseline.py"), str(converted), str(out)])
+        best_run = result if best_run is None or result["seconds"] < best_run["seconds"] else best_run
+    shutil.rmtree(out, ignore_errors=True)
+    output_bytes = sum(p.stat().st_size for p in converted.glob("*.safetensors"))
+    return {"output_bytes": output_bytes, "output_copy_seconds": best_run["seconds"],
+            "ratio_to_output_copy": round(convert_seconds / best_run["seconds"], 3)}
+
+
+def has_peer() -> bool:
+    try:
+        import compressed_tensors.entrypoints.convert  # noqa: F401
+    except Exception:  # not installed, or an incompatible torch/transformers
+        return False
+    return True
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def bench_startup(repeats: int = 5) -> list[dict]:
+    """Wall time of ``npuconv --help``, ``--version`` and ``inspect`` of a small fixture (best of ``repeats``)."""
+    fixture = HERE.parent / "tests" / "fixtures" / "gptq_v1_b4_g32_sym"
+    rows = []
+    for args in (["--help"], ["--version"], ["inspect", str(fixture)]):
+        cmd = [sys.executable, "-m", "npuconv", *args]
+        runs = [run_measured(cmd) for _ in range(repeats)]
+        fastest = min(runs, key=lambda r: r["seconds"])
+        rows.append({"command": "npuconv " + " ".join(args[:1]), "seconds": fastest["seconds"],
+                     "peak_rss_mb": round(fastest["peak_rss_bytes"] / 1e6)})
         print(json.dumps(rows[-1]), flush=True)
-    shutil.rmtree(work / "out-copy", ignore_errors=True)
-    shutil.rmtree(work / "out-convert", ignore_errors=True)
     return rows
 
 
@@ -130,7 +213,10 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
     parser.add_argument("--work", type=Path, default=HERE / "_work")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1])
+    parser.add_argument("--workers", nargs="+", default=["auto"], help="npuconv --workers values ('auto': its default)")
+    parser.add_argument("--compare-src", type=Path, help="also time the npuconv sources in this directory (workers 1)")
+    parser.add_argument("--targets", nargs="+", help=f"only these targets (and/or {PEER})")
+    parser.add_argument("--startup", action="store_true", help="time --help, --version and inspect")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip-compute", action="store_true")
     parser.add_argument("--verify-layers", default="*.layers.0.*", help="glob of layers verified on CPU ('' to skip)")
@@ -139,13 +225,17 @@ def main() -> None:
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-               "convert": [], "compute": [], "verify": None}
+               "convert": [], "compute": [], "verify": None, "startup": []}
     import torch
 
     results["machine"]["torch"] = torch.__version__
+    results["machine"]["cores"] = usable_cores()
+    if args.startup:
+        results["startup"] = bench_startup()
     for fmt in args.formats:
         for workers in args.workers:
-            results["convert"] += bench_convert(fmt, args.work, args.scale, workers, args.repeats)
+            results["convert"] += bench_convert(fmt, args.work, args.scale, workers, args.repeats, args.compare_src,
+                                               args.targets)
         if not args.keep:
             shutil.rmtree(args.work / f"{fmt}-x{args.scale:g}", ignore_errors=True)
     if not args.skip_compute:

@@ -70,3 +70,38 @@ def test_parse_size(text, value):
 def test_parse_size_rejects(text):
     with pytest.raises(InputError):
         parse_size(text)
+
+
+@pytest.mark.parametrize("workers", [1, 3, 8])
+def test_producer_queue_is_bounded_by_bytes(tmp_path, workers):
+    """Units start only while the output bytes in flight (queued, in production or being written)
+    fit the budget, or when nothing else is queued; the order and the bytes never change."""
+    import threading
+
+    lock = threading.Lock()
+    started: list[int] = []
+    written: list[int] = []
+    peaks: list[int] = []
+
+    def unit(i: int, size: int) -> Unit:
+        def produce():
+            with lock:
+                started.append(i)
+                peaks.append(sum(sizes[j] for j in started if j not in written))
+            return {f"t{i}": torch.full((size,), i % 256, dtype=torch.uint8)}
+
+        return Unit([TensorPlan(f"t{i}", torch.uint8, (size,))], produce, f"u{i}")
+
+    sizes = [100, 100, 300, 100, 100, 100, 50, 50, 50, 50]
+    units = [unit(i, s) for i, s in enumerate(sizes)]
+
+    def on_unit(done: Unit) -> None:
+        with lock:
+            written.append(int(done.label[1:]))
+
+    shards = plan_shards(units, 10_000)
+    write_shards(tmp_path, shards, on_unit, workers=workers, bytes_ahead=500)  # 250 output bytes
+    assert written == list(range(len(sizes)))
+    assert max(peaks) <= 300  # the 300-byte unit alone (nothing else in flight), else within 250
+    tensors = {name: read_tensor(info) for name, info in read_header(tmp_path / shards[0].filename)[0].items()}
+    assert all(torch.equal(tensors[f"t{i}"], torch.full((s,), i, dtype=torch.uint8)) for i, s in enumerate(sizes))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -51,7 +52,7 @@ class ConvertOptions:
     max_shard_bytes: int = DEFAULT_MAX_SHARD
     force: bool = False
     dry_run: bool = False
-    workers: int = 1  # background threads producing layers ahead of the writer (0: none)
+    workers: int | None = None  # threads producing layers ahead of the writer (0: none; None: default_workers())
     hash_source: bool = False  # record the sha256 of every source file in the manifest (zoo mode)
 
 
@@ -135,8 +136,9 @@ def convert(
         if on_progress:
             on_progress(done, total)
 
-    with AtomicDirectory(out, force=options.force) as tmp:
-        digests = write_shards(tmp, plan.shards, advance, options.workers)
+    workers = default_workers() if options.workers is None else options.workers
+    with AtomicDirectory(out, force=options.force) as tmp, _intra_op_threads(workers):
+        digests = write_shards(tmp, plan.shards, advance, workers)
         index = index_json(plan.shards, plan.writer.weight_prefix)
         if index:
             write_json(tmp / index[0], index[1])
@@ -155,6 +157,37 @@ def convert(
         }
     )
     return report
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. under ``taskset``)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_workers() -> int:
+    """Producer threads for ``convert``: one per core beside the writing thread (at least 1, at most
+    :data:`MAX_DEFAULT_WORKERS`). Memory does not grow with it: the producer queue is bounded by
+    bytes (:func:`npuconv.output.write_shards`)."""
+    return max(1, min(usable_cores() - 1, MAX_DEFAULT_WORKERS))
+
+
+MAX_DEFAULT_WORKERS = 16
+
+
+@contextmanager
+def _intra_op_threads(workers: int):
+    """With several producer threads, give each torch op fewer threads, so that ``workers`` threads
+    each running a multi-threaded op do not oversubscribe the cores (restored afterwards)."""
+    before = torch.get_num_threads()
+    if workers >= 2:
+        torch.set_num_threads(max(1, usable_cores() // (workers + 1)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _finish_output(directory: Path, checkpoint: Checkpoint, plan: ConversionPlan, manifest: dict) -> None:

@@ -18,6 +18,13 @@ One rule dequantizes every layer::
   E8M0 exponents (``2**(byte-127)``) for MX formats. ``global_scale`` (NVFP4) divides the scale:
   the effective scale is ``scale.float() / global_scale`` (that order, fp32, as compressed-tensors).
 
+Packed 4-bit codes (a fast path, same values): a reader of a 4-bit integer format may hand over
+the codes still packed, as ``packed_kn`` int32 ``[K, N/8]`` whose word ``[k, j]`` holds code
+``qweight[8j + t, k]`` (unsigned) in bits ``4t..4t+3`` — the LSB-first bitstream along N of the
+``[K, N]`` code matrix, which is also Ascend's int4pack order. A target that writes that order
+uses the words directly; everything else reads ``qweight``, unpacked from them on first access.
+:data:`PACKED_CODES` turns the path off (the tests compare both).
+
 How each source format maps onto this rule is documented in its reader module.
 """
 
@@ -26,6 +33,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 import torch
+
+from npuconv.packing import unpack_bitstream
 
 INT = "int"
 FP8_E4M3 = "fp8_e4m3"
@@ -103,12 +112,15 @@ class LinearSpec:
         return () if self.num_experts is None else (self.num_experts,)
 
 
+PACKED_CODES = True  # readers may set QuantizedLinear.packed_kn (False: always unpacked codes)
+
+
 @dataclass
 class QuantizedLinear:
     """The tensors of one quantized linear, in canonical form (see the module docstring)."""
 
     spec: LinearSpec
-    qweight: torch.Tensor  # [..., N, K]
+    qweight: torch.Tensor  # [..., N, K]; pass None with packed_kn (then unpacked on first access)
     scale: torch.Tensor  # [..., N, G]
     zero: torch.Tensor | None = None  # [..., N, G] int16, unsigned code domain; None: symmetric
     g_idx: torch.Tensor | None = None  # [K] int32 (or [E, K]); None: k // group_size
@@ -118,6 +130,9 @@ class QuantizedLinear:
     # static activation zero point, fp32 [1], integer-valued, in the *signed* int8 domain:
     # x_q = clamp(round(x / input_scale) + input_zero, -128, 127)  (CT input_zero_point, msModelSlim input_offset)
     input_zero: torch.Tensor | None = None
+    # the same codes, 4-bit integer only, packed along N: int32 [K, N/8] (module docstring); whoever
+    # replaces qweight must drop it
+    packed_kn: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> "QuantizedLinear":
         """The same layer with every tensor moved to ``device``."""
@@ -125,6 +140,7 @@ class QuantizedLinear:
             name: getattr(self, name).to(device) if isinstance(getattr(self, name), torch.Tensor) else getattr(self, name)
             for name in ("qweight", "scale", "zero", "g_idx", "bias", "global_scale", "input_scale", "input_zero")
         }
+        moved["packed_kn"] = None  # qweight was moved (and unpacked)
         return replace(self, **moved)
 
     def with_spec(self, **changes) -> "QuantizedLinear":
@@ -156,6 +172,24 @@ class QuantizedLinear:
             return self.zero.float()
         midpoint = float(2 ** (self.spec.bits - 1)) if self.spec.weight_format == INT else 0.0
         return torch.full(self.scale.shape, midpoint, device=self.scale.device)
+
+
+def _get_qweight(layer: QuantizedLinear) -> torch.Tensor:
+    if layer._qweight is None:
+        if layer.packed_kn is None:
+            raise ValueError(f"{layer.spec.name}: a layer needs qweight or packed_kn")
+        n = layer.spec.out_features
+        layer._qweight = unpack_bitstream(layer.packed_kn, 4, n).transpose(-1, -2)  # [N, K] view of [K, N]
+    return layer._qweight
+
+
+def _set_qweight(layer: QuantizedLinear, value: torch.Tensor | None) -> None:
+    layer._qweight = value
+
+
+# qweight is a dataclass field (constructor argument, replace(), repr) backed by this property, so
+# a layer built from packed_kn alone unpacks its codes only if something reads them
+QuantizedLinear.qweight = property(_get_qweight, _set_qweight)  # type: ignore[assignment]
 
 
 def decode_codes(codes: torch.Tensor, weight_format: str) -> torch.Tensor:
@@ -203,7 +237,7 @@ def _row_slice(layer: QuantizedLinear, start: int, stop: int) -> QuantizedLinear
     def rows(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t[..., start:stop, :]
 
-    return replace(layer, qweight=rows(layer.qweight), scale=rows(layer.scale), zero=rows(layer.zero))
+    return replace(layer, qweight=rows(layer.qweight), scale=rows(layer.scale), zero=rows(layer.zero), packed_kn=None)
 
 
 def _dequantize_rows(layer: QuantizedLinear, dtype: torch.dtype) -> torch.Tensor:

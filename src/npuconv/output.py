@@ -106,22 +106,33 @@ def index_json(shards: list[Shard], prefix: str = "model") -> tuple[str, dict] |
     return f"{prefix}.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map}
 
 
+MIN_BYTES_AHEAD = 128 * 1024**2  # the producer queue's byte budget is at least this (see write_shards)
+
+
 def write_shards(
     directory: Path,
     shards: list[Shard],
     on_unit: Callable[[Unit], None] | None = None,
     workers: int = 1,
+    bytes_ahead: int | None = None,
 ) -> dict[str, str]:
     """Stream every shard to ``directory``; returns ``{filename: sha256}``.
 
-    Units are produced (read + repack) by ``workers`` background threads, at most ``workers``
-    units ahead of the one being written, while the calling thread writes and hashes in plan
-    order — so reading, repacking and writing overlap, and peak memory is ``workers + 1`` units.
+    Units are produced (read + repack) by ``workers`` background threads ahead of the one being
+    written, while the calling thread writes and hashes in plan order — so reading, repacking and
+    writing overlap. The queue is bounded by bytes, not by count: a unit starts only while the
+    units produced, in production or being written hold at most ``bytes_ahead`` (counted as twice
+    their output bytes: input and temporaries; default budget: twice the largest unit, at least
+    :data:`MIN_BYTES_AHEAD`), or when nothing else is in flight. So peak memory is about twice
+    the largest unit whatever ``workers`` is.
     ``workers=0`` produces each unit in the calling thread just before writing it. torch and
     file I/O release the GIL, so the threads run in parallel.
     """
+    units = [u for s in shards for u in s.units]
+    if bytes_ahead is None:
+        bytes_ahead = max([MIN_BYTES_AHEAD, *(_cost(u) for u in units)])
     digests = {}
-    produced = _produce_in_order([u for s in shards for u in s.units], workers)
+    produced = _produce_in_order(units, workers, bytes_ahead)
     try:
         for shard in shards:
             path = directory / shard.filename
@@ -145,8 +156,9 @@ def write_shards(
     return digests
 
 
-def _produce_in_order(units: list[Unit], workers: int) -> Iterator[tuple[Unit, dict[str, torch.Tensor]]]:
-    """Yield ``(unit, unit.produce())`` in order, computing up to ``workers`` units ahead."""
+def _produce_in_order(units: list[Unit], workers: int, bytes_ahead: int) -> Iterator[tuple[Unit, dict[str, torch.Tensor]]]:
+    """Yield ``(unit, unit.produce())`` in order, computing up to ``workers`` units ahead within
+    ``bytes_ahead`` output bytes (the unit being consumed counts until the consumer asks for the next)."""
     if workers <= 0:
         for unit in units:
             yield unit, unit.produce()
@@ -154,22 +166,37 @@ def _produce_in_order(units: list[Unit], workers: int) -> Iterator[tuple[Unit, d
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="npuconv-produce")
     pending: deque = deque()
     upcoming = iter(units)
+    following = next(upcoming, None)
+    in_flight = 0
+
+    def admit() -> None:
+        nonlocal following, in_flight
+        while following is not None and len(pending) < workers and (
+            in_flight == 0 or in_flight + _cost(following) <= bytes_ahead
+        ):
+            pending.append((following, pool.submit(following.produce)))
+            in_flight += _cost(following)
+            following = next(upcoming, None)
+
     try:
-        for unit in upcoming:
-            pending.append((unit, pool.submit(unit.produce)))
-            if len(pending) >= workers:
-                break
+        admit()
         while pending:
             unit, future = pending.popleft()
+            admit()  # keep the workers busy while this unit is written (it still counts as in flight)
             tensors = future.result()
-            following = next(upcoming, None)
-            if following is not None:
-                pending.append((following, pool.submit(following.produce)))
             yield unit, tensors
+            del tensors
+            in_flight -= _cost(unit)
+            admit()
     finally:
         for _, future in pending:
             future.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _cost(unit: Unit) -> int:
+    """Bytes a unit holds while produced: its output plus about as much again of input and temporaries."""
+    return 2 * unit.nbytes
 
 
 class _HashingWriter(StreamingWriter):

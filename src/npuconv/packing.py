@@ -207,3 +207,87 @@ def awq_pack(codes: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`awq_unpack`: logical codes ``[..., 8m]`` → AWQ-ordered int32 ``[..., m]``."""
     grouped = codes.to(torch.uint8).unflatten(-1, (-1, 8))
     return pack_bitstream(grouped[..., list(AWQ_ORDER)].flatten(-2), 4)
+
+
+# ------------------------------------------------------------------------ 4-bit word repacking
+# Fused paths for 4-bit sources: the codes stay packed 8 to an int32 word and only the *position*
+# of each nibble changes, so no tensor of unpacked codes (one byte per code) is ever made.
+
+NIBBLE_HIGH_BITS = -0x77777778  # 0x88888888 as int32: bit 3 of every nibble (XOR: unsigned q <-> signed q - 8)
+
+
+def transpose_nibble_blocks(words: torch.Tensor, dim: int) -> None:
+    """In place: transpose each 8 × 8 nibble matrix formed by 8 int32 words along ``dim`` (size 8).
+
+    Matrix element ``[t, i]`` is nibble ``i`` (bits ``4i..4i+3``) of word ``t``; afterwards nibble
+    ``i`` of word ``t`` holds what was nibble ``t`` of word ``i``. Three rounds of the classic
+    block-swap transpose (Hacker's Delight §7-3, "transposing a bit matrix", applied to 4-bit
+    elements): swap the off-diagonal 4 × 4 blocks (16-bit halves of words t, t+4), then 2 × 2
+    blocks (bytes of words t, t+2), then single nibbles (words t, t+1). ``words``: int32, any
+    shape, ``words.shape[dim] == 8``; arithmetic right shifts are harmless because every shifted
+    value is masked to the low bits.
+    """
+    if words.dtype != torch.int32 or words.shape[dim] != 8:
+        raise ValueError(f"expected int32 words with 8 along dim {dim}, got {words.dtype} {list(words.shape)}")
+    lanes = words.movedim(dim, 0)
+    for half, shift, mask in ((4, 16, 0x0000FFFF), (2, 8, 0x00FF00FF), (1, 4, 0x0F0F0F0F)):
+        blocks = lanes.unflatten(0, (8 // (2 * half), 2, half))  # [pairs, {low, high}, half, ...]
+        low, high = blocks[:, 0], blocks[:, 1]
+        delta = torch.bitwise_right_shift(low, shift)
+        delta ^= high
+        delta &= mask
+        high ^= delta
+        low ^= delta << shift
+
+
+def int4_words_k_to_n(words: torch.Tensor) -> torch.Tensor:
+    """4-bit codes packed along K in words ``[K/8, N]`` (GPTQ ``qweight``) → packed along N ``[K, N/8]``.
+
+    Input: nibble ``i`` of word ``[r, n]`` is code ``(n, k = 8r + i)``. Output: nibble ``t`` of word
+    ``[k, j]`` is code ``(n = 8j + t, k)`` — the LSB-first bitstream along N of the ``[K, N]`` code
+    matrix, i.e. :func:`pack_bitstream` of the transposed codes. N must be a multiple of 8; the
+    input is not modified.
+    """
+    rows, n = words.shape
+    if words.dtype != torch.int32 or n % 8:
+        raise ValueError(f"expected int32 [K/8, N] with N % 8 == 0, got {words.dtype} {list(words.shape)}")
+    out = torch.empty(rows, 8, n // 8, dtype=torch.int32)
+    out.transpose(1, 2).copy_(words.reshape(rows, n // 8, 8))  # out[r, t, j]: nibble i = code (8j + t, 8r + i)
+    transpose_nibble_blocks(out, 1)  # out[r, i, j]: nibble t = code (8j + t, 8r + i)
+    return out.reshape(rows * 8, n // 8)  # [k = 8r + i, j]
+
+
+def int4_words_nk_to_kn(words: torch.Tensor) -> torch.Tensor:
+    """4-bit codes of ``[N, K]`` packed along K, words ``[N, K/8]`` (compressed-tensors
+    ``weight_packed``, AWQ GEMV) → the same codes packed along N, words ``[K, N/8]``.
+
+    Input: nibble ``i`` of word ``[n, r]`` is code ``(n, 8r + i)``. Output as in
+    :func:`int4_words_k_to_n`. N must be a multiple of 8; the input is not modified.
+    """
+    n, width = words.shape
+    if words.dtype != torch.int32 or n % 8:
+        raise ValueError(f"expected int32 [N, K/8] with N % 8 == 0, got {words.dtype} {list(words.shape)}")
+    out = torch.empty(width, 8, n // 8, dtype=torch.int32)
+    out.permute(2, 1, 0).copy_(words.reshape(n // 8, 8, width))  # out[r, t, j]: nibble i = code (8j + t, 8r + i)
+    transpose_nibble_blocks(out, 1)  # out[r, i, j]: nibble t = code (8j + t, 8r + i)
+    return out.reshape(width * 8, n // 8)  # [k = 8r + i, j]
+
+
+def awq_words_to_bitstream(words: torch.Tensor) -> torch.Tensor:
+    """AWQ GEMM words (nibble ``p`` holds logical element ``8c + AWQ_ORDER[p]``) → the same words
+    with nibble ``t`` holding element ``8c + t`` (LSB-first bitstream order), shape unchanged.
+
+    AWQ's order (0, 2, 4, 6, 1, 3, 5, 7) is a perfect shuffle of the nibbles; two delta swaps
+    undo it: exchange nibbles 2,3 with 4,5 (→ 0 2 1 3 4 6 5 7), then 1 with 2 and 5 with 6.
+    ``words``: int32, any shape; the input is not modified.
+    """
+    if words.dtype != torch.int32:
+        raise ValueError(f"expected int32 AWQ words, got {words.dtype}")
+    out = words.clone()
+    for shift, mask in ((8, 0x0000FF00), (4, 0x00F000F0)):
+        delta = torch.bitwise_right_shift(out, shift)
+        delta ^= out
+        delta &= mask
+        out ^= delta
+        out ^= delta << shift
+    return out

@@ -49,8 +49,9 @@ import torch
 
 from npuconv.checkpoint import Checkpoint
 from npuconv.errors import InputError, UnsupportedError
+from npuconv import model
 from npuconv.model import LinearSpec, QuantizedLinear
-from npuconv.packing import awq_unpack, unpack_bitstream
+from npuconv.packing import awq_unpack, awq_words_to_bitstream, int4_words_nk_to_kn, unpack_bitstream
 from npuconv.readers.base import Reader, module_prefixes
 
 GEMM = "gemm"
@@ -204,17 +205,26 @@ class AWQReader(Reader):
         qzeros = self.tensor(f"{prefix}.qzeros")
         scales = self.tensor(f"{prefix}.scales")
         groups = spec.num_groups
+        # fast path: codes stay packed, only nibbles move (model.QuantizedLinear.packed_kn)
+        fused = model.PACKED_CODES and spec.out_features % 8 == 0 and spec.in_features % 8 == 0
+        packed = codes = None
         if self.config.version == GEMM:
-            codes = unpack_gemm(qweight, spec.out_features)
+            if fused:
+                packed = awq_words_to_bitstream(qweight)
+            else:
+                codes = unpack_gemm(qweight, spec.out_features)
             zero = unpack_gemm(qzeros, spec.out_features)
             scale = scales.t().contiguous()
         else:
-            codes = unpack_gemv(qweight, spec.in_features)
+            if fused and qweight.shape[1] * 8 == spec.in_features:
+                packed = int4_words_nk_to_kn(qweight)
+            else:
+                codes = unpack_gemv(qweight, spec.in_features)
             zero = unpack_gemv(qzeros, groups)
             scale = scales[:, :groups].contiguous()
         self.check_scale(f"{prefix}.scales", scales if self.config.version == GEMM else scale)  # GEMV: padding excluded
         bias = self.tensor(f"{prefix}.bias") if spec.has_bias else None
-        return QuantizedLinear(spec=spec, qweight=codes, scale=scale, zero=zero.to(torch.int16), bias=bias)
+        return QuantizedLinear(spec=spec, qweight=codes, scale=scale, zero=zero.to(torch.int16), bias=bias, packed_kn=packed)
 
 
 def _expect_shape(info, shape: tuple[int, int], what: str) -> None:

@@ -83,6 +83,7 @@ import torch
 
 from npuconv.checkpoint import Checkpoint
 from npuconv.errors import InputError, UnsupportedError
+from npuconv import model
 from npuconv.model import (
     FP4_E2M1,
     FP8_E4M3,
@@ -93,7 +94,7 @@ from npuconv.model import (
     LinearSpec,
     QuantizedLinear,
 )
-from npuconv.packing import unpack_bitstream, unpack_nibbles, unpack_padded_words
+from npuconv.packing import int4_words_nk_to_kn, unpack_bitstream, unpack_nibbles, unpack_padded_words
 from npuconv.readers.base import Reader
 
 QUANT_METHOD = "compressed-tensors"
@@ -689,7 +690,11 @@ class CompressedTensorsReader(Reader):
         w = plan.weights
         n, k, bits = spec.out_features, spec.in_features, spec.bits
         raw = self.tensor(t["weight"])
-        if plan.format == PACKED:
+        packed = None
+        if (plan.format == PACKED and model.PACKED_CODES and bits == 4 and raw.dim() == 2 and n % 8 == 0
+                and raw.shape[1] * 8 == k):
+            qweight, packed = None, int4_words_nk_to_kn(raw)  # fields are already q + 8: only nibbles move
+        elif plan.format == PACKED:
             qweight = unpack_rows(raw, bits, k, plan.legacy)
         elif plan.format in (NVFP4, MXFP4):
             qweight = unpack_nibbles(raw)[:, :k].contiguous()
@@ -737,12 +742,15 @@ class CompressedTensorsReader(Reader):
             global_scale=global_scale,
             input_scale=input_scale,
             input_zero=input_zero,
+            packed_kn=packed,
         )
 
     @staticmethod
     def _signed_to_codes(stored: torch.Tensor, bits: int, name: str) -> torch.Tensor:
         """Signed int8 ``q`` (CT's storage) → canonical unsigned uint8 ``q + 2**(bits-1)``."""
         offset = 1 << (bits - 1)
+        if bits == 8 and stored.dtype == torch.int8:  # s + 128 wraps exactly onto s ^ 0x80 in a byte: no int16 copy
+            return stored.view(torch.uint8) ^ 0x80
         wide = stored.to(torch.int16)
         if bits < 8 and wide.numel():
             low, high = int(wide.min()), int(wide.max())

@@ -99,8 +99,9 @@ import torch
 
 from npuconv.checkpoint import Checkpoint
 from npuconv.errors import InputError, UnsupportedError
+from npuconv import model
 from npuconv.model import LinearSpec, QuantizedLinear
-from npuconv.packing import unpack_bitstream, unpack_columns
+from npuconv.packing import int4_words_k_to_n, unpack_bitstream, unpack_columns
 from npuconv.readers.base import Reader, module_prefixes
 
 V1 = "gptq"
@@ -498,7 +499,11 @@ class GPTQReader(Reader):
         self.linear_specs()  # the format is detected in scan()
         prefix, bits = spec.name, spec.bits
         qweight = self.tensor(f"{prefix}.qweight")
-        codes = unpack_qweight(qweight, bits, spec.in_features)
+        packed = None
+        if model.PACKED_CODES and bits == 4 and spec.out_features % 8 == 0 and spec.in_features % 8 == 0:
+            codes, packed = None, int4_words_k_to_n(qweight)  # word transposes only, no unpacked codes
+        else:
+            codes = unpack_qweight(qweight, bits, spec.in_features)
         qzeros = self.tensor(f"{prefix}.qzeros")
         zero = decode_zero_points(qzeros, bits, spec.out_features, self.checkpoint_format)
         if self.checkpoint_format == V1 and bits != 3:
@@ -523,7 +528,7 @@ class GPTQReader(Reader):
         scale = scales.t().contiguous()
         g_idx = self.tensor(f"{prefix}.g_idx").to(torch.int32) if spec.act_order else None
         bias = self.tensor(f"{prefix}.bias") if spec.has_bias else None
-        return QuantizedLinear(spec=spec, qweight=codes, scale=scale, zero=zero, g_idx=g_idx, bias=bias)
+        return QuantizedLinear(spec=spec, qweight=codes, scale=scale, zero=zero, g_idx=g_idx, bias=bias, packed_kn=packed)
 
 
 def _expect_int32(info, ndim: int) -> None:

@@ -78,18 +78,17 @@ def maybe_nz(tensor: torch.Tensor, c0: int | None) -> torch.Tensor:
     return layouts.nd_to_nz(tensor, c0) if c0 else tensor
 
 
-def sort_by_act_order(codes: torch.Tensor, g_idx: torch.Tensor, group_size: int, where: str):
-    """Reorder the K columns so groups become contiguous: returns (codes[..., perm], perm int32 [K]).
+def act_order_perm(g_idx: torch.Tensor, group_size: int, where: str) -> torch.Tensor:
+    """``perm = argsort(g_idx, stable)`` as int32 ``[K]``: the input columns sorted by group.
 
-    ``perm = argsort(g_idx, stable)``; at run time the engine feeds ``x[:, perm]``. Requires every
-    group to hold exactly ``group_size`` columns (true for GPTQ act-order), else the sorted groups
-    would not be ``k // group_size``.
+    Requires every group to hold exactly ``group_size`` columns (true for GPTQ act-order), else
+    the sorted groups would not be ``k // group_size``.
     """
     perm = torch.argsort(g_idx.long(), stable=True)
     expected = torch.arange(g_idx.shape[-1]) // group_size
     if not torch.equal(g_idx.long()[perm], expected):
         raise InputError(f"{where}: g_idx groups are not all of size {group_size}; cannot reorder for the NPU kernel")
-    return codes[..., perm], perm.to(torch.int32)
+    return perm.to(torch.int32)
 
 
 def group_scale_layout(t: torch.Tensor) -> torch.Tensor:

@@ -36,14 +36,14 @@ import torch
 
 from npuconv import layouts
 from npuconv.model import INT, LinearSpec, QuantizedLinear
-from npuconv.packing import pack_nibbles
+from npuconv.packing import NIBBLE_HIGH_BITS, pack_nibbles
 from npuconv.writers.base import Writer
 from npuconv.writers.npu_common import (
     MAX_KERNEL_DIM,
     group_scale_layout,
     group_scale_shape,
     maybe_nz,
-    sort_by_act_order,
+    act_order_perm,
     tensor_entry,
 )
 
@@ -139,11 +139,16 @@ class WeightOnlyIntWriter(Writer):
         spec = layer.spec
         entries = self.tensor_entries(spec)
         midpoint = 2 ** (spec.bits - 1)
-        codes = layer.qweight
         out: dict[str, torch.Tensor] = {}
         if spec.act_order:
             assert layer.g_idx is not None
-            codes, out["perm"] = sort_by_act_order(codes, layer.g_idx, spec.group_size, spec.name)
+            out["perm"] = act_order_perm(layer.g_idx, spec.group_size, spec.name)
+        if self.storage_bits == 4 and spec.bits == 4 and layer.packed_kn is not None:
+            # the reader's words are already int4pack-ordered unsigned codes: sort K rows, flip bit 3
+            words = layer.packed_kn if "perm" not in out else layer.packed_kn[..., out["perm"].long(), :]
+            out["weight"] = maybe_nz(words ^ NIBBLE_HIGH_BITS, entries["weight"].get("c0"))
+            return self._finish(layer, entries, out)
+        codes = layer.qweight if "perm" not in out else layer.qweight[..., out["perm"].long()]
         codes_kn = codes.transpose(-1, -2).contiguous()  # free when the reader returned a [K, N] view
         if self.storage_bits == 4 and spec.bits == 4:
             # two's-complement nibble of q - 8 is q ^ 8: pack the codes, then flip bit 3 of both nibbles
@@ -153,6 +158,11 @@ class WeightOnlyIntWriter(Writer):
         else:  # unsigned code - 128, wrapping in uint8: the int8 view is the signed value
             weight = (codes_kn - midpoint).view(torch.int8)
         out["weight"] = maybe_nz(weight, entries["weight"].get("c0"))
+        return self._finish(layer, entries, out)
+
+    def _finish(self, layer: QuantizedLinear, entries: dict[str, dict], out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Add scales, offsets and bias to the written weight (and perm); tensors by output name."""
+        midpoint = 2 ** (layer.spec.bits - 1)
         out["antiquant_scale"] = group_scale_layout(layer.scale)
         if "antiquant_offset" in entries:
             out["antiquant_offset"] = group_scale_layout((midpoint - layer.zero_points()).to(layer.scale.dtype))

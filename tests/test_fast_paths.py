@@ -1,0 +1,101 @@
+"""The fused 4-bit paths (codes kept packed, only nibbles move) against the unpack-then-pack rules.
+
+Rules exercised: GPTQ ``qweight [K/8, N]`` holds code ``(n, 8r+i)`` in bits ``4i..4i+3`` of word
+``[r, n]`` (checkpoint_formats.md §1); AWQ GEMM nibble ``p`` holds logical column
+``8c + AWQ_ORDER[p]``, ``AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)`` (AutoAWQ ``packing_utils.py``,
+§2.2); compressed-tensors ``weight_packed [N, K/8]`` is the LSB-first bitstream along K (§3);
+Ascend int4pack ``[K, N/8]`` holds signed ``q - 8`` of column ``8j+t`` in bits ``4t..4t+3`` of
+word ``[k, j]`` (torch_npu_ops.md §0.1). And the end-to-end rule that matters: every fixture
+converts to identical bytes with and without the fast path, for every target.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+from conftest import FIXTURES
+from npuconv import model
+from npuconv.convert import ConvertOptions, convert
+from npuconv.errors import NpuconvError
+from npuconv.model import LinearSpec, QuantizedLinear
+from npuconv.packing import (
+    NIBBLE_HIGH_BITS,
+    awq_pack,
+    awq_words_to_bitstream,
+    int4_words_k_to_n,
+    int4_words_nk_to_kn,
+    pack_bitstream,
+    transpose_nibble_blocks,
+)
+from npuconv.writers.targets import TARGETS
+
+CHECKPOINTS = sorted(p.name for p in FIXTURES.iterdir() if (p / "config.json").is_file())
+
+
+def words(*values: int) -> torch.Tensor:
+    return torch.tensor([v - (1 << 32) if v >= 1 << 31 else v for v in values], dtype=torch.int32)
+
+
+def test_nibble_block_transpose_hand_worked():
+    # word t = 0x{t}{t}{t}{t}{t}{t}{t}{t} (row t all t) transposes to every word 0x76543210 (column = index)
+    block = words(*(int(f"{t:x}" * 8, 16) for t in range(8)))
+    transpose_nibble_blocks(block, 0)
+    assert block.tolist() == words(*[0x76543210] * 8).tolist()
+    transpose_nibble_blocks(block, 0)  # an involution
+    assert block.tolist() == words(*(int(f"{t:x}" * 8, 16) for t in range(8))).tolist()
+
+
+def test_awq_word_to_bitstream_hand_worked():
+    # AWQ stores logical columns 0..7 as nibbles 0,2,4,6,1,3,5,7: the word 0x75316420 holds 0..7 in order
+    assert awq_words_to_bitstream(words(0x75316420)).tolist() == words(0x76543210).tolist()
+
+
+@pytest.mark.parametrize("n, k", [(8, 8), (24, 64), (64, 40)])
+def test_repacks_match_unpack_then_pack(n, k):
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(n * k))
+    expected = pack_bitstream(codes.t().contiguous(), 4)  # [K, N/8], LSB-first along N
+    along_k = pack_bitstream(codes, 4)  # [N, K/8]: CT weight_packed, or GPTQ qweight transposed
+    gptq = along_k.t().contiguous()
+    assert torch.equal(int4_words_k_to_n(gptq), expected)
+    assert torch.equal(int4_words_nk_to_kn(along_k), expected)
+    assert torch.equal(awq_words_to_bitstream(awq_pack(codes.t())), expected)
+    assert torch.equal(gptq, along_k.t())  # inputs untouched
+
+
+def test_high_bits_constant_is_signed_offset():
+    # two's-complement nibble of q - 8 is q ^ 8, in all 8 nibbles of a word
+    assert (words(0x76543210) ^ NIBBLE_HIGH_BITS).tolist() == words(0xFEDCBA98).tolist()
+
+
+def test_packed_layer_unpacks_on_first_read():
+    codes = torch.randint(0, 16, (16, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    spec = LinearSpec("m", out_features=16, in_features=32, bits=4, group_size=-1, symmetric=True)
+    layer = QuantizedLinear(spec, None, torch.ones(16, 1), packed_kn=pack_bitstream(codes.t().contiguous(), 4))
+    assert torch.equal(layer.qweight, codes)
+    assert torch.equal(model.dequantize(layer), codes.float() - 8)
+
+
+def _tree(directory) -> dict[str, str]:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def _convert(name: str, target: str, out) -> dict[str, str] | str:
+    try:
+        convert(FIXTURES / name, out, ConvertOptions(target=target, workers=0))
+    except NpuconvError as e:
+        return f"{type(e).__name__}: {e}"
+    return _tree(out)
+
+
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_fixture_bytes_identical_with_and_without_packed_codes(name, tmp_path, monkeypatch):
+    for target in TARGETS:
+        fast = _convert(name, target, tmp_path / f"{target}-fast")
+        monkeypatch.setattr(model, "PACKED_CODES", False)
+        slow = _convert(name, target, tmp_path / f"{target}-slow")
+        monkeypatch.setattr(model, "PACKED_CODES", True)
+        assert fast == slow, f"{name} → {target}"
