@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[2]
 class Mutation:
     name: str
     what: str
-    edits: tuple[tuple[str, str, str], ...]  # (function, old, new)
+    edits: tuple[tuple[str, str, str], ...]  # (function, old, new); "a|b": whichever of the functions holds ``old``
     tests: tuple[str, ...]  # pytest arguments: the files relevant to it (``-k`` narrows the spec-decoder cases)
 
 
@@ -53,14 +53,19 @@ MUTATIONS = [
     ),
     Mutation(
         "awq-forward-order", "reader: AWQ nibbles unpacked in the forward (pack) order instead of the reverse one",
-        (("awq_unpack", "enumerate(AWQ_REVERSE_ORDER)", "enumerate(AWQ_ORDER)"),),
+        (("awq_unpack", "enumerate(AWQ_REVERSE_ORDER)", "enumerate(AWQ_ORDER)"),
+         # the fused word path (issue 15): its two delta swaps applied in the other order = the forward shuffle
+         ("awq_words_to_bitstream", "((8, 0x0000FF00), (4, 0x00F000F0))", "((4, 0x00F000F0), (8, 0x0000FF00))")),
         ("tests/readers/test_awq.py", "tests/test_spec_decoders.py", "-k", "not spec_decoder or awq"),
     ),
     Mutation(
         "int4pack-nibble-order", "pair: the odd element in the LOW nibble, in pack and unpack alike",
         (("pack_nibbles", "if data.is_contiguous() and", "if False and data.is_contiguous() and"),
          ("pack_nibbles", "nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)", "nibbles[..., 1::2] | (nibbles[..., 0::2] << 4)"),
-         ("unpack_nibbles", "torch.stack((data & 0xF, data >> 4), dim=-1)", "torch.stack((data >> 4, data & 0xF), dim=-1)")),
+         ("unpack_nibbles", "torch.stack((data & 0xF, data >> 4), dim=-1)", "torch.stack((data >> 4, data & 0xF), dim=-1)"),
+         # the writer's fused path for already-packed 4-bit words (issue 15) packs with the same swap
+         ("write_layer", "maybe_nz(words ^ NIBBLE_HIGH_BITS,",
+          "maybe_nz((((words & 0x0F0F0F0F) << 4) | ((words >> 4) & 0x0F0F0F0F)) ^ NIBBLE_HIGH_BITS,")),
         ("tests/test_spec_decoders.py", "tests/writers/test_modelslim_writer.py", "tests/test_layouts.py",
          "-k", "not spec_decoder or npu-int4 or w4a4 or w4a8 or mx or hand_vector"),
     ),
@@ -88,7 +93,7 @@ MUTATIONS = [
     ),
     Mutation(
         "wqbmm-offset-sign", "triple: antiquant_offset = z - m in the writer, read back as m + offset, SUBTRACTED by the emulated kernel",
-        (("write_layer", "group_scale_layout((midpoint - layer.zero_points()).to(layer.scale.dtype))",
+        (("write_layer|_finish", "group_scale_layout((midpoint - layer.zero_points()).to(layer.scale.dtype))",
           "group_scale_layout((layer.zero_points() - midpoint).to(layer.scale.dtype))"),
          ("read_layer", "zero = (midpoint - _to_group_layout(tensors[\"antiquant_offset\"], spec).float())",
           "zero = (midpoint + _to_group_layout(tensors[\"antiquant_offset\"], spec).float())"),
@@ -136,9 +141,10 @@ def apply(root: Path, mutation: Mutation) -> list[str]:
         hits = []
         for path in files:
             text = path.read_text()
-            span = function_span(text, function)
-            if span is not None and text[span[0]:span[1]].count(old) == 1:
-                hits.append((path, text, span))
+            for name in function.split("|"):
+                span = function_span(text, name)
+                if span is not None and text[span[0]:span[1]].count(old) == 1:
+                    hits.append((path, text, span))
         if len(hits) != 1:
             problems.append(f"{function}: {'no' if not hits else len(hits)} function bodies contain {old!r} once")
             continue
