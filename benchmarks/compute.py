@@ -6,18 +6,20 @@ No disk I/O: tensors are synthesized in memory.
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 
 import torch
 
 from npuconv import layouts
-from npuconv.cli import tune_allocator
+from npuconv.memory import tune_allocator
 from npuconv.model import LinearSpec, QuantizedLinear
 from npuconv.packing import unpack_bitstream
 from npuconv.readers.awq import unpack_gemm
 from npuconv.readers.gptq import unpack_qweight
-from npuconv.writers import WriterOptions, writer_class
+from npuconv.registry import target_class
+from npuconv.writers import WriterOptions
 
 N, K, G = 11008, 4096, 128
 
@@ -38,6 +40,7 @@ def report(step: str, nbytes: int, seconds: float) -> None:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     tune_allocator()  # as the CLI does
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
@@ -51,10 +54,10 @@ def main() -> None:
     codes = unpack_qweight(words, 4, K)
     spec = LinearSpec("x", N, K, 4, G, symmetric=False, scale_dtype=torch.float16)
     layer = QuantizedLinear(spec, codes, torch.rand(N, K // G).half(), torch.randint(0, 16, (N, K // G), dtype=torch.int16))
-    writer = writer_class("npu-int4")(WriterOptions())
+    writer = target_class("npu-int4")(WriterOptions())
     report("npu-int4 write from GPTQ/AWQ (codes → int4pack [K,N/8] + scales/offsets)", words.numel() * 4,
            timed(lambda: writer.write_layer(layer)))
-    nz_writer = writer_class("npu-int4")(WriterOptions(nz=True))
+    nz_writer = target_class("npu-int4")(WriterOptions(nz=True))
     report("npu-int4 write with NZ tiles", words.numel() * 4, timed(lambda: nz_writer.write_layer(layer)))
     packed = layouts.int4pack((codes.T - 8).view(torch.int8))
     report("nd_to_nz (int32 [K,N/8], C0=8)", packed.numel() * 4, timed(lambda: layouts.nd_to_nz(packed, 8)))

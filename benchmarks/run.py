@@ -2,7 +2,7 @@
 
     python benchmarks/run.py                          # 7B-shaped, every format (needs ~40 GB disk)
     python benchmarks/run.py --scale 0.125 --formats gptq-sym awq   # quick
-    python benchmarks/run.py --json results.json
+    python benchmarks/run.py --json results.json --markdown   # + Markdown tables on stdout
     taskset -c 0,1 python benchmarks/run.py …        # the 2-core numbers (children inherit the mask)
     python benchmarks/run.py --compare-src OLD/src    # also time another npuconv tree (before/after)
 
@@ -178,7 +178,7 @@ def bench_startup(repeats: int = 5) -> list[dict]:
 
 
 def max_tensor_bytes(path: Path) -> int:
-    from npuconv.checkpoint import Checkpoint
+    from npuconv.io.checkpoint import Checkpoint
 
     return max(info.nbytes for info in Checkpoint(path).tensors.values())
 
@@ -208,7 +208,24 @@ def bench_verify(work: Path, scale: float, layers: str) -> dict:
     return row
 
 
-def main() -> None:
+def markdown(results: dict) -> str:
+    """The results as Markdown tables (conversion vs copy, compute steps, verify), for RESULTS.md."""
+    lines = ["| format | target | workers | input | convert s | copy s | ratio | GB/s | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results["convert"]:
+        lines.append(f"| {r['format']} | {r['target']} | {r['workers']} | {r['input_bytes'] / 1e9:.2f} GB | "
+                     f"{r['convert_seconds']} | {r['copy_seconds']} | {r['ratio']} | {r['convert_gb_per_s']} | {r['convert_peak_rss_mb']} |")
+    if results["compute"]:
+        lines += ["", "| repack step | input MB | GB/s per core |", "|---|---|---|"]
+        lines += [f"| {r['step']} | {r['input_mb']} | {r['gb_per_s_per_core']} |" for r in results["compute"]]
+    if results["verify"]:
+        v = results["verify"]
+        lines += ["", f"verify: {v['verify_layers']} layers in {v['seconds']} s on {v['backend']} "
+                      f"({'ok' if v['ok'] else 'FAIL'}), peak RSS {v['peak_rss_mb']} MB"]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
@@ -222,7 +239,12 @@ def main() -> None:
     parser.add_argument("--verify-layers", default="*.layers.0.*", help="glob of layers verified on CPU ('' to skip)")
     parser.add_argument("--json", type=Path, help="write all results here")
     parser.add_argument("--keep", action="store_true", help="keep the synthesized inputs in --work")
-    args = parser.parse_args()
+    parser.add_argument("--markdown", action="store_true", help="also print the results as Markdown tables at the end")
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
                "convert": [], "compute": [], "verify": None, "startup": []}
@@ -244,6 +266,8 @@ def main() -> None:
         results["verify"] = bench_verify(args.work, args.scale, args.verify_layers)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
+    if args.markdown:
+        print(markdown(results))
     if not args.keep:
         shutil.rmtree(args.work, ignore_errors=True)
 

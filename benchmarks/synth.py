@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from npuconv.output import Unit, index_json, plan_shards, write_shards
-from npuconv.safetensors_io import TensorPlan
+from npuconv.io.output import Unit, index_json, plan_shards, write_shards
+from npuconv.io.safetensors_io import TensorPlan
 
 HIDDEN, INTERMEDIATE, VOCAB, LAYERS = 4096, 11008, 32000, 32
 GROUP = 128

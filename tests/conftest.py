@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from npuconv.checkpoint import Checkpoint
+from npuconv.io.checkpoint import Checkpoint
 from npuconv.readers import open_reader
-from npuconv.safetensors_io import read_header, read_tensor
+from npuconv.io.safetensors_io import read_header, read_tensor
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MOE_CONFIG_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")

@@ -8,9 +8,9 @@ import os
 import pytest
 import torch
 
-from npuconv.checkpoint import Checkpoint
+from npuconv.io.checkpoint import Checkpoint
 from npuconv.errors import InputError
-from npuconv.safetensors_io import save_file
+from npuconv.io.safetensors_io import save_file
 
 
 def sharded(tmp_path, *, index_extra=None, drop_from_index=None):

@@ -30,7 +30,7 @@ from npuconv.packing import (
     pack_bitstream,
     transpose_nibble_blocks,
 )
-from npuconv.writers.targets import TARGETS
+from npuconv.registry import target_names
 
 CHECKPOINTS = sorted(p.name for p in FIXTURES.iterdir() if (p / "config.json").is_file())
 
@@ -93,7 +93,7 @@ def _convert(name: str, target: str, out) -> dict[str, str] | str:
 
 @pytest.mark.parametrize("name", CHECKPOINTS)
 def test_fixture_bytes_identical_with_and_without_packed_codes(name, tmp_path, monkeypatch):
-    for target in TARGETS:
+    for target in target_names():
         fast = _convert(name, target, tmp_path / f"{target}-fast")
         monkeypatch.setattr(model, "PACKED_CODES", False)
         slow = _convert(name, target, tmp_path / f"{target}-slow")

@@ -31,6 +31,11 @@ EXPECTED = {
     "ms_w8a16_per_group32_asym": ("modelslim", {("w8a16", 8, 32, False)}, 0, None),
     "ms_w8a8_mxfp8": ("modelslim", {("w8a8_mxfp8", 8, 32, True)}, 0, None),
     "ms_w8a8_static_fp16": ("modelslim", {("w8a8_static", 8, -1, True)}, 0, None),
+    # AutoRound "asymmetric": unsigned codes 0..15 with offset 8 everywhere = symmetric in canonical form
+    "ms_w4a4_dynamic_g32_asym_autoround": ("modelslim", {("w4a4_dynamic", 4, 32, True)}, 0, None),
+    "ms_v0_w4a8_dynamic_g32": ("modelslim", {("w4a8_dynamic", 4, 32, True)}, 0, None),
+    "ct020_mixed_attn_w8a8_mlp_w4a16_g32_asym": ("compressed-tensors", {("w8a8_dynamic", 8, -1, True), ("w4a16", 4, 32, False)}, 0, None),
+    "ms_mixed_w8a8dyn_attn_w4a8dyn_mlp": ("modelslim", {("w8a8_dynamic", 8, -1, True), ("w4a8_dynamic", 4, -1, True)}, 0, None),
 }
 
 
@@ -79,7 +84,7 @@ def test_mislabelled_gptq_is_reported(tmp_path):
 def test_inspect_human_output_and_layers_table():
     result = CliRunner().invoke(cli, ["inspect", str(FIXTURES / "gptq_v1_b4_g64_asym_descact"), "--layers"])
     assert result.exit_code == 0
-    assert "gptq (gptq)" in result.output and "w4a16" in result.output and "model.layers.0.mlp.down_proj" in result.output
+    assert "format       gptq\n" in result.output and "gptq (gptq)" not in result.output and "w4a16" in result.output and "model.layers.0.mlp.down_proj" in result.output
     quiet = CliRunner().invoke(cli, ["inspect", str(FIXTURES / "ms_w8a8_mxfp8"), "-q"])
     assert quiet.output.strip() == "modelslim"
 

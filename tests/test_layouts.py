@@ -1,6 +1,6 @@
 """Hand-checked vectors and round trips for npuconv.layouts.
 
-"ops §x" = shared/research/torch_npu_ops.md, "loaders §x" = shared/research/npu_loaders.md.
+"ops §x" = docs/research/torch_npu_ops.md, "loaders §x" = docs/research/npu_loaders.md.
 """
 
 from __future__ import annotations
@@ -251,12 +251,18 @@ def test_trans_quant_param_shapes():
 
 
 def test_float_bits_to_int64():
-    # loaders §1.4a: low 32 bits = fp32 bit pattern, high word 0
-    out = L.float_bits_to_int64(torch.tensor([1.0, 0.1, -1.0]))
-    assert out.tolist() == [0x3F800000, 0x3DCCCCCD, 0xBF800000]
-    assert L.int64_bits_to_float(out).tolist() == torch.tensor([1.0, 0.1, -1.0]).tolist()
-    scale, offset = L.decode_quant_param(out)  # the kernel reads FP19 (INT64_SCALE_FP19) and no offset
-    assert scale[1].item() == 0.0999755859375 and offset.tolist() == [0.0, 0.0, 0.0]
+    # loaders §1.4a: the int32 bit pattern of the fp32, sign-extended — msModelSlim deqscale2int64,
+    # vLLM-Ascend scale_from_float_to_int64, SGLang _process_scale: np.frombuffer(fp32, int32).astype(int64)
+    import numpy as np
+
+    values = [1.0, 0.1, -1.0]
+    out = L.float_bits_to_int64(torch.tensor(values))
+    engines = np.frombuffer(np.array(values, dtype=np.float32).tobytes(), dtype=np.int32).astype(np.int64)
+    assert out.tolist() == engines.tolist() == [0x3F800000, 0x3DCCCCCD, 0xBF800000 - 2**32]
+    assert L.int64_bits_to_float(out).tolist() == torch.tensor(values).tolist()
+    assert L.int64_bits_to_float(out & 0xFFFFFFFF).tolist() == torch.tensor(values).tolist()  # zero-extended too
+    scale, offset = L.decode_quant_param(out[:2])  # the kernel reads FP19 (INT64_SCALE_FP19) and no offset
+    assert scale[1].item() == 0.0999755859375 and offset.tolist() == [0.0, 0.0]
     assert L.decode_quant_param(out, fp19=False)[0][1].item() == torch.tensor(0.1).item()
 
 

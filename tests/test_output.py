@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from npuconv.errors import InputError, OutputError
-from npuconv.output import AtomicDirectory, Unit, index_json, parse_size, plan_shards, write_shards
-from npuconv.safetensors_io import TensorPlan, read_header, read_tensor
+from npuconv.io.output import AtomicDirectory, Unit, index_json, parse_size, plan_shards, write_shards
+from npuconv.io.safetensors_io import TensorPlan, read_header, read_tensor
 
 
 def unit(name: str, n: int) -> Unit:

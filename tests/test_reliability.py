@@ -45,14 +45,14 @@ from hypothesis import strategies as st
 
 from conftest import FIXTURES
 from spec_decoders import decode_layers
-from npuconv.checkpoint import Checkpoint
+from npuconv.io.checkpoint import Checkpoint
 from npuconv.cli import cli
 from npuconv.convert import ConvertOptions, convert, make_plan
 from npuconv.errors import NpuconvError
 from npuconv.inspect import inspect_checkpoint
 from npuconv.model import dequantize
 from npuconv.packing import pack_bitstream
-from npuconv.safetensors_io import read_header, read_tensor, save_file
+from npuconv.io.safetensors_io import read_header, read_tensor, save_file
 
 GPTQ = "gptq_v1_b4_g32_sym"
 GPTQ_ACT = "gptq_v1_b4_g64_asym_descact"
@@ -746,14 +746,14 @@ def test_target_that_cannot_take_the_layers(tmp_path):
 @pytest.mark.parametrize(
     "args",
     [
-        ["convert", "MODEL", "OUT"],  # --to missing
+        ["convert", "MODEL"],  # OUT missing
         ["convert", "MODEL", "OUT", "--to", "float", "--dtype", "int3"],
         ["convert", "MODEL", "FILE", "--to", "float", "--force"],  # OUT is an existing file
         ["verify", "MODEL", "--tokens", "0"],
         ["inspect"],
         ["frobnicate"],
     ],
-    ids=["to-missing", "bad-dtype", "out-is-a-file", "tokens-zero", "model-missing", "unknown-command"],
+    ids=["out-missing", "bad-dtype", "out-is-a-file", "tokens-zero", "model-missing", "unknown-command"],
 )
 def test_usage_errors_exit_2_without_traceback(args, tmp_path):
     """click's own usage errors: exit 2 and an ``Error:`` line after the usage text (not our one-liner)."""
@@ -781,7 +781,7 @@ def test_verify_manifest_names_no_source(converted_gptq, tmp_path):
 def test_verify_source_is_gone(converted_gptq, tmp_path):
     out = copy_output(converted_gptq, tmp_path)
     set_key("npuconv.json", "source.id", str(tmp_path / "deleted-model"))(out)
-    cli_error(run_cli("verify", out), ("deleted-model", "no such directory"))
+    cli_error(run_cli("verify", out), ("deleted-model", "not found; pass --source MODEL"))
 
 
 def test_verify_manifest_invalid_json(converted_gptq, tmp_path):

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from npuconv.errors import InputError, OutputError
-from npuconv.safetensors_io import (
+from npuconv.io.safetensors_io import (
     StreamingWriter,
     TensorPlan,
     encode_header,

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from conftest import FIXTURES
-from npuconv.source import split_repo_id
+from npuconv.io.source import split_repo_id
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -72,3 +72,31 @@ def test_missing_local_path_is_a_clean_error(tmp_path, bad):
     result = run_cli(["inspect", bad], hub_cache(tmp_path))
     assert result.returncode == 2
     assert "no such directory" in result.stderr
+
+
+def test_revision_flag_is_the_same_as_at_revision(tmp_path):
+    cache = hub_cache(tmp_path)
+    result = run_cli(["inspect", "acme/tiny-gptq", "--revision", COMMIT, "--json"], cache)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["revision"] == COMMIT
+    out = tmp_path / "out"
+    result = run_cli(["convert", "acme/tiny-gptq", str(out), "--to", "float", "--revision", "main", "-q"], cache)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "npuconv.json").read_text())["source"]["revision"] == COMMIT
+
+
+def test_revision_conflicts_are_clean_errors(tmp_path):
+    cache = hub_cache(tmp_path)
+    result = run_cli(["inspect", "acme/tiny-gptq@main", "--revision", "v2"], cache)
+    assert result.returncode == 2 and "names revision 'main' but --revision says 'v2'" in result.stderr
+    result = run_cli(["inspect", str(FIXTURES / "gptq_v1_b4_g32_sym"), "--revision", "main"], cache)
+    assert result.returncode == 2 and "is a local directory" in result.stderr
+
+
+def test_missing_revision_of_a_cached_repo_is_named(tmp_path):
+    cache = hub_cache(tmp_path)
+    result = run_cli(["inspect", "acme/tiny-gptq@v2.0"], cache)
+    assert result.returncode == 2
+    message = " ".join(result.stderr.split())
+    assert "revision 'v2.0' is not in the local Hugging Face cache (cached: main)" in message
+    assert "Traceback" not in result.stderr

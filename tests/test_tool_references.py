@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from conftest import FIXTURES
 from oracle_env import REPO, run_oracle, tool_dequant
 
-from npuconv.checkpoint import Checkpoint
+from npuconv.io.checkpoint import Checkpoint
 from npuconv.cli import cli
 from npuconv.convert import ConvertOptions, convert
 from npuconv.model import dequantize

@@ -20,7 +20,7 @@ from npuconv import layouts
 from npuconv.cli import cli
 from npuconv.convert import ConvertOptions, convert
 from npuconv.errors import VerificationFailed
-from npuconv.safetensors_io import read_header, read_tensor, save_file
+from npuconv.io.safetensors_io import read_header, read_tensor, save_file
 from npuconv.verify import VerifyOptions, verify
 from npuconv.writers import WriterOptions
 from test_convert import CASES
@@ -91,9 +91,32 @@ def test_verify_unconverted_source(tmp_path):
     assert report["ok"] and report["mode"] == "source" and report["passed"] == 7
 
 
-def test_verify_skips_schemes_without_kernel():
+def test_verify_checking_nothing_is_not_a_pass():
+    """Every layer skipped (no Ascend kernel for NVFP4): not ok, exit 2, and the reason is given."""
     report = verify(FIXTURES / "ct020_nvfp4a16", VerifyOptions())
-    assert report["ok"] and report["skipped"] == 7 and report["passed"] == 0
+    assert not report["ok"] and report["skipped"] == 7 and report["passed"] == 0
+    assert report["exit_code"] == 2 and "nothing could be checked" in report["error"]
+    assert "no Ascend kernel for w4a16_nvfp4" in report["error"]
+    result = CliRunner().invoke(cli, ["verify", str(FIXTURES / "ct020_nvfp4a16")])
+    assert result.exit_code == 2
+    assert "FAIL 0/0 layers, 7 skipped" in result.output and "nothing could be checked" in result.output
+    result = CliRunner().invoke(cli, ["verify", str(FIXTURES / "ct020_nvfp4a16"), "--json"])
+    assert result.exit_code == 2 and json.loads(result.output)["ok"] is False
+
+
+def test_verify_names_a_moved_source(tmp_path):
+    import shutil
+
+    source = tmp_path / "src"
+    shutil.copytree(FIXTURES / "gptq_v1_b4_g32_sym", source)
+    out = tmp_path / "out"
+    convert(source, out, ConvertOptions("npu-int4"))
+    source.rename(tmp_path / "moved")
+    result = CliRunner().invoke(cli, ["verify", str(out)])
+    assert result.exit_code == 2
+    assert f"source {source} (recorded in npuconv.json) not found; pass --source MODEL" in " ".join(result.output.split())
+    result = CliRunner().invoke(cli, ["verify", str(out), "--source", str(tmp_path / "moved"), "-q"])
+    assert result.exit_code == 0, result.output
 
 
 # ------------------------------------------------------------------------------ mutations
@@ -145,7 +168,7 @@ def test_modified_output_is_refused_without_skip_checksum(tmp_path):
     with pytest.raises(VerificationFailed, match="sha256 differs"):
         verify(out, VerifyOptions())
     result = CliRunner().invoke(cli, ["verify", str(out)])
-    assert result.exit_code == 1 and "sha256 differs" in result.output
+    assert result.exit_code == 1 and "sha256 differs" in result.output and "--skip-checksum" in result.output
     result = CliRunner().invoke(cli, ["verify", str(out), "--skip-checksum", "--json"])
     assert result.exit_code == 1
     report = json.loads(result.output)

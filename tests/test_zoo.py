@@ -17,12 +17,12 @@ from click.testing import CliRunner
 
 import npuconv
 from conftest import FIXTURES
-from npuconv.checkpoint import Checkpoint
+from npuconv.io.checkpoint import Checkpoint
 from npuconv.cli import cli
 from npuconv.convert import ConvertOptions, convert
 from npuconv.errors import InputError
-from npuconv.fingerprint import check_output, source_fingerprint
-from npuconv.safetensors_io import read_header
+from npuconv.io.fingerprint import check_output, source_fingerprint
+from npuconv.io.safetensors_io import read_header
 from npuconv.zoo import ZooFileError, load_zoo, parse_shard, select_shard
 
 SOURCES = {  # entry name → (fixture, target)
@@ -235,6 +235,7 @@ def test_verify_true_and_verify_failed(zoo_dir):
     report = run_zoo(zoo_dir, expect=1)  # skipped (sources unchanged), but verification catches it
     assert statuses(report) == {"gptq": "verify-failed", "awq": "skipped", "w8a8": "skipped", "int8": "skipped"}
     assert "sha256 differs" in report["entries"][0]["error"]
+    assert "--skip-checksum" not in report["entries"][0]["error"]  # a verify option zoo does not have
     assert report["totals"]["verify-failed"] == 1 and report["exit_code"] == 1
 
 
@@ -331,7 +332,6 @@ def test_report_file_schema(zoo_dir):
         ("[[model]\nsource = 1", "invalid TOML"),
         ("", "no models"),
         ("[defaults]\ntarget = 'npu-int4'", "no models"),
-        ("[[model]]\nsource = 'a'\noutput = 'b'", "model[0]: missing 'target'"),
         ("[[model]]\nsource = 'a'\noutput = 'b'\ntarget = 'npu-int5'", "target 'npu-int5' is not one of"),
         ("[[model]]\nsource = 'a'\noutput = 'b'\ntarget = 'float'\ntagret = 1", "unknown key 'tagret'"),
         ("[defaults]\nsource = 'a'\n[[model]]\nsource = 'a'\noutput = 'b'\ntarget = 'float'", "defaults: unknown key 'source'"),

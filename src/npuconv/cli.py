@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import signal
 import sys
 import traceback
@@ -38,13 +39,52 @@ def emit_json(value: object) -> None:
     click.echo(json.dumps(value, indent=2, sort_keys=True, default=str))
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Log lines to whatever ``sys.stderr`` is when they are emitted (not the one at setup)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def _remember(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    """Record ``--debug`` / ``--verbose`` wherever they were given (``ctx.meta`` is shared by the
+    whole command chain; :func:`handle_errors` applies them when the command starts)."""
+    if value:
+        ctx.meta[f"npuconv.{param.name}"] = True
+
+
+def _configure_logging(meta: dict) -> None:
+    """npuconv's log lines on stderr: DEBUG with ``--debug``, INFO with ``-v``, else warnings only."""
+    logger = logging.getLogger("npuconv")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("npuconv: %(message)s"))
+        logger.addHandler(handler)
+    level = logging.DEBUG if meta.get("npuconv.debug") else logging.INFO if meta.get("npuconv.verbose") else logging.WARNING
+    logger.setLevel(level)
+
+
+def global_options(func):
+    """``--debug`` and ``-v/--verbose``, accepted before or after the subcommand name."""
+    func = click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=_remember,
+                        help="Show full tracebacks on errors (and debug log lines).")(func)
+    return click.option("-v", "--verbose", is_flag=True, expose_value=False, is_eager=True, callback=_remember,
+                        help="Log what npuconv is doing on stderr (source, format, per-layer steps).")(func)
+
+
 def handle_errors(func):
     """Turn library errors into one-line messages and exit codes (``--debug`` shows tracebacks)."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         ctx = click.get_current_context()
-        debug = (ctx.find_root().params or {}).get("debug", False)
+        debug = bool(ctx.meta.get("npuconv.debug"))
+        _configure_logging(ctx.meta)
         as_json = kwargs.get("as_json", False)
         try:
             return func(*args, **kwargs)
@@ -73,38 +113,46 @@ def _fail(message: str, code: int, as_json: bool) -> None:
     sys.exit(code)
 
 
-def progress_bar(total: int, description: str, enabled: bool):
-    """A tqdm byte counter, or None when disabled (quiet, JSON, or not a terminal)."""
+def progress_bar(total: int, description: str, enabled: bool, unit: str = "B"):
+    """A tqdm counter of bytes (``unit="B"``, scaled: kB, MB, …) or of whole items such as layers,
+    or None when disabled (quiet, JSON, or not a terminal)."""
     if not enabled or not sys.stderr.isatty():
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=description, unit="B", unit_scale=True, unit_divisor=1000, leave=False)
+    scaled = unit == "B"
+    return tqdm(total=total, desc=description, unit=unit, unit_scale=scaled, unit_divisor=1000, leave=False)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(npuconv.__version__, prog_name="npuconv")
-@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
-def cli(debug: bool) -> None:
+@global_options
+def cli() -> None:
     """Convert quantized LLM checkpoints (GPTQ, AWQ, compressed-tensors, msModelSlim) into
     Ascend NPU-ready checkpoints, and verify them against the source.
 
     \b
     Examples:
       npuconv inspect ./Qwen2-7B-GPTQ-Int4
-      npuconv convert ./Qwen2-7B-GPTQ-Int4 ./qwen-npu --to npu-int4
+      npuconv convert ./Qwen2-7B-GPTQ-Int4 ./qwen-npu
       npuconv verify ./qwen-npu
+      npuconv docs                          # the guides, shipped with npuconv
     """
 
 
 # ------------------------------------------------------------------------------------- inspect
+REVISION_HELP = "Hub revision of MODEL: branch, tag or commit (same as MODEL@REV)."
+
+
 @cli.command("inspect")
+@global_options
 @click.argument("model")
+@click.option("--revision", default=None, metavar="REV", help=REVISION_HELP)
 @click.option("--layers", "show_layers", is_flag=True, help="Print a per-layer table.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (for scripts).")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the format line.")
 @handle_errors
-def inspect_command(model: str, show_layers: bool, as_json: bool, quiet: bool) -> None:
+def inspect_command(model: str, revision: str | None, show_layers: bool, as_json: bool, quiet: bool) -> None:
     """Detect a checkpoint's format and show its quantization.
 
     MODEL is a local directory or a Hugging Face repo id (org/name[@revision]).
@@ -116,9 +164,9 @@ def inspect_command(model: str, show_layers: bool, as_json: bool, quiet: bool) -
       npuconv inspect TheBloke/Llama-2-7B-GPTQ@main --json | jq .layers[0]
     """
     from npuconv.inspect import inspect_checkpoint
-    from npuconv.source import open_source
+    from npuconv.io.source import open_source
 
-    report = inspect_checkpoint(open_source(model))
+    report = inspect_checkpoint(open_source(model, revision))
     if as_json:
         emit_json(report)
         return
@@ -131,12 +179,13 @@ def inspect_command(model: str, show_layers: bool, as_json: bool, quiet: bool) -
 def _print_inspect(report: dict, show_layers: bool) -> None:
     fmt = report["format"]
     detected = report.get("checkpoint_format")
-    if detected:
+    if detected and detected != fmt:
         fmt += f" ({detected})"
     stdout.print(f"[bold]{report['model']}[/]")
+    depth = report.get("num_hidden_layers")
     rows = [
         ("format", fmt),
-        ("model type", f"{report.get('model_type')} ({report.get('num_hidden_layers')} layers)"),
+        ("model type", f"{report.get('model_type')} ({depth} layer{'' if depth == 1 else 's'})"),
         ("weights", f"{human_bytes(report['size_bytes'])} in {len(report['files'])} file(s), {report['num_tensors']} tensors"),
     ]
     if report.get("moe_experts"):
@@ -190,18 +239,23 @@ def _distinct(values) -> str:
 
 # ------------------------------------------------------------------------------------- convert
 def _target_help() -> str:
-    from npuconv.writers.targets import TARGETS
+    from npuconv.registry import target_names
 
-    return "Target layout: " + ", ".join(TARGETS) + " (see README / docs/layouts.md)."
+    return (
+        "Target layout: " + ", ".join(target_names()) + ". Default npu: each layer to its natural NPU "
+        "target (mixed-precision models in one output). Layouts: `npuconv docs layouts`."
+    )
 
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
 @cli.command("convert")
+@global_options
 @click.argument("model")
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--to", "target", required=True, help=_target_help())
+@click.option("--to", "target", default="npu", show_default=True, help=_target_help())
+@click.option("--revision", default=None, metavar="REV", help=REVISION_HELP)
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), default=None, help="float target: output dtype (default bfloat16).")
 @click.option("--nz/--no-nz", default=None, help="Write weights as FRACTAL_NZ tiles (default: what the engines cast to NZ).")
 @click.option("--mx-layout", type=click.Choice(["vllm-ascend", "sglang"]), default="vllm-ascend", show_default=True,
@@ -215,14 +269,19 @@ DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
 @handle_errors
-def convert_command(model, out, target, dtype, nz, mx_layout, max_shard_size, workers, force, dry_run, as_json, quiet) -> None:
-    """Convert MODEL into OUT in the layout of TARGET.
+def convert_command(model, out, target, revision, dtype, nz, mx_layout, max_shard_size, workers, force, dry_run, as_json, quiet) -> None:
+    """Convert MODEL into OUT in the layout of TARGET (default npu).
 
     MODEL is a local directory or a Hugging Face repo id (org/name[@revision]). OUT is built in a
     temporary sibling directory and appears only when complete; MODEL is never modified.
 
+    --to npu gives every layer its natural NPU target (4-bit weight-only → npu-int4, W8A8 →
+    npu-w8a8, W4A8 → npu-w4a8, MX → npu-mxfp8/4, …), so a mixed-precision model (e.g. W8A8
+    attention + W4A8 MLP) becomes one NPU-ready output; the plan (--dry-run) shows each choice.
+
     \b
     Examples:
+      npuconv convert ./qwen-w8a8-w4a8 ./qwen-npu          # every layer to its NPU target
       npuconv convert ./llama-gptq ./llama-npu --to npu-int4
       npuconv convert ./llama-gptq ./llama-fp32 --to float --dtype float32
       npuconv convert org/model@main ./out --to modelslim --dry-run --json
@@ -230,10 +289,11 @@ def convert_command(model, out, target, dtype, nz, mx_layout, max_shard_size, wo
     import torch
 
     from npuconv.convert import ConvertOptions, convert
-    from npuconv.output import parse_size
-    from npuconv.writers import WriterOptions, writer_class
+    from npuconv.io.output import parse_size
+    from npuconv.registry import target_class
+    from npuconv.writers import WriterOptions
 
-    writer_class(target)  # validate the target before any I/O
+    target_class(target)  # validate the target before any I/O
     options = ConvertOptions(
         target=target,
         writer=WriterOptions(dtype=getattr(torch, dtype) if dtype else None, nz=nz, mx_layout=mx_layout),
@@ -241,6 +301,7 @@ def convert_command(model, out, target, dtype, nz, mx_layout, max_shard_size, wo
         force=force,
         dry_run=dry_run,
         workers=workers,
+        revision=revision,
     )
     bar = None
 
@@ -269,24 +330,32 @@ def convert_command(model, out, target, dtype, nz, mx_layout, max_shard_size, wo
         _print_plan(plan)
         return
     seconds = report["seconds"]
-    rate = report["bytes_in"] / seconds / 1e9 if seconds else 0.0
+    rate = f", {human_bytes(report['bytes_in'] / seconds)}/s of input" if seconds else ""
     stdout.print(
-        f"[green]converted[/] {len(plan['layers'])} quantized layers ({plan['source_format']} → {target}) "
+        f"[green]converted[/] {len(plan['layers'])} quantized layers ({plan['source_format']} → {_targets_text(plan)}) "
         f"into {out}: {human_bytes(report['bytes_out'])} in {len(plan['shards'])} shard(s), "
-        f"{seconds:.1f} s ({rate:.2f} GB/s of input)"
+        f"{seconds:.1f} s{rate}"
     )
 
 
+def _targets_text(plan: dict) -> str:
+    """``npu-int4``, or for a per-layer choice ``npu: 4 npu-w8a8, 3 npu-w4a8``."""
+    counts = plan.get("layer_targets") or {}
+    if list(counts) in ([], [plan["target"]]):
+        return plan["target"]
+    return f"{plan['target']}: " + ", ".join(f"{n} {name}" for name, n in counts.items())
+
+
 def _print_plan(plan: dict) -> None:
-    stdout.print(f"[bold]plan[/] {plan['source']} ({plan['source_format']}) → {plan['target']}")
+    stdout.print(f"[bold]plan[/] {plan['source']} ({plan['source_format']}) → {_targets_text(plan)}")
     table = Table(show_header=True)
-    for column in ("layer", "scheme", "kernel", "tensors"):
+    for column in ("layer", "scheme", "target", "kernel", "tensors"):
         table.add_column(column)
     for layer in plan["layers"]:
         tensors = ", ".join(
             f"{role}:{t.get('layout', 'nd')}" for role, t in layer.get("tensors", {}).items()
         )
-        table.add_row(layer["name"], layer["scheme"], layer.get("kernel", ""), tensors)
+        table.add_row(layer["name"], layer["scheme"], layer.get("target", plan["target"]), layer.get("kernel", ""), tensors)
     stdout.print(table)
     for shard in plan["shards"]:
         stdout.print(f"  {shard['file']}: {shard['tensors']} tensors, {human_bytes(shard['bytes'])}")
@@ -295,6 +364,7 @@ def _print_plan(plan: dict) -> None:
 
 # ------------------------------------------------------------------------------------- verify
 @cli.command("verify")
+@global_options
 @click.argument("out")
 @click.option("--source", default=None, help="Source checkpoint to compare with (default: the one recorded in npuconv.json).")
 @click.option("--layers", "layer_glob", default=None, help="Only layers whose name matches this glob (e.g. '*.mlp.*').")
@@ -330,6 +400,8 @@ def verify_command(out, source, layer_glob, tokens, seed, device, skip_checksum,
       npuconv verify ./some-gptq-model          # check a source checkpoint itself
       npuconv verify ./llama-npu --reference tool   # against compressed-tensors' own dequantization
     """
+    from npuconv.errors import VerificationFailed
+    from npuconv.io.output import ChecksumMismatch
     from npuconv.verify import VerifyOptions, verify
 
     options = VerifyOptions(
@@ -341,14 +413,15 @@ def verify_command(out, source, layer_glob, tokens, seed, device, skip_checksum,
     def on_layer(done: int, total: int) -> None:
         nonlocal bar
         if bar is None:
-            bar = progress_bar(total, "verify", enabled=not (quiet or as_json))
+            bar = progress_bar(total, "verify", enabled=not (quiet or as_json), unit="layer")
             if bar is None:
                 return
-            bar.unit = "layer"
         bar.update(done - bar.n)
 
     try:
         report = verify(out, options, on_layer)
+    except ChecksumMismatch as e:
+        raise VerificationFailed(f"{e}; use --skip-checksum to run the numeric checks anyway") from None
     finally:
         if bar is not None:
             bar.close()
@@ -364,8 +437,10 @@ def verify_command(out, source, layer_glob, tokens, seed, device, skip_checksum,
             f"({report['mode']} vs {report['source']}, reference {report['reference']}, backend {report['backend']}, "
             f"{report['activation_dtype']} activations, {report['seconds']:.1f} s)"
         )
+        if not report["ok"]:
+            stderr.print(f"[bold red]error:[/] {escape(report['error'])}", soft_wrap=True)
     if not report["ok"]:
-        sys.exit(1)
+        sys.exit(report["exit_code"])
 
 
 def _print_verify(report: dict) -> None:
@@ -386,6 +461,33 @@ def _num(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+# ------------------------------------------------------------------------------------- docs
+@cli.command("docs")
+@global_options
+@click.argument("topic", required=False)
+@click.option("--path", "show_path", is_flag=True, help="Print where the page is instead of its text.")
+@handle_errors
+def docs_command(topic: str | None, show_path: bool) -> None:
+    """Show the documentation shipped with npuconv (works offline, without a checkout).
+
+    Without TOPIC, list the topics.
+
+    \b
+    Examples:
+      npuconv docs
+      npuconv docs ci | less
+      npuconv docs layouts --path
+    """
+    from npuconv.userdocs import doc_path, topics
+
+    if topic is None:
+        for name, title in topics().items():
+            click.echo(f"{name:<28} {title}")
+        return
+    path = doc_path(topic)
+    click.echo(str(path) if show_path else path.read_text(encoding="utf-8"))
+
+
 # ------------------------------------------------------------------------------------- zoo
 ZOO_STYLE = {
     "converted": "green", "skipped": "cyan", "failed": "bold red", "verify-failed": "bold red",
@@ -393,7 +495,40 @@ ZOO_STYLE = {
 }
 
 
-@cli.command("zoo")
+class _ZooGroup(click.Group):
+    """``npuconv zoo ZOO_FILE [OPTIONS]`` runs a zoo file (the ``run`` command); ``npuconv zoo merge …``
+    and the other subcommands are named. A zoo file literally named like a subcommand: ``./merge``."""
+
+    def resolve_command(self, ctx, args):
+        if args and args[0] not in self.commands:
+            return "run", self.commands["run"], args
+        return super().resolve_command(ctx, args)
+
+
+@cli.group("zoo", cls=_ZooGroup, context_settings={"ignore_unknown_options": True})
+def zoo_group() -> None:
+    """Convert every checkpoint listed in a zoo file (TOML), skipping outputs that are up to date.
+
+    \b
+    npuconv zoo ZOO_FILE [OPTIONS]       run the zoo (same as: npuconv zoo run ZOO_FILE)
+    npuconv zoo merge REPORT... [OPTIONS] combine the JSON reports of --shard jobs
+
+    See `npuconv zoo run --help` and the CI guide: `npuconv docs ci`.
+    """
+
+
+def _report_outputs(func):
+    """``--report``, ``--junit`` and ``--markdown``: where to write the report, and in which forms."""
+    func = click.option("--markdown", "markdown_path", default=None, type=click.Path(dir_okay=False),
+                        help="Write a Markdown summary to this file (a PR comment, or $GITHUB_STEP_SUMMARY).")(func)
+    func = click.option("--junit", "junit_path", default=None, type=click.Path(dir_okay=False),
+                        help="Write JUnit XML to this file: one testcase per entry (GitLab, GitHub, Jenkins test reports).")(func)
+    return click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False),
+                        help="Write the JSON report to this file.")(func)
+
+
+@zoo_group.command("run")
+@global_options
 @click.argument("zoo_file")
 @click.option("--force", is_flag=True, help="Reconvert every entry, even if up to date (a directory that is not an npuconv output is never replaced).")
 @click.option("--fail-fast", is_flag=True, help="Start no further entry after the first failure.")
@@ -402,16 +537,19 @@ ZOO_STYLE = {
 @click.option("--shard-by", type=click.Choice(["index", "hash"]), default="index", show_default=True,
               help="Shard by position in the file (index mod N) or by a hash of the output path (stable when entries are added).")
 @click.option("--dry-run", is_flag=True, help="Show what would be converted or skipped; write nothing.")
-@click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False), help="Write the JSON report to this file.")
+@_report_outputs
+@click.option("--heartbeat", default=30.0, show_default=True, type=click.FloatRange(0), metavar="SECONDS",
+              help="Every SECONDS, a progress line for each entry still running (0: none).")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress; print only the summary line (and failed entries).")
 @handle_errors
-def zoo_command(zoo_file, force, fail_fast, jobs, shard_text, shard_by, dry_run, report_path, as_json, quiet) -> None:
+def zoo_command(zoo_file, force, fail_fast, jobs, shard_text, shard_by, dry_run, report_path, junit_path, markdown_path,
+                heartbeat, as_json, quiet) -> None:
     """Convert every checkpoint listed in ZOO_FILE (TOML), skipping outputs that are up to date.
 
     An output is up to date when its npuconv.json records the same source (Hub commit, or the
     size/mtime/sha256 of each local file), target, options and npuconv version. Every entry runs
-    even if some fail (unless --fail-fast). See docs/ci.md for the file format and the report.
+    even if some fail (unless --fail-fast). The file format and the report: `npuconv docs ci`.
 
     Exit code: 0 if every entry was converted or skipped (and verified, where asked), 1 if an
     entry failed verification and none failed otherwise, 2 if an entry failed on bad input or
@@ -420,22 +558,23 @@ def zoo_command(zoo_file, force, fail_fast, jobs, shard_text, shard_by, dry_run,
     \b
     Examples:
       npuconv zoo zoo.toml
-      npuconv zoo zoo.toml --jobs 4 --report zoo-report.json
+      npuconv zoo zoo.toml --jobs 4 --report zoo-report.json --junit zoo.xml
       npuconv zoo zoo.toml --shard 2/4 --json
       npuconv zoo zoo.toml --dry-run
     """
 
     from npuconv.zoo import ZooOptions, load_zoo, parse_shard, run_zoo, select_shard
 
+    outputs = (report_path, junit_path, markdown_path)
     try:
         shard = parse_shard(shard_text) if shard_text else None
         entries = load_zoo(zoo_file)
     except NpuconvError as e:
-        if report_path:
-            _write_report(report_path, {"ok": False, "error": " ".join(str(e).split()), "exit_code": e.exit_code})
+        _write_reports(*outputs, {"ok": False, "error": " ".join(str(e).split()), "exit_code": e.exit_code})
         raise
     selected = select_shard(entries, shard, shard_by)
-    options = ZooOptions(force=force, fail_fast=fail_fast, jobs=jobs, dry_run=dry_run, shard=shard, shard_by=shard_by)
+    options = ZooOptions(force=force, fail_fast=fail_fast, jobs=jobs, dry_run=dry_run, shard=shard, shard_by=shard_by,
+                         heartbeat=heartbeat)
     show_progress = not (quiet or as_json)
     if show_progress:
         part = f", shard {shard_text} by {shard_by}" if shard else ""
@@ -448,6 +587,11 @@ def zoo_command(zoo_file, force, fail_fast, jobs, shard_text, shard_by, dry_run,
             return
         if kind == "start":
             stderr.print(f"  [dim]start[/]  {escape(entry.name)}", soft_wrap=True)
+            return
+        if kind == "running":
+            done, total = result["done"], result["total"]
+            part = f", {100 * done / total:.0f}% ({human_bytes(done)} of {human_bytes(total)})" if total else ""
+            stderr.print(f"  [dim]running[/] {escape(entry.name)}: {result['seconds']:.0f} s{part}", soft_wrap=True)
             return
         finished += 1
         style = ZOO_STYLE.get(result["status"], "")
@@ -462,11 +606,44 @@ def zoo_command(zoo_file, force, fail_fast, jobs, shard_text, shard_by, dry_run,
         report = run_zoo(selected, options, on_event, zoo_file=zoo_file, zoo_entries=len(entries))
     except KeyboardInterrupt:
         _fail("interrupted; entries in progress published nothing, finished entries are in place", EXIT_INTERRUPTED, as_json)
-    if report_path:
-        _write_report(report_path, report)
+    _finish_zoo(report, outputs, as_json, quiet)
+
+
+@zoo_group.command("merge")
+@global_options
+@click.argument("reports", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@_report_outputs
+@click.option("--json", "as_json", is_flag=True, help="Print the merged JSON report.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the summary line (and failed entries).")
+@handle_errors
+def zoo_merge_command(reports, report_path, junit_path, markdown_path, as_json, quiet) -> None:
+    """Combine the JSON reports of `npuconv zoo --shard I/N --report FILE` jobs into one.
+
+    Entries come out in zoo-file order, totals are recomputed, and the exit code is the worst
+    of all shards (as one `npuconv zoo` run over the whole file would give). A report of a job
+    whose zoo file was invalid makes the merged report fail with that error.
+
+    \b
+    Examples:
+      npuconv zoo merge zoo-report-*.json --report zoo-report.json
+      npuconv zoo merge zoo-report-*.json --markdown "$GITHUB_STEP_SUMMARY" --junit zoo.xml
+    """
+    from npuconv.zoo_report import merge_reports, read_report
+
+    merged = merge_reports([read_report(path) for path in reports], list(reports))
+    _finish_zoo(merged, (report_path, junit_path, markdown_path), as_json, quiet)
+
+
+def _finish_zoo(report: dict, outputs: tuple, as_json: bool, quiet: bool) -> None:
+    """Write the report files, print the table (or JSON) and the summary, exit with the report's code."""
+    from npuconv.zoo_report import summary_line
+
+    _write_reports(*outputs, report)
     if as_json:
         emit_json(report)
     else:
+        for error in report.get("errors") or []:
+            stderr.print(f"[bold red]error:[/] {escape(error)}", soft_wrap=True)
         if not quiet and report["entries"]:
             _print_zoo(report)
         elif quiet:
@@ -474,10 +651,10 @@ def zoo_command(zoo_file, force, fail_fast, jobs, shard_text, shard_by, dry_run,
                 if r["error"]:
                     stderr.print(f"[bold red]{r['status']}:[/] {escape(r['name'])}: {escape(r['error'])}", soft_wrap=True)
         totals = report["totals"]
-        counts = ", ".join(f"{totals[s]} {s}" for s in ZOO_STYLE if totals.get(s)) or "nothing to do"
-        status = "[green]OK[/]" if report["ok"] else "[bold red]FAIL[/]"
+        status, _, counts = summary_line(report).partition(" ")
+        style = "green" if report["ok"] else "bold red"
         stdout.print(
-            f"{status} {totals['entries']} entr{'y' if totals['entries'] == 1 else 'ies'}: {counts}; {human_bytes(totals['bytes_in'])} in, "
+            f"[{style}]{status}[/] {escape(counts)}; {human_bytes(totals['bytes_in'])} in, "
             f"{human_bytes(totals['bytes_out'])} out, {totals['seconds']:.1f} s",
             soft_wrap=True,
         )
@@ -486,21 +663,45 @@ def zoo_command(zoo_file, force, fail_fast, jobs, shard_text, shard_by, dry_run,
 
 
 def _print_zoo(report: dict) -> None:
+    from npuconv.zoo_report import verify_text
+
     table = Table(title="zoo", title_justify="left")
-    for column in ("#", "name", "target", "status", "time", "in", "out", "peak RSS", "detail"):
+    for column in ("#", "name", "target", "status", "time", "in", "out", "peak RSS", "verify", "detail"):
         table.add_column(column)
     for r in report["entries"]:
         style = ZOO_STYLE.get(r["status"], "")
         table.add_row(
             str(r["index"] + 1), escape(r["name"]), r["target"], f"[{style}]{r['status']}[/]", f"{r['seconds']:.2f} s",
             human_bytes(r["bytes_in"]) if r["bytes_in"] else "-", human_bytes(r["bytes_out"]) if r["bytes_out"] else "-",
-            human_bytes(r["peak_rss_bytes"]) if r["peak_rss_bytes"] else "-", escape(r["error"] or r["reason"]),
+            human_bytes(r["peak_rss_bytes"]) if r["peak_rss_bytes"] else "-", escape(verify_text(r)),
+            escape(r["error"] or r["reason"]),
         )
     stdout.print(table)
+    for r in report["entries"]:
+        for warning in r.get("warnings") or []:
+            stderr.print(f"[yellow]warning:[/] {escape(r['name'])}: {escape(warning)}", soft_wrap=True)
+
+
+def _write_reports(report_path: str | None, junit_path: str | None, markdown_path: str | None, report: dict) -> None:
+    """The report as JSON (``--report``), JUnit XML (``--junit``) and Markdown (``--markdown``), each atomically."""
+    from npuconv.zoo_report import junit_xml, markdown_summary
+
+    if report_path:
+        _write_report(report_path, report)
+    if junit_path:
+        _write_text(junit_path, junit_xml(report), "--junit")
+    if markdown_path:
+        _write_text(markdown_path, markdown_summary(report), "--markdown")
 
 
 def _write_report(path: str, report: dict) -> None:
     """Write the JSON report atomically (a temporary sibling renamed into place)."""
+    _write_text(path, json.dumps(report, indent=2, sort_keys=True, default=str) + "\n", "--report")
+
+
+def _write_text(path: str, text: str, option: str) -> None:
+    """Write a text file atomically (a temporary sibling renamed into place); a path that is not a
+    regular file (``/dev/stdout``, a pipe) is written in place."""
     import os
     from pathlib import Path
 
@@ -509,48 +710,26 @@ def _write_report(path: str, report: dict) -> None:
     target = Path(path)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
+        if target.exists() and not target.is_file():
+            with open(target, "a", encoding="utf-8") as f:
+                f.write(text)
+            return
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, target)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise OutputError(f"--report {path}: cannot write: {e.strerror or e}") from None
-
-
-MMAP_THRESHOLD = 8 << 20
-MALLOC_ARENAS = 2
+        raise OutputError(f"{option} {path}: cannot write: {e.strerror or e}") from None
 
 
 def _terminate(signum, _frame) -> None:
     raise SystemExit(128 + signum)
 
 
-def tune_allocator() -> None:
-    """Let glibc recycle small and mid-sized tensor buffers instead of mmap'ing (and page-faulting)
-    fresh ones, and keep the number of malloc arenas small.
-
-    Buffers of :data:`MMAP_THRESHOLD` and more (layer weights, embeddings) get their own mappings
-    and are returned to the system when freed, so peak RSS follows the tensors in flight; smaller
-    ones are recycled from the heap. Measured on GPTQ → npu-int4, 1.37 GB, ``--workers 15``, 2 cores:
-    peak RSS 1507 MB with a 64 MiB threshold, 1119 MB with 16 MiB, 921 MB with 8 MiB (522 MB at
-    ``--workers 1``); see benchmarks/RESULTS.md. No-op off glibc.
-    """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
-    libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD)  # buffers below this are recycled from the heap
-    libc.mallopt(m_trim_threshold, 2 * MMAP_THRESHOLD)  # keep up to this much freed heap for reuse
-    # every producer thread would otherwise get an arena of its own, each keeping its freed buffers:
-    # RSS would grow with --workers; a few shared arenas recycle the same buffers across threads
-    libc.mallopt(m_arena_max, MALLOC_ARENAS)
-
-
 def main() -> None:
     """Console-script entry point."""
+    from npuconv.memory import tune_allocator
+
     tune_allocator()
     # SIGTERM (kill, timeout, container stop) unwinds like Ctrl-C, so the temporary output is removed
     signal.signal(signal.SIGTERM, _terminate)

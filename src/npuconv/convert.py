@@ -7,12 +7,14 @@ Library API (the CLI is a thin shell over it)::
 
 Order of work: open and detect the source, plan every layer with the writer (kernel limits are
 checked here, before anything is written), split into shards, then stream layer by layer into a
-temporary directory that is renamed onto OUT at the end (see :mod:`npuconv.output`).
+temporary directory that is renamed onto OUT at the end (see :mod:`npuconv.io.output`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from collections import Counter
 import shutil
 import time
 from contextlib import contextmanager
@@ -23,11 +25,11 @@ from typing import Callable
 import torch
 
 import npuconv
-from npuconv.checkpoint import Checkpoint
+from npuconv.io.checkpoint import Checkpoint, config_dtype
 from npuconv.errors import InputError, OutputError, UnsupportedError
-from npuconv.fingerprint import source_fingerprint
+from npuconv.io.fingerprint import source_fingerprint
 from npuconv.model import LinearSpec, spec_to_dict
-from npuconv.output import (
+from npuconv.io.output import (
     DEFAULT_MAX_SHARD,
     MANIFEST,
     AtomicDirectory,
@@ -40,9 +42,11 @@ from npuconv.output import (
 )
 from npuconv.readers import open_reader
 from npuconv.readers.base import Reader
-from npuconv.source import open_source
-from npuconv.writers import Writer, WriterOptions, writer_class
+from npuconv.io.source import open_source
+from npuconv.registry import get_target, target_names
+from npuconv.writers import Target, WriterOptions
 
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -54,13 +58,14 @@ class ConvertOptions:
     dry_run: bool = False
     workers: int | None = None  # threads producing layers ahead of the writer (0: none; None: default_workers())
     hash_source: bool = False  # record the sha256 of every source file in the manifest (zoo mode)
+    revision: str | None = None  # Hub revision of MODEL (same as MODEL@revision)
 
 
 @dataclass
 class ConversionPlan:
     checkpoint: Checkpoint
     reader: Reader
-    writer: Writer
+    writer: Target
     layers: list[LinearSpec]
     shards: list[Shard]
 
@@ -69,14 +74,17 @@ class ConversionPlan:
         return sum(s.nbytes for s in self.shards)
 
     def describe(self) -> dict:
-        """Machine-readable plan (``--dry-run``)."""
+        """Machine-readable plan (``--dry-run``); ``layer_targets``: layers per target (several for ``npu``)."""
+        layers = [
+            {"name": s.name, "scheme": s.scheme, **self.writer.layer_manifest(s), **self.reader.layer_report(s)}
+            for s in self.layers
+        ]
         return {
             "source": self.checkpoint.source_id,
             "source_format": self.reader.format,
-            "target": self.writer.target,
-            "layers": [
-                {"name": s.name, "scheme": s.scheme, **self.writer.layer_manifest(s)} for s in self.layers
-            ],
+            "target": self.writer.name,
+            "layers": layers,
+            "layer_targets": dict(Counter(layer.get("target", self.writer.name) for layer in layers)),
             "shards": [
                 {"file": s.filename, "bytes": s.nbytes, "tensors": len(s.plans)} for s in self.shards
             ],
@@ -91,23 +99,58 @@ def make_plan(checkpoint: Checkpoint, options: ConvertOptions) -> ConversionPlan
     writer_options = options.writer
     if writer_options.model_dtype is None:
         writer_options = replace(writer_options, model_dtype=config_dtype(checkpoint.config))
-    writer = writer_class(options.target)(writer_options)
-    prepare = getattr(reader, "prepare_for_target", None)
-    if prepare is not None:  # float sources: offline quantization for targets that have a recipe
-        prepare(writer.target)
+    writer = get_target(options.target, writer_options)
+    if writer.offline_recipe is not None:  # float sources: offline quantization (others ignore it)
+        reader.quantize_float_linears(writer.offline_recipe)
     layers = reader.linear_specs()
+    writer.prepare(layers)
+    check_fit(writer, layers)
     units: list[Unit] = []
     for spec in layers:
-        reason = writer.unsupported_reason(spec)
-        if reason:
-            raise UnsupportedError(f"layer '{spec.name}' ({spec.scheme}) cannot be written as {writer.target}: {reason}")
         units.append(Unit(writer.plan_layer(spec), _layer_producer(reader, writer, spec), spec.name))
     for name in reader.passthrough_names():
         info = checkpoint.info(name)
         units.append(Unit([writer.plan_passthrough(info)], _passthrough_producer(checkpoint, writer, name), name))
     _check_unique_names(units)
     shards = plan_shards(units, options.max_shard_bytes, writer.weight_prefix)
+    log.info(
+        "%s: %s format, %d quantized layers, %d other tensors → %s, %d shard(s)",
+        checkpoint.source_id, reader.format, len(layers), len(units) - len(layers), writer.name, len(shards),
+    )
     return ConversionPlan(checkpoint, reader, writer, layers, shards)
+
+
+def check_fit(target: Target, layers: list[LinearSpec]) -> None:
+    """Every layer the target refuses, in one :class:`UnsupportedError`: grouped by scheme and
+    reason (each group names all its layers), then the targets that would take every layer."""
+    refused: dict[tuple[str, str], list[str]] = {}
+    for spec in layers:
+        reason = target.accepts(spec)
+        if reason:
+            refused.setdefault((spec.scheme, reason), []).append(spec.name)
+    if not refused:
+        return
+    count = sum(len(names) for names in refused.values())
+    groups = "; ".join(
+        f"{scheme} ({reason}): {len(names)} layer{'s' if len(names) > 1 else ''} {', '.join(names)}"
+        for (scheme, reason), names in refused.items()
+    )
+    fit = fitting_targets(layers, target.options)
+    raise UnsupportedError(
+        f"{count} of {len(layers)} quantized layers cannot be written as {target.name} — {groups}. "
+        f"Targets that take every layer: {', '.join(fit) if fit else 'none'}"
+    )
+
+
+def fitting_targets(layers: list[LinearSpec], options: WriterOptions) -> list[str]:
+    """The registered targets that accept every one of ``layers`` with these options."""
+    fit = []
+    for name in target_names():
+        candidate = get_target(name, options)
+        candidate.prepare(layers)
+        if all(candidate.accepts(spec) is None for spec in layers):
+            fit.append(name)
+    return fit
 
 
 def convert(
@@ -118,7 +161,7 @@ def convert(
 ) -> dict:
     """Convert MODEL into OUT; returns a report dict (and writes nothing on ``dry_run``)."""
     started = time.perf_counter()
-    checkpoint = open_source(model)
+    checkpoint = open_source(model, options.revision)
     out = Path(out)
     if not options.dry_run:
         _check_paths(checkpoint.root, out)
@@ -205,12 +248,12 @@ def _finish_output(directory: Path, checkpoint: Checkpoint, plan: ConversionPlan
 def build_manifest(plan: ConversionPlan, options: ConvertOptions, digests: dict[str, str]) -> dict:
     """``npuconv.json``: what was converted, how, and a checksum of every shard.
 
-    ``source_fingerprint`` (see :mod:`npuconv.fingerprint`) together with ``npuconv_version``,
+    ``source_fingerprint`` (see :mod:`npuconv.io.fingerprint`) together with ``npuconv_version``,
     ``target`` and ``options`` is what ``npuconv zoo`` compares to skip an up-to-date output.
     """
     return {
         "npuconv_version": npuconv.__version__,
-        "target": plan.writer.target,
+        "target": plan.writer.name,
         "source": {
             "id": plan.checkpoint.source_id,
             "revision": plan.checkpoint.revision,
@@ -220,7 +263,8 @@ def build_manifest(plan: ConversionPlan, options: ConvertOptions, digests: dict[
         "source_fingerprint": source_fingerprint(plan.checkpoint, options.hash_source),
         "options": manifest_options(options),
         "layers": {
-            spec.name: {**plan.writer.layer_manifest(spec), "spec": spec_to_dict(spec)} for spec in plan.layers
+            spec.name: {**plan.writer.layer_manifest(spec), **plan.reader.layer_report(spec), "spec": spec_to_dict(spec)}
+            for spec in plan.layers
         },
         "shards": digests,
     }
@@ -237,23 +281,15 @@ def manifest_options(options: ConvertOptions) -> dict:
     }
 
 
-def config_dtype(config: dict) -> torch.dtype | None:
-    """The model's activation dtype from config.json (``torch_dtype`` or transformers 5 ``dtype``)."""
-    name = config.get("torch_dtype") or config.get("dtype")
-    if not name and isinstance(config.get("text_config"), dict):
-        name = config["text_config"].get("torch_dtype") or config["text_config"].get("dtype")
-    dtype = getattr(torch, str(name), None) if name else None
-    return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else None
-
-
-def _layer_producer(reader: Reader, writer: Writer, spec: LinearSpec):
+def _layer_producer(reader: Reader, writer: Target, spec: LinearSpec):
     def produce() -> dict[str, torch.Tensor]:
+        log.debug("layer %s (%s)", spec.name, spec.scheme)
         return writer.write_layer(reader.load(spec))
 
     return produce
 
 
-def _passthrough_producer(checkpoint: Checkpoint, writer: Writer, name: str):
+def _passthrough_producer(checkpoint: Checkpoint, writer: Target, name: str):
     def produce() -> dict[str, torch.Tensor]:
         return {name: writer.write_passthrough(name, checkpoint.get(name))}
 

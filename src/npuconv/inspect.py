@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from npuconv.checkpoint import Checkpoint
+from npuconv.io.checkpoint import Checkpoint
 from npuconv.model import LinearSpec
 from npuconv.readers import open_reader
 

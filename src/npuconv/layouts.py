@@ -1,8 +1,8 @@
 """Tensor layouts and number encodings of Ascend NPU-ready checkpoints (pure functions, any device).
 
 The writers use these functions to produce NPU-ready tensors. ``verify`` and the emulated kernels
-use them to decode those tensors again. Every rule cites ``shared/research/torch_npu_ops.md``
-(written ``ops §x.y`` below) or ``shared/research/npu_loaders.md`` (``loaders §x.y``).
+use them to decode those tensors again. Every rule cites ``docs/research/torch_npu_ops.md``
+(written ``ops §x.y`` below) or ``docs/research/npu_loaders.md`` (``loaders §x.y``).
 
 Conventions:
 
@@ -38,11 +38,6 @@ E8M0_BYTE0_IS_ZERO = False
 #: Uncertain (ops §4.3 and §9.4): whether the kernel masks int64 scales to FP19 (``bits & 0xFFFFE000``)
 #: when bit 46 is not set. We assume it does, as the golden decode ``u64_to_deq_scale`` always masks.
 INT64_SCALE_FP19 = True
-
-#: Uncertain (loaders §1.4a): msModelSlim and vllm-ascend widen the fp32 bit pattern int32 -> int64 with
-#: sign extension, so a *negative* scale gets the high word 0xFFFFFFFF. The brief specifies a high word of 0.
-#: We zero-extend. The two choices differ only for negative scales, which real checkpoints do not contain.
-FLOAT_BITS_SIGN_EXTEND = False
 
 #: Uncertain (ops §5.2 "Quirk"): the dynamic_mx_quant kernel zeroes every output of a block whose E8M0
 #: byte is 0, while the golden divides by 2**-127. We follow the golden. Set this to True to get the kernel.
@@ -370,21 +365,54 @@ def decode_quant_param(param: torch.Tensor, *, fp19: bool | None = None) -> tupl
 def float_bits_to_int64(scale_fp32: torch.Tensor) -> torch.Tensor:
     """fp32 scale → int64 whose low 32 bits are the fp32 bit pattern (loaders §1.4a, ops §4.3 "bit-cast").
 
-    The high word is 0 (see :data:`FLOAT_BITS_SIGN_EXTEND`). No FP19 masking and no bit 46. Same shape.
-    Any float input is first rounded to fp32.
+    The int32 bit pattern is **sign-extended** to int64, exactly what every producer and consumer of
+    these tensors does: msModelSlim ``deqscale2int64``, vLLM-Ascend ``scale_from_float_to_int64`` and
+    SGLang ``_process_scale`` all take ``np.frombuffer(fp32 bytes, int32).astype(int64)`` (loaders §1.4a).
+    For a positive scale the high word is 0; a negative one gets ``0xFFFFFFFF`` (the kernel reads the
+    low 32 bits only). No FP19 masking and no bit 46. Same shape; any float input is first rounded to fp32.
+    A negative scale's sign extension also sets bits 37..46, which :func:`decode_quant_param` (the
+    ``npu_trans_quant_param`` golden decode) reads as an offset of −1; real checkpoints have positive
+    scales (readers warn about non-positive ones), so this only matters for such a warned layer.
     """
-    words = scale_fp32.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
-    return words if FLOAT_BITS_SIGN_EXTEND else words & _LOW32
+    return scale_fp32.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
 
 
 def int64_bits_to_float(param: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`float_bits_to_int64`: the fp32 held in the low 32 bits, without masking."""
+    """Inverse of :func:`float_bits_to_int64`: the fp32 held in the low 32 bits, without masking
+    (the high word, sign extension or zero, is ignored, as by the kernel)."""
     return _u32_to_fp32(param.view(torch.int64) if param.dtype == torch.uint64 else param)
+
+
+# ----------------------------------------------------------------------------------------------
+# A8W4 grouped-matmul scale_bias (ops §6.3, loaders §3.6)
+# ----------------------------------------------------------------------------------------------
+
+#: Row-parallel ``scale_bias`` holds this many partial sums over equal K-chunks: msModelSlim's
+#: ``process_scale(…, 16)`` and what vLLM-Ascend slices (16/t columns per rank, loaders §3.6).
+A8W4_SCALE_BIAS_CHUNKS = 16
+
+
+def a8w4_scale_bias(values: torch.Tensor, scale: torch.Tensor, chunks: int = 1,
+                    accumulate: torch.dtype = torch.float64) -> torch.Tensor:
+    """The A8W4 kernel's ``scale_bias``: ``8 · Σ_k W[n, k] · s[n, k]`` over each of ``chunks`` equal K-chunks.
+
+    ``values``: signed int4 weight values ``[..., N, K]`` (any int dtype, any strides); ``scale``: the
+    scale each weight is given by the kernel, broadcastable to ``[..., N, K]`` (``[..., N, 1]``
+    per-channel). Products and sums in ``accumulate`` (float64: exact products, the most accurate
+    sum; float32: msModelSlim's own arithmetic, bit for bit), result float32 ``[..., N, chunks]``:
+    chunk ``c`` covers K ``[c·K/chunks, (c+1)·K/chunks)``. The factor 8 cancels the kernel's
+    ``−8·ΣW·s`` term (ops §6.3); multiplying by 8 is exact, so it commutes with the sums.
+    """
+    deq = values.to(accumulate) * scale.to(accumulate)
+    return (8 * deq.unflatten(-1, (chunks, -1)).sum(-1)).to(torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------
 # E8M0 and FP4 (ops §0.2, §7)
 # ----------------------------------------------------------------------------------------------
+
+#: Elements per E8M0 scale of every MX format (OCP MX; ops §4.5): one scale byte per 32 along K.
+MX_BLOCK = 32
 
 #: E2M1 magnitudes indexed by the low 3 code bits (ops §0.2); code bit 3 is the sign.
 E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -640,9 +668,36 @@ def dual_level_mx_quantize(x: torch.Tensor, round_mode: str = "rint") -> tuple[t
 def dual_level_scale(level0: torch.Tensor, level1: torch.Tensor, d: int) -> torch.Tensor:
     """Effective fp32 scale of every 32-block: ``level0[..., j // 16] · 2**(level1[..., j] − 127)``, ``[..., ceil(d/32)]``.
 
-    Computed as one ``ldexp`` (exact unless it underflows below fp32's normal range, where it rounds once).
+    The level-1 byte is decoded by :func:`e8m0_decode` (its switches apply); the product is exact unless
+    it underflows below fp32's normal range, where it rounds once.
     """
     kb = math.ceil(d / DUAL_L1_BLOCK)
     per = DUAL_L0_BLOCK // DUAL_L1_BLOCK
     l0 = level0.to(torch.float32).repeat_interleave(per, dim=-1)[..., :kb]
-    return torch.ldexp(l0, level1[..., :kb].to(torch.int32) - 127)
+    return l0 * e8m0_decode(level1[..., :kb].contiguous())
+
+
+def split_dual_level_scale(scale: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`dual_level_scale` for levels made by :func:`dual_level_mx_quantize`.
+
+    ``scale``: effective fp32 block scales ``[..., ceil(d/32)]`` → (level0 fp32 ``[..., ceil(d/512)]``,
+    level1 uint8 ``[..., ceil(d/32)]``). The rule gives the largest 32-block of a non-zero 512-block
+    the byte 127 (its values reach ``amax / level0 = 6``), so level 0 is the largest block scale; an
+    all-zero 512-block has level 0 :data:`DUAL_ZERO_BLOCK_L0` and bytes 0 (every scale equal to their
+    product). Raises ``ValueError`` unless the levels give back every scale exactly.
+    """
+    kb = scale.shape[-1]
+    per = DUAL_L0_BLOCK // DUAL_L1_BLOCK
+    nb0 = math.ceil(d / DUAL_L0_BLOCK)
+    scale = scale.to(torch.float32)
+    zero_scale = DUAL_ZERO_BLOCK_L0 * e8m0_decode(torch.zeros(1, dtype=torch.uint8)).item()
+    largest = F.pad(scale, (0, nb0 * per - kb)).unflatten(-1, (nb0, per)).amax(-1)
+    zero = (F.pad(scale, (0, nb0 * per - kb), value=zero_scale).unflatten(-1, (nb0, per)) == zero_scale).all(-1)
+    level0 = torch.where(zero, torch.full_like(largest, DUAL_ZERO_BLOCK_L0), largest)
+    if bool((level0 <= 0).any()):
+        raise ValueError("a 512-block has no positive scale; it cannot be split into two levels")
+    ratio = scale / level0.repeat_interleave(per, dim=-1)[..., :kb]
+    level1 = (torch.round(torch.log2(ratio)).clamp(-127, 127) + 127).to(torch.uint8)
+    if not torch.equal(dual_level_scale(level0, level1, d), scale):
+        raise ValueError("the block scales are not level0 · 2**e within each 512-block")
+    return level0, level1

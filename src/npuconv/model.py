@@ -15,8 +15,14 @@ One rule dequantizes every layer::
   symmetric, i.e. ``2**(bits-1)`` for integer codes and ``0`` for float codes. So a signed code
   ``s`` (compressed-tensors, msModelSlim) is stored as ``s + 2**(bits-1)``.
 - ``scale``: ``[..., N, G]`` float (fp16/bf16/fp32 exactly as the source stores it), or ``uint8``
-  E8M0 exponents (``2**(byte-127)``) for MX formats. ``global_scale`` (NVFP4) divides the scale:
+  E8M0 exponents (``2**(byte-127)``) for MX formats. Every FP4 / E8M0 decode here is
+  :mod:`npuconv.layouts`' (one rule, with its switches such as ``E8M0_BYTE0_IS_ZERO``). ``global_scale`` (NVFP4) divides the scale:
   the effective scale is ``scale.float() / global_scale`` (that order, fp32, as compressed-tensors).
+- ``scale_stages`` (optional): two float32 factors ``(group [..., N, G], channel [..., N, 1])``
+  whose float32 product *is* ``scale`` (msModelSlim's legacy two-stage W4A8_DYNAMIC). Writers and
+  kernels use ``scale``; :func:`dequantize` applies the factors in the source tool's order,
+  ``((code - zero) * group) * channel``, so a float conversion is bit-exact with the tool (one
+  product of an exact integer, where ``(code - zero) * fl(group * channel)`` rounds twice).
 
 Packed 4-bit codes (a fast path, same values): a reader of a 4-bit integer format may hand over
 the codes still packed, as ``packed_kn`` int32 ``[K, N/8]`` whose word ``[k, j]`` holds code
@@ -35,6 +41,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from npuconv.packing import unpack_bitstream
+from npuconv import layouts
 
 INT = "int"
 FP8_E4M3 = "fp8_e4m3"
@@ -42,8 +49,6 @@ FP4_E2M1 = "fp4_e2m1"
 
 SCALE_FLOAT = "float"
 SCALE_E8M0 = "e8m0"
-
-E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
 
 
 @dataclass(frozen=True)
@@ -133,6 +138,9 @@ class QuantizedLinear:
     # the same codes, 4-bit integer only, packed along N: int32 [K, N/8] (module docstring); whoever
     # replaces qweight must drop it
     packed_kn: torch.Tensor | None = None
+    # (group [..., N, G], channel [..., N, 1]) float32 factors of ``scale``, applied in this order by
+    # dequantize() (see the module docstring); None: ``scale`` alone
+    scale_stages: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def to(self, device: torch.device | str) -> "QuantizedLinear":
         """The same layer with every tensor moved to ``device``."""
@@ -141,6 +149,8 @@ class QuantizedLinear:
             for name in ("qweight", "scale", "zero", "g_idx", "bias", "global_scale", "input_scale", "input_zero")
         }
         moved["packed_kn"] = None  # qweight was moved (and unpacked)
+        if self.scale_stages is not None:
+            moved["scale_stages"] = tuple(t.to(device) for t in self.scale_stages)
         return replace(self, **moved)
 
     def with_spec(self, **changes) -> "QuantizedLinear":
@@ -156,7 +166,7 @@ class QuantizedLinear:
     def effective_scale(self) -> torch.Tensor:
         """The float32 scale ``[..., N, G]`` applied to ``code - zero``."""
         if self.spec.scale_format == SCALE_E8M0:
-            return decode_e8m0(self.scale)
+            return layouts.e8m0_decode(self.scale)
         scale = self.scale.float()
         if self.global_scale is not None:
             scale = scale / self.global_scale.float().reshape(*self.spec.batch_shape, 1, 1)
@@ -193,21 +203,14 @@ QuantizedLinear.qweight = property(_get_qweight, _set_qweight)  # type: ignore[a
 
 
 def decode_codes(codes: torch.Tensor, weight_format: str) -> torch.Tensor:
-    """float32 values of canonical codes (unsigned ints, FP8 e4m3, or E2M1 nibbles)."""
+    """float32 values of canonical codes (unsigned ints, FP8 e4m3, or E2M1 nibbles: :func:`layouts.fp4_decode`)."""
     if weight_format == INT:
         return codes.float()
     if weight_format == FP8_E4M3:
         return codes.float()
     if weight_format == FP4_E2M1:
-        return E2M1_VALUES.to(codes.device)[codes.long()]
+        return layouts.fp4_decode(codes)
     raise ValueError(f"unknown weight format {weight_format!r}")
-
-
-def decode_e8m0(scale: torch.Tensor) -> torch.Tensor:
-    """E8M0 bytes → float32 ``2**(byte - 127)``; byte 255 → NaN. (Byte 0 → 2**-127, the OCP value.)"""
-    exponent = scale.to(torch.int32) - 127
-    values = torch.ldexp(torch.ones_like(exponent, dtype=torch.float32), exponent)
-    return torch.where(scale == 255, torch.full_like(values, float("nan")), values)
 
 
 DEQUANT_CHUNK_ELEMENTS = 1 << 22  # float32 temporaries per chunk of output rows (16 MiB each)
@@ -237,19 +240,26 @@ def _row_slice(layer: QuantizedLinear, start: int, stop: int) -> QuantizedLinear
     def rows(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t[..., start:stop, :]
 
-    return replace(layer, qweight=rows(layer.qweight), scale=rows(layer.scale), zero=rows(layer.zero), packed_kn=None)
+    stages = None if layer.scale_stages is None else tuple(rows(t) for t in layer.scale_stages)
+    return replace(
+        layer, qweight=rows(layer.qweight), scale=rows(layer.scale), zero=rows(layer.zero), packed_kn=None, scale_stages=stages
+    )
 
 
 def _dequantize_rows(layer: QuantizedLinear, dtype: torch.dtype) -> torch.Tensor:
     values = layer.decoded_codes()
     scale = layer.effective_scale()
+    channel = None
+    if layer.scale_stages is not None:  # ((code - zero) * group) * channel, the source tool's order
+        scale, channel = layer.scale_stages[0].float(), layer.scale_stages[1].float()
     zero = None if layer.zero is None and layer.spec.weight_format != INT else layer.zero_points()
     if layer.g_idx is None and layer.spec.in_features % layer.spec.effective_group_size == 0:
         # contiguous groups: view K as [G, g] and broadcast, no [N, K] scale/zero expansion
         grouped = values.unflatten(-1, (scale.shape[-1], -1))
         if zero is not None:
             grouped = grouped - zero.unsqueeze(-1)
-        return (grouped * scale.unsqueeze(-1)).flatten(-2).to(dtype)
+        weight = (grouped * scale.unsqueeze(-1)).flatten(-2)
+        return (weight if channel is None else weight * channel).to(dtype)
     groups = layer.group_index()
     if groups.dim() == 1:
         scale = scale[..., groups]
@@ -259,7 +269,7 @@ def _dequantize_rows(layer: QuantizedLinear, dtype: torch.dtype) -> torch.Tensor
         scale = scale.gather(-1, index)
         zero = None if zero is None else zero.gather(-1, index)
     weight = values * scale if zero is None else (values - zero) * scale
-    return weight.to(dtype)
+    return (weight if channel is None else weight * channel).to(dtype)
 
 
 def spec_to_dict(spec: LinearSpec) -> dict:

@@ -1,15 +1,17 @@
 """Offline quantization of float checkpoints: the float linears of a bf16/fp16/fp32 model, quantized for one target.
 
-Opt-in. A float checkpoint has no quantized linears, and ``inspect`` keeps showing none. Only when
-a conversion (or the ``verify`` of its output) asks, by calling
-:meth:`npuconv.readers.float.FloatReader.prepare_for_target` with the target name, does the float
-reader expose its linears: each one as the canonical quantized layer this module makes with the
-target's :class:`Recipe`. The target's ordinary writer then writes it like any other source of that
-scheme. ``verify`` asks for the same target on the source side, so its layout check compares the
-written tensors with a fresh quantization of the float weights (bit-exact: the rule is
-deterministic) and its kernel check uses the quantized weights as the reference. The quantization
-error against the float weight is measured here and recorded by the writer in the manifest
-(``offline_quantization.rel_l2``), separately from verify.
+Opt-in. A float checkpoint has no quantized linears, and ``inspect`` keeps showing none. A target
+that can quantize float linears declares its :class:`Recipe` (``Target.offline_recipe``); only when a
+conversion (or the ``verify`` of its output) hands that recipe to the reader
+(:meth:`npuconv.readers.base.Reader.quantize_float_linears`) does the float reader expose its linears:
+each one as the canonical quantized layer :meth:`Recipe.quantize` makes. The target then writes it like
+any other source of that scheme. ``verify`` hands the same recipe to the source reader, so its layout
+check compares the written tensors with a fresh quantization of the float weights (bit-exact: the
+rule is deterministic) and its kernel check uses the quantized weights as the reference.
+
+:meth:`Recipe.quantize` returns an explicit :class:`OfflineResult` (the canonical layer and the
+quantization error against the float weight); the reader reports the error per layer
+(:meth:`Reader.layer_report` → the manifest's ``offline_quantization`` block, :func:`report`).
 
 Which tensors are linears (:func:`float_linears`): 2-D floating ``<p>.weight`` tensors whose name
 ends with ``_proj.weight`` or ``.fc1/.fc2/.dense/.query_key_value/.c_attn/.w1/.w2/.w3.weight``
@@ -112,6 +114,14 @@ def relative_l2(quantized: torch.Tensor, weight: torch.Tensor) -> float:
 
 
 @dataclass(frozen=True)
+class OfflineResult:
+    """What offline quantization of one float linear produced."""
+
+    layer: QuantizedLinear  # the canonical layer (codes + scales, effective fp32 scales for dual-level)
+    rel_l2: float  # ‖dequant(layer) − w‖ / ‖w‖, float64 (:func:`relative_l2`)
+
+
+@dataclass(frozen=True)
 class Recipe:
     """How one target quantizes float linears: the canonical spec it declares and the quantizer."""
 
@@ -148,22 +158,21 @@ class Recipe:
             source_tensors=(linear.weight,) + ((linear.bias,) if linear.bias else ()),
         )
 
-    def quantize(self, spec: LinearSpec, weight: torch.Tensor, bias: torch.Tensor | None) -> QuantizedLinear:
-        """The canonical layer of ``weight`` ``[N, K]``; ``.quantization_error`` = rel L2 vs the float weight."""
+    def quantize(self, spec: LinearSpec, weight: torch.Tensor, bias: torch.Tensor | None) -> OfflineResult:
+        """The canonical layer of ``weight`` ``[N, K]`` and its error against the float weight."""
         check_finite(spec.name, weight)
         element = "e2m1" if self.weight_format == FP4_E2M1 else "e4m3fn"
-        codes, scale = layouts.mx_quantize(weight, element, 32, MX_ROUND_MODE)
+        codes, scale = layouts.mx_quantize(weight, element, layouts.MX_BLOCK, MX_ROUND_MODE)
         layer = QuantizedLinear(spec, codes, scale, bias=bias)
-        layer.quantization_error = relative_l2(dequantize(layer), weight)
-        return layer
+        return OfflineResult(layer, relative_l2(dequantize(layer), weight))
 
 
 class DualLevelRecipe(Recipe):
     """``npu-mxfp4-dual``: :func:`npuconv.layouts.dual_level_mx_quantize` (``npu_dynamic_dual_level_mx_quant``).
 
     The canonical layer is FP4 codes with the effective fp32 scale of every 32-block
-    (``level0 · 2**(level1 − 127)``, :func:`npuconv.layouts.dual_level_scale`); the exact two levels ride
-    along as ``layer.dual_level = (level0 [N, ceil(K/512)], level1 [N, ceil(K/32)])`` for the writer.
+    (``level0 · 2**(level1 − 127)``, :func:`npuconv.layouts.dual_level_scale`); the target splits it
+    back into the two levels the rule made (:func:`npuconv.layouts.split_dual_level_scale`).
     """
 
     @property
@@ -176,14 +185,12 @@ class DualLevelRecipe(Recipe):
     def spec(self, linear: FloatLinear) -> LinearSpec:
         return replace(super().spec(linear), scale_format=SCALE_FLOAT, scale_dtype=torch.float32)
 
-    def quantize(self, spec: LinearSpec, weight: torch.Tensor, bias: torch.Tensor | None) -> QuantizedLinear:
+    def quantize(self, spec: LinearSpec, weight: torch.Tensor, bias: torch.Tensor | None) -> OfflineResult:
         check_finite(spec.name, weight)
         codes, level0, level1 = layouts.dual_level_mx_quantize(weight, MX_ROUND_MODE)
         scale = layouts.dual_level_scale(level0, level1, spec.in_features)
         layer = QuantizedLinear(spec, codes, scale, bias=bias)
-        layer.dual_level = (level0, level1)
-        layer.quantization_error = relative_l2(dequantize(layer), weight)
-        return layer
+        return OfflineResult(layer, relative_l2(dequantize(layer), weight))
 
 
 def check_finite(name: str, weight: torch.Tensor) -> None:
@@ -192,46 +199,12 @@ def check_finite(name: str, weight: torch.Tensor) -> None:
         raise InputError(f"tensor '{name}.weight': {int(bad.sum())} NaN/inf value(s); cannot quantize it")
 
 
-RECIPES: dict[str, Recipe] = {
-    "npu-mxfp8": Recipe("npu-mxfp8", "mxfp8", FP8_E4M3, ActivationQuant(FP8_E4M3, 8, True, "group")),
-    "npu-mxfp4": Recipe("npu-mxfp4", "mxfp4", FP4_E2M1,
-                        ActivationQuant(MXFP4_ACTIVATION, 8 if MXFP4_ACTIVATION == FP8_E4M3 else 4, True, "group")),
-    "npu-mxfp4-dual": DualLevelRecipe("npu-mxfp4-dual", "mxfp4-dual", FP4_E2M1, ActivationQuant(FP4_E2M1, 4, True, "group")),
-}
+MXFP8_RECIPE = Recipe("npu-mxfp8", "mxfp8", FP8_E4M3, ActivationQuant(FP8_E4M3, 8, True, "group"))
+MXFP4_RECIPE = Recipe("npu-mxfp4", "mxfp4", FP4_E2M1,
+                      ActivationQuant(MXFP4_ACTIVATION, 8 if MXFP4_ACTIVATION == FP8_E4M3 else 4, True, "group"))
+MXFP4_DUAL_RECIPE = DualLevelRecipe("npu-mxfp4-dual", "mxfp4-dual", FP4_E2M1, ActivationQuant(FP4_E2M1, 4, True, "group"))
 
 
-def recipe_for(target: str):
-    """The recipe of ``target``, or None when the target does not quantize float linears."""
-    return RECIPES.get(target)
-
-
-def describe(target: str, spec: LinearSpec, errors: dict[str, float]) -> dict | None:
-    """The manifest's ``offline_quantization`` block of a layer this target's recipe made (else None)."""
-    recipe = RECIPES.get(target)
-    if recipe is None or not (spec.source_scheme.startswith(SOURCE_PREFIX) and spec.source_scheme.endswith(f":offline-{recipe.label}")):
-        return None  # e.g. an npu-mxfp4 output (quantized offline earlier) converted again
-    return {
-        "source_dtype": spec.source_scheme.split(":")[1],
-        "rule": recipe.rule,
-        "rel_l2": errors.get(spec.name),  # None until the layer is written (e.g. --dry-run)
-    }
-
-
-class RecordsQuantizationError:
-    """Writer mixin: keep each offline-quantized layer's error and report it in ``layer_manifest``.
-
-    ``convert`` builds the manifest after every layer is written, so the errors are there by then.
-    """
-
-    def write_layer(self, layer: QuantizedLinear):
-        error = getattr(layer, "quantization_error", None)
-        if error is not None:
-            self.__dict__.setdefault("quantization_errors", {})[layer.spec.name] = error
-        return super().write_layer(layer)
-
-    def layer_manifest(self, spec: LinearSpec) -> dict:
-        entry = super().layer_manifest(spec)
-        block = describe(self.target, spec, self.__dict__.get("quantization_errors", {}))
-        if block is not None:
-            entry["offline_quantization"] = block
-        return entry
+def report(recipe: Recipe, spec: LinearSpec, rel_l2: float | None) -> dict:
+    """The manifest's ``offline_quantization`` block of a layer ``recipe`` made (``rel_l2`` None until it is written)."""
+    return {"source_dtype": spec.source_scheme.split(":")[1], "rule": recipe.rule, "rel_l2": rel_l2}

@@ -81,16 +81,32 @@ def unpack_bitstream(packed: torch.Tensor, bits: int, count: int) -> torch.Tenso
     return out.flatten(-2)[..., :count]
 
 
-def unpack_columns(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """Unpack codes packed along **dim 0** (GPTQ ``qweight``): words ``[W, C]`` → uint8 ``[count, C]``.
+def unpack_rows(words: torch.Tensor, bits: int, count: int, *, padded: bool = False) -> torch.Tensor:
+    """Unpack codes packed along the **last** dim: int32 ``[..., W]`` → uint8 ``[..., count]``.
+
+    ``padded=False``: the LSB-first bitstream (:func:`unpack_bitstream`; codes may straddle words).
+    ``padded=True``: ``32 // bits`` codes per word (:func:`unpack_padded_words`, compressed-tensors
+    ≤ 0.17); the same bits as the bitstream when ``bits`` divides 32.
+    """
+    if padded and 32 % bits:
+        return unpack_padded_words(words, bits, count)
+    return unpack_bitstream(words, bits, count)
+
+
+def unpack_columns(words: torch.Tensor, bits: int, count: int, *, padded: bool = False) -> torch.Tensor:
+    """Unpack codes packed along **dim 0** (GPTQ ``qweight``, compressed-tensors zero points):
+    words ``[W, C]`` → uint8 ``[count, C]``.
 
     Column ``c`` of ``words``, read top to bottom as consecutive little-endian words, is the
-    LSB-first bitstream of column ``c`` of the result. For 2/4/8 bits (codes never straddle a byte)
-    each output row is one shift-and-mask of one byte plane, written contiguously: no transpose of
-    the packed or the unpacked data. Other widths fall back to transposing and :func:`unpack_bitstream`.
+    LSB-first bitstream of column ``c`` of the result (``padded``: as in :func:`unpack_rows`). For
+    2/4/8 bits (codes never straddle a byte) each output row is one shift-and-mask of one byte
+    plane, written contiguously: no transpose of the packed or the unpacked data. Other widths fall
+    back to transposing and :func:`unpack_rows`.
     """
-    if bits not in (2, 4, 8) or words.dtype != torch.int32:
-        return unpack_bitstream(words.t(), bits, count).t().contiguous()
+    if (padded and 32 % bits) or bits not in (2, 4, 8) or words.dtype != torch.int32:
+        # a fresh row-major copy: ``.t().contiguous()`` keeps odd strides on size-1 dims, which a byte view rejects
+        rows = words.new_empty(words.shape[::-1]).copy_(words.t())
+        return unpack_rows(rows, bits, count, padded=padded).t().contiguous()
     rows, cols = words.shape
     per_byte = 8 // bits
     # byte planes [rows, 4, cols]: plane m of row r holds codes 4r·per_byte + m·per_byte + j, j < per_byte

@@ -20,14 +20,24 @@ msModelSlim), so that a reader bug cannot pass on both sides; ``auto`` uses the 
 importable. The report's ``reference`` (and each layer's) names the one used.
 
 Metrics: max abs error, relative L2 error, cosine similarity. A layer passes when the layout
-check holds and ``rel_l2 <= max_rel_l2`` and ``cosine >= min_cosine`` (thresholds below, per
-activation dtype and kernel, derived from the rounding each kernel does: fp16 rounds the
-dequantized weight to 11 significant bits, bf16 to 8, outputs are cast to the activation dtype).
+check holds and ``rel_l2 <= max_rel_l2`` and ``cosine >= min_cosine`` (each target's
+:meth:`~npuconv.writers.base.Target.thresholds`, per activation dtype, derived from the rounding
+its kernel does: fp16 rounds the dequantized weight to 11 significant bits, bf16 to 8, outputs
+are cast to the activation dtype).
+
+The kernel call is the layer's target's :meth:`~npuconv.writers.base.Target.run` (the target
+recorded in ``npuconv.json`` for that layer, or for an unconverted checkpoint the target whose
+kernel serves the scheme natively, :func:`npuconv.registry.native_target`).
+
+Verdict (``ok``, ``exit_code``): 0 when every checked layer passes and at least one was checked;
+1 when a layer fails; 2 when *no* layer could be checked (every layer skipped, e.g. a scheme
+without an Ascend kernel): checking nothing is not a pass, and ``error`` says why.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -36,29 +46,23 @@ from typing import Callable
 
 import torch
 
-from npuconv.checkpoint import Checkpoint
-from npuconv.convert import config_dtype
-from npuconv.errors import InputError, VerificationFailed
-from npuconv.model import FP8_E4M3, INT, SCALE_E8M0, LinearSpec, QuantizedLinear, dequantize
-from npuconv.output import MANIFEST, sha256_file
+from npuconv.io.checkpoint import Checkpoint, config_dtype
+from npuconv.entries import from_storage
+from npuconv.errors import InputError
+from npuconv.model import LinearSpec, QuantizedLinear, dequantize
+from npuconv.io.output import MANIFEST, check_shards
 from npuconv.readers import open_reader
 from npuconv.readers.base import Reader
 from npuconv.readers.npuconv_output import NpuconvReader
 from npuconv.references import ToolMismatch, ToolReference
 from npuconv.references import select as select_reference
-from npuconv.runtime import run_kernel, to_backend
-from npuconv.source import open_source
-from npuconv.writers import TARGETS, WriterOptions, writer_class
-from npuconv.writers.npu_common import from_storage
+from npuconv.registry import layer_target, native_target, target_class
+from npuconv.runtime import to_backend
+from npuconv.io.source import looks_like_hub_id, open_source
+from npuconv.writers import Target, WriterOptions
+from npuconv.writers.base import MIN_COSINE
 
-# rel-L2 thresholds by (kernel family, activation dtype); cosine must be >= MIN_COSINE everywhere
-THRESHOLDS = {
-    ("weight_only", torch.float16): 2e-3,
-    ("weight_only", torch.bfloat16): 1e-2,
-    ("quant", torch.float16): 5e-3,
-    ("quant", torch.bfloat16): 1e-2,
-}
-MIN_COSINE = 0.9999
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -69,8 +73,8 @@ class VerifyOptions:
     seed: int = 0
     device: str | None = None  # cpu | cuda | npu; None: best available
     skip_checksum: bool = False
-    max_rel_l2: float | None = None  # override every threshold
-    min_cosine: float = MIN_COSINE
+    max_rel_l2: float | None = None  # override every target's threshold
+    min_cosine: float | None = MIN_COSINE  # None: each target's (Target.thresholds)
     reference: str = "npuconv"  # npuconv | tool | auto (npuconv.references)
 
 
@@ -109,8 +113,8 @@ class _Pairing:
     source: Reader
     # (layer as stored in the output, its stored tensors by role if the output holds kernel tensors)
     decode: Callable[[LinearSpec], tuple[QuantizedLinear, dict | None]]
-    # (kernel tensors by role, manifest entry) from the decoded layer and its stored tensors
-    kernel_tensors: Callable[[LinearSpec, QuantizedLinear, dict | None], tuple[dict, dict]]
+    # (kernel tensors by role, manifest entry, the target that runs them) from the decoded layer and its stored tensors
+    kernel_tensors: Callable[[LinearSpec, QuantizedLinear, dict | None], tuple[dict, dict, Target]]
     mode: str
 
 
@@ -140,13 +144,15 @@ def verify(path: str | Path, options: VerifyOptions, on_layer: Callable[[int, in
             raise InputError(f"layer '{spec.name}' is not a quantized layer of the source {pairing.source.ckpt.source_id}")
         x = torch.randn(options.tokens, spec.in_features, generator=generator).to(act_dtype)
         results.append(_verify_layer(spec, source_specs[spec.name], pairing, backend, x, options, tool))
+        log.info("layer %d/%d %s: %s %s", i + 1, len(specs), spec.name, results[-1].status, results[-1].note)
         if on_layer:
             on_layer(i + 1, len(specs))
     order = {"fail": 0, "pass": 1, "skip": 2}
     results.sort(key=lambda r: (order[r.status], -r.rel_l2 if math.isfinite(r.rel_l2) else -math.inf))
     counts = {status: sum(r.status == status for r in results) for status in order}
+    verdict = _verdict(counts, results)
     return {
-        "ok": counts["fail"] == 0,
+        **verdict,
         "backend": backend.name,
         "mode": pairing.mode,
         "output": str(path),
@@ -163,26 +169,41 @@ def verify(path: str | Path, options: VerifyOptions, on_layer: Callable[[int, in
     }
 
 
+def _verdict(counts: dict[str, int], results: list[LayerResult]) -> dict:
+    """``ok``, ``exit_code`` and (when not ok) ``error`` of a verification (see the module docstring)."""
+    if counts["fail"]:
+        return {"ok": False, "exit_code": 1, "error": f"{counts['fail']} of {counts['fail'] + counts['pass']} checked layers failed"}
+    if not counts["pass"]:
+        reasons = sorted({r.note.removeprefix("skipped: ") for r in results if r.status == "skip"})
+        return {
+            "ok": False,
+            "exit_code": 2,
+            "error": f"nothing could be checked: all {counts['skip']} layers were skipped ({'; '.join(reasons)})",
+        }
+    return {"ok": True, "exit_code": 0}
+
+
 # ------------------------------------------------------------------------------------- pairing
 def _pair(output_ckpt: Checkpoint, output_reader: Reader, options: VerifyOptions) -> _Pairing:
     if isinstance(output_reader, NpuconvReader):
         manifest = output_reader.manifest
         if not options.skip_checksum:
-            check_shards(output_ckpt, manifest)
+            check_shards(output_ckpt.root, manifest)
         source_id = options.source or (manifest.get("source") or {}).get("id")
         if not source_id:
             raise InputError(f"{MANIFEST} names no source; pass --source MODEL")
-        source = open_reader(open_source(source_id))
-        prepare = getattr(source, "prepare_for_target", None)
-        if prepare is not None:  # a float source: its linears quantized as the conversion did (npuconv.offline)
-            prepare(manifest["target"])
+        source = open_reader(_open_recorded_source(source_id, options))
+        recipe = target_class(manifest["target"]).offline_recipe
+        if recipe is not None:  # a float source: its linears quantized as the conversion did (npuconv.offline)
+            source.quantize_float_linears(recipe)
 
         def decode(spec: LinearSpec) -> tuple[QuantizedLinear, dict]:
             stored = output_reader.tensors_of(spec)  # read once: decoded for the layout check, run as is
-            return output_reader.writer.read_layer(spec, stored), stored
+            return output_reader.target_of(spec).read_layer(spec, stored), stored
 
-        def stored_tensors(spec: LinearSpec, _layer: QuantizedLinear, stored: dict | None) -> tuple[dict, dict]:
-            return stored, manifest["layers"][spec.name]
+        def stored_tensors(spec: LinearSpec, _layer: QuantizedLinear, stored: dict | None) -> tuple[dict, dict, Target]:
+            entry = manifest["layers"][spec.name]
+            return stored, entry, layer_target(manifest, entry)
 
         return _Pairing(output_reader, source, decode, stored_tensors, "converted")
 
@@ -190,63 +211,40 @@ def _pair(output_ckpt: Checkpoint, output_reader: Reader, options: VerifyOptions
     # npuconv.json records the source), a checkpoint given with --source, or one checked alone
     manifest = output_ckpt.read_json(MANIFEST) or {}
     if manifest.get("shards") and not options.skip_checksum:
-        check_shards(output_ckpt, manifest)
+        check_shards(output_ckpt.root, manifest)
     source_id = options.source or (manifest.get("source") or {}).get("id")
-    source = open_reader(open_source(source_id)) if source_id else output_reader
+    source = open_reader(_open_recorded_source(source_id, options)) if source_id else output_reader
 
     def decode(spec: LinearSpec) -> tuple[QuantizedLinear, None]:
         return output_reader.load(spec), None
 
-    def in_memory(spec: LinearSpec, layer: QuantizedLinear, _stored: dict | None) -> tuple[dict, dict]:
-        target = default_target(spec)
-        if target is None:
+    def in_memory(spec: LinearSpec, layer: QuantizedLinear, _stored: dict | None) -> tuple[dict, dict, Target]:
+        native = native_target(spec)
+        if native is None:
             raise _Skip(f"no Ascend kernel for {spec.scheme}")
-        writer = writer_class(target)(WriterOptions(nz=False))
-        reason = writer.unsupported_reason(spec)
+        target = type(native)(WriterOptions(nz=False))
+        reason = target.accepts(spec)
         if reason:
-            raise _Skip(f"{target}: {reason}")
-        entry = {**writer.layer_manifest(spec)}
-        stored = writer.write_layer(layer)
+            raise _Skip(f"{target.name}: {reason}")
+        entry = target.layer_manifest(spec)
+        stored = target.write_layer(layer)
         tensors = {role: from_storage(stored[e["name"]], e) for role, e in entry["tensors"].items()}
-        return tensors, entry
+        return tensors, entry, target
 
     return _Pairing(output_reader, source, decode, in_memory, "paired" if source_id else "source")
 
 
-def default_target(spec: LinearSpec) -> str | None:
-    """The NPU target whose kernel runs a layer of this scheme (for checking unconverted checkpoints).
+def _open_recorded_source(source_id: str, options: VerifyOptions) -> Checkpoint:
+    """The source to compare with; a recorded one that is gone asks for ``--source``."""
+    if options.source:
+        return open_source(source_id)
+    if not looks_like_hub_id(source_id) and not Path(source_id).exists():
+        raise InputError(f"source {source_id} (recorded in {MANIFEST}) not found; pass --source MODEL")
+    try:
+        return open_source(source_id)
+    except InputError as e:
+        raise InputError(f"{e}; or pass --source MODEL") from None
 
-    int4 weights with int8 (int4) dynamic activations run on the A8W4 grouped matmul (int4 × int4
-    ``npu_quant_matmul``) when that kernel takes the layer, else on the weight-only kernel.
-    """
-    act = spec.activation
-    if spec.weight_format == INT and act is not None and act.kind == INT and act.dynamic and spec.bits <= 4:
-        candidate = {8: "npu-w4a8", 4: "npu-w4a4"}.get(act.bits)
-        if candidate in TARGETS and writer_class(candidate)(WriterOptions()).unsupported_reason(spec) is None:
-            return candidate
-    if spec.weight_format == INT:
-        if act is not None and act.kind == INT and act.bits == 8 and spec.bits == 8 and spec.symmetric and spec.num_groups == 1:
-            return "npu-w8a8"
-        return "npu-int8" if spec.bits == 8 else "npu-int4" if spec.bits <= 4 else None
-    if spec.scale_format == SCALE_E8M0:
-        return "npu-mxfp8" if spec.weight_format == FP8_E4M3 else "npu-mxfp4"
-    return None
-
-
-def check_shards(checkpoint: Checkpoint, manifest: dict) -> None:
-    """Compare each shard's sha256 with the manifest; a mismatch is a verification failure."""
-    shards = manifest.get("shards")
-    if not isinstance(shards, dict) or not shards:
-        raise InputError(f"{MANIFEST}: no shard checksums recorded")
-    for filename, digest in sorted(shards.items()):
-        path = checkpoint.root / filename
-        if not path.is_file():
-            raise VerificationFailed(f"{filename}: listed in {MANIFEST} but missing")
-        if sha256_file(path) != digest:
-            raise VerificationFailed(
-                f"{filename}: sha256 differs from {MANIFEST} (modified after conversion); "
-                "use --skip-checksum to run the numeric checks anyway"
-            )
 
 
 class _Skip(Exception):
@@ -261,14 +259,13 @@ def _verify_layer(spec, source_spec, pairing: _Pairing, backend, x, options: Ver
     output_layer, stored = (source_layer, None) if pairing.mode == "source" else pairing.decode(spec)
     exact = None if pairing.mode == "source" else same_weights(output_layer.to(device), source_layer.to(device))
     try:
-        tensors, entry = pairing.kernel_tensors(spec, output_layer, stored)
+        tensors, entry, target = pairing.kernel_tensors(spec, output_layer, stored)
     except _Skip as skip:
         status = "fail" if exact is False else "skip"
         return LayerResult(spec.name, spec.scheme, "-", exact, math.nan, math.nan, math.nan, math.nan, status, f"skipped: {skip}")
     kernel = entry["kernel"]
-    family = "weight_only" if kernel == "npu_weight_quant_batchmatmul" else "quant"
     moved = {role: to_backend(t, entry["tensors"][role], backend) for role, t in tensors.items()}
-    y, x_effective = run_kernel(backend, entry, spec, moved, x.to(backend.device))
+    y, x_effective = target.run(backend, entry, spec, moved, x.to(backend.device))
     try:
         tool_weight = tool.weight(source_spec) if tool is not None else None
     except ToolMismatch as mismatch:
@@ -276,8 +273,10 @@ def _verify_layer(spec, source_spec, pairing: _Pairing, backend, x, options: Ver
                            f"tool reference: {mismatch}", tool.name)
     y_ref = reference_output(source_layer.to(device), x_effective, tool_weight)
     max_abs, rel_l2, cosine = compare(y.double().cpu(), y_ref)
-    threshold = options.max_rel_l2 if options.max_rel_l2 is not None else THRESHOLDS[(family, x.dtype)]
-    passed = bool(exact is not False and rel_l2 <= threshold and cosine >= options.min_cosine)
+    limits = target.thresholds(entry, x.dtype)
+    threshold = options.max_rel_l2 if options.max_rel_l2 is not None else limits.max_rel_l2
+    min_cosine = options.min_cosine if options.min_cosine is not None else limits.min_cosine
+    passed = bool(exact is not False and rel_l2 <= threshold and cosine >= min_cosine)
     note = "" if exact is not False else "decoded layout differs from the source"
     if tool is not None and tool_weight is None:
         note = "; ".join(filter(None, [note, f"{tool.name} has no dequantization for {spec.scheme}: npuconv reference"]))

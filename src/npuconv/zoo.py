@@ -18,7 +18,7 @@ A zoo file is TOML (``tomllib``; on Python 3.10 the ``tomli`` package if install
     nz = false                             # also: dtype, mx_layout, max_shard_size
 
 Keys (per ``[[model]]``; all but ``source``/``output``/``name`` may also be in ``[defaults]``):
-``source`` and ``output`` (required), ``name``, ``target`` (required here or in defaults),
+``source`` and ``output`` (required), ``name``, ``target`` (default ``npu``, as ``convert``),
 ``nz`` (bool; default: the target's), ``dtype`` (``float32|bfloat16|float16``, float target),
 ``mx_layout`` (``vllm-ascend|sglang``), ``max_shard_size`` (``"5GB"`` or an integer of bytes),
 ``verify`` (bool, default false). Unknown keys are errors. There is no ``layers_skip``:
@@ -44,9 +44,9 @@ from typing import Callable
 
 import npuconv
 from npuconv.errors import InputError, NpuconvError
-from npuconv.fingerprint import check_output
-from npuconv.source import looks_like_hub_id
-from npuconv.output import DEFAULT_MAX_SHARD, MANIFEST
+from npuconv.io.fingerprint import check_output
+from npuconv.io.source import looks_like_hub_id
+from npuconv.io.output import DEFAULT_MAX_SHARD, MANIFEST
 
 ENTRY_ONLY_KEYS = ("source", "output", "name")
 OPTION_KEYS = ("target", "nz", "dtype", "mx_layout", "max_shard_size", "verify")
@@ -55,6 +55,9 @@ MX_LAYOUTS = ("vllm-ascend", "sglang")
 STATUSES = ("converted", "skipped", "failed", "verify-failed", "not-run")
 DRY_RUN_STATUSES = ("would-convert", "would-skip", "failed")
 EXIT_INTERNAL = 3
+DEFAULT_TARGET = "npu"  # as `npuconv convert` without --to
+PROGRESS_INTERVAL = 1.0  # seconds between a worker's progress messages
+HEARTBEAT = 30.0  # default seconds between "still running" events of a long entry
 
 
 class ZooFileError(InputError):
@@ -102,8 +105,8 @@ def _toml_module():
 
 def load_zoo(path: str | Path) -> list[ZooEntry]:
     """Parse and validate a zoo file; every problem is a one-line :class:`ZooFileError`."""
-    from npuconv.output import parse_size
-    from npuconv.writers import TARGETS
+    from npuconv.io.output import parse_size
+    from npuconv.registry import target_names
 
     path = Path(path)
     tomllib = _toml_module()
@@ -148,7 +151,7 @@ def load_zoo(path: str | Path) -> list[ZooEntry]:
 
         source_text = get("source", str, required=True)
         output_text = get("output", str, required=True)
-        target = get("target", str, required=True, choices=tuple(sorted(TARGETS)))
+        target = get("target", str, choices=tuple(sorted(target_names()))) or DEFAULT_TARGET
         if not source_text.strip() or not output_text.strip():
             raise ZooFileError(f"{path}: {where}: 'source' and 'output' must not be empty")
         local = base / Path(source_text).expanduser()
@@ -242,11 +245,13 @@ def _error_text(error: BaseException) -> tuple[str, int]:
     return " ".join(f"internal error: {type(error).__name__}: {error}".split()), EXIT_INTERNAL
 
 
-def run_entry(entry: ZooEntry, force: bool = False, dry_run: bool = False) -> dict:
+def run_entry(
+    entry: ZooEntry, force: bool = False, dry_run: bool = False, on_progress: Callable[[int, int], None] | None = None
+) -> dict:
     """Check, convert (unless up to date) and optionally verify one entry; never raises (but KeyboardInterrupt).
 
     With ``dry_run`` the conversion is only planned (status ``would-skip`` / ``would-convert``)
-    and nothing is verified or written.
+    and nothing is verified or written. ``on_progress(bytes_done, bytes_total)``: as ``convert``'s.
     """
     from npuconv.convert import convert, manifest_options
 
@@ -260,7 +265,7 @@ def run_entry(entry: ZooEntry, force: bool = False, dry_run: bool = False) -> di
             values["reason"] = freshness.reason
         else:
             values["reason"] = "forced" if force else freshness.reason
-            report = convert(entry.source, entry.output, options)
+            report = convert(entry.source, entry.output, options, on_progress)
             if dry_run:
                 status = "would-convert"
                 values.update(bytes_out=report["plan"]["total_bytes"], warnings=report["plan"]["warnings"])
@@ -293,6 +298,9 @@ def _verify_entry(entry: ZooEntry, values: dict, status: str) -> str:
     values["verify"] = {k: report[k] for k in ("ok", "passed", "failed", "skipped", "backend", "seconds")}
     if report["ok"]:
         return status
+    if not report["failed"]:  # nothing could be checked
+        values.update(error=f"verify: {report['error']}", exit_code=report["exit_code"])
+        return "verify-failed"
     worst = next(layer for layer in report["layers"] if layer["status"] == "fail")
     values.update(
         error=f"verify: {report['failed']} of {report['passed'] + report['failed']} layers failed "
@@ -324,17 +332,24 @@ def _worker(entry: ZooEntry, force: bool, env: dict, threads: int | None, conn) 
     """Body of a worker process: run one entry and send its result back."""
     os.environ.clear()
     os.environ.update(env)  # the zoo command's environment now, not the forkserver's at its start
-    from npuconv import cli
+    from npuconv.memory import tune_allocator
 
-    tune = getattr(cli, "tune_allocator", None)  # what `npuconv convert` does at start (glibc only)
-    if callable(tune):
-        tune()
+    tune_allocator()  # what `npuconv convert` does at start (glibc only)
     if threads:
         import torch
 
         torch.set_num_threads(threads)
+    last = 0.0
+
+    def progress(done: int, total: int) -> None:  # at most one message a second to the parent
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= PROGRESS_INTERVAL or done == total:
+            last = now
+            conn.send(("progress", done, total))
+
     try:
-        result = run_entry(entry, force)
+        result = run_entry(entry, force, on_progress=progress)
     except KeyboardInterrupt:
         result = _result(entry, "failed", error="interrupted", exit_code=130)
     result["peak_rss_bytes"] = _peak_rss_bytes()
@@ -359,6 +374,7 @@ class _Running:
     started: float
     result: dict | None = None
     conn_open: bool = True
+    progress: tuple[int, int] | None = None  # latest (bytes done, bytes total) of the conversion
 
 
 @dataclass(frozen=True)
@@ -369,9 +385,11 @@ class ZooOptions:
     dry_run: bool = False
     shard: tuple[int, int] | None = None
     shard_by: str = "index"
+    heartbeat: float = HEARTBEAT  # seconds between "running" events of each entry still running (0: none)
 
 
-Event = Callable[[str, ZooEntry, dict | None], None]  # ("start" | "done", entry, result on "done")
+# ("start" | "running" | "done", entry, result on "done" / {"seconds", "done", "total"} on "running")
+Event = Callable[[str, ZooEntry, dict | None], None]
 
 
 def _run_workers(entries: list[ZooEntry], options: ZooOptions, on_event: Event | None) -> dict[int, dict]:
@@ -384,6 +402,7 @@ def _run_workers(entries: list[ZooEntry], options: ZooOptions, on_event: Event |
     env = dict(os.environ)
     threads = max(1, (os.cpu_count() or 1) // options.jobs) if options.jobs > 1 else None
     stop = False
+    beat = time.perf_counter()
     try:
         while pending or running:
             while pending and not stop and len(running) < options.jobs:
@@ -403,14 +422,21 @@ def _run_workers(entries: list[ZooEntry], options: ZooOptions, on_event: Event |
                 pending.clear()
             if not running:
                 break
-            ready = set(wait([r.conn for r in running if r.conn_open] + [r.process.sentinel for r in running]))
+            timeout = max(0.0, beat + options.heartbeat - time.perf_counter()) if options.heartbeat > 0 else None
+            ready = set(wait([r.conn for r in running if r.conn_open] + [r.process.sentinel for r in running], timeout))
+            if options.heartbeat > 0 and time.perf_counter() >= beat + options.heartbeat:
+                beat = time.perf_counter()
+                for run in running:
+                    if on_event:
+                        done, total = run.progress or (0, 0)
+                        on_event("running", run.entry, {"seconds": round(beat - run.started, 1), "done": done, "total": total})
             for run in list(running):
                 if run.conn_open and run.conn in ready:
                     _receive(run)
                 if run.process.sentinel not in ready:
                     continue
                 run.process.join()
-                if run.conn_open and run.conn.poll():
+                while run.conn_open and run.conn.poll():
                     _receive(run)
                 run.conn.close()
                 running.remove(run)
@@ -436,10 +462,16 @@ def _run_workers(entries: list[ZooEntry], options: ZooOptions, on_event: Event |
 
 
 def _receive(run: _Running) -> None:
+    """One message of a worker: a ``("progress", done, total)`` tuple, or its result (then the pipe is done)."""
     try:
-        run.result = run.conn.recv()
+        message = run.conn.recv()
     except (EOFError, OSError):
-        pass
+        run.conn_open = False
+        return
+    if isinstance(message, tuple) and message and message[0] == "progress":
+        run.progress = (message[1], message[2])
+        return
+    run.result = message
     run.conn_open = False
 
 

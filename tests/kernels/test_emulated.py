@@ -1,6 +1,6 @@
 """Hand-checked vectors for the emulated torch_npu ops (npuconv.kernels.emulated).
 
-"ops §x" = shared/research/torch_npu_ops.md. Every test runs on CPU, and on CUDA when present.
+"ops §x" = docs/research/torch_npu_ops.md. Every test runs on CPU, and on CUDA when present.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def t(values, dtype, dev):
 def test_backend_names(dev):
     backend = get_backend(dev)
     assert backend.name == f"emulated-{dev}" and backend.emulated
-    assert backend.npu_quant_matmul is E.npu_quant_matmul
+    assert backend.ops.npu_quant_matmul is E.npu_quant_matmul
 
 
 # ---------------------------------------------------------------- npu_dynamic_quant (ops §5.1)

@@ -74,27 +74,35 @@ def test_selection_npu_without_device(monkeypatch):
     assert get_backend().name != "npu"
 
 
+def _parameters(function) -> list[tuple]:
+    return [(p.name, p.kind, p.default) for p in inspect.signature(function).parameters.values() if p.name != "self"]
+
+
 @pytest.mark.parametrize("op", OP_NAMES)
-def test_signatures_match_emulation(op):
-    emu = inspect.signature(getattr(emulated, op))
-    real = inspect.signature(getattr(npu_ops, op))
-    assert [(p.name, p.kind, p.default) for p in emu.parameters.values()] == [
-        (p.name, p.kind, p.default) for p in real.parameters.values()
-    ]
+def test_both_backends_implement_the_declared_op(op):
+    from npuconv.kernels.ops import KernelOps
+
+    declared = _parameters(getattr(KernelOps, op))
+    assert _parameters(getattr(emulated, op)) == declared
+    assert _parameters(getattr(npu_ops, op)) == declared
+
+
+def test_op_names_are_the_protocol():
+    assert len(OP_NAMES) == 11 and "npu_grouped_matmul" in OP_NAMES
 
 
 def test_weight_quant_batchmatmul(backend, fake):
     x = torch.zeros(2, 64, dtype=torch.float16)
     w = torch.zeros(16, 8, dtype=torch.int32).t()  # int4pack of (N=16, K=64) -> transposed view (K/8, N)
     scale = torch.zeros(2, 16, dtype=torch.float16)
-    assert backend.npu_weight_quant_batchmatmul(x, w, scale, scale, antiquant_group_size=32) == "result:npu_weight_quant_batchmatmul"
+    assert backend.ops.npu_weight_quant_batchmatmul(x, w, scale, scale, antiquant_group_size=32) == "result:npu_weight_quant_batchmatmul"
     op, args, kwargs = fake.last()
     assert op == "npu_weight_quant_batchmatmul"
     assert args[0] is x and args[1] is w and args[2] is scale and args[1].stride() == (1, 8)
     assert kwargs == dict(
         antiquant_offset=scale, quant_scale=None, quant_offset=None, bias=None, antiquant_group_size=32, inner_precise=0
     )  # weight_dtype=None is left out
-    backend.npu_weight_quant_batchmatmul(x, torch.zeros(64, 8, dtype=torch.uint8), scale, weight_dtype="int4")
+    backend.ops.npu_weight_quant_batchmatmul(x, torch.zeros(64, 8, dtype=torch.uint8), scale, weight_dtype="int4")
     assert fake.last()[2]["weight_dtype"] == 285
 
 
@@ -102,7 +110,7 @@ def test_quant_matmul_w8a8(backend, fake):
     x1, x2 = torch.zeros(3, 32, dtype=torch.int8), torch.zeros(32, 8, dtype=torch.int8)
     scale, pts = torch.zeros(8), torch.zeros(3)
     bias = torch.zeros(8, dtype=torch.int32)
-    backend.npu_quant_matmul(x1, x2, scale, pertoken_scale=pts, bias=bias, output_dtype=torch.bfloat16)
+    backend.ops.npu_quant_matmul(x1, x2, scale, pertoken_scale=pts, bias=bias, output_dtype=torch.bfloat16)
     op, args, kwargs = fake.last()
     assert op == "npu_quant_matmul" and args == (x1, x2, scale)
     assert set(kwargs) == {"offset", "pertoken_scale", "bias", "output_dtype"}  # newer kwargs left out when None
@@ -114,7 +122,7 @@ def test_quant_matmul_mx(backend, fake):
     x2 = torch.zeros(8, 32, dtype=torch.uint8).t()
     scale = torch.zeros(8, 1, 2, dtype=torch.uint8).transpose(0, 1)
     pts = torch.zeros(3, 1, 2, dtype=torch.uint8)
-    backend.npu_quant_matmul(
+    backend.ops.npu_quant_matmul(
         x1,
         x2,
         scale,
@@ -135,48 +143,48 @@ def test_quant_matmul_mx(backend, fake):
 
 def test_dynamic_quant(backend, fake):
     x = torch.zeros(4, 16, dtype=torch.bfloat16)
-    backend.npu_dynamic_quant(x)
+    backend.ops.npu_dynamic_quant(x)
     assert fake.last() == ("npu_dynamic_quant", (x,), {"dst_type": torch.int8})
     smooth = torch.ones(16)
-    backend.npu_dynamic_quant(x, smooth_scales=smooth, dst_type=torch.quint4x2)
+    backend.ops.npu_dynamic_quant(x, smooth_scales=smooth, dst_type=torch.quint4x2)
     _, _, kwargs = fake.last()
     assert kwargs["smooth_scales"] is smooth and kwargs["dst_type"] == torch.quint4x2 and "group_index" not in kwargs
 
 
 def test_dynamic_mx_quant(backend, fake):
     x = torch.zeros(4, 64, dtype=torch.bfloat16)
-    backend.npu_dynamic_mx_quant(x, dst_type=torch.float8_e4m3fn)
+    backend.ops.npu_dynamic_mx_quant(x, dst_type=torch.float8_e4m3fn)
     assert fake.last() == (
         "npu_dynamic_mx_quant",
         (x,),
         {"axis": -1, "round_mode": "rint", "dst_type": torch.float8_e4m3fn, "block_size": 32},
     )
-    backend.npu_dynamic_mx_quant(x, round_mode="round", dst_type="float4_e2m1fn_x2", scale_alg=1)
+    backend.ops.npu_dynamic_mx_quant(x, round_mode="round", dst_type="float4_e2m1fn_x2", scale_alg=1)
     kwargs = fake.last()[2]
     assert kwargs["dst_type"] == 296 and kwargs["round_mode"] == "round" and kwargs["scale_alg"] == 1
 
 
 def test_quantize_positional(backend, fake):
     x, s, z = torch.zeros(2, 8), torch.ones(8), torch.zeros(8)
-    backend.npu_quantize(x, s, z, torch.qint8, -1, False)
+    backend.ops.npu_quantize(x, s, z, torch.qint8, -1, False)
     assert fake.last() == ("npu_quantize", (x, s, z, torch.qint8, -1, False), {})
-    backend.npu_quantize(x, s, None, torch.quint4x2)
+    backend.ops.npu_quantize(x, s, None, torch.quint4x2)
     assert fake.last()[1][2:] == (None, torch.quint4x2, 1, True)  # torch_npu defaults (ops §8)
 
 
 def test_layout_ops(backend, fake):
     s = torch.ones(8)
-    backend.npu_trans_quant_param(s)
+    backend.ops.npu_trans_quant_param(s)
     assert fake.last() == ("npu_trans_quant_param", (s, None), {})
-    backend.npu_trans_quant_param(s, s, round_mode=1)
+    backend.ops.npu_trans_quant_param(s, s, round_mode=1)
     assert fake.last() == ("npu_trans_quant_param", (s, s), {"round_mode": 1})
     w = torch.zeros(16, 64, dtype=torch.int32)
-    backend.npu_convert_weight_to_int4pack(w)
+    backend.ops.npu_convert_weight_to_int4pack(w)
     assert fake.last() == ("npu_convert_weight_to_int4pack", (w,), {"inner_k_tiles": 0})
-    backend.npu_format_cast(w, 29)
+    backend.ops.npu_format_cast(w, 29)
     assert fake.last() == ("npu_format_cast", (w, 29), {})
     u = torch.zeros(8, 32, dtype=torch.uint8)
-    backend.npu_format_cast(u, 29, customize_dtype=torch.float8_e4m3fn, input_dtype="float4_e2m1fn_x2")
+    backend.ops.npu_format_cast(u, 29, customize_dtype=torch.float8_e4m3fn, input_dtype="float4_e2m1fn_x2")
     assert fake.last() == ("npu_format_cast", (u, 29), {"customize_dtype": torch.float8_e4m3fn, "input_dtype": 296})
 
 
@@ -187,7 +195,7 @@ def test_grouped_matmul(backend, fake):
     bias = torch.zeros(2, 16)
     pts = torch.zeros(5)
     group_list = torch.tensor([2, 3])
-    backend.npu_grouped_matmul(
+    backend.ops.npu_grouped_matmul(
         [x], [w], scale=[scale], bias=[bias], per_token_scale=[pts], group_list=group_list,
         split_item=2, group_type=0, group_list_type=1, output_dtype=torch.bfloat16,
     )  # fmt: skip

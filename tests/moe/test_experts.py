@@ -1,4 +1,4 @@
-"""The format-free expert stacking (npuconv.readers.experts), its hook in Reader.linear_specs/load,
+"""The format-free expert stacking (npuconv.experts), its hook in Reader.linear_specs/load,
 the writers' handling of stacks and the grouped-matmul runtime path."""
 
 from __future__ import annotations
@@ -8,14 +8,15 @@ from dataclasses import replace
 import pytest
 import torch
 
+from npuconv.entries import from_storage
 from npuconv.kernels import get_backend
 from npuconv.model import INT, ActivationQuant, LinearSpec, QuantizedLinear, dequantize
 from npuconv.readers.base import Reader
-from npuconv.readers.experts import stack_expert_specs, stack_layers, unstack_layer, unstack_spec
+from npuconv.experts import stack_expert_specs, stack_layers, unstack_layer, unstack_spec
 from npuconv.runtime import run_kernel
 from npuconv.verify import reference_output, same_canonical
-from npuconv.writers import WriterOptions, writer_class
-from npuconv.writers.npu_common import from_storage
+from npuconv.registry import target_class
+from npuconv.writers import WriterOptions
 
 MOE = "model.layers.0.mlp.experts"
 DYNAMIC = ActivationQuant(INT, 8, dynamic=True)
@@ -135,10 +136,10 @@ def test_stacking_is_opt_in_per_reader():
     assert [s.name for s in FakeReader(layers, stack=False).linear_specs()] == [l.spec.name for l in layers]
     specs, members, notes = stack_expert_specs([l.spec for l in layers[:2]])  # one expert: nothing to do
     assert len(specs) == 2 and not members and not notes
-    from npuconv.readers import compressed_tensors, float as float_reader, gptq, modelslim, npuconv_output
+    from npuconv.registry import get_reader
 
-    assert compressed_tensors.READER.stack_experts and gptq.READER.stack_experts and modelslim.READER.stack_experts
-    assert not float_reader.READER.stack_experts and not npuconv_output.READER.stack_experts
+    assert all(get_reader(name).stack_experts for name in ("compressed-tensors", "gptq", "modelslim", "awq"))
+    assert not get_reader("float").stack_experts and not get_reader("npuconv").stack_experts
 
 
 # ----------------------------------------------------------------------------- writers and runtime
@@ -148,7 +149,7 @@ def stacked_layer(n=64, k=128, experts=4, **kw) -> QuantizedLinear:
 
 
 def kernel_tensors(target: str, layer: QuantizedLinear, **options):
-    writer = writer_class(target)(WriterOptions(**options))
+    writer = target_class(target)(WriterOptions(**options))
     entry = writer.layer_manifest(layer.spec)
     stored = writer.write_layer(layer)
     return writer, entry, {role: from_storage(stored[e["name"]], e) for role, e in entry["tensors"].items()}
@@ -178,11 +179,11 @@ def test_grouped_matmul_equals_each_expert_through_the_dense_kernel(target, kw):
 
 
 def test_writers_refuse_or_adapt_what_the_grouped_matmul_cannot_take():
-    reason = lambda target, layer: writer_class(target)(WriterOptions()).unsupported_reason(layer.spec)  # noqa: E731
+    reason = lambda target, layer: target_class(target)(WriterOptions()).accepts(layer.spec)  # noqa: E731
     assert "act-order" in reason("npu-int4", stacked_layer(act_order=True))
     static = ActivationQuant(INT, 8, dynamic=False, strategy="tensor")
     assert "dynamic only" in reason("npu-w8a8", stacked_layer(bits=8, group=-1, symmetric=True, activation=static))
-    writer = writer_class("npu-int4")(WriterOptions(nz=True))
+    writer = target_class("npu-int4")(WriterOptions(nz=True))
     entries = writer.layer_manifest(stacked_layer(group=64).spec)["tensors"]
     assert entries["weight"]["layout"] == "nd" and any("ND" in w for w in writer.warnings)
 
@@ -190,10 +191,10 @@ def test_writers_refuse_or_adapt_what_the_grouped_matmul_cannot_take():
 def test_float_and_modelslim_write_experts_one_by_one():
     layer = stacked_layer()
     for target in ("float", "modelslim"):
-        writer = writer_class(target)(WriterOptions(dtype=torch.float32))
+        writer = target_class(target)(WriterOptions(dtype=torch.float32))
         planned = [p.name for p in writer.plan_layer(layer.spec)]
         written = writer.write_layer(layer)
         assert list(written) == planned
         assert {name.rsplit(".", 1)[0] for name in planned} == {f"{MOE}.{e}.up_proj" for e in range(4)}
-    written = writer_class("float")(WriterOptions(dtype=torch.float32)).write_layer(layer)
+    written = target_class("float")(WriterOptions(dtype=torch.float32)).write_layer(layer)
     assert torch.equal(written[f"{MOE}.2.up_proj.weight"], dequantize(layer)[2])

@@ -12,13 +12,13 @@ from click.testing import CliRunner
 from conftest import FIXTURES, MOE_FIXTURES, load_reference
 from test_verify import assert_only_layer_fails, rewrite
 
-from npuconv.checkpoint import Checkpoint
+from npuconv.io.checkpoint import Checkpoint
 from npuconv.cli import cli
 from npuconv.convert import ConvertOptions, convert
 from npuconv.model import dequantize
 from npuconv.readers import open_reader
 from npuconv.readers.modelslim import DESCRIPTION
-from npuconv.safetensors_io import read_header, read_tensor
+from npuconv.io.safetensors_io import read_header, read_tensor
 from npuconv.verify import VerifyOptions, verify
 from npuconv.writers import WriterOptions
 

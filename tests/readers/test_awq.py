@@ -14,12 +14,12 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from conftest import load_reference, open_fixture
-from npuconv.checkpoint import Checkpoint
+from npuconv.io.checkpoint import Checkpoint
 from npuconv.errors import InputError, UnsupportedError
 from npuconv.model import dequantize
 from npuconv.readers import open_reader
 from npuconv.readers.awq import AWQReader, unpack_gemm, unpack_gemv
-from npuconv.safetensors_io import save_file
+from npuconv.io.safetensors_io import save_file
 
 ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # nibble i of a GEMM word holds logical column 8c + ORDER[i] (§2.2)
 P = "model.layers.0.mlp.up_proj"

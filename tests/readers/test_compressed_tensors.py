@@ -14,12 +14,13 @@ from conftest import load_reference, open_fixture
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from npuconv.checkpoint import Checkpoint
+from npuconv.io.checkpoint import Checkpoint
 from npuconv.errors import InputError, UnsupportedError
 from npuconv.model import FP4_E2M1, FP8_E4M3, INT, SCALE_E8M0, SCALE_FLOAT, ActivationQuant, dequantize
 from npuconv.readers import open_reader
-from npuconv.readers.compressed_tensors import CompressedTensorsReader, unpack_columns, unpack_rows
-from npuconv.safetensors_io import save_file
+from npuconv.packing import unpack_columns, unpack_rows
+from npuconv.readers.compressed_tensors import CompressedTensorsReader
+from npuconv.io.safetensors_io import save_file
 
 CT_FIXTURES = ["ct020_w4a16_g32_asym", "ct020_w8a8_int", "ct020_fp8_static", "ct020_mxfp8a16", "ct020_nvfp4a16"]
 
@@ -179,8 +180,8 @@ def test_3bit_row_hand_worked(tmp_path, version, words):
 def test_3bit_layout_follows_writer_version():
     """The same two words decode differently in the two layouts (same width, so the version decides)."""
     words = torch.tensor([DENSE_3BIT], dtype=torch.int32)
-    assert unpack_rows(words, 3, 12, legacy=False).tolist() == [CODES_3BIT]
-    assert unpack_rows(words, 3, 12, legacy=True).tolist() == [[5, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7, 0]]
+    assert unpack_rows(words, 3, 12, padded=False).tolist() == [CODES_3BIT]
+    assert unpack_rows(words, 3, 12, padded=True).tolist() == [[5, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7, 0]]
 
 
 def test_asym_zero_points_packed_along_n(tmp_path):
@@ -388,10 +389,10 @@ def test_spec_packer_round_trip(bits, legacy, n, k, seed):
     codes = torch.randint(0, 1 << bits, (n, k), generator=gen)
     along_k = spec_pack(codes.tolist(), bits, legacy)
     assert along_k.shape == (n, math.ceil(k / (32 // bits)) if legacy else math.ceil(k * bits / 32))
-    assert torch.equal(unpack_rows(along_k, bits, k, legacy), codes.to(torch.uint8))
+    assert torch.equal(unpack_rows(along_k, bits, k, padded=legacy), codes.to(torch.uint8))
     # zero points: the same packing along N (dim 0)
     along_n = spec_pack(codes.t().tolist(), bits, legacy).t()
-    assert torch.equal(unpack_columns(along_n, bits, n, legacy), codes.to(torch.uint8))
+    assert torch.equal(unpack_columns(along_n, bits, n, padded=legacy), codes.to(torch.uint8))
 
 
 # ------------------------------------------------------------------------------------ broken checkpoints

@@ -15,12 +15,12 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from conftest import FIXTURES, load_reference, open_fixture
-from npuconv.checkpoint import Checkpoint
+from npuconv.io.checkpoint import Checkpoint
 from npuconv.errors import InputError, UnsupportedError
 from npuconv.model import dequantize
 from npuconv.readers import open_reader
 from npuconv.readers.gptq import V1, V2, GPTQReader, decode_zero_points, unpack_qweight
-from npuconv.safetensors_io import save_file
+from npuconv.io.safetensors_io import save_file
 
 # fixture → (detected format, bits, group_size, sym, desc_act)
 GPTQ_FIXTURES = {

@@ -20,12 +20,12 @@ from conftest import load_reference, open_fixture
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from npuconv.checkpoint import Checkpoint
+from npuconv.io.checkpoint import Checkpoint
 from npuconv.errors import InputError, UnsupportedError
 from npuconv.model import FP4_E2M1, FP8_E4M3, INT, SCALE_E8M0, SCALE_FLOAT, dequantize
 from npuconv.readers import open_reader
 from npuconv.readers.modelslim import ModelSlimReader, decode_deq_scale
-from npuconv.safetensors_io import save_file
+from npuconv.io.safetensors_io import save_file
 
 P = "model.layers.0.mlp.down_proj"
 
@@ -259,6 +259,43 @@ def test_w4a4_dynamic_per_group(tmp_path):
           scheme="w4a4_dynamic", bits=4, group_size=2, symmetric=False, source="W4A4_DYNAMIC")
 
 
+def test_w4a4_autoround_unsigned_codes(tmp_path):
+    """AutoRound (msModelSlim quant_tensor_asym): q = clamp(round(w/s) + 8, 0, 15) stored in int8, float
+    offset 8, scale sign flipped per group; msModelSlim's reader: (q - offset) * scale. Hand vector."""
+    root = build(tmp_path, {P: ("W4A4_DYNAMIC", {
+        "weight": i8([[0, 15, 8, 13], [1, 2, 3, 4]]),
+        "weight_scale": f32([[0.5, -0.25], [-2.0, 1.0]]),
+        "weight_offset": f32([[8.0, 8.0], [8.0, 8.0]]),
+    })})
+    reader, spec, layer = read_one(root)
+    # row 0: (0-8)*.5, (15-8)*.5, (8-8)*-.25, (13-8)*-.25; row 1: (1-8)*-2, (2-8)*-2, (3-8)*1, (4-8)*1
+    check(reader, spec, layer, [[-4.0, 3.5, 0.0, -1.25], [14.0, 12.0, -5.0, -4.0]],
+          scheme="w4a4_dynamic", bits=4, group_size=2, symmetric=True, source="W4A4_DYNAMIC")
+    assert layer.qweight.tolist() == [[0, 15, 8, 13], [1, 2, 3, 4]]  # the stored codes, unsigned
+    assert layer.zero is None  # offset 8 everywhere = the int4 midpoint: symmetric
+    assert reader.warnings == []  # negative scales are how AutoRound stores a range
+
+
+def test_w4a4_autoround_unsigned_asymmetric_offsets(tmp_path):
+    root = build(tmp_path, {P: ("W4A4_DYNAMIC", {
+        "weight": i8([[0, 15]]), "weight_scale": f32([[0.5]]), "weight_offset": f32([[10.0]]),
+    })})
+    reader, spec, layer = read_one(root)
+    check(reader, spec, layer, [[-5.0, 2.5]],
+          scheme="w4a4_dynamic", bits=4, group_size=-1, symmetric=False, source="W4A4_DYNAMIC")
+    assert layer.zero.tolist() == [[10]]
+
+
+def test_w4a4_unsigned_codes_out_of_range(tmp_path):
+    root = build(tmp_path, {P: ("W4A4_DYNAMIC", {
+        "weight": i8([[-1, 15]]), "weight_scale": f32([[0.5]]), "weight_offset": f32([[8.0]]),
+    })})
+    reader = open_reader(Checkpoint(root))
+    (spec,) = reader.linear_specs()
+    with pytest.raises(InputError, match=r"value -1 is outside the unsigned int4 range 0\.\.15"):
+        reader.load(spec)
+
+
 def test_w4a4_dynamic_pairs_along_n(tmp_path):
     root = build(tmp_path, {P: ("W4A4_DYNAMIC", {
         "weight": b8([[0x8F, 0x21]]), "weight_scale": f32([[1.0], [1.0]]), "weight_offset": f32([[0.0], [0.0]]),
@@ -340,9 +377,11 @@ def test_w4a8_two_stage_offset_second(tmp_path):
 
 
 def test_w4a8_two_stage_rounding_order(tmp_path):
-    """Canonical group scale = fl32(s * s2) (vllm-ascend's antiquant scale); the fixture reference
-    computes q * s2 * s, which rounds once (q * s2 is an exact small integer). Exactly equal to
-    q * fl32(s * s2); within 1 ulp of the reference, and they do differ for some inputs."""
+    """msModelSlim's saver dequantizes two-stage W4A8 as (q * s2) * s in float32 (complex_quantifier.py:
+    ``first_deq_weight = weight * second_scale``; ``second_deq_weight = first_deq_weight * weight_scale``):
+    one rounding, since q * s2 is an exact small integer. dequantize() follows that order bit for bit;
+    the canonical scale (what kernels get) stays vllm-ascend's antiquant scale fl32(s * s2), and
+    q * fl32(s * s2) does differ from it for some inputs (so the order matters)."""
     g = torch.Generator().manual_seed(0)
     n, k, group = 64, 8, 4
     q = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
@@ -353,13 +392,15 @@ def test_w4a8_two_stage_rounding_order(tmp_path):
         "weight_scale_second": s2, "weight_offset_second": torch.zeros(n, k // group, dtype=torch.int64),
     })}, version="0")
     _, _, layer = read_one(root)
-    got = dequantize(layer)
     s2k = s2.repeat_interleave(group, 1)
-    assert torch.equal(got, q.float() * (s * s2k))
-    reference = q.float() * s2k * s
-    ulp = torch.finfo(torch.float32).eps * reference.abs()
-    assert bool(((got - reference).abs() <= ulp).all())
-    assert not torch.equal(got, reference)
+    assert torch.equal(dequantize(layer), (q.float() * s2k) * s)
+    assert torch.equal(layer.scale, s * s2)
+    assert not torch.equal(q.float() * (s * s2k), (q.float() * s2k) * s)
+    # the order survives row chunking (large layers are dequantized in slices of output rows)
+    from npuconv import model
+
+    chunked = model._dequantize_rows(model._row_slice(layer, 8, 24), torch.float32)
+    assert torch.equal(chunked, ((q.float() * s2k) * s)[8:24])
 
 
 # W4A16 ------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from npuconv.safetensors_io import read_header, read_tensor, save_file
+from npuconv.io.safetensors_io import read_header, read_tensor, save_file
 
 LLAMA_CONFIG = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 512, "intermediate_size": 512,
@@ -103,27 +103,6 @@ def make_gptq_sym(directory: Path, shapes: dict[str, tuple[int, int]], group_siz
 
 
 # ------------------------------------------------------------------------------ float sources
-def convert_float_linears(monkeypatch, target: str) -> None:
-    """Make ``npuconv.convert`` ask a float source for its linears quantized for ``target``.
-
-    This is the converter-side call of the offline-quantization opt-in (``make_plan`` calling
-    ``reader.prepare_for_target(writer.target)``), applied here until convert.py makes it itself;
-    calling it twice is harmless.
-    """
-    import npuconv.convert as convert_module
-
-    real = convert_module.open_reader
-
-    def prepared(checkpoint):
-        reader = real(checkpoint)
-        prepare = getattr(reader, "prepare_for_target", None)
-        if prepare is not None:
-            prepare(target)
-        return reader
-
-    monkeypatch.setattr(convert_module, "open_reader", prepared)
-
-
 def make_float_model(directory: Path, seed: int = 0) -> dict[str, torch.Tensor]:
     """A tiny hand-made bf16 checkpoint: linears (with a bias, a partial MX block, an odd N), and
     tensors that are not linears (embedding, norms, lm_head, a router gate). Returns every tensor."""

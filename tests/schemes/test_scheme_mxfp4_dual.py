@@ -13,12 +13,12 @@ import json
 import pytest
 import torch
 from conftest import FIXTURES
-from scheme_helpers import LLAMA_CONFIG, convert_float_linears, manifest, nibbles_of_bytes, nz_to_nd, read_all
+from scheme_helpers import LLAMA_CONFIG, manifest, nibbles_of_bytes, nz_to_nd, read_all
 
 from npuconv.convert import ConvertOptions, convert
 from npuconv.errors import UnsupportedError
 from npuconv.kernels import emulated
-from npuconv.safetensors_io import save_file
+from npuconv.io.safetensors_io import save_file
 from npuconv.verify import VerifyOptions, verify
 from test_verify import rewrite
 
@@ -86,7 +86,6 @@ def float_model(tmp_path_factory):
 
 
 def convert_dual(source, out, monkeypatch):
-    convert_float_linears(monkeypatch, "npu-mxfp4-dual")
     convert(source, out, ConvertOptions("npu-mxfp4-dual"))
     return out
 
@@ -123,7 +122,6 @@ def test_float_llama_with_one_level0_block(tmp_path, monkeypatch):
 
 def test_mx_fp4_source_gets_level0_one(float_model, tmp_path, monkeypatch):
     source, _ = float_model
-    convert_float_linears(monkeypatch, "npu-mxfp4")
     mx = tmp_path / "mx"
     convert(source, mx, ConvertOptions("npu-mxfp4"))  # an MX fp4 checkpoint (E8M0 per 32)
     out = tmp_path / "dual"

@@ -11,7 +11,7 @@ from scheme_helpers import LLAMA_CONFIG, nz_to_nd, read_all
 
 from npuconv.convert import ConvertOptions, convert
 from npuconv.errors import UnsupportedError
-from npuconv.safetensors_io import save_file
+from npuconv.io.safetensors_io import save_file
 from npuconv.writers import WriterOptions
 from npuconv.writers.npu_float import load_nd
 

@@ -12,13 +12,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import FIXTURES
-from scheme_helpers import convert_float_linears, make_float_model, manifest, nibbles_of_bytes, read_all
+from scheme_helpers import make_float_model, manifest, nibbles_of_bytes, read_all
 from spec_decoders import ocp_mx_reference
 
-from npuconv.checkpoint import Checkpoint
+from npuconv.io.checkpoint import Checkpoint
 from npuconv.cli import cli
 from npuconv.convert import ConvertOptions, convert
 from npuconv.readers import open_reader
+from npuconv.registry import get_target
 from npuconv.verify import VerifyOptions, verify
 from test_verify import rewrite
 
@@ -51,15 +52,13 @@ def float_base(tmp_path_factory):
 def test_inspect_of_a_float_model_still_shows_no_quantized_layer(float_base):
     reader = open_reader(Checkpoint(float_base))
     assert reader.format == "float" and reader.linear_specs() == []
-    reader.prepare_for_target("npu-int4")  # a target without an offline recipe changes nothing
-    assert reader.linear_specs() == []
-    reader.prepare_for_target("npu-mxfp8")
+    assert get_target("npu-int4").offline_recipe is None  # a target without an offline recipe asks nothing
+    reader.quantize_float_linears(get_target("npu-mxfp8").offline_recipe)
     assert len(reader.linear_specs()) == 7
 
 
 @pytest.mark.parametrize("target,element", [("npu-mxfp8", "fp8"), ("npu-mxfp4", "fp4")])
 def test_float_llama_to_mx(target, element, float_base, tmp_path, monkeypatch):
-    convert_float_linears(monkeypatch, target)
     out = tmp_path / "out"
     convert(float_base, out, ConvertOptions(target))
     m = manifest(out)
@@ -84,7 +83,6 @@ def test_float_llama_to_mx(target, element, float_base, tmp_path, monkeypatch):
 def test_hand_made_bf16_checkpoint(tmp_path, monkeypatch):
     tensors = make_float_model(tmp_path / "src")
     for target, quantized in (("npu-mxfp8", {"q_proj", "dense", "odd_proj"}), ("npu-mxfp4", {"q_proj", "dense"})):
-        convert_float_linears(monkeypatch, target)
         out = tmp_path / target
         report = convert(tmp_path / "src", out, ConvertOptions(target))
         m = manifest(out)
@@ -108,7 +106,6 @@ def test_hand_made_bf16_checkpoint(tmp_path, monkeypatch):
 
 
 def test_planted_e8m0_bug_is_caught(float_base, tmp_path, monkeypatch):
-    convert_float_linears(monkeypatch, "npu-mxfp8")
     out = tmp_path / "out"
     convert(float_base, out, ConvertOptions("npu-mxfp8"))
     layer = "model.layers.0.mlp.down_proj"

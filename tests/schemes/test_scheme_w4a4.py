@@ -12,7 +12,8 @@ from npuconv.errors import UnsupportedError
 from npuconv.kernels import emulated, get_backend
 from npuconv.model import INT, ActivationQuant, LinearSpec
 from npuconv.runtime import load_output
-from npuconv.verify import VerifyOptions, default_target, verify
+from npuconv.registry import native_target
+from npuconv.verify import VerifyOptions, verify
 from test_verify import rewrite, swap_nibbles
 
 FIXTURE = "ms_w4a8_dynamic"  # symmetric per-channel int4: the user asks for int4 activations instead of int8
@@ -98,8 +99,8 @@ def test_unsupported_sources_fail_before_writing(fixture, message, tmp_path):
 
 def test_default_target_for_w4a4_sources():
     act4 = ActivationQuant(INT, 4, True)
-    assert default_target(LinearSpec("a.o_proj", 64, 128, 4, -1, True, activation=act4)) == "npu-w4a4"
-    assert default_target(LinearSpec("a.o_proj", 64, 128, 4, 32, False, activation=act4)) == "npu-int4"
+    assert native_target(LinearSpec("a.o_proj", 64, 128, 4, -1, True, activation=act4)).name == "npu-w4a4"
+    assert native_target(LinearSpec("a.o_proj", 64, 128, 4, 32, False, activation=act4)).name == "npu-int4"
 
 
 @pytest.mark.parametrize("role,mutate", [("weight", swap_nibbles), ("weight_scale", lambda t: torch.roll(t, 1, 0))],

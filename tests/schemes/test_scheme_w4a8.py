@@ -17,8 +17,9 @@ from npuconv.errors import UnsupportedError
 from npuconv.kernels import emulated, get_backend
 from npuconv.model import INT, ActivationQuant, LinearSpec, QuantizedLinear
 from npuconv.runtime import load_output
-from npuconv.safetensors_io import read_header, read_tensor
-from npuconv.verify import VerifyOptions, default_target, verify
+from npuconv.io.safetensors_io import read_header, read_tensor
+from npuconv.registry import native_target
+from npuconv.verify import VerifyOptions, verify
 from npuconv.writers import WriterOptions
 from test_verify import rewrite, swap_nibbles
 
@@ -145,13 +146,13 @@ def test_unsupported_sources_fail_before_writing(tmp_path):
 def test_lossy_group_scale_rounding_is_not_a_layout_error():
     """An fp32 per-group scale that fp16 cannot hold: the kernel gets the rounded one, the layout
     check reads the exact copy back; a corrupted int64 scale is read back as it is."""
-    from npuconv.writers.npu_w4a8 import NpuW4A8Writer
+    from npuconv.writers.npu_w4a8 import NpuW4A8Target
 
     spec = LinearSpec("m.o_proj", 16, 512, 4, 256, True, scale_dtype=torch.float32)
     gen = torch.Generator().manual_seed(3)
     layer = QuantizedLinear(spec, torch.randint(0, 16, (16, 512), generator=gen).to(torch.uint8),
                             torch.rand(16, 2, generator=gen) * 0.01 + 1e-3)
-    writer = NpuW4A8Writer(WriterOptions())
+    writer = NpuW4A8Target(WriterOptions())
     entries = writer.layer_manifest(spec)["tensors"]
     stored = writer.write_layer(layer)
     assert writer.warnings and "fp16 rounding" in writer.warnings[0]
@@ -178,9 +179,9 @@ def test_a8w4_split_equals_the_scaled_integer_matmul():
 
 def test_default_target_for_w4a8_sources():
     act8 = ActivationQuant(INT, 8, True)
-    assert default_target(LinearSpec("a.o_proj", 64, 128, 4, -1, True, activation=act8)) == "npu-w4a8"
+    assert native_target(LinearSpec("a.o_proj", 64, 128, 4, -1, True, activation=act8)).name == "npu-w4a8"
     # a group size the A8W4 kernel cannot take falls back to the weight-only kernel
-    assert default_target(LinearSpec("a.o_proj", 64, 128, 4, 32, True, activation=act8)) == "npu-int4"
+    assert native_target(LinearSpec("a.o_proj", 64, 128, 4, 32, True, activation=act8)).name == "npu-int4"
 
 
 # ------------------------------------------------------------------------------ planted bugs
@@ -219,14 +220,14 @@ def test_backend_is_the_emulation():
 def test_expert_stack_runs_every_token_through_every_expert():
     from npuconv.model import dequantize
     from npuconv.runtime import run_kernel
-    from npuconv.writers.npu_common import from_storage
-    from npuconv.writers.npu_w4a8 import NpuW4A8Writer
+    from npuconv.entries import from_storage
+    from npuconv.writers.npu_w4a8 import NpuW4A8Target
 
     spec = LinearSpec("m.experts.down_proj", 16, 512, 4, 256, True, scale_dtype=torch.float16, num_experts=2)
     gen = torch.Generator().manual_seed(0)
     layer = QuantizedLinear(spec, torch.randint(0, 16, (2, 16, 512), generator=gen).to(torch.uint8),
                             (torch.rand(2, 16, 2, generator=gen) * 0.01 + 1e-3).half())
-    writer = NpuW4A8Writer(WriterOptions())
+    writer = NpuW4A8Target(WriterOptions())
     entry = writer.layer_manifest(spec)
     stored = writer.write_layer(layer)
     tensors = {role: from_storage(stored[e["name"]], e) for role, e in entry["tensors"].items()}

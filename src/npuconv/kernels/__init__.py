@@ -1,49 +1,38 @@
 """Kernel backends: the real torch_npu ops, or their pure-PyTorch emulation on CPU or CUDA.
 
 >>> backend = get_backend()            # npu if present, else cuda, else cpu
->>> y = backend.npu_quant_matmul(x1, x2, scale, pertoken_scale=s, output_dtype=torch.bfloat16)
+>>> y = backend.ops.npu_quant_matmul(x1, x2, scale, pertoken_scale=s, output_dtype=torch.bfloat16)
 
-Every backend has the same op names and signatures (:data:`OP_NAMES`, see
-:mod:`npuconv.kernels.emulated`), plus ``.name`` (``"npu"``, ``"emulated-cpu"``, ``"emulated-cuda"``)
-and ``.device`` (a device string such as ``"cpu"`` or ``"npu:0"``: where its inputs must live).
+A :class:`Backend` is ``.name`` (``"npu"``, ``"emulated-cpu"``, ``"emulated-cuda"``), ``.device`` (a
+device string such as ``"cpu"`` or ``"npu:0"``: where its inputs must live) and ``.ops``, the ops
+module implementing :class:`npuconv.kernels.ops.KernelOps` (:data:`OP_NAMES`).
 """
 
 from __future__ import annotations
 
-from types import ModuleType
+from dataclasses import dataclass
 
 import torch
 
 from npuconv.errors import UnsupportedError
 from npuconv.kernels import emulated, npu
+from npuconv.kernels.ops import KernelOps
 
-OP_NAMES = (
-    "npu_weight_quant_batchmatmul",
-    "npu_quant_matmul",
-    "npu_dynamic_quant",
-    "npu_dynamic_mx_quant",
-    "npu_quantize",
-    "npu_trans_quant_param",
-    "npu_convert_weight_to_int4pack",
-    "npu_format_cast",
-    "npu_grouped_matmul",
-    "npu_dynamic_dual_level_mx_quant",
-    "npu_dual_level_quant_matmul",
-)
+#: the op names of :class:`KernelOps`, in declaration order
+OP_NAMES = tuple(name for name in vars(KernelOps) if name.startswith("npu_"))
 
 
+@dataclass(frozen=True)
 class Backend:
-    """A set of the :data:`OP_NAMES` functions bound to one device."""
+    """The kernel ops of one implementation, for inputs on one device."""
 
-    def __init__(self, name: str, device: str, ops: ModuleType) -> None:
-        self.name = name
-        self.device = device  # a string: "npu:0" is a valid torch device only once torch_npu is imported
-        self.emulated = ops is emulated
-        for op in OP_NAMES:
-            setattr(self, op, getattr(ops, op))
+    name: str
+    device: str  # a string: "npu:0" is a valid torch device only once torch_npu is imported
+    ops: KernelOps  # npuconv.kernels.npu or npuconv.kernels.emulated
 
-    def __repr__(self) -> str:
-        return f"Backend({self.name!r}, device={self.device!r})"
+    @property
+    def emulated(self) -> bool:
+        return self.ops is emulated
 
 
 def available_devices() -> list[str]:

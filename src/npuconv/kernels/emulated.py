@@ -1,7 +1,7 @@
 """Pure-PyTorch emulation of the torch_npu quantized matmul and quantize ops (CPU or CUDA).
 
 Every function has the torch_npu name, signature and semantics, as documented in
-``shared/research/torch_npu_ops.md`` (cited as ``ops §x.y``). It runs on the device of its inputs.
+``docs/research/torch_npu_ops.md`` (cited as ``ops §x.y``). It runs on the device of its inputs.
 
 Numerics:
 

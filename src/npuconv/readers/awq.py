@@ -1,6 +1,6 @@
 """AWQ checkpoints (AutoAWQ; the layout vLLM, transformers and GPTQModel also read) → canonical layers.
 
-Facts: ``shared/research/checkpoint_formats.md`` §2 (read from AutoAWQ 0.2.9; the GEMM layout is
+Facts: ``docs/research/checkpoint_formats.md`` §2 (read from AutoAWQ 0.2.9; the GEMM layout is
 checked against the AutoAWQ-written fixture ``tests/fixtures/awq_gemm_g128``).
 
 Configuration: ``config.json["quantization_config"]`` (else ``quantize_config.json``) with
@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
-from npuconv.checkpoint import Checkpoint
+from npuconv.io.checkpoint import Checkpoint
 from npuconv.errors import InputError, UnsupportedError
 from npuconv import model
 from npuconv.model import LinearSpec, QuantizedLinear
@@ -116,7 +116,7 @@ class AWQConfig:
 
 class AWQReader(Reader):
     format = "awq"
-    stack_experts = True  # MoE experts → one [E, N, K] layer (npuconv.readers.experts)
+    stack_experts = True  # MoE experts → one [E, N, K] layer (npuconv.experts)
 
     def __init__(self, checkpoint: Checkpoint):
         super().__init__(checkpoint)
@@ -232,4 +232,3 @@ def _expect_shape(info, shape: tuple[int, int], what: str) -> None:
         raise InputError(f"tensor '{info.name}': shape {list(info.shape)}, expected {list(shape)} ({what})")
 
 
-READER = AWQReader

@@ -7,10 +7,10 @@ from typing import ClassVar
 
 import torch
 
-from npuconv.checkpoint import Checkpoint
+from npuconv.io.checkpoint import Checkpoint
 from npuconv.errors import InputError
 from npuconv.model import LinearSpec, QuantizedLinear
-from npuconv.readers import experts
+from npuconv import experts
 
 
 class Reader:
@@ -23,7 +23,7 @@ class Reader:
 
     format: ClassVar[str] = ""
     #: MoE experts ``<p>.experts.<e>.<proj>`` become one stacked layer ``<p>.experts.<proj>`` with
-    #: ``num_experts = E`` (:mod:`npuconv.readers.experts`). Off here; on in the GPTQ, AWQ,
+    #: ``num_experts = E`` (:mod:`npuconv.experts`). Off here; on in the GPTQ, AWQ,
     #: compressed-tensors and msModelSlim readers (not in the float and npuconv-output readers). An
     #: instance may change it before its first :meth:`linear_specs` call.
     stack_experts: bool = False
@@ -83,6 +83,16 @@ class Reader:
         """Read and decode one layer of :meth:`scan` into canonical form (override)."""
         raise NotImplementedError
 
+    def quantize_float_linears(self, recipe) -> None:
+        """Opt in to offline quantization with ``recipe`` (a :class:`npuconv.offline.Recipe`, declared by
+        the target as ``Target.offline_recipe``). Only a float checkpoint has float linears to quantize:
+        every other reader ignores it."""
+
+    def layer_report(self, spec: LinearSpec) -> dict:
+        """Reader-side facts about one layer for its ``npuconv.json`` entry (the float reader: the
+        ``offline_quantization`` block of a layer it quantized). Empty by default."""
+        return {}
+
     def consumed_files(self) -> list[str]:
         """Format-specific side files (relative paths) that describe the source format and must not
         be copied into a converted output (e.g. GPTQ ``quantize_config.json``)."""
@@ -105,14 +115,17 @@ class Reader:
         if not self.ckpt.has(name):
             raise InputError(f"{where}: tensor '{name}' is missing")
 
-    def check_scale(self, name: str, scale: torch.Tensor, e8m0: bool = False, divisor: bool = False) -> None:
+    def check_scale(
+        self, name: str, scale: torch.Tensor, e8m0: bool = False, divisor: bool = False, negative_ok: bool = False
+    ) -> None:
         """The scale policy of every reader, applied when a layer is loaded (``scale`` as stored).
 
         NaN or infinite values (E8M0: byte 255, its NaN) are an :class:`InputError`: nothing
         computed from them is meaningful, and ``verify`` could not judge the output. Zero or
         negative float scales are valid arithmetic (an all-zero group, a sign flip) and are
         converted as stored, with a warning. A ``divisor`` (a global or input scale) must be
-        positive: zero would turn every dequantized value into inf.
+        positive: zero would turn every dequantized value into inf. ``negative_ok``: the format
+        stores negative scales by design (msModelSlim AutoRound), so only zeros are warned about.
         """
         if e8m0:
             bad = scale == 255
@@ -128,7 +141,7 @@ class Reader:
                 f"tensor '{name}': {int(bad.sum())} scale value(s) are NaN or infinite, "
                 f"first {values[bad][0].item()} at index {_first(bad)}"
             )
-        nonpositive = values <= 0
+        nonpositive = values == 0 if negative_ok and not divisor else values <= 0
         if bool(nonpositive.any()):
             if divisor:
                 raise InputError(f"tensor '{name}': scale {values[nonpositive][0].item()} is not positive (it is a divisor)")

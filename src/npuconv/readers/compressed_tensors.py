@@ -1,6 +1,6 @@
 """compressed-tensors checkpoints (``quantization_config.quant_method == "compressed-tensors"``).
 
-Written by llm-compressor / compressed-tensors (CT). Facts: ``shared/research/checkpoint_formats.md``
+Written by llm-compressor / compressed-tensors (CT). Facts: ``docs/research/checkpoint_formats.md``
 §3, read from CT 0.9–0.20 and confirmed on checkpoints written by CT 0.17.1 and 0.20.0.
 
 Module → scheme
@@ -81,7 +81,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from npuconv.checkpoint import Checkpoint
+from npuconv.io.checkpoint import Checkpoint
 from npuconv.errors import InputError, UnsupportedError
 from npuconv import model
 from npuconv.model import (
@@ -94,7 +94,7 @@ from npuconv.model import (
     LinearSpec,
     QuantizedLinear,
 )
-from npuconv.packing import int4_words_nk_to_kn, unpack_bitstream, unpack_nibbles, unpack_padded_words
+from npuconv.packing import int4_words_nk_to_kn, unpack_columns, unpack_nibbles, unpack_rows
 from npuconv.readers.base import Reader
 
 QUANT_METHOD = "compressed-tensors"
@@ -121,25 +121,6 @@ _EXACT, _REGEX, _CLASS = 0, 1, 2
 def packed_width(count: int, bits: int, legacy: bool) -> int:
     """int32 words per row holding ``count`` codes: dense ``ceil(count*b/32)``, legacy ``ceil(count/(32//b))``."""
     return math.ceil(count / (32 // bits)) if legacy else math.ceil(count * bits / 32)
-
-
-def unpack_rows(words: torch.Tensor, bits: int, count: int, legacy: bool) -> torch.Tensor:
-    """CT ``pack_to_int32`` along the last dim: int32 ``[..., W]`` → uint8 fields ``[..., count]``.
-
-    ``legacy=False`` (CT ≥ 0.18): dense LSB-first bitstream, codes may straddle words.
-    ``legacy=True`` (CT ≤ 0.17): ``32 // bits`` codes per word, code ``j`` at bits ``[j*b, j*b+b)``.
-    The fields are CT's ``q + 2**(bits-1)``, i.e. canonical unsigned codes.
-    """
-    if legacy and bits not in (1, 2, 4, 8):
-        return unpack_padded_words(words, bits, count)
-    return unpack_bitstream(words, bits, count)
-
-
-def unpack_columns(words: torch.Tensor, bits: int, count: int, legacy: bool) -> torch.Tensor:
-    """CT ``pack_to_int32(..., packed_dim=0)`` (zero points along N): int32 ``[W, G]`` → uint8 ``[count, G]``."""
-    # a fresh row-major copy: ``.t().contiguous()`` keeps odd strides on size-1 dims, which a byte view rejects
-    rows = words.new_empty(words.shape[::-1]).copy_(words.t())
-    return unpack_rows(rows, bits, count, legacy).t().contiguous()
 
 
 # ---------------------------------------------------------------------------------------- config
@@ -258,7 +239,7 @@ def _shape(shape) -> str:
 # ---------------------------------------------------------------------------------------- reader
 class CompressedTensorsReader(Reader):
     format = "compressed-tensors"
-    stack_experts = True  # MoE experts → one [E, N, K] layer (npuconv.readers.experts)
+    stack_experts = True  # MoE experts → one [E, N, K] layer (npuconv.experts)
 
     def __init__(self, checkpoint: Checkpoint):
         super().__init__(checkpoint)
@@ -695,7 +676,7 @@ class CompressedTensorsReader(Reader):
                 and raw.shape[1] * 8 == k):
             qweight, packed = None, int4_words_nk_to_kn(raw)  # fields are already q + 8: only nibbles move
         elif plan.format == PACKED:
-            qweight = unpack_rows(raw, bits, k, plan.legacy)
+            qweight = unpack_rows(raw, bits, k, padded=plan.legacy)
         elif plan.format in (NVFP4, MXFP4):
             qweight = unpack_nibbles(raw)[:, :k].contiguous()
         elif spec.weight_format == INT:
@@ -713,7 +694,7 @@ class CompressedTensorsReader(Reader):
         elif "zero" in t:
             stored = self.tensor(t["zero"])
             if plan.zero_packed:
-                fields = unpack_columns(stored, bits, n, plan.legacy)
+                fields = unpack_columns(stored, bits, n, padded=plan.legacy)
                 zero = fields.to(torch.int16)
             else:
                 zero = self._signed_to_codes(stored, bits, t["zero"]).to(torch.int16)
@@ -777,7 +758,7 @@ class CompressedTensorsReader(Reader):
         """A symmetric scheme with a stored zero point: accept it only if it is the signed zero."""
         stored = self.tensor(name)
         if plan.zero_packed:
-            signed = unpack_columns(stored, plan.weights.num_bits, n, plan.legacy).to(torch.int16)
+            signed = unpack_columns(stored, plan.weights.num_bits, n, padded=plan.legacy).to(torch.int16)
             signed = signed - (1 << (plan.weights.num_bits - 1))
         else:
             signed = stored
@@ -805,4 +786,3 @@ def _match(name: str, target: str, is_linear: bool) -> int | None:
     return None
 
 
-READER = CompressedTensorsReader

@@ -1,9 +1,10 @@
 """Plain float checkpoints: no quantized linears; every tensor passes through.
 
-Opt-in offline quantization: after :meth:`FloatReader.prepare_for_target` (called by the converter
-and by ``verify`` for the targets of :data:`npuconv.offline.RECIPES`), the float linears are listed
-and loaded as canonical layers quantized for that target (see :mod:`npuconv.offline`). Without the
-call nothing changes: ``inspect`` of a float model still shows no quantized layer.
+Opt-in offline quantization: after :meth:`FloatReader.quantize_float_linears` (called by the converter
+and by ``verify`` with the target's ``offline_recipe``), the float linears are listed and loaded as
+canonical layers quantized by that recipe (see :mod:`npuconv.offline`), each one's error reported by
+:meth:`FloatReader.layer_report`. Without the call nothing changes: ``inspect`` of a float model
+still shows no quantized layer.
 
 This is the fallback reader, so it also refuses what only *looks* like a float checkpoint because
 the file saying how it is quantized is missing: a tensor with a suffix that only quantized
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from npuconv.checkpoint import Checkpoint
+from npuconv.io.checkpoint import Checkpoint
 from npuconv.errors import InputError, UnsupportedError
 from npuconv.model import LinearSpec, QuantizedLinear
 from npuconv.readers.base import Reader
@@ -30,15 +31,20 @@ QUANTIZED_WEIGHT_DTYPES = (torch.int8, torch.uint8, torch.int32, torch.float8_e4
 
 class FloatReader(Reader):
     format = "float"
-    recipe = None  # npuconv.offline.Recipe once prepare_for_target() chose one
+    recipe = None  # npuconv.offline.Recipe once quantize_float_linears() chose one
 
-    def prepare_for_target(self, target: str) -> None:
-        """Opt in to offline quantization for ``target`` (no effect for targets without a recipe)."""
-        from npuconv.offline import recipe_for
-
-        self.recipe = recipe_for(target)
+    def quantize_float_linears(self, recipe) -> None:
+        self.recipe = recipe
         self.__dict__.pop("_specs", None)  # scan again with the recipe
         self._linears = {}
+        self._errors: dict[str, float] = {}
+
+    def layer_report(self, spec: LinearSpec) -> dict:
+        if self.recipe is None or spec.name not in getattr(self, "_linears", {}):
+            return {}
+        from npuconv.offline import report
+
+        return {"offline_quantization": report(self.recipe, spec, self._errors.get(spec.name))}
 
     def summary(self) -> dict:
         if self.recipe is None:
@@ -51,7 +57,9 @@ class FloatReader(Reader):
             raise InputError(f"'{spec.name}' is not a quantized layer of this float checkpoint")
         weight = self.tensor(linear.weight)
         bias = self.tensor(linear.bias) if linear.bias else None
-        return self.recipe.quantize(spec, weight, bias)
+        result = self.recipe.quantize(spec, weight, bias)
+        self._errors[spec.name] = result.rel_l2
+        return result.layer
 
     def _offline_specs(self) -> list[LinearSpec]:
         from npuconv.offline import float_linears
@@ -91,4 +99,3 @@ class FloatReader(Reader):
         return [] if self.recipe is None else self._offline_specs()
 
 
-READER = FloatReader

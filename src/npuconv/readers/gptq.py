@@ -1,6 +1,6 @@
 """GPTQ checkpoints (GPTQModel, AutoGPTQ, optimum): v1 ``gptq`` and v2 ``gptq_v2`` → canonical layers.
 
-Facts: ``shared/research/checkpoint_formats.md`` §1 (read from GPTQModel 7.7.0 and AutoGPTQ; checked
+Facts: ``docs/research/checkpoint_formats.md`` §1 (read from GPTQModel 7.7.0 and AutoGPTQ; checked
 against the GPTQModel-written fixtures in ``tests/fixtures/gptq_*``).
 
 Configuration
@@ -97,7 +97,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from npuconv.checkpoint import Checkpoint
+from npuconv.io.checkpoint import Checkpoint
 from npuconv.errors import InputError, UnsupportedError
 from npuconv import model
 from npuconv.model import LinearSpec, QuantizedLinear
@@ -338,7 +338,7 @@ def _dynamic_rules(dynamic: object, source: str) -> tuple[tuple[str, re.Pattern,
 # ------------------------------------------------------------------------------------------- reader
 class GPTQReader(Reader):
     format = "gptq"
-    stack_experts = True  # MoE experts → one [E, N, K] layer (npuconv.readers.experts)
+    stack_experts = True  # MoE experts → one [E, N, K] layer (npuconv.experts)
 
     def __init__(self, checkpoint: Checkpoint):
         super().__init__(checkpoint)
@@ -538,4 +538,3 @@ def _expect_int32(info, ndim: int) -> None:
         raise InputError(f"tensor '{info.name}': expected {ndim} dimensions, got shape {list(info.shape)}")
 
 
-READER = GPTQReader

@@ -29,7 +29,17 @@ int4 storage (``packing.unpack_nibbles``: even element in the low nibble, two's 
 - *pairs along K*: int8 ``[N, K/2]``, low nibble = even k (``_w4a16_pack_int4`` per-channel):
   W4A16 with a ``[N, 1]`` scale and description ``version == "1.0.0"``.
 - *unpacked*: one int4 value per int8 byte ``[N, K]`` (older checkpoints, W4A4_DYNAMIC); values
-  outside −8..7 are an :class:`InputError`.
+  outside −8..7 are an :class:`InputError` — unless the offsets mark the *unsigned* domain below.
+
+Unsigned int4 codes (W4A4_DYNAMIC written through AutoRound, ``symmetric: False``): msModelSlim's
+AutoRound (``processor/quant/autoround_utils/utils.py`` ``quant_tensor_asym``) stores
+``q = clamp(round(w / s) + 8, 0, 15)`` in the int8 bytes with a float ``weight_offset`` of 8 and a
+scale whose sign it flips so the larger side of the range gets the code 15; its reader computes the
+same ``(q - offset) * scale``. A signed zero point can never exceed 7 (``calculate_int_qparam``:
+``round(-min / scale) - 8`` with ``-min / scale`` in 0..15), so an unpacked int4 layer with any
+offset above 7 is read in the unsigned domain: ``code = q`` (checked to lie in 0..15),
+``zero = offset`` (``None`` when every offset is 8, the midpoint: such a layer is symmetric in
+canonical form). Its negative scales are expected and converted without a warning.
 
 Types and how each maps onto the canonical rule (tensors ``<p>.<suffix>``):
 
@@ -47,10 +57,11 @@ Types and how each maps onto the canonical rule (tensors ``<p>.<suffix>``):
                        writer recomputes it). Legacy two-stage per-group adds
                        ``weight_scale_second`` ``[N,K/g]`` (integer-valued int8→int4 stage scale)
                        and ``weight_offset_second``: canonical group scale =
-                       ``weight_scale * weight_scale_second`` in float32, zero from
-                       ``weight_offset_second``. This is vllm-ascend's antiquant scale; the
-                       fixture reference ``q * s2 * s`` rounds once (``q*s2`` is an exact integer)
-                       where ``q * fl(s*s2)`` rounds twice, so the two may differ by 1 ulp.
+                       ``weight_scale * weight_scale_second`` in float32 (vllm-ascend's
+                       antiquant scale), zero from ``weight_offset_second``; both factors are
+                       kept as ``scale_stages`` so dequantization follows msModelSlim's saver,
+                       ``(q * weight_scale_second) * weight_scale`` (one rounding, since
+                       ``q * s2`` is an exact integer; ``q * fl(s * s2)`` would round twice).
                        A non-zero first-stage offset is unsupported. Activation int8 dynamic.
 ``W8A8``               static. v1: ``weight`` int8, ``input_scale``/``input_offset`` ``[1]``,
                        ``deq_scale`` ``[N]`` = input_scale·weight_scale (float32 for bf16 models,
@@ -96,10 +107,10 @@ from functools import cached_property
 
 import torch
 
-from npuconv.checkpoint import Checkpoint
+from npuconv import layouts
+from npuconv.io.checkpoint import Checkpoint
 from npuconv.errors import InputError, UnsupportedError
 from npuconv.model import (
-    FP4_E2M1,
     FP8_E4M3,
     INT,
     SCALE_E8M0,
@@ -107,70 +118,31 @@ from npuconv.model import (
     LinearSpec,
     QuantizedLinear,
 )
+from npuconv.modelslim_schema import (
+    DESCRIPTION,
+    DESCRIPTION_GLOB,
+    FLOAT,
+    FP8_TYPES,
+    INT_TYPES,
+    META_KEYS,
+    MX_GROUP,
+    MX_TYPES,
+    NON_LINEAR_TYPES,
+    PAIRS_K,
+    PAIRS_N,
+    STATIC_TYPES,
+    SUFFIXES_FP8,
+    SUFFIXES_INT,
+    SUFFIXES_MX,
+    SUFFIXES_STATIC,
+    SUFFIXES_W4A8,
+    SUPPORTED_TYPES,
+    UNDESCRIBED_SUFFIXES,
+    UNPACKED,
+)
 from npuconv.packing import unpack_nibbles
 from npuconv.readers.base import Reader
 
-DESCRIPTION = "quant_model_description.json"
-DESCRIPTION_GLOB = "quant_model_description*.json"
-FLOAT = "FLOAT"
-MX_GROUP = 32
-
-# top-level keys of the description that are not tensor names
-META_KEYS = {
-    "version",
-    "model_quant_type",
-    "group_size",
-    "metadata",
-    "optional",
-    "kv_cache_type",
-    "kv_quant_type",
-    "fa_quant_type",
-    "indexer_quant_type",
-    "is_rot_used",
-    "ignore",
-    "packed_modules_mapping",
-}
-# tensors the v1 saver writes without a description entry (QuaRot online rotation)
-UNDESCRIBED_SUFFIXES = (".heads_rotation", ".kronecker_rotation_m", ".kronecker_rotation_n")
-# non-linear types whose tensors pass through unchanged
-NON_LINEAR_TYPES = {"C8", "FAQuant", "FAKQuant"}
-
-_INT8_DYN = ActivationQuant(INT, 8, dynamic=True, strategy="token")
-_INT4_DYN = ActivationQuant(INT, 4, dynamic=True, strategy="token")
-_FP8_DYN = ActivationQuant(FP8_E4M3, 8, dynamic=True, strategy="token")
-_MXFP8_ACT = ActivationQuant(FP8_E4M3, 8, dynamic=True, strategy="group")
-_MXFP4_ACT = ActivationQuant(FP4_E2M1, 4, dynamic=True, strategy="group")
-
-# integer weight + weight_scale (+ weight_offset): type → (bits, activation)
-INT_TYPES: dict[str, tuple[int, ActivationQuant | None]] = {
-    "W8A16": (8, None),
-    "W8A8_DYNAMIC": (8, _INT8_DYN),
-    "W4A4_DYNAMIC": (4, _INT4_DYN),
-    "W4A16": (4, None),
-    "W4A8_DYNAMIC": (4, _INT8_DYN),
-}
-STATIC_TYPES = {"W8A8", "W8A8_MIX"}
-FP8_TYPES = {"WFP8AFP8_DYNAMIC": _FP8_DYN}
-# MX: type → (weight format, bits, activation)
-MX_TYPES: dict[str, tuple[str, int, ActivationQuant | None]] = {
-    "W8A8_MXFP8": (FP8_E4M3, 8, _MXFP8_ACT),
-    "W4A8_MXFP": (FP4_E2M1, 4, _MXFP8_ACT),
-    "W4A4_MXFP4": (FP4_E2M1, 4, _MXFP4_ACT),
-    "W4A16_MXFP4": (FP4_E2M1, 4, None),
-}
-SUPPORTED_TYPES = {*INT_TYPES, *STATIC_TYPES, *FP8_TYPES, *MX_TYPES}
-
-# suffixes each family may consume (beyond "weight"); anything else typed like the layer is refused
-_SUFFIXES_INT = ("weight_scale", "weight_offset")
-_SUFFIXES_W4A8 = ("weight_scale", "weight_offset", "weight_scale_second", "weight_offset_second", "scale_bias")
-_SUFFIXES_STATIC = ("weight_scale", "weight_offset", "input_scale", "input_offset", "deq_scale", "quant_bias")
-_SUFFIXES_FP8 = ("weight_scale", "weight_offset")
-_SUFFIXES_MX = ("weight_scale",)
-
-# int weight layouts
-UNPACKED = "unpacked"  # one signed value per int8 byte [N, K] (int8 or int4)
-PAIRS_N = "pairs_n"  # int4 pairs along N: [N/2, K]
-PAIRS_K = "pairs_k"  # int4 pairs along K: [N, K/2]
 
 
 @dataclass
@@ -182,6 +154,7 @@ class _Plan:
     layout: str = UNPACKED
     tensors: dict[str, str] = field(default_factory=dict)  # suffix → tensor name (present ones)
     groups: int = 1  # G of the canonical scale
+    unsigned: bool = False  # int4 codes stored unsigned 0..15 (AutoRound), see the module docstring
 
 
 def description_files(checkpoint: Checkpoint) -> list[str]:
@@ -193,7 +166,7 @@ def description_files(checkpoint: Checkpoint) -> list[str]:
 
 class ModelSlimReader(Reader):
     format = "modelslim"
-    stack_experts = True  # MoE experts → one [E, N, K] layer (npuconv.readers.experts)
+    stack_experts = True  # MoE experts → one [E, N, K] layer (npuconv.experts)
 
     @classmethod
     def matches(cls, checkpoint: Checkpoint) -> bool:
@@ -332,7 +305,7 @@ class ModelSlimReader(Reader):
 
     def _scan_int(self, prefix: str, qtype: str) -> LinearSpec:
         bits, activation = INT_TYPES[qtype]
-        suffixes = _SUFFIXES_W4A8 if qtype == "W4A8_DYNAMIC" else _SUFFIXES_INT
+        suffixes = SUFFIXES_W4A8 if qtype == "W4A8_DYNAMIC" else SUFFIXES_INT
         plan = _Plan(qtype, "int", tensors=self._present(prefix, suffixes))
         weight = self._weight_info(plan.tensors["weight"], (torch.int8,))
         scale_name = self._need(plan, prefix, "weight_scale")
@@ -369,6 +342,9 @@ class ModelSlimReader(Reader):
             scale_dtype = torch.float32
         else:
             zero = self._offsets(plan.tensors.get("weight_offset"), n, groups)
+            if bits == 4 and plan.layout == UNPACKED and zero is not None and bool((zero > 7).any()):
+                plan.unsigned = True  # AutoRound: codes 0..15, offsets in the same unsigned domain
+                zero = zero - 8
         plan.groups = groups
         symmetric = zero is None or not bool((zero != 0).any())
         return self._finish(
@@ -384,7 +360,7 @@ class ModelSlimReader(Reader):
         )
 
     def _scan_static(self, prefix: str, qtype: str) -> LinearSpec:
-        plan = _Plan(qtype, "static", tensors=self._present(prefix, _SUFFIXES_STATIC))
+        plan = _Plan(qtype, "static", tensors=self._present(prefix, SUFFIXES_STATIC))
         weight = self._weight_info(plan.tensors["weight"], (torch.int8,))
         n, k = weight.shape
         input_scale, input_offset = self._input_quant(plan, prefix)
@@ -427,7 +403,7 @@ class ModelSlimReader(Reader):
         )
 
     def _scan_fp8(self, prefix: str, qtype: str) -> LinearSpec:
-        plan = _Plan(qtype, "fp8", tensors=self._present(prefix, _SUFFIXES_FP8))
+        plan = _Plan(qtype, "fp8", tensors=self._present(prefix, SUFFIXES_FP8))
         weight = self._weight_info(plan.tensors["weight"], (torch.float8_e4m3fn,))
         n, k = weight.shape
         scale_name = self._need(plan, prefix, "weight_scale")
@@ -454,7 +430,7 @@ class ModelSlimReader(Reader):
 
     def _scan_mx(self, prefix: str, qtype: str) -> LinearSpec:
         weight_format, bits, activation = MX_TYPES[qtype]
-        plan = _Plan(qtype, "mx", tensors=self._present(prefix, _SUFFIXES_MX))
+        plan = _Plan(qtype, "mx", tensors=self._present(prefix, SUFFIXES_MX))
         if weight_format == FP8_E4M3:
             weight = self._weight_info(plan.tensors["weight"], (torch.float8_e4m3fn,))
             n, k = weight.shape
@@ -547,14 +523,25 @@ class ModelSlimReader(Reader):
             layer.bias = self.tensor(plan.tensors["bias"])
         return layer
 
-    def _zero(self, name: str | None, spec: LinearSpec, groups: int) -> torch.Tensor | None:
+    def _zero(self, name: str | None, spec: LinearSpec, groups: int, unsigned: bool = False) -> torch.Tensor | None:
+        """Canonical zero points from the stored offsets (signed domain, or ``unsigned`` codes as stored)."""
         offsets = self._offsets(name, spec.out_features, groups)
-        if offsets is None or not bool((offsets != 0).any()):
+        midpoint = 2 ** (spec.bits - 1)
+        if offsets is None:
             return None
-        return (offsets + 2 ** (spec.bits - 1)).to(torch.int16)
+        zero = offsets if unsigned else offsets + midpoint
+        return None if not bool((zero != midpoint).any()) else zero.to(torch.int16)
 
-    def _int_codes(self, name: str, layout: str, bits: int) -> torch.Tensor:
+    def _int_codes(self, name: str, layout: str, bits: int, unsigned: bool = False) -> torch.Tensor:
         raw = self.tensor(name)
+        if unsigned:  # AutoRound int4: the stored bytes are the canonical codes 0..15
+            bad = (raw < 0) | (raw > 15)
+            if bool(bad.any()):
+                raise InputError(
+                    f"tensor '{name}': value {int(raw[bad][0])} is outside the unsigned int4 range 0..15 "
+                    "(its offsets above 7 mark unsigned codes)"
+                )
+            return raw.to(torch.uint8)
         if layout == PAIRS_N:  # byte (i, k) = rows 2i (low) and 2i+1 (high): unpack along dim 0
             return (unpack_nibbles(raw.T).T ^ 8).contiguous()
         if layout == PAIRS_K:
@@ -568,16 +555,17 @@ class ModelSlimReader(Reader):
 
     def _load_int(self, spec: LinearSpec, plan: _Plan) -> QuantizedLinear:
         t = plan.tensors
-        codes = self._int_codes(t["weight"], plan.layout, spec.bits)
-        scale = self._scale(t["weight_scale"])
+        codes = self._int_codes(t["weight"], plan.layout, spec.bits, plan.unsigned)
+        scale = self._scale(t["weight_scale"], negative_ok=plan.unsigned)
         if "weight_scale_second" in t:
-            first = scale.float().reshape(spec.out_features, 1)
-            second = self._scale(t["weight_scale_second"]).float().reshape(spec.out_features, plan.groups)
-            scale = first * second
+            # two-stage: msModelSlim's saver dequantizes (q * weight_scale_second) * weight_scale in
+            # float32; the canonical scale is the product, the stages keep that order for dequantize()
+            channel = scale.float().reshape(spec.out_features, 1)
+            group = self._scale(t["weight_scale_second"]).float().reshape(spec.out_features, plan.groups)
             zero = self._zero(t.get("weight_offset_second"), spec, plan.groups)
-        else:
-            scale = scale.reshape(spec.out_features, plan.groups)
-            zero = self._zero(t.get("weight_offset"), spec, plan.groups)
+            return QuantizedLinear(spec, codes, channel * group, zero, scale_stages=(group, channel))
+        scale = scale.reshape(spec.out_features, plan.groups)
+        zero = self._zero(t.get("weight_offset"), spec, plan.groups, plan.unsigned)
         return QuantizedLinear(spec, codes, scale, zero)
 
     def _load_static(self, spec: LinearSpec, plan: _Plan) -> QuantizedLinear:
@@ -605,10 +593,10 @@ class ModelSlimReader(Reader):
         codes = raw if spec.weight_format == FP8_E4M3 else unpack_nibbles(raw)
         return QuantizedLinear(spec, codes, self._scale(t["weight_scale"], e8m0=True))
 
-    def _scale(self, name: str, e8m0: bool = False) -> torch.Tensor:
+    def _scale(self, name: str, e8m0: bool = False, negative_ok: bool = False) -> torch.Tensor:
         """Read a scale tensor and apply the readers' scale policy (:meth:`Reader.check_scale`)."""
         scale = self.tensor(name)
-        self.check_scale(name, scale, e8m0=e8m0)
+        self.check_scale(name, scale, e8m0=e8m0, negative_ok=negative_ok)
         return scale
 
 
@@ -619,10 +607,7 @@ def decode_deq_scale(deq: torch.Tensor) -> torch.Tensor:
     32..63 are ignored, as msModelSlim's ``int64tofp32`` does); float (bf16 models): as is.
     """
     if deq.dtype == torch.int64:
-        low = deq & 0xFFFFFFFF
-        low = torch.where(low >= 2**31, low - 2**32, low)  # the same 32 bits as a signed int32
-        return low.to(torch.int32).view(torch.float32)
+        return layouts.int64_bits_to_float(deq)
     return deq.float()
 
 
-READER = ModelSlimReader

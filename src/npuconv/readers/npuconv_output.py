@@ -1,7 +1,8 @@
 """npuconv's own outputs (``npuconv.json`` + ``quantization_config.quant_method == "npuconv"``).
 
 Each layer's canonical spec is stored in the manifest; its tensors are decoded back to canonical
-form by the writer of the target that produced them (layout knowledge stays in the writers).
+form by the target that produced them (:func:`npuconv.registry.layer_target`; layout knowledge stays
+with the targets).
 This is what lets ``inspect`` describe a converted checkpoint and ``verify`` check that it
 decodes back to the source.
 """
@@ -10,14 +11,13 @@ from __future__ import annotations
 
 from functools import cached_property
 
-from npuconv.checkpoint import Checkpoint
+from npuconv.io.checkpoint import Checkpoint
+from npuconv.entries import from_storage
 from npuconv.errors import InputError
 from npuconv.model import LinearSpec, QuantizedLinear, spec_from_dict
 from npuconv.readers.base import Reader
-from npuconv.writers import WriterOptions, writer_class
-from npuconv.output import MANIFEST
-from npuconv.writers.npu_common import from_storage
-
+from npuconv.io.output import MANIFEST
+from npuconv.registry import layer_target
 
 
 class NpuconvReader(Reader):
@@ -34,10 +34,9 @@ class NpuconvReader(Reader):
             raise InputError(f"{MANIFEST}: missing 'target' or 'layers'")
         return manifest
 
-    @cached_property
-    def writer(self):
-        options = self.manifest.get("options") or {}
-        return writer_class(self.manifest["target"])(WriterOptions(mx_layout=options.get("mx_layout") or "vllm-ascend"))
+    def target_of(self, spec: LinearSpec):
+        """The Target that wrote this layer (``npuconv.json`` layer entry ``target``, else the top-level one)."""
+        return layer_target(self.manifest, self.manifest["layers"][spec.name])
 
     def summary(self) -> dict:
         source = self.manifest.get("source") or {}
@@ -70,7 +69,6 @@ class NpuconvReader(Reader):
         return out
 
     def load_layer(self, spec: LinearSpec) -> QuantizedLinear:
-        return self.writer.read_layer(spec, self.tensors_of(spec))
+        return self.target_of(spec).read_layer(spec, self.tensors_of(spec))
 
 
-READER = NpuconvReader

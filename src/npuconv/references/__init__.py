@@ -111,7 +111,7 @@ def select(mode: str, reader) -> ToolReference | None:
 def dump_main(dequantize: Callable[[str], dict[str, torch.Tensor]], argv: list[str]) -> None:
     """``python -m npuconv.references.<tool> SRC OUT.safetensors``: every module's tool dequantization
     (``<module>.weight`` → float32) into one file. The tests run this in the tool's own venv."""
-    from npuconv.safetensors_io import save_file
+    from npuconv.io.safetensors_io import save_file
 
     if len(argv) != 2:
         raise SystemExit("usage: python -m npuconv.references.<tool> SOURCE_DIR OUT.safetensors")

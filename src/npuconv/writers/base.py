@@ -1,20 +1,45 @@
-"""The Writer protocol: canonical layers → tensors of one target layout (no source-format knowledge)."""
+"""The Target: everything npuconv knows about one output layout, in one class.
+
+A target owns, for the canonical layers (:class:`~npuconv.model.QuantizedLinear`) it accepts:
+
+- **what it takes** — :meth:`Target.accepts` (None, or a one-line reason it cannot take a layer);
+  :meth:`Target.serves` / ``native_rank`` (the kernel engines run for a scheme as it is: what
+  ``verify`` uses on unconverted checkpoints);
+- **planning and writing** — :meth:`tensor_entries` (the layer's tensors by role as ``npuconv.json``
+  entries), :meth:`plan_layer`, :meth:`write_layer`, :meth:`layer_manifest`;
+- **reading back** — :meth:`read_layer`, the inverse of :meth:`write_layer` (the layout check);
+- **the kernel call** — :meth:`run`, called by ``verify``, :mod:`npuconv.runtime` and the engine
+  integrations, exactly as the engines call the torch_npu ops;
+- **verify thresholds** — :meth:`thresholds`;
+- **tensor parallelism** — the ``"split"`` field of each tensor entry and :meth:`split`.
+
+Targets are registered by name in :mod:`npuconv.registry`; adding one = one module + one line there.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, replace
+from typing import ClassVar, NamedTuple
 
 import torch
 
+from npuconv.entries import entry_plan, nd_shape_of_storage
+from npuconv.errors import InputError
 from npuconv.model import LinearSpec, QuantizedLinear
-from npuconv.output import MANIFEST
-from npuconv.safetensors_io import TensorInfo, TensorPlan
+from npuconv.io.output import MANIFEST
+from npuconv.parallel import COLUMN, ROW
+from npuconv.io.safetensors_io import TensorInfo, TensorPlan
+
+#: verify's default minimum cosine similarity, every kernel
+MIN_COSINE = 0.9999
+#: verify's rel-L2 limits of kernels that quantize activations (int8/int4/MX), per activation dtype
+QUANT_REL_L2 = {torch.float16: 5e-3, torch.bfloat16: 1e-2}
+
 
 
 @dataclass(frozen=True)
 class WriterOptions:
-    """Target options shared by all writers (each uses what applies to it)."""
+    """Target options shared by all targets (each uses what applies to it)."""
 
     dtype: torch.dtype | None = None  # float target: output dtype of dequantized weights
     nz: bool | None = None  # FRACTAL_NZ storage; None: the target's default
@@ -22,46 +47,80 @@ class WriterOptions:
     model_dtype: torch.dtype | None = None  # activation dtype of the model (config.json torch_dtype)
 
 
-class Writer:
-    """Base class of the per-target writers.
+class Thresholds(NamedTuple):
+    """A layer passes ``verify`` when ``rel_l2 <= max_rel_l2`` and ``cosine >= min_cosine``."""
 
-    A writer first *plans* each layer (names, dtypes, shapes of the tensors it will write, from
-    the :class:`LinearSpec` alone), then *writes* it from the loaded canonical layer. Planning
-    is also where kernel limits are checked, so a conversion fails before it writes anything.
+    max_rel_l2: float
+    min_cosine: float = MIN_COSINE
+
+
+class Target:
+    """Base class of the per-target classes (see the module docstring for what a target owns).
+
+    A target first *plans* each layer (names, dtypes, shapes of the tensors it will write, from the
+    :class:`LinearSpec` alone), then *writes* it from the loaded canonical layer. Planning is also
+    where kernel limits are checked, so a conversion fails before it writes anything.
     """
 
-    target: ClassVar[str] = ""
+    name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     weight_prefix: ClassVar[str] = "model"
+    #: preference among the targets whose kernel serves a scheme natively (lower first; None: never)
+    native_rank: ClassVar[int | None] = None
+    #: how this target quantizes the linears of a float checkpoint (:class:`npuconv.offline.Recipe`), or None
+    offline_recipe: ClassVar[object] = None
 
-    def __init__(self, options: WriterOptions):
-        self.options = options
+    def __init__(self, options: WriterOptions | None = None):
+        self.options = options or WriterOptions()
         self.warnings: list[str] = []
 
-    def unsupported_reason(self, spec: LinearSpec) -> str | None:
+    @classmethod
+    def for_layer(cls, manifest: dict, entry: dict) -> Target:
+        """The instance that reads back and runs one layer of an npuconv output: the output's recorded
+        ``options.mx_layout`` (a layer entry's own ``mx_layout`` wins), everything else default."""
+        options = manifest.get("options") or {}
+        mx_layout = entry.get("mx_layout") or options.get("mx_layout") or "vllm-ascend"
+        return cls(WriterOptions(mx_layout=mx_layout))
+
+    # ------------------------------------------------------------------ what it takes
+    def accepts(self, spec: LinearSpec) -> str | None:
         """None if this target can take the layer, else a one-line reason."""
         return None
 
+    def prepare(self, specs: list[LinearSpec]) -> None:
+        """Called once with every quantized layer of the model before any is checked or planned
+        (default: nothing). A target that decides per layer (``npu``) makes its choices here."""
+
+    def serves(self, spec: LinearSpec) -> bool:
+        """True when this target's kernel is the one the engines run for a layer of this scheme as it
+        is (no activation quantization added or changed): ``verify`` of an unconverted checkpoint runs
+        it (:func:`npuconv.registry.native_target`). Only targets with a ``native_rank`` are asked."""
+        return False
+
+    # ------------------------------------------------------------------ plan and write
     def tensor_entries(self, spec: LinearSpec) -> dict[str, dict]:
-        """The layer's tensors by role, as ``npuconv.json`` entries (:func:`npu_common.tensor_entry`)."""
+        """The layer's tensors by role, as ``npuconv.json`` entries (:func:`npuconv.entries.tensor_entry`)."""
         raise NotImplementedError
 
     def plan_layer(self, spec: LinearSpec) -> list[TensorPlan]:
         """What :meth:`write_layer` will write, in order (default: from :meth:`tensor_entries`)."""
-        from npuconv.writers.npu_common import entry_plan
-
         return [entry_plan(entry) for entry in self.tensor_entries(spec).values()]
 
     def write_layer(self, layer: QuantizedLinear) -> dict[str, torch.Tensor]:
+        """The layer's output tensors by output tensor name (as planned)."""
         raise NotImplementedError
 
     def read_layer(self, spec: LinearSpec, tensors: dict[str, torch.Tensor]) -> QuantizedLinear:
         """Inverse of :meth:`write_layer`: ND tensors by manifest role → canonical layer."""
-        raise NotImplementedError(f"{self.target} outputs cannot be read back")
+        raise NotImplementedError(f"{self.name} outputs cannot be read back")
+
+    def describe_layer(self, spec: LinearSpec) -> dict:
+        """Target-specific fields of the layer's ``npuconv.json`` entry (scheme, kernel, tensors by role)."""
+        return {}
 
     def layer_manifest(self, spec: LinearSpec) -> dict:
-        """Per-layer entry of ``npuconv.json`` (scheme, kernel, tensors by role)."""
-        return {}
+        """Per-layer entry of ``npuconv.json``: ``{"target": name, **describe_layer(spec)}``."""
+        return {"target": self.name, **self.describe_layer(spec)}
 
     def plan_passthrough(self, info: TensorInfo) -> TensorPlan:
         return TensorPlan(info.name, info.dtype, info.shape)
@@ -77,7 +136,7 @@ class Writer:
         config = dict(config)
         config["quantization_config"] = {
             "quant_method": "npuconv",
-            "target": self.target,
+            "target": manifest.get("target", self.name),
             "manifest": MANIFEST,
             "npuconv_version": manifest["npuconv_version"],
         }
@@ -90,3 +149,108 @@ class Writer:
     def warn(self, message: str) -> None:
         if message not in self.warnings:
             self.warnings.append(message)
+
+    # ------------------------------------------------------------------ the kernel call
+    def run(
+        self, backend, entry: dict, spec: LinearSpec, tensors: dict, x: torch.Tensor, tp: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Call the layer's kernel as the engines do: returns ``(y, x_effective)``.
+
+        ``backend``: :mod:`npuconv.kernels` (real torch_npu or the emulation); ``entry``: the layer's
+        ``npuconv.json`` entry; ``tensors``: its stored tensors by role, ND (NZ undone, still packed),
+        on the backend's device (:func:`npuconv.runtime.to_backend`); ``x`` ``[..., K]`` in the model
+        dtype. ``x_effective`` is what the reference must multiply: ``x`` itself for weight-only
+        kernels, the dequantized output of the kernel's own activation quantization otherwise.
+        A stacked MoE layer (``spec.num_experts = E``) gives ``y`` ``[E, *x.shape[:-1], N]``.
+        ``tp``: see the targets whose kernel tensors depend on tensor parallelism (W4A8).
+        """
+        raise NotImplementedError(f"{self.name} has no NPU kernel")
+
+    def run_experts(self, backend, entry: dict, spec: LinearSpec, t: dict, x: torch.Tensor):
+        """A stacked expert layer (tensors ``[E, ...]``) through the dense kernel one expert at a time:
+        every token through every expert, ``y`` ``[E, *x.shape[:-1], N]``. A tensor is per-expert when
+        it has ≥ 2 dims and E leading. The second value is the activations the reference must use:
+        ``[*x.shape[:-1], K]``, or ``[E, ..., K]`` when they differ per expert (static input scales)."""
+        experts = spec.num_experts
+        dense = replace(spec, num_experts=None)
+        outputs, activations = [], []
+        for e in range(experts):
+            t_e = {role: v[e] if v.dim() >= 2 and v.shape[0] == experts else v for role, v in t.items()}
+            y_e, x_e = self.run(backend, entry, dense, t_e, x)
+            outputs.append(y_e)
+            activations.append(x_e)
+        same = all(torch.equal(activations[0], a) for a in activations[1:])
+        return torch.stack(outputs), activations[0] if same else torch.stack(activations)
+
+    def thresholds(self, entry: dict, activation_dtype: torch.dtype) -> Thresholds:
+        """verify's pass limits for a layer of this target at this activation dtype (derived from the
+        rounding each kernel does: fp16 keeps 11 significant bits, bf16 8; outputs are cast to the
+        activation dtype). Default: a kernel that quantizes its activations."""
+        return Thresholds(QUANT_REL_L2[activation_dtype])
+
+    # ------------------------------------------------------------------ tensor parallelism
+    def split(
+        self, role: str, tensor: torch.Tensor, entry: dict, spec: LinearSpec, rank: int, world: int, parallel: str
+    ) -> torch.Tensor:
+        """Rank ``rank``'s share of one stored tensor under ``world``-way tensor parallelism.
+
+        ``tensor``: the tensor of ``role`` in its ND form (NZ tiles undone: :func:`npuconv.entries.from_storage`;
+        packing kept); ``entry``: its ``npuconv.json`` tensor entry, whose ``"split"`` names the axis
+        holding output features (``"n"``) and input features (``"k"``), or null; ``parallel``:
+        ``"column"`` splits N, ``"row"`` splits K. A tensor without the axis is replicated (a
+        ``bias`` added by the kernel goes to rank 0 only under row parallelism, zeros elsewhere, as
+        the engines' RowParallelLinear adds it once). Along the axis the rank gets the contiguous
+        ``1/world`` slice; the split is exact only when the axis covers the feature exactly
+        (``length · unit == features``, ``unit`` = features per stored element along it:
+        :meth:`split_unit`) and each rank's features are whole units; anything else is an
+        :class:`InputError` with the reason (never a wrong shard).
+        """
+        if parallel not in (COLUMN, ROW):
+            raise ValueError(f"parallel must be 'column' or 'row', not {parallel!r}")
+        if not 0 <= rank < world:
+            raise InputError(f"rank {rank} is outside a world of {world}")
+        where = f"{spec.name}: {role}"
+        if entry.get("layout") == "nz" and list(tensor.shape) == list(entry["storage_shape"]) != list(_nd_shape(entry)):
+            raise InputError(f"{where} is FRACTAL_NZ storage; split it in ND (undo the tiles first)")
+        if world == 1:
+            return tensor
+        axis = (entry.get("split") or {}).get("n" if parallel == COLUMN else "k")
+        if axis is None:
+            if role == "bias" and parallel == ROW:
+                return tensor if rank == 0 else torch.zeros_like(tensor)
+            return tensor
+        features = spec.out_features if parallel == COLUMN else spec.in_features
+        return split_axis(tensor, axis, features, self.split_unit(role, entry, spec, axis, parallel), rank, world, where)
+
+    def split_spec(self, spec: LinearSpec, world: int, parallel: str) -> LinearSpec:
+        """The spec of one rank's share of the layer (N or K divided by ``world``), what :meth:`run` takes
+        with the tensors of :meth:`split`."""
+        if parallel == COLUMN:
+            return replace(spec, out_features=spec.out_features // world)
+        return replace(spec, in_features=spec.in_features // world)
+
+    def split_unit(self, role: str, entry: dict, spec: LinearSpec, axis: int, parallel: str) -> int:
+        """Features (of N or K) per stored element along ``axis``: the packing factor
+        ``shape[axis] / storage ND shape[axis]`` (8 for int4pack, 2 for FP4 pairs, else 1).
+        Targets override it for scale tensors (a group scale: the group size)."""
+        return int(entry["shape"][axis]) // int(_nd_shape(entry)[axis])
+
+
+def _nd_shape(entry: dict) -> list[int]:
+    """The stored dtype's ND shape of a tensor entry (= ``storage_shape`` unless NZ)."""
+    if entry.get("layout") != "nz":
+        return list(entry["storage_shape"])
+    return nd_shape_of_storage(entry)
+
+
+def split_axis(tensor: torch.Tensor, axis: int, features: int, unit: int, rank: int, world: int, where: str) -> torch.Tensor:
+    """The ``rank``-th of ``world`` contiguous slices of ``tensor`` along ``axis``, where each element
+    along the axis stands for ``unit`` consecutive features of ``features``; refuses inexact splits."""
+    length = tensor.shape[axis]
+    if length * unit != features:
+        raise InputError(f"{where}: axis {axis} ({length} × {unit}) does not cover the {features} features exactly")
+    if features % world or (features // world) % unit:
+        raise InputError(f"{where}: {features} features do not split into {world} ranks of whole {unit}-feature units")
+    size = length // world
+    return tensor.narrow(axis, rank * size, size).contiguous()
+

@@ -6,7 +6,7 @@ only changes which group a column uses, never the column order); ``<p>.bias`` is
 dtype. Every other tensor is copied unchanged and ``quantization_config`` is removed from
 config.json.
 
-MoE expert stacks (``<p>.experts.<proj>``, ``num_experts = E``, see :mod:`npuconv.readers.experts`)
+MoE expert stacks (``<p>.experts.<proj>``, ``num_experts = E``, see :mod:`npuconv.experts`)
 are written **un-stacked**, one ``<p>.experts.<e>.<proj>.weight`` ``[N, K]`` per expert: the names
 every Hugging Face MoE checkpoint uses and transformers loads (transformers 5 fuses them into its
 ``experts.gate_up_proj`` / ``experts.down_proj`` parameters while loading). A stacked layer whose name
@@ -18,13 +18,13 @@ from __future__ import annotations
 import torch
 
 from npuconv.model import LinearSpec, QuantizedLinear, dequantize
-from npuconv.readers.experts import unstack_layer, unstack_spec
-from npuconv.safetensors_io import TensorPlan
-from npuconv.writers.base import Writer
+from npuconv.experts import unstack_layer, unstack_spec
+from npuconv.io.safetensors_io import TensorPlan
+from npuconv.writers.base import Target
 
 
-class FloatWriter(Writer):
-    target = "float"
+class FloatTarget(Target):
+    name = "float"
     summary = "dequantized plain Hugging Face checkpoint (fine-tuning, debugging, verify reference)"
 
     @property
@@ -56,7 +56,7 @@ class FloatWriter(Writer):
         config.pop("quantization_config", None)
         return config
 
-    def layer_manifest(self, spec: LinearSpec) -> dict:
+    def describe_layer(self, spec: LinearSpec) -> dict:
         members = unstack_spec(spec)
         if members is not None:  # role "experts.<e>.weight" per expert
             tensors = {f"experts.{e}.weight": self._weight_entry(m) for e, m in enumerate(members)}
@@ -64,9 +64,8 @@ class FloatWriter(Writer):
         return {"scheme": "float", "kernel": "torch.nn.functional.linear", "tensors": {"weight": self._weight_entry(spec)}}
 
     def _weight_entry(self, spec: LinearSpec) -> dict:
+        rank = len(spec.batch_shape) + 2
         return {"name": f"{spec.name}.weight", "layout": "nd",
                 "shape": [*spec.batch_shape, spec.out_features, spec.in_features],
-                "dtype": str(self.dtype).removeprefix("torch.")}
+                "dtype": str(self.dtype).removeprefix("torch."), "split": {"n": rank - 2, "k": rank - 1}}
 
-
-WRITER = FloatWriter

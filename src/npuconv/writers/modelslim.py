@@ -46,7 +46,7 @@ A quantized layer's bias is written as ``<p>.bias`` float32, type ``FLOAT`` (as 
 
 W8A8 static (``on_w8a8_static``): ``deq_scale = input_scale * weight_scale`` in float32, stored
 float32 when the model dtype is bfloat16 and otherwise as int64 holding the float32 bits
-(``deqscale2int64``: the int32 bit pattern sign-extended); ``quant_bias = round(bias / deq_scale -
+(``deqscale2int64``: :func:`npuconv.layouts.float_bits_to_int64`); ``quant_bias = round(bias / deq_scale -
 input_offset * Σ_k w[n, k])`` in float32 (``bias`` 0 when absent). The format has no
 ``weight_scale``: the reader recovers ``deq_scale / input_scale``, which gives the weight scale
 back exactly whenever one float32 ``deq_scale`` can (always for scales read from msModelSlim W8A8);
@@ -55,14 +55,15 @@ ulp off, with a warning. (Engines use ``deq_scale`` itself, which is exactly the
 product vLLM-Ascend forms for a compressed-tensors W8A8 checkpoint.)
 
 W4A8_DYNAMIC ``scale_bias`` (``on_w4a8_dynamic`` + ``process_scale(prefix, ·, 16)``, the
-precomputed ``8·Σ_k dequant(w)`` of the grouped-matmul kernel): with ``d = (w.T * s).T`` float32
-``[N, K]``, column-parallel names (containing ``up_proj``, ``gate_proj``, ``q_proj``, ``k_proj``,
-``v_proj``, ``w1``, ``w3``) get ``8 * d.sum(1)`` ``[N, 1]``; row-parallel ones (``down_proj``,
-``o_proj``, ``w2``) get 16 partial sums over K/16-wide chunks ``[N, 16]``; any other name gets
-``d`` itself ``[N, K]`` (msModelSlim's fallthrough, with a warning). Same float32 operations as
-msModelSlim, so the bytes match.
+precomputed ``8·Σ_k dequant(w)`` of the grouped-matmul kernel, :func:`npuconv.layouts.a8w4_scale_bias`):
+with ``d = w * s`` float32 ``[N, K]``, column-parallel layers get ``8 * d.sum(1)`` ``[N, 1]``;
+row-parallel ones get 16 partial sums over K/16-wide chunks ``[N, 16]``; a name that is neither
+(:func:`npuconv.parallel.parallel_kind`, one rule with ``npu-w4a8``) gets ``d`` itself ``[N, K]``
+(msModelSlim's fallthrough, with a warning). Same float32 operations as msModelSlim, so the bytes
+match for the names msModelSlim's substring test knows (q/k/v/gate/up/o/down/w1/w2/w3); names it
+misses but engines split (``q_a_proj``, ``dense_4h_to_h``, …) get the engines' form instead.
 
-MoE expert stacks (``<p>.experts.<proj>`` with ``num_experts = E``, :mod:`npuconv.readers.experts`)
+MoE expert stacks (``<p>.experts.<proj>`` with ``num_experts = E``, :mod:`npuconv.experts`)
 are written un-stacked, ``<p>.experts.<e>.<proj>.*`` per expert with the types and tensors above,
 because msModelSlim stores (and the engines load) every expert as its own linear; the modelslim
 reader stacks them again.
@@ -84,93 +85,43 @@ from typing import ClassVar
 
 import torch
 
-from npuconv.errors import UnsupportedError
+from npuconv import layouts
+from npuconv.entries import entry_plan, tensor_entry
+from npuconv.layouts import A8W4_SCALE_BIAS_CHUNKS
+from npuconv.errors import InputError, UnsupportedError
 from npuconv.model import FP4_E2M1, FP8_E4M3, INT, SCALE_E8M0, LinearSpec, QuantizedLinear
-from npuconv.packing import pack_nibbles
-from npuconv.readers.experts import unstack_layer, unstack_spec
-from npuconv.readers.modelslim import DESCRIPTION, FLOAT, UNDESCRIBED_SUFFIXES
-from npuconv.safetensors_io import TensorInfo, TensorPlan
-from npuconv.writers.base import Writer
-from npuconv.writers.npu_common import entry_plan, tensor_entry
-
-VERSION = "1.0.0"
-MX_BLOCK = 32
-SCALE_BIAS_TP = 16  # msModelSlim's process_scale(…, 16): row-parallel scale_bias partial sums
-
-# msModelSlim AscendV1Saver.QUANT_TYPE_PRIORITY (later = higher); W4A8_DYNAMIC deliberately absent
-QUANT_TYPE_PRIORITY = (
-    "FLOAT",
-    "W16A16S",
-    "W8A16",
-    "W8A8_DYNAMIC",
-    "W8A8_MIX",
-    "W8A8",
-    "WFP8AFP8_DYNAMIC",
-    "W8A8_MXFP8",
-    "W4A8_MXFP",
-    "W4A4_DYNAMIC",
-    "W4A4_MXFP4",
-    "W4A4_MXFP4_DUALSCALE",
-    "W4A4_MXFP4_SVD",
+from npuconv.modelslim_schema import (
+    DESCRIPTION,
+    FLOAT,
+    INT_SUFFIXES,
+    KERNELS,
+    MX_GROUP,
+    QUANT_TYPE_PRIORITY,
+    STORAGE_BITS,
+    UNDESCRIBED_SUFFIXES,
+    VERSION,
+    fused_group,
+    mx_type,
 )
-# process_scale's name tests, in its order (substrings of the module name)
-COLUMN_PARALLEL = ("up_proj", "gate_proj", "q_proj", "k_proj", "v_proj", "w1", "w3")
-ROW_PARALLEL = ("down_proj", "o_proj", "w2")
+from npuconv.packing import pack_nibbles
+from npuconv.parallel import COLUMN, ROW, check_partial_sums_share, parallel_kind, refuse_static_quant_bias
+from npuconv.experts import unstack_layer, unstack_spec
+from npuconv.io.safetensors_io import TensorInfo, TensorPlan
+from npuconv.writers.base import Target
 
-# shards that engines fuse into one layer: leaf name → group
-FUSED_SHARDS = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up",
-                "w1": "gate_up", "w3": "gate_up"}
-MOE_SHARDS = {"gate_proj": "w13", "up_proj": "w13", "w1": "w13", "w3": "w13", "down_proj": "w2", "w2": "w2"}
-
-_INT_SUFFIXES = ("weight_scale", "weight_offset")
-KERNELS = {  # what the engines run for the type (npu_loaders.md §3)
-    "W8A16": "npu_weight_quant_batchmatmul",
-    "W4A16": "none (no linear method)",
-    "W8A8_DYNAMIC": "npu_quant_matmul (dynamic)",
-    "W8A8": "npu_quant_matmul (static)",
-    "W4A8_DYNAMIC": "npu_grouped_matmul (MoE)",
-    "W4A4_DYNAMIC": "npu_quant_matmul (int4)",
-    "WFP8AFP8_DYNAMIC": "none (no engine method)",
-    "W8A8_MXFP8": "npu_quant_matmul (MX)",
-    "W4A8_MXFP": "npu_quant_matmul (MX)",
-    "W4A4_MXFP4": "npu_quant_matmul (MX)",
-    "W4A16_MXFP4": "npu_grouped_matmul (MoE)",
-}
-# integer types → storage width B of the signed codes
-_WIDTH = {"W8A16": 8, "W8A8_DYNAMIC": 8, "W8A8": 8, "W4A16": 4, "W4A8_DYNAMIC": 4, "W4A4_DYNAMIC": 4}
-
-
-def fused_group(prefix: str) -> tuple[str, str] | None:
-    """(owner, group) of a shard that engines fuse with its siblings, or None."""
-    parts = prefix.split(".")
-    leaf = parts[-1]
-    if len(parts) >= 3 and parts[-3] == "experts" and parts[-2].isdigit():
-        group = MOE_SHARDS.get(leaf)
-        return None if group is None else (".".join(parts[:-2]), group)
-    group = FUSED_SHARDS.get(leaf)
-    return None if group is None else (".".join(parts[:-1]), group)
-
-
-def scale_bias_kind(prefix: str) -> str:
-    """``"column"``, ``"row"`` or ``"other"``: msModelSlim's ``process_scale`` tests, in its order."""
-    if any(part in prefix for part in COLUMN_PARALLEL):
-        return "column"
-    if any(part in prefix for part in ROW_PARALLEL):
-        return "row"
-    return "other"
 
 
 def compute_scale_bias(prefix: str, signed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """W4A8_DYNAMIC ``scale_bias`` from signed int4 values ``[N, K]`` and the float32 scale ``[N]``."""
-    deq = (signed.to(torch.float32).T * scale).T  # the same [K, N] product and transposed view
-    kind = scale_bias_kind(prefix)
-    if kind == "column":
-        return 8 * deq.sum(dim=1, keepdim=True)
-    if kind == "row":
-        rows, k = deq.shape
-        partial = deq.reshape(-1, k // SCALE_BIAS_TP)
-        return (8 * partial.sum(dim=1, keepdim=True)).reshape(rows, -1)
-    return deq
+    """W4A8_DYNAMIC ``scale_bias`` from signed int4 values ``[N, K]`` and the float32 scale ``[N]``:
+    :func:`npuconv.layouts.a8w4_scale_bias` in float32 (msModelSlim's arithmetic) — ``[N, 1]`` for a
+    column-parallel layer, the 16 partial sums ``[N, 16]`` for a row-parallel one
+    (:func:`npuconv.parallel.parallel_kind`), and for an unknown name msModelSlim's fallthrough, the
+    dequantized weight ``[N, K]`` itself."""
+    kind = parallel_kind(prefix)
+    if kind is None:
+        return signed.to(torch.float32) * scale[:, None]
+    chunks = 1 if kind == COLUMN else A8W4_SCALE_BIAS_CHUNKS
+    return layouts.a8w4_scale_bias(signed, scale[:, None], chunks, accumulate=torch.float32)
 
 
 def deq_scale_float(input_scale: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -185,13 +136,8 @@ def deq_scale_float(input_scale: torch.Tensor, scale: torch.Tensor) -> tuple[tor
     return deq, int((deq / input_scale != scale).sum())
 
 
-def deq_scale_int64(deq: torch.Tensor) -> torch.Tensor:
-    """msModelSlim ``deqscale2int64``: the float32 bits as int32, sign-extended to int64."""
-    return deq.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
-
-
-class ModelSlimWriter(Writer):
-    target = "modelslim"
+class ModelSlimTarget(Target):
+    name = "modelslim"
     summary = "msModelSlim AscendV1 checkpoint (quant_model_description.json), loaded by vLLM-Ascend / sglang as is"
     weight_prefix: ClassVar[str] = "quant_model_weights"
 
@@ -203,12 +149,12 @@ class ModelSlimWriter(Writer):
 
     # ------------------------------------------------------------------ mapping
     def quant_type(self, spec: LinearSpec) -> str:
-        """The msModelSlim type string of a layer (call only when :meth:`unsupported_reason` is None)."""
+        """The msModelSlim type string of a layer (call only when :meth:`accepts` is None)."""
         qtype, reason = self._classify(spec)
         assert qtype is not None, reason
         return qtype
 
-    def unsupported_reason(self, spec: LinearSpec) -> str | None:
+    def accepts(self, spec: LinearSpec) -> str | None:
         return self._classify(spec)[1]
 
     def _classify(self, spec: LinearSpec) -> tuple[str | None, str | None]:
@@ -277,16 +223,14 @@ class ModelSlimWriter(Writer):
 
     def _classify_mx(self, spec: LinearSpec) -> tuple[str | None, str | None]:
         act = spec.activation
-        if spec.group_size != MX_BLOCK:
-            return None, f"MX block size must be 32, got {spec.group_size}"
+        if spec.group_size != MX_GROUP:
+            return None, f"MX block size must be {MX_GROUP}, got {spec.group_size}"
         act_kind = None if act is None else (act.kind if act.strategy == "group" and act.dynamic else "other")
-        if spec.weight_format == FP8_E4M3:
-            if act_kind in (None, FP8_E4M3):
-                return "W8A8_MXFP8", None
-        elif spec.weight_format == FP4_E2M1:
-            types = {None: "W4A16_MXFP4", FP8_E4M3: "W4A8_MXFP", FP4_E2M1: "W4A4_MXFP4"}
-            if act_kind in types:
-                return types[act_kind], None
+        if spec.weight_format == FP8_E4M3 and act_kind is None:
+            act_kind = FP8_E4M3  # no weight-only MXFP8 type: written as W8A8_MXFP8 (a planning warning says so)
+        qtype = mx_type(spec.weight_format, act_kind)
+        if qtype is not None:
+            return qtype, None
         return None, f"{spec.scheme} has no msModelSlim type (MX activations must be MXFP8/MXFP4 or none)"
 
     @staticmethod
@@ -307,7 +251,7 @@ class ModelSlimWriter(Writer):
             return f"N={n} is odd: {qtype} packs two int4 rows per byte"
         if (qtype == "W4A16" and spec.num_groups == 1 or spec.weight_format == FP4_E2M1) and k % 2:
             return f"K={k} is odd: {qtype} packs two 4-bit values per byte along K"
-        if qtype == "W4A8_DYNAMIC" and scale_bias_kind(spec.name) == "row" and k % SCALE_BIAS_TP:
+        if qtype == "W4A8_DYNAMIC" and parallel_kind(spec.name) == ROW and k % A8W4_SCALE_BIAS_CHUNKS:
             return f"K={k} is not a multiple of 16 (row-parallel scale_bias holds 16 partial sums)"
         return None
 
@@ -321,32 +265,32 @@ class ModelSlimWriter(Writer):
         p, n, k, groups = spec.name, spec.out_features, spec.in_features, spec.num_groups
         f32 = torch.float32
         if qtype in ("W8A16", "W8A8_DYNAMIC", "W4A4_DYNAMIC", "W8A8"):
-            weight = tensor_entry(f"{p}.weight", torch.int8, (n, k))
+            weight = tensor_entry(f"{p}.weight", torch.int8, (n, k), n=0, k=1)
         elif qtype == "W4A8_DYNAMIC" or (qtype == "W4A16" and groups > 1):
-            weight = tensor_entry(f"{p}.weight", torch.int8, (n // 2, k), packing="int4x2_n", logical_shape=(n, k))
+            weight = tensor_entry(f"{p}.weight", torch.int8, (n // 2, k), packing="int4x2_n", logical_shape=(n, k), n=0, k=1)
         elif qtype == "W4A16":
-            weight = tensor_entry(f"{p}.weight", torch.int8, (n, k // 2), packing="int4x2_k", logical_shape=(n, k))
+            weight = tensor_entry(f"{p}.weight", torch.int8, (n, k // 2), packing="int4x2_k", logical_shape=(n, k), n=0, k=1)
         elif spec.weight_format == FP4_E2M1:
-            weight = tensor_entry(f"{p}.weight", torch.uint8, (n, k // 2), packing="fp4x2", logical_shape=(n, k))
+            weight = tensor_entry(f"{p}.weight", torch.uint8, (n, k // 2), packing="fp4x2", logical_shape=(n, k), n=0, k=1)
         else:  # W8A8_MXFP8, WFP8AFP8_DYNAMIC
-            weight = tensor_entry(f"{p}.weight", torch.float8_e4m3fn, (n, k))
+            weight = tensor_entry(f"{p}.weight", torch.float8_e4m3fn, (n, k), n=0, k=1)
         entries = {"weight": weight}
         if qtype == "W8A8":
-            entries["quant_bias"] = tensor_entry(f"{p}.quant_bias", torch.int32, (n,))
+            entries["quant_bias"] = tensor_entry(f"{p}.quant_bias", torch.int32, (n,), n=0)
             entries["input_scale"] = tensor_entry(f"{p}.input_scale", f32, (1,))
             entries["input_offset"] = tensor_entry(f"{p}.input_offset", f32, (1,))
-            entries["deq_scale"] = tensor_entry(f"{p}.deq_scale", self._deq_dtype(), (n,))
+            entries["deq_scale"] = tensor_entry(f"{p}.deq_scale", self._deq_dtype(), (n,), n=0)
         elif spec.scale_format == SCALE_E8M0:
-            entries["weight_scale"] = tensor_entry(f"{p}.weight_scale", torch.uint8, (n, -(-k // MX_BLOCK)))
+            entries["weight_scale"] = tensor_entry(f"{p}.weight_scale", torch.uint8, (n, -(-k // MX_GROUP)), n=0, k=1)
         else:
-            for suffix in _INT_SUFFIXES:
-                entries[suffix] = tensor_entry(f"{p}.{suffix}", f32, (n, groups))
+            for suffix in INT_SUFFIXES:
+                entries[suffix] = tensor_entry(f"{p}.{suffix}", f32, (n, groups), n=0, k=None if groups == 1 else 1)
             if qtype == "W4A8_DYNAMIC":
-                kind = scale_bias_kind(p)
-                width = {"column": 1, "row": SCALE_BIAS_TP}.get(kind, k)
-                entries["scale_bias"] = tensor_entry(f"{p}.scale_bias", f32, (n, width))
+                kind = parallel_kind(p)
+                width = {COLUMN: 1, ROW: A8W4_SCALE_BIAS_CHUNKS}.get(kind, k)
+                entries["scale_bias"] = tensor_entry(f"{p}.scale_bias", f32, (n, width), n=0, k=None if kind == COLUMN else 1)
         if spec.has_bias:
-            entries["bias"] = tensor_entry(f"{p}.bias", f32, (n,))
+            entries["bias"] = tensor_entry(f"{p}.bias", f32, (n,), n=0)
         return entries
 
     def plan_layer(self, spec: LinearSpec) -> list[TensorPlan]:
@@ -359,7 +303,7 @@ class ModelSlimWriter(Writer):
         for role, entry in entries.items():
             self._description[entry["name"]] = FLOAT if role == "bias" else qtype
         if spec.scale_format == SCALE_E8M0:
-            self._group_sizes.append(MX_BLOCK)
+            self._group_sizes.append(MX_GROUP)
         else:
             self._group_sizes.append(0 if spec.num_groups == 1 else spec.group_size)
         if len({g for g in self._group_sizes if g}) > 1:
@@ -369,15 +313,15 @@ class ModelSlimWriter(Writer):
         return [entry_plan(e) for e in entries.values()]
 
     def _plan_warnings(self, spec: LinearSpec, qtype: str) -> None:
-        if qtype == "W4A8_DYNAMIC" and scale_bias_kind(spec.name) == "other":
-            self.warn(f"{spec.name}: not a q/k/v/gate/up/o/down/w1/w2/w3 name, so scale_bias is the dequantized "
-                      f"weight [N, K] (msModelSlim's process_scale fallthrough); engines expect [N, 1] or [N, 16]")
+        if qtype == "W4A8_DYNAMIC" and parallel_kind(spec.name) is None:
+            self.warn(f"{spec.name}: not a known column- or row-parallel name (npuconv.parallel), so scale_bias is the "
+                      f"dequantized weight [N, K] (msModelSlim's process_scale fallthrough); engines expect [N, 1] or [N, 16]")
         elif qtype == "W4A16":
             self.warn("W4A16 has no linear method in vLLM-Ascend or sglang (vLLM-Ascend's W4A16 is MoE-only, "
-                      "with another weight layout); see docs/modelslim.md")
+                      "with another weight layout); see `npuconv docs modelslim`")
         elif qtype == "W8A16" and (not spec.symmetric or spec.bits < 8):
             self.warn("W8A16 with non-zero weight_offset: it is msModelSlim's signed zero point, w = (q - offset) * scale; "
-                      "vLLM-Ascend passes it unchanged as antiquant_offset, which adds it (see docs/modelslim.md)")
+                      "vLLM-Ascend passes it unchanged as antiquant_offset, which adds it (see `npuconv docs modelslim`)")
         elif qtype == "W8A8_MXFP8" and spec.activation is None:
             self.warn("MXFP8 weights without activation quantization are written as W8A8_MXFP8 (msModelSlim has no "
                       "weight-only MXFP8 type): engines will quantize the activations to MXFP8")
@@ -405,7 +349,7 @@ class ModelSlimWriter(Writer):
                 "shards into one layer and require one msModelSlim type for all of them"
             )
 
-    def layer_manifest(self, spec: LinearSpec) -> dict:
+    def describe_layer(self, spec: LinearSpec) -> dict:
         qtype = self.quant_type(spec)
         members = unstack_spec(spec)
         if members is None:
@@ -431,7 +375,7 @@ class ModelSlimWriter(Writer):
         spec = layer.spec
         qtype = self.quant_type(spec)
         entries = self.tensor_entries(spec)
-        if qtype in _WIDTH:
+        if qtype in STORAGE_BITS:
             out = self._write_int(layer, qtype)
         elif spec.scale_format == SCALE_E8M0:
             codes = layer.qweight
@@ -447,7 +391,7 @@ class ModelSlimWriter(Writer):
 
     def _write_int(self, layer: QuantizedLinear, qtype: str) -> dict[str, torch.Tensor]:
         spec = layer.spec
-        midpoint = 2 ** (_WIDTH[qtype] - 1)
+        midpoint = 2 ** (STORAGE_BITS[qtype] - 1)
         signed = (layer.qweight.to(torch.int16) - midpoint).to(torch.int8).contiguous()  # [N, K], as msModelSlim holds it
         if qtype == "W8A8":
             return self._write_static(layer, signed)
@@ -484,8 +428,29 @@ class ModelSlimWriter(Writer):
             "quant_bias": quant_bias,
             "input_scale": input_scale,
             "input_offset": input_offset,
-            "deq_scale": deq if self._deq_dtype() == torch.float32 else deq_scale_int64(deq),
+            "deq_scale": deq if self._deq_dtype() == torch.float32 else layouts.float_bits_to_int64(deq),
         }
+
+    # ------------------------------------------------------------------ tensor parallelism
+    def split(self, role, tensor, entry, spec, rank, world, parallel):
+        """As :meth:`Target.split`, with the msModelSlim folds that have no exact row-parallel share refused:
+        W8A8 ``quant_bias`` (folds the activation offset over all of K) and a ``scale_bias`` that is not
+        the 16 partial sums."""
+        if parallel == ROW and world > 1:
+            if role == "quant_bias":
+                refuse_static_quant_bias(spec.name)
+            if role == "scale_bias" and tensor.shape[-1] != A8W4_SCALE_BIAS_CHUNKS:
+                raise InputError(f"{spec.name}: scale_bias [N, {tensor.shape[-1]}] has no row-parallel share")
+            if role == "scale_bias":
+                check_partial_sums_share(spec.name, world, A8W4_SCALE_BIAS_CHUNKS)
+        return super().split(role, tensor, entry, spec, rank, world, parallel)
+
+    def split_unit(self, role, entry, spec, axis, parallel):
+        if parallel == ROW and role in ("weight_scale", "weight_offset"):
+            return MX_GROUP if spec.scale_format == SCALE_E8M0 else spec.group_size
+        if parallel == ROW and role == "scale_bias":
+            return spec.in_features // A8W4_SCALE_BIAS_CHUNKS
+        return super().split_unit(role, entry, spec, axis, parallel)
 
     # ------------------------------------------------------------------ side files
     def model_quant_type(self) -> str:
@@ -521,5 +486,3 @@ class ModelSlimWriter(Writer):
         # a str is written verbatim: msModelSlim's json.dump(indent=4) in planning order, not sorted
         return {DESCRIPTION: json.dumps(self.description(), indent=4)}
 
-
-WRITER = ModelSlimWriter

@@ -20,17 +20,18 @@ from __future__ import annotations
 import torch
 
 from npuconv import layouts
+from npuconv.entries import tensor_entry
+from npuconv.layouts import MX_BLOCK
 from npuconv.model import FP4_E2M1, FP8_E4M3, SCALE_E8M0, LinearSpec, QuantizedLinear
-from npuconv.writers.base import Writer
-from npuconv.writers.npu_common import tensor_entry
-
-MX_BLOCK = 32
+from npuconv.model import INT
+from npuconv.writers.base import ROW, Target
 
 
-class MxWriter(Writer):
+
+class MxTarget(Target):
     weight_format = FP8_E4M3
 
-    def unsupported_reason(self, spec: LinearSpec) -> str | None:
+    def accepts(self, spec: LinearSpec) -> str | None:
         if spec.weight_format != self.weight_format or spec.scale_format != SCALE_E8M0:
             return f"needs {self.weight_format} weights with E8M0 scales (an MX source)"
         if spec.group_size != MX_BLOCK:
@@ -51,18 +52,20 @@ class MxWriter(Writer):
         packing = "fp4x2" if fp4 else None
         if self.sglang:
             weight_shape = (*batch, n, k // 2 if fp4 else k)
-            weight = tensor_entry(f"{p}.weight", dtype, weight_shape, packing=packing, logical_shape=(*batch, n, k))
-            scale = tensor_entry(f"{p}.weight_scale", torch.uint8, (*batch, n, kb2, 2))
+            weight = tensor_entry(f"{p}.weight", dtype, weight_shape, packing=packing, logical_shape=(*batch, n, k),
+                                  n=-2, k=-1)
+            scale = tensor_entry(f"{p}.weight_scale", torch.uint8, (*batch, n, kb2, 2), n=-3, k=-2)
         else:
             weight_shape = (*batch, k, n // 2 if fp4 else n)
-            weight = tensor_entry(f"{p}.weight", dtype, weight_shape, packing=packing, logical_shape=(*batch, k, n))
-            scale = tensor_entry(f"{p}.weight_scale", torch.uint8, (*batch, kb2, n, 2))
+            weight = tensor_entry(f"{p}.weight", dtype, weight_shape, packing=packing, logical_shape=(*batch, k, n),
+                                  n=-1, k=-2)
+            scale = tensor_entry(f"{p}.weight_scale", torch.uint8, (*batch, kb2, n, 2), n=-2, k=-3)
         entries = {"weight": weight, "weight_scale": scale}
         if spec.has_bias:
-            entries["bias"] = tensor_entry(f"{p}.bias", torch.float32, (*batch, n))
+            entries["bias"] = tensor_entry(f"{p}.bias", torch.float32, (*batch, n), n=-1)
         return entries
 
-    def layer_manifest(self, spec: LinearSpec) -> dict:
+    def describe_layer(self, spec: LinearSpec) -> dict:
         act = spec.activation
         return {
             "scheme": spec.scheme,
@@ -98,3 +101,39 @@ class MxWriter(Writer):
             codes = codes.transpose(-1, -2).contiguous()
             scale = layouts.mx_scale_from_npu(tensors["weight_scale"], kb)
         return QuantizedLinear(spec, codes, scale, bias=tensors.get("bias"))
+
+    # ------------------------------------------------------------------ kernel
+    def serves(self, spec: LinearSpec) -> bool:
+        fp8 = spec.weight_format == FP8_E4M3
+        return spec.weight_format != INT and spec.scale_format == SCALE_E8M0 and fp8 == (self.weight_format == FP8_E4M3)
+
+    def run(self, backend, entry: dict, spec: LinearSpec, tensors: dict, x: torch.Tensor, tp: int | None = None):
+        """``npu_dynamic_mx_quant(x)`` (FP8, or FP4 for an MXFP4-activation layer) + ``npu_quant_matmul``
+        MX mode (``scale_dtype`` / ``pertoken_scale_dtype`` float8_e8m0fnu, ``group_sizes`` ``[1, 1, 32]``,
+        ``[0, 0, 32]`` for FP8 × FP4); the sglang layout is viewed transposed, as sglang does."""
+        if spec.num_experts is not None:
+            return self.run_experts(backend, entry, spec, tensors, x)
+        fp4_weight = self.weight_format == FP4_E2M1
+        act_kind = spec.activation.kind if spec.activation is not None else FP8_E4M3
+        fp4_act = act_kind == FP4_E2M1
+        fp4 = layouts.NPU_DTYPE_IDS["float4_e2m1fn_x2"]
+        e8m0 = layouts.NPU_DTYPE_IDS["float8_e8m0fnu"]
+        x_q, x_scale = backend.ops.npu_dynamic_mx_quant(x, dst_type=fp4 if fp4_act else torch.float8_e4m3fn)
+        weight, scale = tensors["weight"], tensors["weight_scale"]
+        if entry.get("view") == "transpose":  # sglang: [N, K] storage viewed as [K, N]
+            weight, scale = weight.transpose(-1, -2), scale.transpose(-3, -2)
+        y = backend.ops.npu_quant_matmul(
+            x_q, weight, scale, scale_dtype=e8m0, pertoken_scale=x_scale, pertoken_scale_dtype=e8m0,
+            x1_dtype=fp4 if fp4_act else None, x2_dtype=fp4 if fp4_weight else None,
+            group_sizes=[0, 0, 32] if (fp4_weight and not fp4_act) else [1, 1, 32],
+            output_dtype=x.dtype, bias=tensors.get("bias"),
+        )
+        codes = layouts.fp4_unpack(x_q.cpu()) if fp4_act else x_q.cpu()
+        x_scale_blocks = layouts.mx_scale_unpairs(x_scale.cpu(), -(-spec.in_features // MX_BLOCK))
+        x_effective = layouts.mx_dequantize(codes, x_scale_blocks, FP4_E2M1 if fp4_act else FP8_E4M3)
+        return y, x_effective.double()
+
+    def split_unit(self, role, entry, spec, axis, parallel):
+        if role == "weight_scale" and parallel == ROW:
+            return 2 * MX_BLOCK  # one row of E8M0 pairs = two 32-blocks of K
+        return super().split_unit(role, entry, spec, axis, parallel)

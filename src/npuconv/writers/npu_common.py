@@ -1,77 +1,15 @@
-"""What every NPU target shares: manifest tensor entries, FRACTAL_NZ storage, kernel limits, act-order.
+"""What every NPU target shares: FRACTAL_NZ storage, kernel limits, act-order, group-scale layout.
 
-Manifest tensor entry (``npuconv.json`` → ``layers[p].tensors[role]``)::
-
-    {"name": "<p>.weight", "dtype": "int32", "layout": "nd" | "nz",
-     "shape": [logical ND shape], "storage_shape": [shape as stored],
-     "packing": "int4pack" | "int4x2" | "fp4x2" | null, "c0": 8 (nz only)}
-
-``layout: "nz"`` means the tensor holds FRACTAL_NZ *storage order* of its logical ND matrix
-(:func:`npuconv.layouts.nd_to_nz`); a loader copies the bytes into an NPU tensor created with
-ACL format 29, or falls back to ND + one ``npu_format_cast(t, 29)``
-(see docs/layouts.md, "Loading NZ tensors").
+Tensor entries of ``npuconv.json`` (and NZ read-back) are in :mod:`npuconv.entries`.
 """
-
 from __future__ import annotations
 
 import torch
 
 from npuconv import layouts
 from npuconv.errors import InputError
-from npuconv.safetensors_io import TensorPlan
 
 MAX_KERNEL_DIM = 65535  # K and N limit of npu_weight_quant_batchmatmul / npu_quant_matmul (A2/A3)
-
-
-def dtype_label(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def tensor_entry(
-    name: str,
-    dtype: torch.dtype,
-    shape: tuple[int, ...],
-    *,
-    nz_c0: int | None = None,
-    packing: str | None = None,
-    logical_shape: tuple[int, ...] | None = None,
-) -> dict:
-    """Manifest entry of one written tensor; ``shape`` is the ND shape of the stored dtype."""
-    storage = layouts.nz_storage_shape(shape, nz_c0) if nz_c0 else shape
-    entry = {
-        "name": name,
-        "dtype": dtype_label(dtype),
-        "layout": "nz" if nz_c0 else "nd",
-        "shape": list(logical_shape or shape),
-        "storage_shape": list(storage),
-        "packing": packing,
-    }
-    if nz_c0:
-        entry["c0"] = nz_c0
-    return entry
-
-
-def entry_plan(entry: dict) -> TensorPlan:
-    """The TensorPlan of a manifest entry (stored dtype and storage shape)."""
-    return TensorPlan(entry["name"], getattr(torch, entry["dtype"]), tuple(entry["storage_shape"]))
-
-
-def from_storage(tensor: torch.Tensor, entry: dict) -> torch.Tensor:
-    """A stored tensor back in its ND form (undoes NZ tiling; packing is left to the caller)."""
-    if entry.get("layout") != "nz":
-        return tensor
-    rows, cols = _nd_shape_of_storage(entry)
-    return layouts.nz_to_nd(tensor, rows, cols)
-
-
-def _nd_shape_of_storage(entry: dict) -> tuple[int, int]:
-    """(R, C) of the stored dtype's ND matrix behind an NZ entry (packed columns for int4pack)."""
-    *_, rows, cols = entry["shape"]
-    if entry.get("packing") == "int4pack":
-        cols //= 8
-    elif entry.get("packing") == "fp4x2":
-        cols //= 2
-    return rows, cols
 
 
 def maybe_nz(tensor: torch.Tensor, c0: int | None) -> torch.Tensor:
@@ -100,3 +38,11 @@ def group_scale_layout(t: torch.Tensor) -> torch.Tensor:
 
 def group_scale_shape(batch: tuple[int, ...], n: int, groups: int) -> tuple[int, ...]:
     return (*batch, n) if groups == 1 else (*batch, groups, n)
+
+
+def moe_rows(x: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` as ``[M, K]`` repeated for every expert, and ``group_list`` (counts) = M per expert: the
+    MoE form of ``npu_grouped_matmul`` that sends every token through every expert."""
+    rows = x.reshape(-1, x.shape[-1])
+    counts = torch.full((experts,), rows.shape[0], dtype=torch.int64, device=x.device)
+    return rows.repeat(experts, 1), counts

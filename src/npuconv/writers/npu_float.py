@@ -17,7 +17,7 @@ must be a float checkpoint (quantized layers are refused: use ``float`` first).
 
 The tiles cannot be described per layer in ``npuconv.json`` (a float model has no quantized layers),
 so the writer lists them in ``npuconv_nz.json``: ``{"layout": "sglang", "tensors": {name: {"layout":
-"nz", "dtype", "shape" (logical ND), "storage_shape", "c0"}}}``; :func:`load_nd` undoes them.
+"nz", "dtype", "shape" (logical ND), "storage_shape", "c0", "split"}}}``; :func:`load_nd` undoes them.
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ from pathlib import Path
 import torch
 
 from npuconv import layouts
+from npuconv.entries import tensor_entry
 from npuconv.model import LinearSpec
 from npuconv.offline import FLOAT_DTYPES, is_linear_weight
-from npuconv.safetensors_io import TensorInfo, TensorPlan
-from npuconv.writers.base import Writer
-from npuconv.writers.npu_common import tensor_entry
+from npuconv.io.safetensors_io import TensorInfo, TensorPlan
+from npuconv.writers.base import Target
 
 SIDE_FILE = "npuconv_nz.json"
 #: Orientation of the NZ tiles: SGLang casts the checkpoint's ``[E, N, K]`` (no transpose).
@@ -42,15 +42,15 @@ NZ_ALIGN = 16
 _EXPERT = re.compile(r"\.experts\.\d+\.[^.]+\.weight$")
 
 
-class NpuFloatWriter(Writer):
-    target = "npu-float"
+class NpuFloatTarget(Target):
+    name = "npu-float"
     summary = "float checkpoint with MoE expert weights (--nz: all linears) pre-cast to FRACTAL_NZ"
 
     def __init__(self, options):
         super().__init__(options)
         self.nz_entries: dict[str, dict] = {}
 
-    def unsupported_reason(self, spec: LinearSpec) -> str | None:
+    def accepts(self, spec: LinearSpec) -> str | None:
         return "npu-float takes float checkpoints; convert quantized ones with --to float first"
 
     def wants_nz(self, info: TensorInfo) -> bool:
@@ -67,7 +67,7 @@ class NpuFloatWriter(Writer):
         if rows % NZ_ALIGN or cols % NZ_ALIGN:
             self.warn(f"{info.name}: kept ND ({rows}×{cols} is not 16-aligned)")
             return super().plan_passthrough(info)
-        entry = tensor_entry(info.name, info.dtype, tuple(info.shape), nz_c0=layouts.nz_c0(info.dtype))
+        entry = tensor_entry(info.name, info.dtype, tuple(info.shape), nz_c0=layouts.nz_c0(info.dtype), n=-2, k=-1)
         self.nz_entries[info.name] = entry
         return TensorPlan(info.name, info.dtype, tuple(entry["storage_shape"]))
 
@@ -88,5 +88,3 @@ def load_nd(directory: str | Path, name: str, tensor: torch.Tensor) -> torch.Ten
     rows, cols = entry["shape"][-2:]
     return layouts.nz_to_nd(tensor, rows, cols)
 
-
-WRITER = NpuFloatWriter

@@ -7,15 +7,14 @@ int4 antiquant weights ND (npu_loaders.md §3.14); ``--nz`` writes NZ tiles with
 where the kernel allows it (group size 64/128, N % 64 == 0), else ND with a warning.
 """
 
-from npuconv.writers.weight_only import WeightOnlyIntWriter
+from npuconv.writers.weight_only import WeightOnlyIntTarget
 
 
-class NpuInt4Writer(WeightOnlyIntWriter):
-    target = "npu-int4"
+class NpuInt4Target(WeightOnlyIntTarget):
+    name = "npu-int4"
     summary = "W4A16 int4pack weights for npu_weight_quant_batchmatmul (GPTQ/AWQ/CT/ModelSlim 2-4 bit)"
     storage_bits = 4
     accepted_bits = (2, 3, 4)
+    native_rank = 50
     nz_default = False
 
-
-WRITER = NpuInt4Writer

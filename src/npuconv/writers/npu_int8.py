@@ -6,14 +6,15 @@ Layout: see :mod:`npuconv.writers.weight_only` (int8 ``[K, N]`` of ``q - 128``, 
 path is per-channel only).
 """
 
-from npuconv.writers.weight_only import WeightOnlyIntWriter
+from npuconv.writers.weight_only import WeightOnlyIntTarget
 
 
-class NpuInt8Writer(WeightOnlyIntWriter):
-    target = "npu-int8"
+class NpuInt8Target(WeightOnlyIntTarget):
+    name = "npu-int8"
     summary = "W8A16 int8 weights for npu_weight_quant_batchmatmul (8-bit GPTQ/CT/ModelSlim)"
     storage_bits = 8
     accepted_bits = (8,)
+    native_rank = 40
     nz_default = True
 
     def nz_c0(self, spec):
@@ -21,5 +22,3 @@ class NpuInt8Writer(WeightOnlyIntWriter):
             return None  # default: per-group int8 stays ND silently
         return super().nz_c0(spec)
 
-
-WRITER = NpuInt8Writer

@@ -42,16 +42,16 @@ from dataclasses import replace
 import torch
 
 from npuconv import layouts
+from npuconv.entries import tensor_entry
 from npuconv.errors import InputError
 from npuconv.model import FP4_E2M1, SCALE_E8M0, SCALE_FLOAT, LinearSpec, QuantizedLinear
-from npuconv.offline import SOURCE_PREFIX, RecordsQuantizationError
-from npuconv.writers.base import Writer
-from npuconv.writers.npu_common import MAX_KERNEL_DIM, maybe_nz, tensor_entry
+from npuconv.offline import MXFP4_DUAL_RECIPE, SOURCE_PREFIX
+from npuconv.writers.base import ROW, Target
+from npuconv.writers.npu_common import MAX_KERNEL_DIM, maybe_nz
 
 KERNEL = "npu_dual_level_quant_matmul"
 L0 = layouts.DUAL_L0_BLOCK
 L1 = layouts.DUAL_L1_BLOCK
-PER_L0 = L0 // L1  # level-1 blocks per level-0 block
 #: C0 of the NZ weight: the uint8 FP4 pairs are tiled as int8 bytes (32 per row of a tile, ops §3.2).
 WEIGHT_NZ_C0 = 32
 
@@ -61,29 +61,18 @@ def _from_float_source(spec: LinearSpec) -> bool:
 
 
 def split_levels(scale: torch.Tensor, k: int, where: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Effective fp32 block scales ``[..., N, Kb]`` → (level0 ``[..., N, ceil(K/512)]``, level1 bytes ``[..., N, Kb]``).
-
-    Level 0 of each 512-block is the largest block scale in it (the dual-level rule gives its largest
-    block byte 127, so this recovers its level 0), and every level-1 byte must then be exact.
-    """
-    kb = scale.shape[-1]
-    nb0 = math.ceil(k / L0)
-    padded = torch.nn.functional.pad(scale.float(), (0, nb0 * PER_L0 - kb))
-    level0 = padded.unflatten(-1, (nb0, PER_L0)).amax(-1)
-    if bool((level0 <= 0).any()):
-        raise InputError(f"{where}: a 512-block has no positive scale; cannot split it into two levels")
-    ratio = scale.float() / level0.repeat_interleave(PER_L0, dim=-1)[..., :kb]
-    exponent = torch.round(torch.log2(ratio)).to(torch.int32) + 127
-    level1 = exponent.clamp(0, 254).to(torch.uint8)
-    if not torch.equal(layouts.dual_level_scale(level0, level1, k), scale.float()):
-        raise InputError(f"{where}: the block scales are not level0 · 2**e within each 512-block")
-    return level0, level1
+    """Effective fp32 block scales ``[..., N, Kb]`` → (level0 ``[..., N, ceil(K/512)]``, level1 bytes
+    ``[..., N, Kb]``): :func:`npuconv.layouts.split_dual_level_scale`, its refusal as an InputError."""
+    try:
+        return layouts.split_dual_level_scale(scale, k)
+    except ValueError as e:
+        raise InputError(f"{where}: {e}") from None
 
 
-class DualLevelLayout(Writer):
-    """The layout and checks; :class:`NpuMxfp4DualWriter` adds the offline-quantization report."""
+class DualLevelLayout(Target):
+    """The layout and checks; :class:`NpuMxfp4DualTarget` adds the offline-quantization report."""
 
-    def unsupported_reason(self, spec: LinearSpec) -> str | None:
+    def accepts(self, spec: LinearSpec) -> str | None:
         if spec.weight_format != FP4_E2M1 or spec.group_size != L1:
             return "needs FP4 E2M1 weights with block-32 scales (an MX fp4 source, or a float one)"
         if spec.scale_format == SCALE_FLOAT and not _from_float_source(spec):
@@ -101,17 +90,18 @@ class DualLevelLayout(Writer):
     def tensor_entries(self, spec: LinearSpec) -> dict[str, dict]:
         p, n, k = spec.name, spec.out_features, spec.in_features
         weight = tensor_entry(f"{p}.weight", torch.uint8, (n, k // 2), nz_c0=WEIGHT_NZ_C0, packing="fp4x2",
-                              logical_shape=(n, k))
+                              logical_shape=(n, k), n=0, k=1)
         entries = {
             "weight": weight,
-            "weight_scale_level0": tensor_entry(f"{p}.weight_scale_level0", torch.float32, (math.ceil(k / L0), n)),
-            "weight_scale_level1": tensor_entry(f"{p}.weight_scale_level1", torch.uint8, (n, math.ceil(math.ceil(k / L1) / 2), 2)),
+            "weight_scale_level0": tensor_entry(f"{p}.weight_scale_level0", torch.float32, (math.ceil(k / L0), n), n=1, k=0),
+            "weight_scale_level1": tensor_entry(f"{p}.weight_scale_level1", torch.uint8,
+                                                (n, math.ceil(math.ceil(k / L1) / 2), 2), n=0, k=1),
         }
         if spec.has_bias:
-            entries["bias"] = tensor_entry(f"{p}.bias", torch.float32, (n,))
+            entries["bias"] = tensor_entry(f"{p}.bias", torch.float32, (n,), n=0)
         return entries
 
-    def layer_manifest(self, spec: LinearSpec) -> dict:
+    def describe_layer(self, spec: LinearSpec) -> dict:
         return {
             "scheme": "w4a4_mxfp4_dual",
             "source_scheme": spec.source_scheme,
@@ -129,10 +119,7 @@ class DualLevelLayout(Writer):
         spec = layer.spec
         k = spec.in_features
         entries = self.tensor_entries(spec)
-        attached = getattr(layer, "dual_level", None)
-        if attached is not None:
-            level0, level1 = attached
-        elif spec.scale_format == SCALE_E8M0:
+        if spec.scale_format == SCALE_E8M0:
             level1 = layer.scale
             level0 = torch.ones(*level1.shape[:-1], math.ceil(k / L0), dtype=torch.float32)
         else:
@@ -159,9 +146,32 @@ class DualLevelLayout(Writer):
         return QuantizedLinear(spec, codes, scale, bias=tensors.get("bias"))
 
 
-class NpuMxfp4DualWriter(RecordsQuantizationError, DualLevelLayout):
-    target = "npu-mxfp4-dual"
+    # ------------------------------------------------------------------ kernel
+    def run(self, backend, entry: dict, spec: LinearSpec, tensors: dict, x: torch.Tensor, tp: int | None = None):
+        """``npu_dynamic_dual_level_mx_quant`` + ``npu_dual_level_quant_matmul`` (ops §5.3, §5.4)."""
+        k = x.shape[-1]
+        lead = x.shape[:-1]
+        x_q, x_l0, x_l1 = backend.ops.npu_dynamic_dual_level_mx_quant(x.reshape(-1, k))
+        bias = tensors.get("bias")
+        y = backend.ops.npu_dual_level_quant_matmul(
+            x_q, tensors["weight"], x_l0, tensors["weight_scale_level0"], x_l1, tensors["weight_scale_level1"],
+            bias=None if bias is None else bias.float(), output_dtype=x.dtype,
+        )
+        codes = layouts.fp4_unpack(x_q.cpu())[..., :k]
+        scale = layouts.dual_level_scale(x_l0.cpu(), layouts.mx_scale_unpairs(x_l1.cpu(), -(-k // L1)), k)
+        values = layouts.fp4_decode(codes).double() * scale.double().repeat_interleave(L1, dim=-1)[..., :k]
+        return y.reshape(*lead, -1), values.reshape(*lead, k)
+
+    def split_unit(self, role, entry, spec, axis, parallel):
+        if parallel == ROW and role == "weight_scale_level0":
+            return L0
+        if parallel == ROW and role == "weight_scale_level1":
+            return 2 * L1  # one row of E8M0 pairs = two 32-blocks of K
+        return super().split_unit(role, entry, spec, axis, parallel)
+
+
+class NpuMxfp4DualTarget(DualLevelLayout):
+    name = "npu-mxfp4-dual"
+    offline_recipe = MXFP4_DUAL_RECIPE
     summary = "dual-level MXFP4 (fp32 per 512 + E8M0 per 32, NZ) for npu_dual_level_quant_matmul (float or MX fp4 sources)"
 
-
-WRITER = NpuMxfp4DualWriter

@@ -31,9 +31,10 @@ from __future__ import annotations
 import torch
 
 from npuconv import layouts
+from npuconv.entries import tensor_entry
 from npuconv.model import INT, LinearSpec, QuantizedLinear
-from npuconv.writers.base import Writer
-from npuconv.writers.npu_common import MAX_KERNEL_DIM, tensor_entry
+from npuconv.writers.base import Target
+from npuconv.writers.npu_common import MAX_KERNEL_DIM
 from npuconv.writers.npu_w4a8 import codes_from_signed_kn, int4_weight_entry, signed_kn
 
 KERNEL = "npu_quant_matmul"
@@ -42,11 +43,12 @@ KERNEL = "npu_quant_matmul"
 W4A4_LAYOUT = "sglang"
 
 
-class NpuW4A4Writer(Writer):
-    target = "npu-w4a4"
+class NpuW4A4Target(Target):
+    name = "npu-w4a4"
+    native_rank = 20
     summary = "W4A4 int4 weights + int4 dynamic activations for npu_quant_matmul (ModelSlim W4A4_DYNAMIC, symmetric per-channel int4)"
 
-    def unsupported_reason(self, spec: LinearSpec) -> str | None:
+    def accepts(self, spec: LinearSpec) -> str | None:
         act = spec.activation
         if spec.weight_format != INT or spec.bits not in (2, 3, 4):
             return "needs 2-, 3- or 4-bit integer weights"
@@ -69,13 +71,13 @@ class NpuW4A4Writer(Writer):
         p, n, batch = spec.name, spec.out_features, spec.batch_shape
         entries = {
             "weight": int4_weight_entry(spec, None),
-            "weight_scale": tensor_entry(f"{p}.weight_scale", torch.float32, (*batch, n)),
+            "weight_scale": tensor_entry(f"{p}.weight_scale", torch.float32, (*batch, n), n=-1),
         }
         if spec.has_bias:
-            entries["bias"] = tensor_entry(f"{p}.bias", torch.float32, (*batch, n))
+            entries["bias"] = tensor_entry(f"{p}.bias", torch.float32, (*batch, n), n=-1)
         return entries
 
-    def layer_manifest(self, spec: LinearSpec) -> dict:
+    def describe_layer(self, spec: LinearSpec) -> dict:
         act = spec.activation
         return {
             "scheme": "w4a4_dynamic",
@@ -110,5 +112,24 @@ class NpuW4A4Writer(Writer):
         scale = tensors["weight_scale"].float().unsqueeze(-1)
         return QuantizedLinear(spec, codes, scale, bias=tensors.get("bias"))
 
+    # ------------------------------------------------------------------ kernel
+    def serves(self, spec: LinearSpec) -> bool:
+        act = spec.activation
+        return (spec.weight_format == INT and act is not None and act.kind == INT and act.dynamic
+                and act.bits == 4 and spec.bits <= 4 and self.accepts(spec) is None)
 
-WRITER = NpuW4A4Writer
+    def run(self, backend, entry: dict, spec: LinearSpec, tensors: dict, x: torch.Tensor, tp: int | None = None):
+        """``npu_dynamic_quant(x, dst_type=quint4x2)`` + ``npu_quant_matmul`` int4 × int4, per-token (SGLang)."""
+        if spec.num_experts is not None:
+            return self.run_experts(backend, entry, spec, tensors, x)
+        k = x.shape[-1]
+        lead = x.shape[:-1]
+        x_q, x_scale = backend.ops.npu_dynamic_quant(x.reshape(-1, k), dst_type=torch.quint4x2)
+        bias = tensors.get("bias")
+        y = backend.ops.npu_quant_matmul(
+            x_q, tensors["weight"], tensors["weight_scale"], pertoken_scale=x_scale,
+            bias=None if bias is None else bias.float(), output_dtype=x.dtype,
+        )
+        values = layouts.int4unpack(x_q.cpu()).double()  # [M, K] signed int4 activations
+        x_effective = (values * x_scale.cpu().double().unsqueeze(-1)).reshape(*lead, k)
+        return y.reshape(*lead, -1), x_effective

@@ -11,8 +11,8 @@ Written tensors per layer ``p`` (leading ``E`` for expert stacks), torch_npu_ops
   two per byte along N with the **even n in the low nibble**, viewed as int32 — the same bits as
   int4pack (ops §0.1, loaders §1.2). ND by default; ``--nz`` tiles it with C0 = 8 int32 (= the
   engines' int8 NZ cast with C0 = 32 bytes before the int32 view) when N % 64 == 0.
-- ``p.scale`` int64: the fp32 weight scale's bit pattern in the low 32 bits, high word 0
-  (loaders §1.4a). Per-channel ``[N]``; per-group ``[K/g, N]`` with the scale first rounded
+- ``p.scale`` int64: the fp32 weight scale's bit pattern in the low 32 bits, sign-extended
+  (:func:`npuconv.layouts.float_bits_to_int64`, loaders §1.4a). Per-channel ``[N]``; per-group ``[K/g, N]`` with the scale first rounded
   fp32 → fp16 → fp32, as vLLM-Ascend ``process_scale`` does (:data:`GROUP_SCALE_VIA_FP16`).
 - ``p.weight_scale`` fp32 ``[K/g, N]`` (per-group only): the exact source scale, not read by the
   kernel; it lets the layout check tell a lossy fp16 rounding apart from a corrupted ``scale``.
@@ -20,7 +20,7 @@ Written tensors per layer ``p`` (leading ``E`` for expert stacks), torch_npu_ops
   s the scale the kernel is given), summed in float64: the bias the A8W4 kernel needs to cancel
   its ``−8·ΣW·s`` term (ops §6.3).
 - ``p.scale_bias_partials`` fp32 ``[N, 16]`` for every layer not known to be column-parallel
-  (:data:`COLUMN_PARALLEL_LEAVES`): column ``c`` is ``8 · Σ_{k ∈ chunk c}`` over the 16 equal
+  (:func:`npuconv.parallel.parallel_kind`): column ``c`` is ``8 · Σ_{k ∈ chunk c}`` over the 16 equal
   K-chunks ``[c·K/16, (c+1)·K/16)`` — msModelSlim's row-parallel ``scale_bias [N, 16]``. With
   tensor parallelism ``t`` (t | 16), rank ``r`` holds K rows ``[r·K/t, (r+1)·K/t)`` and its bias is
   the fp32 sum of columns ``[r·16/t, (r+1)·16/t)`` (what vLLM-Ascend does with its 16/t columns).
@@ -43,9 +43,13 @@ from __future__ import annotations
 import torch
 
 from npuconv import layouts
+from npuconv.entries import tensor_entry
+from npuconv.layouts import A8W4_SCALE_BIAS_CHUNKS
 from npuconv.model import INT, LinearSpec, QuantizedLinear
-from npuconv.writers.base import Writer
-from npuconv.writers.npu_common import maybe_nz, tensor_entry
+from npuconv.errors import InputError
+from npuconv.parallel import COLUMN, ROW, check_partial_sums_share, parallel_kind
+from npuconv.writers.base import Target
+from npuconv.writers.npu_common import maybe_nz
 
 KERNEL = "npu_grouped_matmul"
 
@@ -54,20 +58,9 @@ KERNEL = "npu_grouped_matmul"
 A8W4_GROUP_SIZES = (256,)
 #: A8W4 symmetric limit on K (same doc).
 A8W4_MAX_K = 18432
-#: msModelSlim writes row-parallel ``scale_bias`` as 16 partial sums over equal K-chunks (loaders §3.6).
-SCALE_BIAS_CHUNKS = 16
 #: vLLM-Ascend rounds the combined per-group scale fp32 → fp16 → fp32 before the int64 bit-cast
 #: (loaders §3.6 step 2). The rounded value is then exact in the kernel's FP19 view of the scale.
 GROUP_SCALE_VIA_FP16 = True
-#: Leaf module names whose K axis is never split by tensor parallelism (column-parallel linears):
-#: they get the full ``scale_bias`` only. Every other layer also gets the 16 partial sums.
-COLUMN_PARALLEL_LEAVES = frozenset({
-    "q_proj", "k_proj", "v_proj", "qkv_proj", "gate_proj", "up_proj", "gate_up_proj", "w1", "w3",
-    "query_key_value", "c_attn", "fc1", "dense_h_to_4h", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa",
-    "kv_b_proj", "fused_qkv_a_proj",
-})
-
-
 def signed_kn(layer: QuantizedLinear) -> torch.Tensor:
     """Signed int8 values ``q − 2**(bits−1)`` of the canonical codes, transposed to ``[..., K, N]``."""
     midpoint = 2 ** (layer.spec.bits - 1)
@@ -82,12 +75,12 @@ def codes_from_signed_kn(values_kn: torch.Tensor, bits: int) -> torch.Tensor:
 def int4_weight_entry(spec: LinearSpec, c0: int | None) -> dict:
     p, n, k, batch = spec.name, spec.out_features, spec.in_features, spec.batch_shape
     return tensor_entry(f"{p}.weight", torch.int32, (*batch, k, n // 8), nz_c0=c0, packing="int4pack",
-                        logical_shape=(*batch, k, n))
+                        logical_shape=(*batch, k, n), n=-1, k=-2)
 
 
-def parallel_kind(name: str) -> str:
-    """``"column"`` for a leaf name in :data:`COLUMN_PARALLEL_LEAVES`, else ``"row"`` (partials written)."""
-    return "column" if name.rsplit(".", 1)[-1] in COLUMN_PARALLEL_LEAVES else "row"
+def _row(name: str) -> bool:
+    """Layers not known to be column-parallel (:func:`npuconv.parallel.parallel_kind`) get the partial sums."""
+    return parallel_kind(name) != COLUMN
 
 
 def rounded_group_scale(scale: torch.Tensor) -> torch.Tensor:
@@ -96,12 +89,13 @@ def rounded_group_scale(scale: torch.Tensor) -> torch.Tensor:
     return scale.half().float() if GROUP_SCALE_VIA_FP16 else scale
 
 
-class NpuW4A8Writer(Writer):
-    target = "npu-w4a8"
+class NpuW4A8Target(Target):
+    name = "npu-w4a8"
+    native_rank = 10
     summary = "W4A8 int4 weights + int8 dynamic activations for npu_grouped_matmul A8W4 (ModelSlim W4A8_DYNAMIC, symmetric GPTQ/AWQ/CT)"
 
     # ------------------------------------------------------------------ checks
-    def unsupported_reason(self, spec: LinearSpec) -> str | None:
+    def accepts(self, spec: LinearSpec) -> str | None:
         act = spec.activation
         if spec.weight_format != INT or spec.bits not in (2, 3, 4):
             return "needs 2-, 3- or 4-bit integer weights"
@@ -118,8 +112,8 @@ class NpuW4A8Writer(Writer):
             return f"K={k}: the A8W4 kernel takes K ≤ {A8W4_MAX_K}"
         if spec.num_groups > 1 and (spec.group_size not in A8W4_GROUP_SIZES or k % spec.group_size):
             return f"group size {spec.group_size}: the A8W4 kernel takes per-channel or group {A8W4_GROUP_SIZES} dividing K"
-        if parallel_kind(spec.name) == "row" and k % SCALE_BIAS_CHUNKS:
-            return f"K={k} is not a multiple of {SCALE_BIAS_CHUNKS} (the scale_bias partial sums split K in 16 chunks)"
+        if _row(spec.name) and k % A8W4_SCALE_BIAS_CHUNKS:
+            return f"K={k} is not a multiple of {A8W4_SCALE_BIAS_CHUNKS} (the scale_bias partial sums split K in 16 chunks)"
         return None
 
     def nz_c0(self, spec: LinearSpec) -> int | None:
@@ -135,22 +129,24 @@ class NpuW4A8Writer(Writer):
         p, n, batch = spec.name, spec.out_features, spec.batch_shape
         groups = spec.num_groups
         scale_shape = (*batch, n) if groups == 1 else (*batch, groups, n)
+        scale_k = None if groups == 1 else -2
         entries = {
             "weight": int4_weight_entry(spec, self.nz_c0(spec)),
-            "scale": tensor_entry(f"{p}.scale", torch.int64, scale_shape),
+            "scale": tensor_entry(f"{p}.scale", torch.int64, scale_shape, n=-1, k=scale_k),
         }
         if groups > 1:
-            entries["weight_scale"] = tensor_entry(f"{p}.weight_scale", torch.float32, scale_shape)
-        entries["scale_bias"] = tensor_entry(f"{p}.scale_bias", torch.float32, (*batch, n))
-        if parallel_kind(p) == "row":
-            entries["scale_bias_partials"] = tensor_entry(f"{p}.scale_bias_partials", torch.float32, (*batch, n, SCALE_BIAS_CHUNKS))
+            entries["weight_scale"] = tensor_entry(f"{p}.weight_scale", torch.float32, scale_shape, n=-1, k=scale_k)
+        entries["scale_bias"] = tensor_entry(f"{p}.scale_bias", torch.float32, (*batch, n), n=-1)
+        if _row(p):
+            entries["scale_bias_partials"] = tensor_entry(f"{p}.scale_bias_partials", torch.float32,
+                                                          (*batch, n, A8W4_SCALE_BIAS_CHUNKS), n=-2, k=-1)
         if spec.has_bias:
-            entries["bias"] = tensor_entry(f"{p}.bias", torch.float32, (*batch, n))
+            entries["bias"] = tensor_entry(f"{p}.bias", torch.float32, (*batch, n), n=-1)
         return entries
 
     def verify_tp(self, spec: LinearSpec) -> int:
         """The largest TP degree ``t | 16`` whose K slices hold whole groups (1 for column-parallel layers)."""
-        if parallel_kind(spec.name) != "row":
+        if not _row(spec.name):
             return 1
         unit = spec.effective_group_size if spec.num_groups > 1 else 1
         for tp in (16, 8, 4, 2):
@@ -158,9 +154,9 @@ class NpuW4A8Writer(Writer):
                 return tp
         return 1
 
-    def layer_manifest(self, spec: LinearSpec) -> dict:
+    def describe_layer(self, spec: LinearSpec) -> dict:
         act = spec.activation
-        row = parallel_kind(spec.name) == "row"
+        row = _row(spec.name)
         k = spec.in_features
         return {
             "scheme": "w4a8_dynamic",
@@ -176,11 +172,11 @@ class NpuW4A8Writer(Writer):
             "code_offset": 2 ** (spec.bits - 1),
             "scale_encoding": "int64-fp32-bits",
             "group_scale_rounding": "fp16" if spec.num_groups > 1 and GROUP_SCALE_VIA_FP16 else None,
-            "parallel": "row" if row else "column",
+            "parallel": ROW if row else COLUMN,
             "scale_bias": {
                 "formula": "8 * sum_k W[k,n] * scale[g(k),n]",
-                "chunks": SCALE_BIAS_CHUNKS if row else None,
-                "chunk_size": k // SCALE_BIAS_CHUNKS if row else None,
+                "chunks": A8W4_SCALE_BIAS_CHUNKS if row else None,
+                "chunk_size": k // A8W4_SCALE_BIAS_CHUNKS if row else None,
                 "tp_rule": ("rank r of tp t (t | 16) holds K rows [r*K/t, (r+1)*K/t) and uses "
                             "scale_bias_partials[..., r*16/t:(r+1)*16/t].sum(-1)") if row else "every rank uses scale_bias",
             },
@@ -208,11 +204,10 @@ class NpuW4A8Writer(Writer):
             changed = int((kernel_scale != exact).sum())
             if changed:
                 self.warn(f"{spec.name}: {changed} group scale(s) changed by the fp16 rounding vLLM-Ascend applies")
-        deq = values.double() * per_k.double()  # [.., K, N], exact products
-        out["scale_bias"] = (8 * deq.sum(-2)).float()
+        values_nk, scale_nk = values.transpose(-1, -2), per_k.transpose(-1, -2)  # views [.., N, K]
+        out["scale_bias"] = layouts.a8w4_scale_bias(values_nk, scale_nk)[..., 0]
         if "scale_bias_partials" in entries:
-            chunks = deq.unflatten(-2, (SCALE_BIAS_CHUNKS, -1)).sum(-2)  # [.., 16, N]
-            out["scale_bias_partials"] = (8 * chunks).float().transpose(-1, -2).contiguous()  # [.., N, 16]
+            out["scale_bias_partials"] = layouts.a8w4_scale_bias(values_nk, scale_nk, A8W4_SCALE_BIAS_CHUNKS).contiguous()
         if "bias" in entries:
             assert layer.bias is not None
             out["bias"] = layer.bias.float()
@@ -230,5 +225,92 @@ class NpuW4A8Writer(Writer):
             scale = (exact if consistent else kernel_scale).transpose(-1, -2).contiguous()
         return QuantizedLinear(spec, codes, scale, bias=tensors.get("bias"))
 
+    # ------------------------------------------------------------------ kernel
+    def serves(self, spec: LinearSpec) -> bool:
+        act = spec.activation
+        return (spec.weight_format == INT and act is not None and act.kind == INT and act.dynamic
+                and act.bits == 8 and spec.bits <= 4 and self.accepts(spec) is None)
 
-WRITER = NpuW4A8Writer
+    def run(self, backend, entry: dict, spec: LinearSpec, tensors: dict, x: torch.Tensor, tp: int | None = None):
+        """The A8W4 grouped matmul, as ``tp`` row-parallel ranks whose outputs are summed (all-reduce).
+
+        ``tp=None`` (what ``verify`` passes) runs every configuration the written tensors serve and
+        stacks them along the token axis: the tokens at TP=1, then again at the manifest's
+        ``verify_tp``, so ``y`` and the returned activations may hold a multiple of ``x``'s rows.
+        """
+        if tp is not None:
+            return self._run_ranks(backend, entry, spec, tensors, x, tp)
+        y, x_effective = self._run_ranks(backend, entry, spec, tensors, x, 1)
+        check = int(entry.get("verify_tp") or 1)
+        if check == 1:
+            return y, x_effective
+        y_tp, x_tp = self._run_ranks(backend, entry, spec, tensors, x, check)
+        return torch.cat([y, y_tp], dim=-2), torch.cat([x_effective, x_tp], dim=-2)
+
+    def _run_ranks(self, backend, entry: dict, spec: LinearSpec, t: dict, x: torch.Tensor, tp: int):
+        """``tp`` row-parallel ranks, each on its K slice (:meth:`split`) with its own activation
+        quantization and its ``scale_bias`` share; outputs summed in fp32, ``bias`` added once."""
+        rows = spec.in_features // tp
+        outputs, activations = [], []
+        for r in range(tp):
+            def share(role: str) -> torch.Tensor:
+                return self.split(role, t[role], entry["tensors"][role], spec, r, tp, ROW)
+
+            if tp == 1:
+                scale_bias = t["scale_bias"]
+            elif "scale_bias_partials" not in t:
+                raise InputError(f"{spec.name}: cannot run at tp={tp} (a column-parallel layer has no scale_bias partial sums)")
+            else:
+                scale_bias = share("scale_bias_partials").float().sum(-1)
+            y_r, x_eff = _a8w4_gmm(backend, spec, x[..., r * rows:(r + 1) * rows], share("weight"), share("scale"), scale_bias)
+            outputs.append(y_r.float())
+            activations.append(x_eff)
+        y = torch.stack(outputs).sum(0)
+        if "bias" in t:
+            y = y + t["bias"].float()
+        return y.to(x.dtype), torch.cat(activations, dim=-1)
+
+    # ------------------------------------------------------------------ tensor parallelism
+    def split(self, role, tensor, entry, spec, rank, world, parallel):
+        """As :meth:`Target.split`, plus the ``scale_bias`` rule: under row parallelism a rank's kernel
+        bias is the sum of its ``scale_bias_partials`` columns ``[r·16/t, (r+1)·16/t)`` (the slice this
+        returns for that role; ``t`` must divide 16), never a slice of the full ``scale_bias``."""
+        if parallel == ROW and world > 1:
+            if role == "scale_bias":
+                raise InputError(f"{spec.name}: a row-parallel rank takes its scale_bias from scale_bias_partials")
+            if role == "scale_bias_partials":
+                check_partial_sums_share(spec.name, world, A8W4_SCALE_BIAS_CHUNKS)
+        return super().split(role, tensor, entry, spec, rank, world, parallel)
+
+    def split_unit(self, role, entry, spec, axis, parallel):
+        if parallel == ROW and role in ("scale", "weight_scale"):
+            return spec.group_size
+        if parallel == ROW and role == "scale_bias_partials":
+            return spec.in_features // A8W4_SCALE_BIAS_CHUNKS
+        return super().split_unit(role, entry, spec, axis, parallel)
+
+
+def _a8w4_gmm(backend, spec: LinearSpec, x: torch.Tensor, weight, scale, scale_bias):
+    """One rank: ``npu_dynamic_quant`` + the A8W4 ``npu_grouped_matmul`` (MoE form; a dense layer is E = 1)."""
+    k = x.shape[-1]
+    lead = x.shape[:-1]
+    x_q, pts = backend.ops.npu_dynamic_quant(x.reshape(-1, k))
+    m = x_q.shape[0]
+    experts = spec.num_experts
+    if experts is None:
+        weights, scales, biases, xs, counts = weight[None], scale[None], scale_bias[None], x_q, [m]
+    else:  # every token through every expert: rows [e·M, (e+1)·M) go to expert e
+        weights, scales, biases = weight, scale, scale_bias
+        xs, counts = x_q.repeat(experts, 1), [m] * experts
+        pts = pts.repeat(experts)
+    group_list = torch.tensor(counts, dtype=torch.int64, device=x_q.device)
+    y = backend.ops.npu_grouped_matmul(
+        [xs], [weights], scale=[scales], bias=[biases.float()], per_token_scale=[pts], group_list=group_list,
+        split_item=2, group_type=0, group_list_type=1, output_dtype=x.dtype,
+    )[0]
+    if experts is not None:
+        y = y.reshape(experts, *lead, -1)
+    else:
+        y = y.reshape(*lead, -1)
+    x_effective = (x_q.double() * pts[:m].double().unsqueeze(-1)).reshape(*lead, k)
+    return y, x_effective

@@ -34,18 +34,21 @@ from __future__ import annotations
 import torch
 
 from npuconv import layouts
+from npuconv.entries import tensor_entry
 from npuconv.model import INT, LinearSpec, QuantizedLinear
-from npuconv.writers.base import Writer
-from npuconv.writers.npu_common import MAX_KERNEL_DIM, maybe_nz, tensor_entry
+from npuconv.parallel import ROW, refuse_static_quant_bias
+from npuconv.writers.base import Target
+from npuconv.writers.npu_common import MAX_KERNEL_DIM, maybe_nz, moe_rows
 
 KERNEL = "npu_quant_matmul"
 
 
-class NpuW8A8Writer(Writer):
-    target = "npu-w8a8"
+class NpuW8A8Target(Target):
+    name = "npu-w8a8"
+    native_rank = 30
     summary = "W8A8 int8 weights for npu_quant_matmul (compressed-tensors W8A8, ModelSlim W8A8/W8A8_DYNAMIC)"
 
-    def unsupported_reason(self, spec: LinearSpec) -> str | None:
+    def accepts(self, spec: LinearSpec) -> str | None:
         act = spec.activation
         if spec.weight_format != INT or spec.bits != 8:
             return "needs 8-bit integer weights"
@@ -73,19 +76,20 @@ class NpuW8A8Writer(Writer):
         p, n, k, batch = spec.name, spec.out_features, spec.in_features, spec.batch_shape
         nz = True if self.options.nz is None else self.options.nz
         entries = {
-            "weight": tensor_entry(f"{p}.weight", torch.int8, (*batch, k, n), nz_c0=layouts.nz_c0(torch.int8) if nz else None),
-            "weight_scale": tensor_entry(f"{p}.weight_scale", torch.float32, (*batch, n)),
+            "weight": tensor_entry(f"{p}.weight", torch.int8, (*batch, k, n),
+                                   nz_c0=layouts.nz_c0(torch.int8) if nz else None, n=-1, k=-2),
+            "weight_scale": tensor_entry(f"{p}.weight_scale", torch.float32, (*batch, n), n=-1),
         }
         if self._static(spec):
-            entries["deq_scale"] = tensor_entry(f"{p}.deq_scale", self._deq_dtype(), (*batch, n))
-            entries["quant_bias"] = tensor_entry(f"{p}.quant_bias", torch.int32, (*batch, n))
+            entries["deq_scale"] = tensor_entry(f"{p}.deq_scale", self._deq_dtype(), (*batch, n), n=-1)
+            entries["quant_bias"] = tensor_entry(f"{p}.quant_bias", torch.int32, (*batch, n), n=-1)
             entries["input_scale"] = tensor_entry(f"{p}.input_scale", torch.float32, (1,))
             entries["input_offset"] = tensor_entry(f"{p}.input_offset", torch.float32, (1,))
         elif spec.has_bias:
-            entries["bias"] = tensor_entry(f"{p}.bias", spec.bias_dtype or spec.scale_dtype, (*batch, n))
+            entries["bias"] = tensor_entry(f"{p}.bias", spec.bias_dtype or spec.scale_dtype, (*batch, n), n=-1)
         return entries
 
-    def layer_manifest(self, spec: LinearSpec) -> dict:
+    def describe_layer(self, spec: LinearSpec) -> dict:
         static = self._static(spec)
         return {
             "scheme": spec.scheme,
@@ -132,5 +136,70 @@ class NpuW8A8Writer(Writer):
             layer.input_zero = tensors["input_offset"]
         return layer
 
+    # ------------------------------------------------------------------ kernel
+    def serves(self, spec: LinearSpec) -> bool:
+        act = spec.activation
+        return (spec.weight_format == INT and act is not None and act.kind == INT and act.bits == 8
+                and spec.bits == 8 and spec.symmetric and spec.num_groups == 1)
 
-WRITER = NpuW8A8Writer
+    def run(self, backend, entry: dict, spec: LinearSpec, tensors: dict, x: torch.Tensor, tp: int | None = None):
+        """Static: ``npu_quantize`` + ``npu_quant_matmul(x_q, weight, deq_scale, bias=quant_bias)``; dynamic:
+        ``npu_dynamic_quant`` + ``npu_quant_matmul(…, weight_scale, pertoken_scale)`` — a dynamic expert
+        stack on ``npu_grouped_matmul``, a static one expert by expert."""
+        static = self._static(spec)
+        if spec.num_experts is not None:
+            if static:
+                return self.run_experts(backend, entry, spec, tensors, x)
+            return _gmm_w8a8_dynamic(backend, spec, tensors, x)
+        return (_w8a8_static if static else _w8a8_dynamic)(backend, spec, tensors, x)
+
+    def split(self, role, tensor, entry, spec, rank, world, parallel):
+        """As :meth:`Target.split`; a static layer's ``quant_bias`` folds the activation offset over
+        all of K (``− input_offset · Σ_k q``), so it has no exact row-parallel share."""
+        if role == "quant_bias" and parallel == ROW and world > 1:
+            refuse_static_quant_bias(spec.name)
+        return super().split(role, tensor, entry, spec, rank, world, parallel)
+
+
+def _w8a8_static(backend, spec: LinearSpec, t: dict, x: torch.Tensor):
+    """Static per-tensor activation quantization (``npu_quantize``, ``div_mode=False``) + ``npu_quant_matmul``."""
+    k = spec.in_features
+    input_scale, input_offset = t["input_scale"].float(), t["input_offset"].float()
+    x_q = backend.ops.npu_quantize(
+        x, (1.0 / input_scale).expand(k).to(x.dtype), input_offset.expand(k).to(x.dtype), torch.qint8, -1, False
+    )
+    y = backend.ops.npu_quant_matmul(x_q, t["weight"], t["deq_scale"], bias=t["quant_bias"], output_dtype=x.dtype)
+    x_effective = (x_q.double() - input_offset.double().to(x_q.device)) * input_scale.double().to(x_q.device)
+    return y, x_effective
+
+
+def _w8a8_dynamic(backend, spec: LinearSpec, t: dict, x: torch.Tensor):
+    """``npu_dynamic_quant`` (per-token int8) + ``npu_quant_matmul`` with ``pertoken_scale``."""
+    x_q, x_scale = backend.ops.npu_dynamic_quant(x)
+    bias = t.get("bias")
+    y = backend.ops.npu_quant_matmul(
+        x_q, t["weight"], t["weight_scale"], pertoken_scale=x_scale,
+        bias=None if bias is None else bias.float(), output_dtype=x.dtype,
+    )
+    return y, x_q.double() * x_scale.double().unsqueeze(-1)
+
+
+def _gmm_w8a8_dynamic(backend, spec: LinearSpec, t: dict, x: torch.Tensor):
+    """``npu_dynamic_quant`` + ``npu_grouped_matmul`` int8 × int8 with per-token scales (W8A8_DYNAMIC MoE).
+    The weight scale goes in the activation dtype for bf16 (vLLM-Ascend casts ``w13_scale_fp32`` to the
+    params dtype; a bf16 scale gives bf16 output, torch_npu_ops.md §6.1), float32 otherwise."""
+    experts = spec.num_experts
+    k = x.shape[-1]
+    x_q, x_scale = backend.ops.npu_dynamic_quant(x.reshape(-1, k))
+    scale = t["weight_scale"]
+    if x.dtype == torch.bfloat16:
+        scale = scale.to(torch.bfloat16)
+    bias = t.get("bias")
+    rows, counts = moe_rows(x_q, experts)
+    y = backend.ops.npu_grouped_matmul(
+        [rows], [t["weight"]], scale=[scale], per_token_scale=[x_scale.repeat(experts)],
+        bias=None if bias is None else [bias.float()], group_list=counts,
+        split_item=2, group_type=0, group_list_type=1, output_dtype=x.dtype,
+    )[0]
+    x_effective = (x_q.double() * x_scale.double().unsqueeze(-1)).reshape(*x.shape[:-1], k)
+    return y.reshape(experts, *x.shape[:-1], -1), x_effective

@@ -18,7 +18,7 @@ From the canonical ``w = (q - z) * s`` with unsigned codes ``q`` of ``b`` bits a
 - act-order: K is sorted by ``perm = argsort(g_idx)`` (rows of ``weight`` and therefore groups
   become contiguous) and ``perm`` int32 ``[K]`` is written; the caller feeds ``x[..., perm]``.
 - ``bias`` as in the source.
-- MoE expert stacks (``num_experts = E``, :mod:`npuconv.readers.experts`): every tensor gets a
+- MoE expert stacks (``num_experts = E``, :mod:`npuconv.experts`): every tensor gets a
   leading ``E`` — ``weight`` int32 ``[E, K, N/8]`` (int8 ``[E, K, N]``), ``antiquant_scale`` /
   ``antiquant_offset`` ``[E, G, N]`` (``[E, N]`` per-channel), ``bias`` ``[E, N]`` — under the stacked
   name ``<prefix>.experts.<proj>``, always ND, for ``npu_grouped_matmul`` (``antiquant_scale=[s]``,
@@ -35,22 +35,27 @@ from __future__ import annotations
 import torch
 
 from npuconv import layouts
+from npuconv.entries import tensor_entry
 from npuconv.model import INT, LinearSpec, QuantizedLinear
 from npuconv.packing import NIBBLE_HIGH_BITS, pack_nibbles
-from npuconv.writers.base import Writer
+from npuconv.errors import InputError
+from npuconv.writers.base import ROW, Target, Thresholds
 from npuconv.writers.npu_common import (
     MAX_KERNEL_DIM,
     group_scale_layout,
     group_scale_shape,
     maybe_nz,
     act_order_perm,
-    tensor_entry,
+    moe_rows,
 )
 
 KERNEL = "npu_weight_quant_batchmatmul"
+#: verify's rel-L2 limits of the weight-only kernel, per activation dtype (the dequantized weight is
+#: rounded to the activation dtype: 11 significant bits for fp16, 8 for bf16)
+WEIGHT_ONLY_REL_L2 = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
-class WeightOnlyIntWriter(Writer):
+class WeightOnlyIntTarget(Target):
     """Shared by ``npu-int4`` (``storage_bits = 4``) and ``npu-int8`` (``storage_bits = 8``)."""
 
     storage_bits = 4
@@ -58,7 +63,7 @@ class WeightOnlyIntWriter(Writer):
     nz_default = False
 
     # ------------------------------------------------------------------ checks
-    def unsupported_reason(self, spec: LinearSpec) -> str | None:
+    def accepts(self, spec: LinearSpec) -> str | None:
         if spec.weight_format != INT:
             return f"weights are {spec.weight_format}, not integers"
         if spec.bits not in self.accepted_bits:
@@ -107,19 +112,21 @@ class WeightOnlyIntWriter(Writer):
         c0 = self.nz_c0(spec)
         if self.storage_bits == 4:
             weight = tensor_entry(f"{p}.weight", torch.int32, (*batch, k, n // 8), nz_c0=c0, packing="int4pack",
-                                  logical_shape=(*batch, k, n))
+                                  logical_shape=(*batch, k, n), n=-1, k=-2)
         else:
-            weight = tensor_entry(f"{p}.weight", torch.int8, (*batch, k, n), nz_c0=c0)
-        entries = {"weight": weight, "antiquant_scale": tensor_entry(f"{p}.antiquant_scale", spec.scale_dtype, scale_shape)}
+            weight = tensor_entry(f"{p}.weight", torch.int8, (*batch, k, n), nz_c0=c0, n=-1, k=-2)
+        scale_k = None if spec.num_groups == 1 else -2
+        entries = {"weight": weight,
+                   "antiquant_scale": tensor_entry(f"{p}.antiquant_scale", spec.scale_dtype, scale_shape, n=-1, k=scale_k)}
         if not spec.symmetric:
-            entries["antiquant_offset"] = tensor_entry(f"{p}.antiquant_offset", spec.scale_dtype, scale_shape)
+            entries["antiquant_offset"] = tensor_entry(f"{p}.antiquant_offset", spec.scale_dtype, scale_shape, n=-1, k=scale_k)
         if spec.act_order:
-            entries["perm"] = tensor_entry(f"{p}.perm", torch.int32, (*batch, k))
+            entries["perm"] = tensor_entry(f"{p}.perm", torch.int32, (*batch, k), k=-1)
         if spec.has_bias:
-            entries["bias"] = tensor_entry(f"{p}.bias", spec.bias_dtype or spec.scale_dtype, (*batch, n))
+            entries["bias"] = tensor_entry(f"{p}.bias", spec.bias_dtype or spec.scale_dtype, (*batch, n), n=-1)
         return entries
 
-    def layer_manifest(self, spec: LinearSpec) -> dict:
+    def describe_layer(self, spec: LinearSpec) -> dict:
         return {
             "scheme": spec.scheme,
             "source_scheme": spec.source_scheme,
@@ -188,6 +195,75 @@ class WeightOnlyIntWriter(Writer):
             codes = codes[..., inverse]
             g_idx = (inverse // spec.group_size).to(torch.int32)
         return QuantizedLinear(spec, codes, scale, zero, g_idx, tensors.get("bias"))
+
+
+    # ------------------------------------------------------------------ kernel
+    def serves(self, spec: LinearSpec) -> bool:
+        return spec.weight_format == INT and spec.bits in self.accepted_bits
+
+    def run(self, backend, entry: dict, spec: LinearSpec, tensors: dict, x: torch.Tensor, tp: int | None = None):
+        """``npu_weight_quant_batchmatmul(x[..., perm], weight, antiquant_scale, antiquant_offset, bias,
+        antiquant_group_size)``; a stacked MoE layer without act-order runs on ``npu_grouped_matmul``
+        (antiquant form, as both engines). ``x_effective`` is ``x``."""
+        if spec.num_experts is not None:
+            if "perm" in tensors:
+                return self.run_experts(backend, entry, spec, tensors, x)
+            return _gmm_weight_only(backend, spec, tensors, x), x
+        t = tensors
+        x_sorted = x[..., t["perm"].long()] if "perm" in t else x  # act-order: the engine feeds x[..., perm]
+        scale = t["antiquant_scale"].to(x.dtype)
+        offset = t["antiquant_offset"].to(x.dtype) if "antiquant_offset" in t else None
+        y = backend.ops.npu_weight_quant_batchmatmul(
+            x_sorted, t["weight"], scale, antiquant_offset=offset, bias=_bias_for(t.get("bias"), x.dtype),
+            antiquant_group_size=entry["antiquant_group_size"],
+        )
+        return y, x
+
+    def thresholds(self, entry: dict, activation_dtype: torch.dtype) -> Thresholds:
+        return Thresholds(WEIGHT_ONLY_REL_L2[activation_dtype])
+
+    # ------------------------------------------------------------------ tensor parallelism
+    def split(self, role, tensor, entry, spec, rank, world, parallel):
+        """As :meth:`Target.split`; group scales split along G (rank boundaries on group boundaries),
+        and ``perm`` under row parallelism becomes the rank's local permutation — exact only when the
+        act-order groups of the rank's sorted rows come from its own input columns."""
+        if role == "perm" and parallel == ROW and world > 1:
+            k = spec.in_features
+            rows = super().split(role, tensor, entry, spec, rank, world, parallel).long()
+            lo, hi = rank * k // world, (rank + 1) * k // world
+            if bool(((rows < lo) | (rows >= hi)).any()):
+                raise InputError(f"{spec.name}: act-order groups are not aligned to the rank boundary; "
+                                 f"row-parallel split over {world} ranks is not exact")
+            return (rows - lo).to(tensor.dtype)
+        return super().split(role, tensor, entry, spec, rank, world, parallel)
+
+    def split_unit(self, role, entry, spec, axis, parallel):
+        if role in ("antiquant_scale", "antiquant_offset") and parallel == ROW:
+            return spec.group_size
+        return super().split_unit(role, entry, spec, axis, parallel)
+
+
+def _bias_for(bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """The antiquant kernels' bias dtype: float32 for bf16 activations, else the activation dtype."""
+    return None if bias is None else bias.to(torch.float32 if dtype == torch.bfloat16 else dtype)
+
+
+def _gmm_weight_only(backend, spec: LinearSpec, t: dict, x: torch.Tensor) -> torch.Tensor:
+    """``npu_grouped_matmul`` antiquant (W4A16/W8A16 MoE): ``W = (w + antiquant_offset) * antiquant_scale``;
+    every token through every expert (``x`` repeated E times, ``group_list`` = tokens per expert,
+    ``group_list_type=1``, ``group_type=0``; npu_loaders.md §3.3, §6.3). A symmetric stack gets a zero
+    offset, as vLLM-Ascend passes one (npu_loaders.md §6.3)."""
+    experts = spec.num_experts
+    scale = t["antiquant_scale"].to(x.dtype)
+    offset = t["antiquant_offset"].to(x.dtype) if "antiquant_offset" in t else torch.zeros_like(scale)
+    bias = _bias_for(t.get("bias"), x.dtype)
+    rows, counts = moe_rows(x, experts)
+    y = backend.ops.npu_grouped_matmul(
+        [rows], [t["weight"]], antiquant_scale=[scale], antiquant_offset=[offset],
+        bias=None if bias is None else [bias], group_list=counts,
+        split_item=2, group_type=0, group_list_type=1, output_dtype=x.dtype,
+    )[0]
+    return y.reshape(experts, *x.shape[:-1], -1)
 
 
 def _to_group_layout(t: torch.Tensor, spec: LinearSpec) -> torch.Tensor:

@@ -8,7 +8,7 @@ Weight files, in order of preference:
 3. otherwise every ``*.safetensors`` in the directory.
 
 Files named ``reference_dequant*.safetensors`` (oracles shipped beside test fixtures) are never
-weights. Tensors are read one at a time (:func:`npuconv.safetensors_io.read_tensor`).
+weights. Tensors are read one at a time (:func:`npuconv.io.safetensors_io.read_tensor`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from npuconv.errors import InputError
-from npuconv.safetensors_io import TensorInfo, read_header, read_tensor
+from npuconv.io.safetensors_io import TensorInfo, read_header, read_tensor
 
 WEIGHT_PATTERNS = ("model*.safetensors", "quant_model_weight*.safetensors")
 NOT_WEIGHTS_PREFIX = "reference_dequant"
@@ -180,3 +180,12 @@ def _is_hub_blob(real: Path, root: Path) -> bool:
     """Hugging Face cache snapshots symlink into ``../../blobs``: those links are inside the repo cache."""
     repo_dir = root.parent.parent if root.parent.name == "snapshots" else None
     return repo_dir is not None and (repo_dir / "blobs") in real.parents
+
+
+def config_dtype(config: dict) -> torch.dtype | None:
+    """The model's activation dtype from config.json (``torch_dtype`` or transformers 5 ``dtype``)."""
+    name = config.get("torch_dtype") or config.get("dtype")
+    if not name and isinstance(config.get("text_config"), dict):
+        name = config["text_config"].get("torch_dtype") or config["text_config"].get("dtype")
+    dtype = getattr(torch, str(name), None) if name else None
+    return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else None

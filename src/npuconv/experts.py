@@ -119,6 +119,9 @@ def stack_layers(spec: LinearSpec, layers: list[QuantizedLinear]) -> QuantizedLi
     g_idx = None
     if any(layer.g_idx is not None for layer in layers):
         g_idx = torch.stack([l.group_index().to(torch.int32) for l in layers])
+    stages = None  # two-stage scales only when every expert has them (else the product scale alone)
+    if all(layer.scale_stages is not None for layer in layers):
+        stages = tuple(torch.stack([l.scale_stages[i] for l in layers]) for i in range(2))
     return QuantizedLinear(
         spec=spec,
         qweight=torch.stack([layer.qweight for layer in layers]),
@@ -129,6 +132,7 @@ def stack_layers(spec: LinearSpec, layers: list[QuantizedLinear]) -> QuantizedLi
         global_scale=stacked("global_scale"),
         input_scale=stacked("input_scale"),
         input_zero=stacked("input_zero"),
+        scale_stages=stages,
     )
 
 
@@ -169,6 +173,7 @@ def unstack_layer(layer: QuantizedLinear) -> list[QuantizedLinear]:
             global_scale=_per_expert_scalar(layer.global_scale, e),
             input_scale=_per_expert_scalar(layer.input_scale, e),
             input_zero=_per_expert_scalar(layer.input_zero, e),
+            scale_stages=None if layer.scale_stages is None else tuple(t[e] for t in layer.scale_stages),
         ))
     return out
 

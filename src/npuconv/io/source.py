@@ -7,10 +7,11 @@ use the cache only.
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
-from npuconv.checkpoint import Checkpoint
+from npuconv.io.checkpoint import Checkpoint
 from npuconv.errors import InputError
 
 HUB_PATTERNS = [
@@ -25,6 +26,7 @@ HUB_PATTERNS = [
     "*.md",
     "*.yaml",
 ]
+log = logging.getLogger(__name__)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")
 
 
@@ -39,16 +41,27 @@ def split_repo_id(model: str) -> tuple[str, str | None]:
     return repo, revision or None
 
 
-def open_source(model: str | Path) -> Checkpoint:
-    """A Checkpoint for a local directory, or for a Hub repo id downloaded into the cache."""
+def open_source(model: str | Path, revision: str | None = None) -> Checkpoint:
+    """A Checkpoint for a local directory, or for a Hub repo id downloaded into the cache.
+
+    ``revision`` (a branch, tag or commit, as ``hf download --revision``) is the same as
+    ``MODEL@revision``; giving both with different values, or a revision for a local directory,
+    is an :class:`InputError`.
+    """
     path = Path(model)
-    if path.exists():
-        return Checkpoint(path)
     text = str(model)
+    if path.exists():
+        if revision:
+            raise InputError(f"--revision {revision}: {text} is a local directory; a revision applies to Hub repo ids")
+        return Checkpoint(path)
     if not looks_like_hub_id(text):
         raise InputError(f"{text}: no such directory (and not a Hugging Face repo id like org/name[@revision])")
-    repo_id, revision = split_repo_id(text)
+    repo_id, at_revision = split_repo_id(text)
+    if revision and at_revision and revision != at_revision:
+        raise InputError(f"{text}: names revision {at_revision!r} but --revision says {revision!r}; give one")
+    revision = revision or at_revision
     local = _download(repo_id, revision)
+    log.info("%s@%s: Hub cache snapshot %s", repo_id, revision or "main", local)
     return Checkpoint(local, source_id=repo_id, revision=_commit_of(local) or revision)
 
 
@@ -59,6 +72,13 @@ def _download(repo_id: str, revision: str | None) -> Path:
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
     except LocalEntryNotFoundError:
+        cached = cached_revisions(repo_id)
+        if cached:
+            raise InputError(
+                f"{repo_id}: revision {revision or 'main'!r} is not in the local Hugging Face cache "
+                f"(cached: {', '.join(cached)}) and the Hub cannot be reached "
+                "(download it once online, or unset HF_HUB_OFFLINE)"
+            ) from None
         raise InputError(
             f"{repo_id}: not in the local Hugging Face cache and the Hub cannot be reached "
             "(download it once online, or unset HF_HUB_OFFLINE)"
@@ -67,6 +87,19 @@ def _download(repo_id: str, revision: str | None) -> Path:
         raise InputError(f"{repo_id}: Hugging Face Hub error: {str(e).splitlines()[0]}") from None
     except (OSError, ValueError) as e:
         raise InputError(f"{repo_id}: cannot download: {str(e).splitlines()[0] if str(e) else e}") from None
+
+
+def cached_revisions(repo_id: str) -> list[str]:
+    """Revisions of a model repo in the local Hub cache: branch/tag names (``refs/``), then the
+    commits of ``snapshots/`` that no ref names; empty when the repo is not cached at all."""
+    from huggingface_hub import constants
+
+    repo = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+    refs = repo / "refs"
+    names = {p.relative_to(refs).as_posix(): p.read_text().strip() for p in refs.rglob("*") if p.is_file()} if refs.is_dir() else {}
+    snapshots = repo / "snapshots"
+    commits = sorted(p.name for p in snapshots.iterdir() if p.is_dir()) if snapshots.is_dir() else []
+    return [*sorted(names), *(c for c in commits if c not in names.values())]
 
 
 def _commit_of(snapshot_dir: Path) -> str | None:

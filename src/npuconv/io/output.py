@@ -30,8 +30,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from npuconv.errors import InputError, OutputError
-from npuconv.safetensors_io import StreamingWriter, TensorPlan
+from npuconv.errors import InputError, OutputError, VerificationFailed
+from npuconv.io.safetensors_io import StreamingWriter, TensorPlan
 
 DEFAULT_MAX_SHARD = 5 * 1000**3
 MANIFEST = "npuconv.json"  # written into every output by npuconv.convert
@@ -318,3 +318,21 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def check_shards(root: Path, manifest: dict) -> None:
+    """Compare each shard's sha256 under ``root`` with the manifest; a mismatch is a verification failure."""
+    shards = manifest.get("shards")
+    if not isinstance(shards, dict) or not shards:
+        raise InputError(f"{MANIFEST}: no shard checksums recorded")
+    for filename, digest in sorted(shards.items()):
+        path = root / filename
+        if not path.is_file():
+            raise VerificationFailed(f"{filename}: listed in {MANIFEST} but missing")
+        if sha256_file(path) != digest:
+            raise ChecksumMismatch(f"{filename}: sha256 differs from {MANIFEST} (modified after conversion)")
+
+
+class ChecksumMismatch(VerificationFailed):
+    """A shard's bytes differ from the checksum recorded at conversion (``verify --skip-checksum``
+    skips the check; the CLI adds that advice, zoo and the library do not offer the option)."""

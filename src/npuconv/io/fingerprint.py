@@ -45,10 +45,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import npuconv
-from npuconv.checkpoint import Checkpoint
+from npuconv.io.checkpoint import Checkpoint
 from npuconv.errors import NpuconvError
-from npuconv.output import MANIFEST, sha256_file
-from npuconv.source import looks_like_hub_id, split_repo_id
+from npuconv.io.output import MANIFEST, sha256_file
+from npuconv.io.source import looks_like_hub_id, split_repo_id
 
 FINGERPRINT_VERSION = 1
 _COMMIT = re.compile(r"[0-9a-f]{40}")
