@@ -52,13 +52,24 @@ def run_oracle(name: str, *args: str, check: bool = True) -> subprocess.Complete
 
 
 def tool_dequant(name: str, directories: list[Path], out_dir: Path) -> list[dict[str, torch.Tensor]]:
-    """The tool's dequantization of each directory (module prefix → float32 weight), one subprocess."""
-    from safetensors.torch import load_file
-
+    """The tool's dequantization of each directory (module prefix → float32 weight), one subprocess;
+    a str instead where the tool's own packer disagrees with the stored tensors (ToolMismatch)."""
     module = {"modelslim": "npuconv.references.modelslim", "compressed-tensors": "npuconv.references.compressed_tensors"}[name]
     outs = [out_dir / f"tool_dequant_{i}.safetensors" for i in range(len(directories))]
     pairs = json.dumps([[str(d), str(o)] for d, o in zip(directories, outs)])
-    script = (f"import json, sys\nfrom {module} import dequantize_directory\nfrom npuconv.references import dump_main\n"
-              f"for src, out in json.loads(sys.argv[1]):\n    dump_main(dequantize_directory, [src, out])\n")
+    script = (f"import json, sys, pathlib\nfrom {module} import dequantize_directory\n"
+              f"from npuconv.references import ToolMismatch, dump_main\n"
+              f"for src, out in json.loads(sys.argv[1]):\n    try:\n        dump_main(dequantize_directory, [src, out])\n"
+              f"    except ToolMismatch as e:\n        pathlib.Path(out + '.mismatch').write_text(str(e))\n")
     run_oracle(name, "-c", script, pairs)
-    return [{k.removesuffix(".weight"): v for k, v in load_file(o).items()} for o in outs]
+    return [_load_or_mismatch(o) for o in outs]
+
+
+def _load_or_mismatch(path: Path) -> dict[str, torch.Tensor] | str:
+    """The tool's weights, or (a str) the tool's refusal: stored tensors its own packer would not write."""
+    from safetensors.torch import load_file
+
+    mismatch = path.with_name(path.name + ".mismatch")
+    if mismatch.is_file():
+        return mismatch.read_text()
+    return {k.removesuffix(".weight"): v for k, v in load_file(path).items()}

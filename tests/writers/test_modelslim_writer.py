@@ -699,15 +699,25 @@ def ms_decoded_synthetic(tmp_path_factory) -> dict[str, tuple[Path, QuantizedLin
 @pytest.mark.parametrize("fixture", sorted(EXPECTED))
 def test_msmodelslim_reads_what_we_write(ms_decoded_outputs, fixture):
     decoded = ms_decoded_outputs[fixture]
+    assert not isinstance(decoded, str), decoded
     source = open_fixture_reader(fixture)
     assert sorted(decoded) == sorted(s.name for s in source.linear_specs())
     for spec in source.linear_specs():
         assert torch.equal(decoded[spec.name], dequantize(source.load(spec))), spec.name
 
 
-@pytest.mark.parametrize("case", sorted(SYNTHETIC))
+#: found by this oracle once it ran in CI (issue 19): since the target redesign the writer takes the row-parallel
+#: [N, 16] partial sums for a name npuconv.parallel knows as row-parallel ("dense"), where msModelSlim's own
+#: process_scale (substring tests up_proj/gate_proj/q/k/v_proj/w1/w3, down_proj/o_proj/w2) falls through
+#: and writes the [N, K] dequantized weight
+MS_DISAGREES = {"W4A8_DYNAMIC other name": "scale_bias for a name process_scale does not know (see MS_DISAGREES)"}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.xfail(reason=MS_DISAGREES[c], strict=True))
+                                  if c in MS_DISAGREES else c for c in sorted(SYNTHETIC)])
 def test_msmodelslim_reads_synthetic(ms_decoded_synthetic, case):
     directory, layer, decoded_all = ms_decoded_synthetic[case]
+    assert not isinstance(decoded_all, str), decoded_all
     decoded = decoded_all[layer.spec.name]
     expected = dequantize(layer)
     if SYNTHETIC[case][1] == "W8A8":  # msModelSlim's reader: q * (deq / input_scale), what npuconv's reader reads
