@@ -44,11 +44,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import FIXTURES
+from spec_decoders import decode_layers
 from npuconv.io.checkpoint import Checkpoint
 from npuconv.cli import cli
 from npuconv.convert import ConvertOptions, convert, make_plan
 from npuconv.errors import NpuconvError
 from npuconv.inspect import inspect_checkpoint
+from npuconv.model import dequantize
 from npuconv.packing import pack_bitstream
 from npuconv.io.safetensors_io import read_header, read_tensor, save_file
 
@@ -1104,16 +1106,45 @@ JSON = st.recursive(
 
 
 def exercise(model: Path, targets: tuple[str, ...] = ("float",)) -> None:
-    """Everything inspect and convert do to a checkpoint, in memory; only an NpuconvError may escape."""
+    """Everything inspect and convert do to a checkpoint, in memory, and the outcome checked: either an
+    NpuconvError whose one-line message names the input (a file, tensor or layer of it), or an output whose
+    layers, decoded by the spec decoders of tests/spec_decoders.py, are the reader's dequantization."""
     try:
         inspect_checkpoint(Checkpoint(model))
         for target in targets:
             plan = make_plan(Checkpoint(model), ConvertOptions(target))
+            stored: dict[str, torch.Tensor] = {}
             for shard in plan.shards:
                 for unit in shard.units:
-                    unit.produce()
-    except NpuconvError:
-        pass
+                    stored.update(unit.produce())
+            check_output(plan, stored)
+    except NpuconvError as error:
+        assert_names_the_input(str(error), model)
+
+
+def assert_names_the_input(message: str, model: Path) -> None:
+    assert message and "\n" not in message.strip(), f"not a one-line message: {message!r}"
+    names = {p.name for p in model.iterdir()} | {str(model), "config.json", "quantization_config", "quantize_config"}
+    for path in model.glob("*.safetensors"):
+        try:
+            tensors = list(read_header(path)[0])
+        except NpuconvError:
+            continue
+        names.update(tensors)
+        names.update(t.rsplit(".", 1)[0] for t in tensors)
+    assert any(name and name in message for name in names), f"the error names no file, tensor or layer: {message!r}"
+
+
+def check_output(plan, stored: dict[str, torch.Tensor]) -> None:
+    """Silent acceptance is not allowed: what was written decodes (independently of the writer) to the
+    weights the reader read, shapes included."""
+    for spec in plan.layers:
+        entry = plan.writer.layer_manifest(spec)
+        decoded = decode_layers({spec.name: entry}, stored)[spec.name]
+        expected = dequantize(plan.reader.load(spec), torch.float32).double()
+        assert decoded.shape == expected.shape, (spec.name, decoded.shape, expected.shape)
+        rtol = 1e-2 if entry["kernel"] == "torch.nn.functional.linear" else 2e-6  # the float target: stored in bf16
+        torch.testing.assert_close(decoded, expected, rtol=rtol, atol=1e-30, equal_nan=True, msg=spec.name)
 
 
 @pytest.fixture(scope="module")

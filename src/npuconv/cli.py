@@ -442,6 +442,11 @@ class FiniteFloat(click.FloatRange):
               help="Override the per-scheme relative L2 threshold (a finite number > 0).")
 @click.option("--min-cosine", type=FiniteFloat(-1, 1), default=0.9999, show_default=True,
               help="Minimum cosine similarity (-1 to 1).")
+@click.option(
+    "--reference", type=click.Choice(["npuconv", "tool", "auto"]), default="npuconv", show_default=True,
+    help="Whose dequantization of the source the kernels are compared with: npuconv's reader, the library "
+         "that wrote the source (compressed-tensors, msmodelslim; must be installed), or the tool when present.",
+)
 @click.option("--model", "whole_model", is_flag=True,
               help="Whole-model parity instead of per-layer: run OUT end to end (transformers) against the source.")
 @click.option("--prompts", "prompts_file", default=None, type=click.Path(dir_okay=False),
@@ -456,7 +461,7 @@ class FiniteFloat(click.FloatRange):
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the summary line.")
 @handle_errors
-def verify_command(out, source, layer_glob, tokens, seed, device, skip_checksum, max_rel_l2, min_cosine, whole_model,
+def verify_command(out, source, layer_glob, tokens, seed, device, skip_checksum, max_rel_l2, min_cosine, reference, whole_model,
                    prompts_file, new_tokens, min_top1, max_kl, max_logit_diff, stream, as_json, quiet) -> None:
     """Check OUT numerically: NPU kernels on the converted tensors vs the dequantized source.
 
@@ -482,12 +487,13 @@ def verify_command(out, source, layer_glob, tokens, seed, device, skip_checksum,
       npuconv verify ./llama-npu --layers '*.self_attn.*' --tokens 64 --json
       npuconv verify ./some-gptq-model          # check a source checkpoint itself
       npuconv verify ./llama-npu --model --prompts prompts.txt --new-tokens 16
+      npuconv verify ./llama-npu --reference tool   # against compressed-tensors' own dequantization
     """
     from npuconv.errors import InputError
 
     if whole_model:
         ctx = click.get_current_context()
-        per_layer = [f"--{name.replace('_', '-')}" for name in ("layer_glob", "tokens", "max_rel_l2", "min_cosine")
+        per_layer = [f"--{name.replace('_', '-')}" for name in ("layer_glob", "tokens", "max_rel_l2", "min_cosine", "reference")
                      if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
         if per_layer:
             raise InputError(f"{per_layer[0].replace('--layer-glob', '--layers')} is a per-layer option; --model checks the whole model")
@@ -502,7 +508,7 @@ def verify_command(out, source, layer_glob, tokens, seed, device, skip_checksum,
 
     options = VerifyOptions(
         source=source, layers=layer_glob, tokens=tokens, seed=seed, device=device,
-        skip_checksum=skip_checksum, max_rel_l2=max_rel_l2, min_cosine=min_cosine,
+        skip_checksum=skip_checksum, max_rel_l2=max_rel_l2, min_cosine=min_cosine, reference=reference,
     )
     report = _run_check("verify", verify, out, options, quiet or as_json)
     try:
@@ -515,7 +521,7 @@ def verify_command(out, source, layer_glob, tokens, seed, device, skip_checksum,
             skipped = f", {report['skipped']} skipped" if report["skipped"] else ""
             stdout.print(
                 f"{status} {report['passed']}/{report['passed'] + report['failed']} layers{skipped} "
-                f"({report['mode']} vs {report['source']}, backend {report['backend']}, "
+                f"({report['mode']} vs {report['source']}, reference {report['reference']}, backend {report['backend']}, "
                 f"{report['activation_dtype']} activations, {report['seconds']:.1f} s)"
             )
             if not report["ok"]:

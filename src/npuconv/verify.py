@@ -14,6 +14,11 @@ Per layer (streamed, one layer in memory at a time):
    for weight-only kernels, and the dequantized output of the backend's own activation-quant op
    for W8A8/MX kernels (so the comparison isolates the weights, not activation rounding).
 
+Reference (``VerifyOptions.reference``, :mod:`npuconv.references`): ``npuconv`` dequantizes the
+source with npuconv's own reader; ``tool`` with the library that wrote it (compressed-tensors,
+msModelSlim), so that a reader bug cannot pass on both sides; ``auto`` uses the tool when it is
+importable. The report's ``reference`` (and each layer's) names the one used.
+
 Metrics: max abs error, relative L2 error, cosine similarity. A layer passes when the layout
 check holds and ``rel_l2 <= max_rel_l2`` and ``cosine >= min_cosine`` (each target's
 :meth:`~npuconv.writers.base.Target.thresholds`, per activation dtype, derived from the rounding
@@ -49,6 +54,8 @@ from npuconv.io.output import MANIFEST, check_shards
 from npuconv.readers import open_reader
 from npuconv.readers.base import Reader
 from npuconv.readers.npuconv_output import NpuconvReader
+from npuconv.references import ToolMismatch, ToolReference
+from npuconv.references import select as select_reference
 from npuconv.registry import layer_target, native_target, target_class
 from npuconv.runtime import to_backend
 from npuconv.io.source import looks_like_hub_id, open_source
@@ -68,6 +75,7 @@ class VerifyOptions:
     skip_checksum: bool = False
     max_rel_l2: float | None = None  # override every target's threshold
     min_cosine: float | None = MIN_COSINE  # None: each target's (Target.thresholds)
+    reference: str = "npuconv"  # npuconv | tool | auto (npuconv.references)
 
     def __post_init__(self) -> None:
         """Every numeric option in range and finite (InputError naming the option otherwise)."""
@@ -101,6 +109,7 @@ class LayerResult:
     threshold: float
     status: str  # "pass" | "fail" | "skip"
     note: str = ""
+    reference: str = "npuconv"  # whose dequantization of the source y_ref was computed from
 
     @property
     def passed(self) -> bool:
@@ -142,6 +151,7 @@ def verify(path: str | Path, options: VerifyOptions, on_layer: Callable[[int, in
     if act_dtype == torch.float32:
         act_dtype = torch.bfloat16
     source_specs = {s.name: s for s in pairing.source.linear_specs()}
+    tool = select_reference(options.reference, pairing.source)
     specs = [s for s in output_reader.linear_specs() if not options.layers or fnmatch.fnmatchcase(s.name, options.layers)]
     if options.layers and not specs:
         raise InputError(f"--layers {options.layers!r} matches no quantized layer")
@@ -153,7 +163,7 @@ def verify(path: str | Path, options: VerifyOptions, on_layer: Callable[[int, in
         if spec.name not in source_specs:
             raise InputError(f"layer '{spec.name}' is not a quantized layer of the source {pairing.source.ckpt.source_id}")
         x = torch.randn(options.tokens, spec.in_features, generator=generator).to(act_dtype)
-        results.append(_verify_layer(spec, source_specs[spec.name], pairing, backend, x, options))
+        results.append(_verify_layer(spec, source_specs[spec.name], pairing, backend, x, options, tool))
         log.info("layer %d/%d %s: %s %s", i + 1, len(specs), spec.name, results[-1].status, results[-1].note)
         if on_layer:
             on_layer(i + 1, len(specs))
@@ -167,6 +177,7 @@ def verify(path: str | Path, options: VerifyOptions, on_layer: Callable[[int, in
         "mode": pairing.mode,
         "output": str(path),
         "source": pairing.source.ckpt.source_id,
+        "reference": tool.name if tool is not None else "npuconv",
         "activation_dtype": str(act_dtype).removeprefix("torch."),
         "tokens": options.tokens,
         "seed": options.seed,
@@ -284,7 +295,8 @@ class _Skip(Exception):
 
 
 # ------------------------------------------------------------------------------------- per layer
-def _verify_layer(spec, source_spec, pairing: _Pairing, backend, x, options: VerifyOptions) -> LayerResult:
+def _verify_layer(spec, source_spec, pairing: _Pairing, backend, x, options: VerifyOptions,
+                  tool: ToolReference | None = None) -> LayerResult:
     device = backend.device if backend.name != "npu" else "cpu"  # where the reference is computed
     source_layer = pairing.source.load(source_spec)
     output_layer, stored = (source_layer, None) if pairing.mode == "source" else pairing.decode(spec)
@@ -297,14 +309,23 @@ def _verify_layer(spec, source_spec, pairing: _Pairing, backend, x, options: Ver
     kernel = entry["kernel"]
     moved = {role: to_backend(t, entry["tensors"][role], backend) for role, t in tensors.items()}
     y, x_effective = target.run(backend, entry, spec, moved, x.to(backend.device))
-    y_ref = reference_output(source_layer.to(device), x_effective)
+    try:
+        tool_weight = tool.weight(source_spec) if tool is not None else None
+    except ToolMismatch as mismatch:
+        return LayerResult(spec.name, spec.scheme, kernel, exact, math.nan, math.nan, math.nan, math.nan, "fail",
+                           f"tool reference: {mismatch}", tool.name)
+    y_ref = reference_output(source_layer.to(device), x_effective, tool_weight)
     max_abs, rel_l2, cosine = compare(y.double().cpu(), y_ref)
     limits = target.thresholds(entry, x.dtype)
     threshold = options.max_rel_l2 if options.max_rel_l2 is not None else limits.max_rel_l2
     min_cosine = options.min_cosine if options.min_cosine is not None else limits.min_cosine
     passed = bool(exact is not False and rel_l2 <= threshold and cosine >= min_cosine)
     note = "" if exact is not False else "decoded layout differs from the source"
-    return LayerResult(spec.name, spec.scheme, kernel, exact, max_abs, rel_l2, cosine, threshold, "pass" if passed else "fail", note)
+    if tool is not None and tool_weight is None:
+        note = "; ".join(filter(None, [note, f"{tool.name} has no dequantization for {spec.scheme}: npuconv reference"]))
+    reference = tool.name if tool_weight is not None else "npuconv"
+    return LayerResult(spec.name, spec.scheme, kernel, exact, max_abs, rel_l2, cosine, threshold,
+                       "pass" if passed else "fail", note, reference)
 
 
 def same_weights(a: QuantizedLinear, b: QuantizedLinear) -> bool:
@@ -332,11 +353,12 @@ def same_canonical(a: QuantizedLinear, b: QuantizedLinear) -> bool:
     return torch.equal(a.group_index(), b.group_index())
 
 
-def reference_output(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
+def reference_output(layer: QuantizedLinear, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ dequant(layer)ᵀ + bias`` in float64 from the float32 dequantization (exact for every
     supported format) with a float32 matmul: its relative error (~1e-6) is far below every threshold.
-    A stacked MoE layer (weight ``[E, N, K]``) gives ``[E, M, N]``: every token through every expert."""
-    weight = dequantize(layer, torch.float32)
+    A stacked MoE layer (weight ``[E, N, K]``) gives ``[E, M, N]``: every token through every expert.
+    ``weight`` (float32, the layer's shape): a tool's dequantization used instead of npuconv's."""
+    weight = dequantize(layer, torch.float32) if weight is None else weight.to(x.device, torch.float32)
     y = (x.to(weight.device, torch.float32) @ weight.transpose(-1, -2)).double()
     if layer.bias is not None:
         bias = layer.bias.double()

@@ -154,8 +154,13 @@ def _check_coverage(name: str, infos: list[TensorInfo], data_start: int, data_si
         raise InputError(f"{name}: {data_size - end} data bytes after the last tensor belong to no tensor")
 
 
+def _printable(name: str) -> str:
+    """A name as it can stand in a one-line message: control characters escaped (``'\\n'``)."""
+    return name if name.isprintable() else repr(name)[1:-1]
+
+
 def _tensor_info(path: Path, key: str, entry: object, data_start: int, data_size: int) -> TensorInfo:
-    where = f"{path.name}: tensor '{key}'"
+    where = f"{path.name}: tensor '{_printable(key)}'"
     if not isinstance(entry, dict):
         raise InputError(f"{where}: entry is not an object")
     dtype = DTYPES.get(entry.get("dtype")) if isinstance(entry.get("dtype"), str) else None
