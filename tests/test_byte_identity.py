@@ -5,7 +5,7 @@ converted to every target it fits, with the option variants that change bytes (`
 ``--no-nz``, ``--mx-layout sglang``, ``--dtype``); the sha256 of every output file must equal the
 recorded one. ``npuconv.json`` is compared after removing what legitimately differs between runs
 (source path, fingerprint) and the fields added on purpose since the table was recorded
-(``IGNORED_LAYER_KEYS`` / ``IGNORED_TENSOR_KEYS``). A target that refuses a fixture must still
+(``IGNORED_LAYER_KEYS`` / ``IGNORED_TENSOR_KEYS`` / ``IGNORED_MANIFEST_KEYS``). A target that refuses a fixture must still
 refuse it (the reason is not compared).
 
 Regenerate (only after a deliberate format change, and say so in the commit)::
@@ -31,6 +31,7 @@ FLOAT_SOURCE = "float_model_seed0"
 # manifest fields added by design after the table was recorded (not part of the compared bytes)
 IGNORED_LAYER_KEYS = ("target",)
 IGNORED_TENSOR_KEYS = ("split",)
+IGNORED_MANIFEST_KEYS = ("files",)  # issue 16: the output's file list (the table's own keys list them already)
 
 
 def _variants(target: str) -> list[tuple[str, dict]]:
@@ -58,6 +59,8 @@ def _sources(scratch: Path) -> dict[str, Path]:
 def _normalized_manifest(data: dict) -> dict:
     data = dict(data)
     data.pop("source_fingerprint", None)
+    for key in IGNORED_MANIFEST_KEYS:
+        data.pop(key, None)
     data["source"] = {k: v for k, v in (data.get("source") or {}).items() if k != "id"}
     layers = {}
     for name, entry in (data.get("layers") or {}).items():

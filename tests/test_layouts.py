@@ -116,6 +116,23 @@ def test_nd_to_nz_hand_placed(dtype, c0, shape, element, nz_index, storage):
     assert torch.equal(L.nz_to_nd(nz, shape[-2], shape[-1]), nd)
 
 
+@pytest.mark.parametrize("dtype, c0", [(torch.int8, 32), (torch.float16, 16), (torch.int32, 8)])
+def test_nd_to_nz_spans_several_tiles_in_both_directions(dtype, c0):
+    # ND [40, 2*c0 + 5]: 3 row tiles (16, 16, 8 + padding) x 3 column tiles (c0, c0, 5 + padding). Every
+    # element is placed by the rule itself, element by element (ops §3.1: nz[c1, r1, r0, k] = nd[16 r1 + r0, c0 c1 + k]),
+    # so a swapped tile order (r1 before c1) or a transposed fractal (k before r0) cannot pass.
+    rows, cols = 40, 2 * c0 + 5
+    nd = (torch.arange(rows * cols) % 127 + 1).reshape(rows, cols).to(dtype)
+    expected = torch.zeros(3, 3, 16, c0, dtype=dtype)
+    for r in range(rows):
+        for c in range(cols):
+            expected[c // c0, r // 16, r % 16, c % c0] = nd[r, c]
+    assert torch.equal(L.nd_to_nz(nd, c0), expected)
+    assert torch.equal(L.nz_to_nd(expected, rows, cols), nd)
+    # two hand-placed elements in different tiles of both axes
+    assert expected[1, 2, 1, 3] == nd[33, c0 + 3] and expected[2, 0, 15, 4] == nd[15, 2 * c0 + 4]
+
+
 def test_nd_to_nz_padding_is_zero():
     nd = torch.ones(20, 40, dtype=torch.float16)
     nz = L.nd_to_nz(nd, 16)

@@ -55,6 +55,10 @@ def test_atomic_directory_refuses_existing_without_force(tmp_path):
     with pytest.raises(OutputError, match="already exists"):
         with AtomicDirectory(target):
             pass
+    with pytest.raises(OutputError, match="not an npuconv output"):  # not npuconv's: never replaced
+        with AtomicDirectory(target, force=True):
+            pass
+    (target / "npuconv.json").write_text('{"files": ["old", "npuconv.json"]}')
     with AtomicDirectory(target, force=True) as tmp:
         (tmp / "new").write_text("new")
     assert sorted(p.name for p in target.iterdir()) == ["new"]

@@ -44,11 +44,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import FIXTURES
+from spec_decoders import decode_layers
 from npuconv.io.checkpoint import Checkpoint
 from npuconv.cli import cli
 from npuconv.convert import ConvertOptions, convert, make_plan
 from npuconv.errors import NpuconvError
 from npuconv.inspect import inspect_checkpoint
+from npuconv.model import dequantize
 from npuconv.packing import pack_bitstream
 from npuconv.io.safetensors_io import read_header, read_tensor, save_file
 
@@ -219,6 +221,12 @@ def set_key(filename: str, keys: str | tuple[str, ...], value: object) -> Mutati
         data[path[-1]] = value
 
     return edit_json(filename, change)
+
+
+def gptq_setting(key: str, value: object) -> Mutation:
+    """Set a GPTQ setting in quantize_config.json and config.json's quantization_config alike
+    (GPTQ tools write both; npuconv refuses a checkpoint where they contradict)."""
+    return chain(set_key(QC, key, value), set_key("config.json", f"quantization_config.{key}", value))
 
 
 def delete_key(filename: str, keys: str | tuple[str, ...]) -> Mutation:
@@ -469,31 +477,31 @@ BAD_INPUTS = [
     bad("config-symlink-outside", CT, symlink_outside("config.json"), "config.json", "symlink points outside"),
     # ------------------------------------------------------------------ GPTQ
     bad("gptq-quantize-config-invalid-json", GPTQ, write_text(QC, "{'bits': 4}"), QC, "invalid JSON"),
-    bad("gptq-bits-5", GPTQ, set_key(QC, "bits", 5), QC, "bits 5 is not supported"),
-    bad("gptq-bits-string", GPTQ, set_key(QC, "bits", "4"), QC, "bits '4' is not an integer"),
-    bad("gptq-group-size-not-dividing-k", GPTQ, set_key(QC, "group_size", 48), f"{Q}.qweight", "group_size 48 does not divide"),
-    bad("gptq-group-size-zero", GPTQ, set_key(QC, "group_size", 0), QC, "group_size 0"),
-    bad("gptq-sym-not-bool", GPTQ, set_key(QC, "sym", "yes"), QC, "sym 'yes' is not a boolean"),
-    bad("gptq-format-gptq_p", GPTQ, set_key(QC, "checkpoint_format", "gptq_p"), QC, "'gptq_p'", "not supported"),
-    bad("gptq-marlin", GPTQ, set_key(QC, "is_marlin_format", True), QC, "'marlin'", "not supported"),
-    bad("gptq-unknown-format", GPTQ, set_key(QC, "checkpoint_format", "exl2"), QC, "'exl2'"),
-    bad("gptq-pack-dtype-int16", GPTQ, set_key(QC, "pack_dtype", "int16"), QC, "pack_dtype 'int16'"),
-    bad("gptq-dynamic-bad-regex", GPTQ, set_key(QC, "dynamic", {"+:(": {"bits": 8}}), QC, "dynamic", "regex"),
-    bad("gptq-dynamic-excluded-but-quantized", GPTQ, set_key(QC, "dynamic", {r"-:.*q_proj": {}}), f"{Q}.qweight", "excluded"),
-    bad("gptq-bits-3-vs-packed-rows", GPTQ, set_key(QC, "bits", 3), f"{Q}.qweight", "3-bit codes"),
-    bad("gptq-bits-8-vs-scales", GPTQ, set_key(QC, "bits", 8), f"{Q}.scales", "groups"),
+    bad("gptq-bits-5", GPTQ, gptq_setting("bits", 5), QC, "bits 5 is not supported"),
+    bad("gptq-bits-string", GPTQ, gptq_setting("bits", "4"), QC, "bits '4' is not an integer"),
+    bad("gptq-group-size-not-dividing-k", GPTQ, gptq_setting("group_size", 48), f"{Q}.qweight", "group_size 48 does not divide"),
+    bad("gptq-group-size-zero", GPTQ, gptq_setting("group_size", 0), QC, "group_size 0"),
+    bad("gptq-sym-not-bool", GPTQ, gptq_setting("sym", "yes"), QC, "sym 'yes' is not a boolean"),
+    bad("gptq-format-gptq_p", GPTQ, gptq_setting("checkpoint_format", "gptq_p"), QC, "'gptq_p'", "not supported"),
+    bad("gptq-marlin", GPTQ, gptq_setting("is_marlin_format", True), QC, "'marlin'", "not supported"),
+    bad("gptq-unknown-format", GPTQ, gptq_setting("checkpoint_format", "exl2"), QC, "'exl2'"),
+    bad("gptq-pack-dtype-int16", GPTQ, gptq_setting("pack_dtype", "int16"), QC, "pack_dtype 'int16'"),
+    bad("gptq-dynamic-bad-regex", GPTQ, gptq_setting("dynamic", {"+:(": {"bits": 8}}), QC, "dynamic", "regex"),
+    bad("gptq-dynamic-excluded-but-quantized", GPTQ, gptq_setting("dynamic", {r"-:.*q_proj": {}}), f"{Q}.qweight", "excluded"),
+    bad("gptq-bits-3-vs-packed-rows", GPTQ, gptq_setting("bits", 3), f"{Q}.qweight", "3-bit codes"),
+    bad("gptq-bits-8-vs-scales", GPTQ, gptq_setting("bits", 8), f"{Q}.scales", "groups"),
     bad("gptq-qzeros-missing", GPTQ, drop(ST, f"{Q}.qzeros"), f"{Q}.qzeros", "missing"),
     bad("gptq-scales-missing", GPTQ, drop(ST, f"{Q}.scales"), f"{Q}.scales", "missing"),
     bad("gptq-qzeros-wrong-shape", GPTQ, cut(ST, f"{Q}.qzeros", cols=8), f"{Q}.qzeros", "expected [4, 16]"),
     bad("gptq-scales-wrong-columns", GPTQ, cut(ST, f"{Q}.scales", cols=64), f"{Q}.scales", "64 columns"),
-    bad("gptq-empty-qweight", GPTQ, chain(set_key(QC, "group_size", -1), cut(ST, f"{Q}.qweight", rows=0)),
+    bad("gptq-empty-qweight", GPTQ, chain(gptq_setting("group_size", -1), cut(ST, f"{Q}.qweight", rows=0)),
         f"{Q}.qweight", "holds no weights"),
     bad("gptq-qweight-float", GPTQ, set_tensor(ST, f"{Q}.qweight", lambda t: t.float()), f"{Q}.qweight", "int32"),
     bad("gptq-g_idx-wrong-length", GPTQ, cut(ST, f"{Q}.g_idx", rows=100), f"{Q}.g_idx", "length K = 128"),
     bad("gptq-g_idx-out-of-range", GPTQ_ACT, poke(ST, f"{Q}.g_idx", 9, index=(5,)), f"{Q}.g_idx", "[0, 2)"),
     bad("gptq-g_idx-float", GPTQ, set_tensor(ST, f"{Q}.g_idx", lambda t: t.float()), f"{Q}.g_idx", "integer vector"),
     bad("gptq-desc-act-without-g_idx", GPTQ_ACT, edit_tensors(ST, drop_all_g_idx), ".g_idx", "desc_act"),
-    bad("gptq-sym-but-zero-points-asym", GPTQ_ACT, set_key(QC, "sym", True), ".qzeros", "symmetric", at="load", targets=INT4),
+    bad("gptq-sym-but-zero-points-asym", GPTQ_ACT, gptq_setting("sym", True), ".qzeros", "symmetric", at="load", targets=INT4),
     bad("gptq-scale-nan", GPTQ, poke(ST, f"{Q}.scales", float("nan")), f"{Q}.scales", "NaN or infinite", at="load", targets=INT4),
     bad("gptq-scale-inf", GPTQ, poke(ST, f"{Q}.scales", float("inf"), index=(3, 100)), f"{Q}.scales", "NaN or infinite", "[3, 100]",
         at="load"),
@@ -605,7 +613,7 @@ def test_bad_input_is_a_clean_error(case: Bad, tmp_path):
 
 def test_bad_input_json_mode_reports_one_object(tmp_path):
     model = copy_fixture(GPTQ, tmp_path)
-    set_key(QC, "bits", 5)(model)
+    gptq_setting("bits", 5)(model)
     for args in (("inspect", model, "--json"), ("convert", model, tmp_path / "out", "--to", "float", "--json")):
         result = run_cli(*args)
         assert result.exit_code == 2 and result.stderr == ""
@@ -717,7 +725,7 @@ def test_output_is_a_dangling_symlink(tmp_path):
     model = copy_fixture(GPTQ, tmp_path)
     out = tmp_path / "out"
     out.symlink_to(tmp_path / "nowhere")
-    cli_error(run_cli("convert", model, out, "--to", "float"), (str(out), "cannot publish the output"))
+    cli_error(run_cli("convert", model, out, "--to", "float"), (str(out), "symbolic link"))  # refused before any work
     assert out.is_symlink() and not (tmp_path / "nowhere").exists()
     assert not leftovers(out)
 
@@ -904,12 +912,15 @@ def start_convert(model: Path, out: Path, *extra: str) -> subprocess.Popen:
 
 
 def bytes_written(out: Path) -> int:
+    """Bytes in the files of the temporary sibling(s) of ``out`` (``.out.npuconv-tmp-*/build/…``)."""
     total = 0
     for tmp in leftovers(out):
-        try:
-            total += sum(entry.stat().st_size for entry in os.scandir(tmp) if entry.is_file())
-        except FileNotFoundError:
-            pass
+        for directory, _, files in os.walk(tmp):
+            for name in files:
+                try:
+                    total += os.stat(os.path.join(directory, name)).st_size
+                except FileNotFoundError:
+                    pass
     return total
 
 
@@ -945,33 +956,45 @@ def test_sigkill_mid_conversion_publishes_nothing_and_a_rerun_completes(big_mode
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     assert not out.exists()
-    stale = leftovers(out)  # a killed process cannot clean up: its temporary directory may stay
-    assert len(stale) <= 1
+    stale = leftovers(out)  # a killed process cannot clean up: its temporary directory and lock file stay
+    assert len(stale) <= 2
 
     rerun = run_process("convert", big_model, out, "--to", "npu-int4", "-q", timeout=300)
     assert rerun.returncode == 0, rerun.stderr
-    assert out.is_dir() and leftovers(out) == stale
+    assert out.is_dir() and leftovers(out) == []  # the rerun removed what the killed run left (its owner is dead)
     manifest = json.loads((out / "npuconv.json").read_text())
     assert len(manifest["layers"]) == BIG_LAYERS
     # checksums of every shard, then one layer through the kernel check (verify is the completeness proof)
     result = run_cli("verify", out, "--layers", "model.layers.47.*", "-q")
     assert result.exit_code == 0, result.output
     assert tree_state(big_model) == before
-    for path in stale:
-        shutil.rmtree(path)
 
 
-def test_sigterm_mid_conversion_leaves_nothing(big_model, tmp_path):
+@pytest.mark.parametrize("sig, code", [(signal.SIGHUP, 129), (signal.SIGTERM, 143)], ids=["SIGHUP", "SIGTERM"])
+def test_hangup_and_terminate_mid_conversion_exit_cleanly(big_model, tmp_path, sig, code):
+    """A closed terminal (SIGHUP) is handled like SIGTERM: one line, 128 + signal, nothing left."""
     out = tmp_path / "out"
     proc = start_convert(big_model, out)
     wait_until_writing(proc, out, 20_000_000)
-    proc.terminate()
-    proc.communicate(timeout=60)
-    try:
-        assert_no_output(out)
-    finally:
-        for path in leftovers(out):
-            shutil.rmtree(path)
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=120)
+    clean_error(proc.returncode, stdout, stderr, (signal.Signals(sig).name,), code=code)
+    assert_no_output(out)
+
+
+def test_a_second_ctrl_c_during_cleanup_is_ignored(big_model, tmp_path):
+    """Ctrl-C twice (the second while the first unwinds the worker threads): still one line, 130, nothing left."""
+    out = tmp_path / "out"
+    proc = start_convert(big_model, out, "--workers", "4", "--max-shard-size", "60MB")
+    wait_until_writing(proc, out, 70_000_000)
+    proc.send_signal(signal.SIGINT)
+    for _ in range(5):
+        time.sleep(0.02)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    clean_error(proc.returncode, stdout, stderr, ("interrupted",), code=130)
+    assert_no_output(out)
 
 
 # ======================================================================= 4. disk full, write errors
@@ -1083,16 +1106,45 @@ JSON = st.recursive(
 
 
 def exercise(model: Path, targets: tuple[str, ...] = ("float",)) -> None:
-    """Everything inspect and convert do to a checkpoint, in memory; only an NpuconvError may escape."""
+    """Everything inspect and convert do to a checkpoint, in memory, and the outcome checked: either an
+    NpuconvError whose one-line message names the input (a file, tensor or layer of it), or an output whose
+    layers, decoded by the spec decoders of tests/spec_decoders.py, are the reader's dequantization."""
     try:
         inspect_checkpoint(Checkpoint(model))
         for target in targets:
             plan = make_plan(Checkpoint(model), ConvertOptions(target))
+            stored: dict[str, torch.Tensor] = {}
             for shard in plan.shards:
                 for unit in shard.units:
-                    unit.produce()
-    except NpuconvError:
-        pass
+                    stored.update(unit.produce())
+            check_output(plan, stored)
+    except NpuconvError as error:
+        assert_names_the_input(str(error), model)
+
+
+def assert_names_the_input(message: str, model: Path) -> None:
+    assert message and "\n" not in message.strip(), f"not a one-line message: {message!r}"
+    names = {p.name for p in model.iterdir()} | {str(model), "config.json", "quantization_config", "quantize_config"}
+    for path in model.glob("*.safetensors"):
+        try:
+            tensors = list(read_header(path)[0])
+        except NpuconvError:
+            continue
+        names.update(tensors)
+        names.update(t.rsplit(".", 1)[0] for t in tensors)
+    assert any(name and name in message for name in names), f"the error names no file, tensor or layer: {message!r}"
+
+
+def check_output(plan, stored: dict[str, torch.Tensor]) -> None:
+    """Silent acceptance is not allowed: what was written decodes (independently of the writer) to the
+    weights the reader read, shapes included."""
+    for spec in plan.layers:
+        entry = plan.writer.layer_manifest(spec)
+        decoded = decode_layers({spec.name: entry}, stored)[spec.name]
+        expected = dequantize(plan.reader.load(spec), torch.float32).double()
+        assert decoded.shape == expected.shape, (spec.name, decoded.shape, expected.shape)
+        rtol = 1e-2 if entry["kernel"] == "torch.nn.functional.linear" else 2e-6  # the float target: stored in bf16
+        torch.testing.assert_close(decoded, expected, rtol=rtol, atol=1e-30, equal_nan=True, msg=spec.name)
 
 
 @pytest.fixture(scope="module")

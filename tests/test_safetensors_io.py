@@ -155,9 +155,11 @@ def test_fuzz_header_bytes_only_clean_errors(tmp_path_factory, blob):
     path = tmp_path_factory.mktemp("fuzz") / "f.safetensors"
     path.write_bytes(struct.pack("<Q", len(blob)) + blob)
     try:
-        read_header(path)
-    except InputError:
-        pass
+        infos, _ = read_header(path)
+    except InputError as error:
+        assert_clean_error(error, path)
+    else:
+        assert_faithful(path, infos)
 
 
 json_values = st.recursive(
@@ -174,7 +176,26 @@ def test_fuzz_structured_headers_only_clean_errors(tmp_path_factory, header, dat
     raw_file(path, header, data)
     try:
         infos, _ = read_header(path)
-        for info in infos.values():
-            read_tensor(info)
-    except InputError:
-        pass
+        assert_faithful(path, infos)
+    except InputError as error:
+        assert_clean_error(error, path)
+
+
+def assert_clean_error(error: InputError, path) -> None:
+    """A rejection is one line and names the file."""
+    message = str(error)
+    assert path.name in message and "\n" not in message, message
+
+
+def assert_faithful(path, infos: dict) -> None:
+    """An accepted file reads back exactly what its header says, decoded here from the format's text
+    (8-byte little-endian header length, JSON header, ``data_offsets`` relative to the data section)."""
+    raw = path.read_bytes()
+    start = 8 + struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:start])
+    assert sorted(infos) == sorted(k for k in header if k != "__metadata__")
+    for name, info in infos.items():
+        begin, end = header[name]["data_offsets"]
+        tensor = read_tensor(info)
+        assert list(tensor.shape) == header[name]["shape"], name
+        assert tensor.contiguous().view(torch.uint8).flatten().numpy().tobytes() == raw[start + begin:start + end], name

@@ -14,7 +14,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import FIXTURES
+from conftest import FIXTURES, load_reference
+from spec_decoders import assert_decodes_to_tool
 from npuconv import layouts
 from npuconv.cli import cli
 from npuconv.convert import ConvertOptions, convert
@@ -72,13 +73,17 @@ def test_verify_passes_on_every_clean_conversion(fixture, target, tmp_path):
 
 @pytest.mark.parametrize("fixture", ["awq_gemm_g128", "gptq_v1_b4_g64_asym_descact"])
 def test_verify_passes_with_nz_weights(fixture, tmp_path):
-    report = verify(converted(tmp_path, fixture, "npu-int4", nz=True), VerifyOptions())
+    out = converted(tmp_path, fixture, "npu-int4", nz=True)
+    report = verify(out, VerifyOptions())
     assert report["ok"]
+    assert_decodes_to_tool(out, load_reference(fixture))  # and the NZ bytes are right by the spec, not by npuconv
 
 
 def test_verify_passes_on_sglang_mx_layout(tmp_path):
-    report = verify(converted(tmp_path, "ms_w8a8_mxfp8", "npu-mxfp8", mx_layout="sglang"), VerifyOptions())
+    out = converted(tmp_path, "ms_w8a8_mxfp8", "npu-mxfp8", mx_layout="sglang")
+    report = verify(out, VerifyOptions())
     assert report["ok"]
+    assert_decodes_to_tool(out, load_reference("ms_w8a8_mxfp8"))
 
 
 def test_verify_unconverted_source(tmp_path):

@@ -312,7 +312,7 @@ def test_report_file_schema(zoo_dir):
     for entry in report["entries"]:
         assert set(entry) == {
             "index", "name", "source", "output", "target", "status", "reason", "seconds", "bytes_in", "bytes_out",
-            "peak_rss_bytes", "error", "exit_code", "verify", "warnings",
+            "peak_rss_bytes", "error", "exit_code", "verify", "model", "warnings",
         }
         assert entry["status"] in ("converted", "skipped", "failed", "verify-failed", "not-run")
         assert isinstance(entry["seconds"], float) and isinstance(entry["peak_rss_bytes"], int)

@@ -1,13 +1,19 @@
 """Command-line interface: parsing, progress and output formatting only; the work is in the library.
 
-Exit codes: 0 ok, 1 verification failed, 2 bad input or usage, 3 internal error, 130 interrupted.
+Exit codes: 0 ok, 1 verification failed, 2 bad input or usage, 3 internal error; a signal exits
+128 + its number after cleaning up: 130 Ctrl-C (SIGINT), 129 SIGHUP, 143 SIGTERM (see
+:mod:`npuconv.interrupts`). A closed stdout (``| head``, ``>&-``) drops the rest of the output
+silently; the exit code stays the command's own.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
+import math
+import os
 import signal
 import sys
 import traceback
@@ -18,10 +24,21 @@ from rich.markup import escape
 from rich.table import Table
 
 import npuconv
+from npuconv import interrupts
 from npuconv.errors import NpuconvError
 
-stdout = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-stderr = Console(stderr=True, highlight=False)
+class _Console(Console):
+    """A rich Console that, when its reader goes away (``| head``), drops the rest of the output
+    and lets the command finish with its own exit code (rich's default: exit 1 on the spot)."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        if not self.stderr:
+            _silence_stdout()
+
+
+stdout = _Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+stderr = _Console(stderr=True, highlight=False)
 
 EXIT_INTERNAL = 3
 EXIT_INTERRUPTED = 130
@@ -36,7 +53,10 @@ def human_bytes(n: int | float) -> str:
 
 
 def emit_json(value: object) -> None:
-    click.echo(json.dumps(value, indent=2, sort_keys=True, default=str))
+    try:
+        click.echo(json.dumps(value, indent=2, sort_keys=True, default=str))
+    except BrokenPipeError:  # the reader went away: the rest of the output is dropped
+        _silence_stdout()
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -92,16 +112,28 @@ def handle_errors(func):
             if debug:
                 traceback.print_exc()
             _fail(str(e), e.exit_code, as_json)
-        except KeyboardInterrupt:
+        except interrupts.Interrupted as e:
+            _fail(interrupts.message(e), e.exit_code, as_json)
+        except KeyboardInterrupt:  # the library used without npuconv.interrupts.install()
             _fail("interrupted; nothing was published at the output path", EXIT_INTERRUPTED, as_json)
         except click.exceptions.Exit:
             raise
         except Exception as e:  # a bug: keep it to one line unless --debug
+            if isinstance(e, OSError) and e.errno == errno.EPIPE:
+                _silence_stdout()  # the reader went away (| head): nothing more to say, no traceback
+                sys.exit(0)
             if debug:
                 traceback.print_exc()
             _fail(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", EXIT_INTERNAL, as_json)
 
     return wrapper
+
+
+def _silence_stdout() -> None:
+    """Point fd 1 at /dev/null, so that nothing (not even the flush at exit) writes to a closed pipe."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.close(null)
 
 
 def _fail(message: str, code: int, as_json: bool) -> None:
@@ -122,6 +154,28 @@ def progress_bar(total: int, description: str, enabled: bool, unit: str = "B"):
 
     scaled = unit == "B"
     return tqdm(total=total, desc=description, unit=unit, unit_scale=scaled, unit_divisor=1000, leave=False)
+
+
+class LayerProgress:
+    """A ``(done, total)`` callback drawing a layer counter, opened on the first call; closed on exit."""
+
+    def __init__(self, description: str, enabled: bool) -> None:
+        self.description, self.enabled, self.bar = description, enabled, None
+
+    def __enter__(self):
+        return self.update
+
+    def update(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = progress_bar(total, self.description, self.enabled, unit="layer")
+            if self.bar is None:
+                self.enabled = False
+                return
+        self.bar.update(done - self.bar.n)
+
+    def __exit__(self, *_exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -283,7 +337,7 @@ DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 @click.option("--workers", default=None, type=click.IntRange(0, 64),
               help="Threads that read and repack layers ahead of the writer (0: none; default: cores - 1, at most 16). "
                    "Memory stays about twice the largest tensor whatever the number.")
-@click.option("--force", is_flag=True, help="Replace OUT if it is an earlier npuconv output (atomically, at the end).")
+@click.option("--force", is_flag=True, help="Replace OUT if it is empty or, as a whole, an earlier npuconv output (every file listed in its npuconv.json); one atomic swap at the end.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (layers, layouts, shards, bytes) and write nothing.")
 @click.option("--allow-unservable", is_flag=True,
               help="Write layer types that no serving engine loads (e.g. msModelSlim W4A16); by default they are "
@@ -387,27 +441,67 @@ def _print_plan(plan: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------- verify
+class FiniteFloat(click.FloatRange):
+    """``click.FloatRange`` that also refuses nan and ±inf (nan passes every range comparison)."""
+
+    name = "finite float"
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
 @cli.command("verify")
 @global_options
 @click.argument("out")
 @click.option("--source", default=None, help="Source checkpoint to compare with (default: the one recorded in npuconv.json).")
 @click.option("--layers", "layer_glob", default=None, help="Only layers whose name matches this glob (e.g. '*.mlp.*').")
 @click.option("--tokens", default=16, show_default=True, type=click.IntRange(1, 65536), help="Random activation rows per layer.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random activations.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**64 - 1), help="Seed of the random activations (0 to 2**64-1).")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "npu"]), default=None, help="Where kernels run (default: npu, else cuda, else cpu).")
 @click.option("--skip-checksum", is_flag=True, help="Do not check shard sha256 against npuconv.json.")
-@click.option("--max-rel-l2", type=float, default=None, help="Override the per-scheme relative L2 threshold.")
-@click.option("--min-cosine", type=float, default=0.9999, show_default=True, help="Minimum cosine similarity.")
+@click.option("--max-rel-l2", type=FiniteFloat(0, None, min_open=True), default=None,
+              help="Override the per-scheme relative L2 threshold (a finite number > 0).")
+@click.option("--min-cosine", type=FiniteFloat(-1, 1), default=0.9999, show_default=True,
+              help="Minimum cosine similarity (-1 to 1).")
+@click.option(
+    "--reference", type=click.Choice(["npuconv", "tool", "auto"]), default="npuconv", show_default=True,
+    help="Whose dequantization of the source the kernels are compared with: npuconv's reader, the library "
+         "that wrote the source (compressed-tensors, msmodelslim; must be installed), or the tool when present.",
+)
+@click.option("--model", "whole_model", is_flag=True,
+              help="Whole-model parity instead of per-layer: run OUT end to end (transformers) against the source.")
+@click.option("--prompts", "prompts_file", default=None, type=click.Path(dir_okay=False),
+              help="--model: prompts file, one prompt per line (default: a few built-in prompts).")
+@click.option("--new-tokens", default=8, show_default=True, type=click.IntRange(0, 4096),
+              help="--model: tokens to greedy-decode from both models.")
+@click.option("--min-top1", type=click.FloatRange(0, 1), default=None, help="--model: override the minimum top-1 agreement.")
+@click.option("--max-kl", type=click.FloatRange(0), default=None, help="--model: override the maximum mean KL(ref||out).")
+@click.option("--max-logit-diff", type=click.FloatRange(0), default=None,
+              help="--model: override the maximum |Δlogit|, as a multiple of the RMS of the reference logits.")
+@click.option("--stream", is_flag=True, help="--model: load the reference layer by layer even when it fits in memory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the summary line.")
 @handle_errors
-def verify_command(out, source, layer_glob, tokens, seed, device, skip_checksum, max_rel_l2, min_cosine, as_json, quiet) -> None:
+def verify_command(out, source, layer_glob, tokens, seed, device, skip_checksum, max_rel_l2, min_cosine, reference, whole_model,
+                   prompts_file, new_tokens, min_top1, max_kl, max_logit_diff, stream, as_json, quiet) -> None:
     """Check OUT numerically: NPU kernels on the converted tensors vs the dequantized source.
 
     OUT is an npuconv output (its source comes from npuconv.json, or --source) or any supported
     checkpoint (then each layer is run through the kernel its scheme maps to and compared with
     its own dequantization). Uses torch_npu's real kernels when an NPU is present, otherwise an
     emulation of the same ops on CUDA or CPU; the report says which ran.
+
+    With --model (needs pip install 'npuconv[model]'), OUT runs as a whole model instead: built by
+    transformers from OUT's config.json, converted layers on their NPU kernels, every other tensor
+    from OUT, against the source model with its quantized layers dequantized in float32. It
+    compares the logits of a few prompts at every position (top-1 agreement, max |Δlogit|, mean
+    KL), greedy-decodes --new-tokens from both, and reports structural problems (a tensor missing
+    or unused, a bias the config drops, shapes the config does not match). This catches what the
+    per-layer check cannot: wrongly named or dropped copied tensors, config.json edits, tied or
+    untied embeddings. Limits depend on the kernels' activation quantization (see the report).
 
     Exit code 0 if every layer passes, 1 if any fails, 2 on bad input.
 
@@ -416,48 +510,107 @@ def verify_command(out, source, layer_glob, tokens, seed, device, skip_checksum,
       npuconv verify ./llama-npu
       npuconv verify ./llama-npu --layers '*.self_attn.*' --tokens 64 --json
       npuconv verify ./some-gptq-model          # check a source checkpoint itself
+      npuconv verify ./llama-npu --model --prompts prompts.txt --new-tokens 16
+      npuconv verify ./llama-npu --reference tool   # against compressed-tensors' own dequantization
     """
-    from npuconv.errors import VerificationFailed
-    from npuconv.io.output import ChecksumMismatch
+    from npuconv.errors import InputError
+
+    if whole_model:
+        ctx = click.get_current_context()
+        per_layer = [f"--{name.replace('_', '-')}" for name in ("layer_glob", "tokens", "max_rel_l2", "min_cosine", "reference")
+                     if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+        if per_layer:
+            raise InputError(f"{per_layer[0].replace('--layer-glob', '--layers')} is a per-layer option; --model checks the whole model")
+        _verify_model(out, source, seed, device, skip_checksum, prompts_file, new_tokens, min_top1, max_kl,
+                      max_logit_diff, stream, as_json, quiet)
+        return
+    model_only = [name for name, value in (("--prompts", prompts_file), ("--min-top1", min_top1), ("--max-kl", max_kl),
+                                           ("--max-logit-diff", max_logit_diff), ("--stream", stream or None)) if value is not None]
+    if model_only:
+        raise InputError(f"{model_only[0]} needs --model")
     from npuconv.verify import VerifyOptions, verify
 
     options = VerifyOptions(
         source=source, layers=layer_glob, tokens=tokens, seed=seed, device=device,
-        skip_checksum=skip_checksum, max_rel_l2=max_rel_l2, min_cosine=min_cosine,
+        skip_checksum=skip_checksum, max_rel_l2=max_rel_l2, min_cosine=min_cosine, reference=reference,
     )
-    bar = None
-
-    def on_layer(done: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = progress_bar(total, "verify", enabled=not (quiet or as_json), unit="layer")
-            if bar is None:
-                return
-        bar.update(done - bar.n)
-
+    report = _run_check("verify", verify, out, options, quiet or as_json)
     try:
-        report = verify(out, options, on_layer)
-    except ChecksumMismatch as e:
-        raise VerificationFailed(f"{e}; use --skip-checksum to run the numeric checks anyway") from None
-    finally:
-        if bar is not None:
-            bar.close()
+        if as_json:
+            emit_json(report)
+        else:
+            if not quiet:
+                _print_verify(report)
+            status = "[green]PASS[/]" if report["ok"] else "[bold red]FAIL[/]"
+            skipped = f", {report['skipped']} skipped" if report["skipped"] else ""
+            stdout.print(
+                f"{status} {report['passed']}/{report['passed'] + report['failed']} layers{skipped} "
+                f"({report['mode']} vs {report['source']}, reference {report['reference']}, backend {report['backend']}, "
+                f"{report['activation_dtype']} activations, {report['seconds']:.1f} s)"
+            )
+            if not report["ok"]:
+                stderr.print(f"[bold red]error:[/] {escape(report['error'])}", soft_wrap=True)
+    finally:  # also when the report cannot be printed (closed stdout): the verdict's exit code stays
+        if not report["ok"]:
+            sys.exit(report["exit_code"])
+
+
+def _run_check(description: str, check, out, options, silent: bool) -> dict:
+    """``check(out, options, on_progress)`` with a layer counter; a checksum mismatch gets the CLI's advice."""
+    from npuconv.errors import VerificationFailed
+    from npuconv.io.output import ChecksumMismatch
+
+    with LayerProgress(description, enabled=not silent) as on_progress:
+        try:
+            return check(out, options, on_progress)
+        except ChecksumMismatch as e:
+            raise VerificationFailed(f"{e}; use --skip-checksum to run the numeric checks anyway") from None
+
+
+def _verify_model(out, source, seed, device, skip_checksum, prompts_file, new_tokens, min_top1, max_kl, max_logit_diff,
+                  stream, as_json, quiet) -> None:
+    from npuconv.parity import ParityOptions, check_model, load_prompts, parity_summary
+
+    options = ParityOptions(
+        source=source, prompts=load_prompts(prompts_file) if prompts_file else None, new_tokens=new_tokens, seed=seed,
+        device=device, skip_checksum=skip_checksum, stream=stream, min_top1=min_top1, max_kl=max_kl,
+        max_logit_diff=max_logit_diff,
+    )
+    report = _run_check("verify --model", check_model, out, options, quiet or as_json)
     if as_json:
         emit_json(report)
     else:
         if not quiet:
-            _print_verify(report)
+            _print_model(report)
         status = "[green]PASS[/]" if report["ok"] else "[bold red]FAIL[/]"
-        skipped = f", {report['skipped']} skipped" if report["skipped"] else ""
         stdout.print(
-            f"{status} {report['passed']}/{report['passed'] + report['failed']} layers{skipped} "
-            f"({report['mode']} vs {report['source']}, backend {report['backend']}, "
-            f"{report['activation_dtype']} activations, {report['seconds']:.1f} s)"
+            f"{status} whole model ({report['architecture']}, {report['family']} limits, backend {report['backend']}, "
+            f"{report['activation_dtype']} vs float32 reference, {report['seconds']:.1f} s): {escape(parity_summary(report))}",
+            soft_wrap=True,
         )
-        if not report["ok"]:
-            stderr.print(f"[bold red]error:[/] {escape(report['error'])}", soft_wrap=True)
     if not report["ok"]:
-        sys.exit(report["exit_code"])
+        sys.exit(1)
+
+
+def _print_model(report: dict) -> None:
+    stdout.print(f"prompts: {escape(report['prompts']['from'])} ({report['prompts']['tokens']} tokens)", soft_wrap=True)
+    for problem in report["problems"]:
+        stdout.print(f"[bold red]problem:[/] {escape(problem)}", soft_wrap=True)
+    if "metrics" not in report:
+        return
+    table = Table(title="logits per prompt", title_justify="left")
+    for column in ("prompt", "tokens", "top-1", "max |Δlogit|", "mean KL"):
+        table.add_column(column)
+    for i, p in enumerate(report["metrics"]["per_prompt"]):
+        table.add_row(str(i), str(p["tokens"]), f"{p['top1_agreement']:.4f}", _num(p["max_logit_diff"], ".3g"), _num(p["mean_kl"], ".3g"))
+    stdout.print(table)
+    decode = report["decode"]
+    first = decode["first_divergence"]
+    where = "no divergence" if first is None else (
+        f"first divergence at prompt {first['prompt']}, step {first['step']}: reference {first['ref_token']}, "
+        f"converted {first['out_token']} (reference top-1 margin {first['ref_margin']:.3g})"
+    )
+    stdout.print(f"greedy decode of {decode['new_tokens']} tokens: {where}; reference layers {report['reference_layers']}")
 
 
 def _print_verify(report: dict) -> None:
@@ -621,8 +774,9 @@ def zoo_command(zoo_file, force, fail_fast, jobs, shard_text, shard_by, dry_run,
 
     try:
         report = run_zoo(selected, options, on_event, zoo_file=zoo_file, zoo_entries=len(entries))
-    except KeyboardInterrupt:
-        _fail("interrupted; entries in progress published nothing, finished entries are in place", EXIT_INTERRUPTED, as_json)
+    except (KeyboardInterrupt, interrupts.Interrupted) as e:
+        code = getattr(e, "exit_code", EXIT_INTERRUPTED)
+        _fail(f"{e or 'interrupted'}; entries in progress published nothing, finished entries are in place", code, as_json)
     _finish_zoo(report, outputs, as_json, quiet)
 
 
@@ -656,28 +810,29 @@ def _finish_zoo(report: dict, outputs: tuple, as_json: bool, quiet: bool) -> Non
     from npuconv.zoo_report import summary_line
 
     _write_reports(*outputs, report)
-    if as_json:
-        emit_json(report)
-    else:
-        for error in report.get("errors") or []:
-            stderr.print(f"[bold red]error:[/] {escape(error)}", soft_wrap=True)
-        if not quiet and report["entries"]:
-            _print_zoo(report)
-        elif quiet:
-            for r in report["entries"]:
-                if r["error"]:
-                    stderr.print(f"[bold red]{r['status']}:[/] {escape(r['name'])}: {escape(r['error'])}", soft_wrap=True)
-        totals = report["totals"]
-        status, _, counts = summary_line(report).partition(" ")
-        style = "green" if report["ok"] else "bold red"
-        stdout.print(
-            f"[{style}]{status}[/] {escape(counts)}; {human_bytes(totals['bytes_in'])} in, "
-            f"{human_bytes(totals['bytes_out'])} out, {totals['seconds']:.1f} s",
-            soft_wrap=True,
-        )
-    if report["exit_code"]:
-        sys.exit(report["exit_code"])
-
+    try:
+        if as_json:
+            emit_json(report)
+        else:
+            for error in report.get("errors") or []:
+                stderr.print(f"[bold red]error:[/] {escape(error)}", soft_wrap=True)
+            if not quiet and report["entries"]:
+                _print_zoo(report)
+            elif quiet:
+                for r in report["entries"]:
+                    if r["error"]:
+                        stderr.print(f"[bold red]{r['status']}:[/] {escape(r['name'])}: {escape(r['error'])}", soft_wrap=True)
+            totals = report["totals"]
+            status, _, counts = summary_line(report).partition(" ")
+            style = "green" if report["ok"] else "bold red"
+            stdout.print(
+                f"[{style}]{status}[/] {escape(counts)}; {human_bytes(totals['bytes_in'])} in, "
+                f"{human_bytes(totals['bytes_out'])} out, {totals['seconds']:.1f} s",
+                soft_wrap=True,
+            )
+    finally:  # also when the report cannot be printed (closed stdout)
+        if report["exit_code"]:
+            sys.exit(report["exit_code"])
 
 def _print_zoo(report: dict) -> None:
     from npuconv.zoo_report import verify_text
@@ -739,22 +894,19 @@ def _write_text(path: str, text: str, option: str) -> None:
         raise OutputError(f"{option} {path}: cannot write: {e.strerror or e}") from None
 
 
-def _terminate(signum, _frame) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main() -> None:
-    """Console-script entry point."""
+    """The CLI proper; ``npuconv.__main__.main`` (the console script) installs signal handling first."""
     from npuconv.memory import tune_allocator
 
     tune_allocator()
-    # SIGTERM (kill, timeout, container stop) unwinds like Ctrl-C, so the temporary output is removed
-    signal.signal(signal.SIGTERM, _terminate)
     if hasattr(signal, "SIGXFSZ"):
         # over a file-size limit, fail the write with EFBIG (clean error + cleanup) instead of dying
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    cli(prog_name="npuconv")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()
+    try:
+        cli(prog_name="npuconv")
+    finally:
+        interrupts.finish()
+        try:
+            sys.stdout.flush()
+        except (OSError, ValueError):  # a closed pipe: let the exit flush find /dev/null instead
+            _silence_stdout()

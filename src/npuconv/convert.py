@@ -7,7 +7,8 @@ Library API (the CLI is a thin shell over it)::
 
 Order of work: open and detect the source, plan every layer with the writer (kernel limits are
 checked here, before anything is written), split into shards, then stream layer by layer into a
-temporary directory that is renamed onto OUT at the end (see :mod:`npuconv.io.output`).
+temporary directory that is renamed onto OUT at the end. OUT is locked from planning to publishing;
+``--dry-run`` makes the same checks on MODEL and OUT as a real run (see :mod:`npuconv.io.publish`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from npuconv.model import LinearSpec, spec_to_dict
 from npuconv.io.output import (
     DEFAULT_MAX_SHARD,
     MANIFEST,
-    AtomicDirectory,
     Shard,
     Unit,
     index_json,
@@ -40,6 +40,7 @@ from npuconv.io.output import (
     write_json,
     write_shards,
 )
+from npuconv.io.publish import FILES_KEY, AtomicDirectory, check_target, output_files
 from npuconv.readers import open_reader
 from npuconv.readers.base import Reader
 from npuconv.io.source import open_source
@@ -172,25 +173,25 @@ def convert(
     started = time.perf_counter()
     checkpoint = open_source(model, options.revision)
     out = Path(out)
-    if not options.dry_run:
-        _check_paths(checkpoint.root, out)
-        _check_replaceable(out, options.force)
-    plan = make_plan(checkpoint, options)
-    report = {"plan": plan.describe()}
+    _check_paths(checkpoint.root, out)
+    check_target(out, options.force)  # the same refusals for --dry-run as for a real run
     if options.dry_run:
-        return report
-    total = plan.total_bytes
-    done = 0
+        return {"plan": make_plan(checkpoint, options).describe()}
+    with AtomicDirectory(out, force=options.force) as tmp:  # locks OUT for the rest of the run
+        plan = make_plan(checkpoint, options)
+        report = {"plan": plan.describe()}
+        total = plan.total_bytes
+        done = 0
 
-    def advance(unit: Unit) -> None:
-        nonlocal done
-        done += unit.nbytes
-        if on_progress:
-            on_progress(done, total)
+        def advance(unit: Unit) -> None:
+            nonlocal done
+            done += unit.nbytes
+            if on_progress:
+                on_progress(done, total)
 
-    workers = default_workers() if options.workers is None else options.workers
-    with AtomicDirectory(out, force=options.force) as tmp, _intra_op_threads(workers):
-        digests = write_shards(tmp, plan.shards, advance, workers)
+        workers = default_workers() if options.workers is None else options.workers
+        with _intra_op_threads(workers):
+            digests = write_shards(tmp, plan.shards, advance, workers)
         index = index_json(plan.shards, plan.writer.weight_prefix)
         if index:
             write_json(tmp / index[0], index[1])
@@ -243,7 +244,9 @@ def _intra_op_threads(workers: int):
 
 
 def _finish_output(directory: Path, checkpoint: Checkpoint, plan: ConversionPlan, manifest: dict) -> None:
-    """Everything after the shards: side files, config.json, the writer's extra files, npuconv.json."""
+    """Everything after the shards: side files, config.json, the writer's extra files, npuconv.json.
+
+    npuconv.json is written last and lists every file of the output (``files``), itself included."""
     _copy_side_files(checkpoint, plan.reader, directory)
     write_json(directory / "config.json", plan.writer.update_config(checkpoint.config, manifest))
     for filename, value in plan.writer.extra_files(manifest).items():
@@ -251,6 +254,7 @@ def _finish_output(directory: Path, checkpoint: Checkpoint, plan: ConversionPlan
             (directory / filename).write_text(value, encoding="utf-8")
         else:
             write_json(directory / filename, value)
+    manifest[FILES_KEY] = sorted({*output_files(directory), MANIFEST})  # what --force may replace
     write_json(directory / MANIFEST, manifest)
 
 
@@ -321,12 +325,6 @@ def _check_paths(source: Path, out: Path) -> None:
         raise InputError(f"{out}: the output must not be the model directory or inside it")
     if dst in src.parents:
         raise InputError(f"{out}: the output must not contain the model directory")
-
-
-def _check_replaceable(out: Path, force: bool) -> None:
-    """``--force`` replaces an earlier output, never an unrelated directory (or one holding other data)."""
-    if force and out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
-        raise OutputError(f"{out}: exists and is not an npuconv output (no {MANIFEST}); refusing to replace it")
 
 
 def _copy_side_files(checkpoint: Checkpoint, reader: Reader, directory: Path) -> None:

@@ -59,12 +59,14 @@ def load_output(path: str | Path, device: str | None = None, check_checksums: bo
         raise InputError(f"{path}: not an npuconv output (no npuconv.json with quant_method npuconv)")
     if check_checksums:
         check_shards(checkpoint.root, reader.manifest)
-    layers = {}
-    for spec in reader.linear_specs():
-        entry = reader.manifest["layers"][spec.name]
-        tensors = {role: to_backend(t, entry["tensors"][role], backend) for role, t in reader.tensors_of(spec).items()}
-        layers[spec.name] = NpuLinear(spec, entry, tensors, backend, target=reader.target_of(spec))
-    return layers
+    return {spec.name: load_layer(reader, spec, backend) for spec in reader.linear_specs()}
+
+
+def load_layer(reader, spec: LinearSpec, backend) -> NpuLinear:
+    """One converted layer of an npuconv output (``reader``: its NpuconvReader), on the backend's device."""
+    entry = reader.manifest["layers"][spec.name]
+    tensors = {role: to_backend(t, entry["tensors"][role], backend) for role, t in reader.tensors_of(spec).items()}
+    return NpuLinear(spec, entry, tensors, backend, target=reader.target_of(spec))
 
 
 def to_backend(tensor: torch.Tensor, entry: dict, backend) -> torch.Tensor:

@@ -14,6 +14,11 @@ Per layer (streamed, one layer in memory at a time):
    for weight-only kernels, and the dequantized output of the backend's own activation-quant op
    for W8A8/MX kernels (so the comparison isolates the weights, not activation rounding).
 
+Reference (``VerifyOptions.reference``, :mod:`npuconv.references`): ``npuconv`` dequantizes the
+source with npuconv's own reader; ``tool`` with the library that wrote it (compressed-tensors,
+msModelSlim), so that a reader bug cannot pass on both sides; ``auto`` uses the tool when it is
+importable. The report's ``reference`` (and each layer's) names the one used.
+
 Metrics: max abs error, relative L2 error, cosine similarity. A layer passes when the layout
 check holds and ``rel_l2 <= max_rel_l2`` and ``cosine >= min_cosine`` (each target's
 :meth:`~npuconv.writers.base.Target.thresholds`, per activation dtype, derived from the rounding
@@ -43,12 +48,14 @@ import torch
 
 from npuconv.io.checkpoint import Checkpoint, config_dtype
 from npuconv.entries import from_storage
-from npuconv.errors import InputError
+from npuconv.errors import InputError, VerificationFailed
 from npuconv.model import LinearSpec, QuantizedLinear, dequantize
 from npuconv.io.output import MANIFEST, check_shards
 from npuconv.readers import open_reader
 from npuconv.readers.base import Reader
 from npuconv.readers.npuconv_output import NpuconvReader
+from npuconv.references import ToolMismatch, ToolReference
+from npuconv.references import select as select_reference
 from npuconv.registry import layer_target, native_target, target_class
 from npuconv.runtime import to_backend
 from npuconv.io.source import looks_like_hub_id, open_source
@@ -68,6 +75,26 @@ class VerifyOptions:
     skip_checksum: bool = False
     max_rel_l2: float | None = None  # override every target's threshold
     min_cosine: float | None = MIN_COSINE  # None: each target's (Target.thresholds)
+    reference: str = "npuconv"  # npuconv | tool | auto (npuconv.references)
+
+    def __post_init__(self) -> None:
+        """Every numeric option in range and finite (InputError naming the option otherwise)."""
+        if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or not 1 <= self.tokens <= MAX_TOKENS:
+            raise InputError(f"tokens {self.tokens!r} must be an integer from 1 to {MAX_TOKENS}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise InputError(f"seed {self.seed!r} must be an integer from 0 to 2**64-1")
+        if self.max_rel_l2 is not None and not (_finite(self.max_rel_l2) and self.max_rel_l2 > 0):
+            raise InputError(f"max_rel_l2 {self.max_rel_l2!r} must be a finite number > 0")
+        if not (_finite(self.min_cosine) and -1 <= self.min_cosine <= 1):
+            raise InputError(f"min_cosine {self.min_cosine!r} must be a finite number from -1 to 1")
+
+
+MAX_TOKENS = 65536
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -82,6 +109,7 @@ class LayerResult:
     threshold: float
     status: str  # "pass" | "fail" | "skip"
     note: str = ""
+    reference: str = "npuconv"  # whose dequantization of the source y_ref was computed from
 
     @property
     def passed(self) -> bool:
@@ -116,12 +144,14 @@ def verify(path: str | Path, options: VerifyOptions, on_layer: Callable[[int, in
     started = time.perf_counter()
     backend = get_backend(options.device)
     output_ckpt = open_source(path)
+    check_loadable(output_ckpt)
     output_reader = open_reader(output_ckpt)
     pairing = _pair(output_ckpt, output_reader, options)
     act_dtype = config_dtype(output_ckpt.config) or torch.bfloat16
     if act_dtype == torch.float32:
         act_dtype = torch.bfloat16
     source_specs = {s.name: s for s in pairing.source.linear_specs()}
+    tool = select_reference(options.reference, pairing.source)
     specs = [s for s in output_reader.linear_specs() if not options.layers or fnmatch.fnmatchcase(s.name, options.layers)]
     if options.layers and not specs:
         raise InputError(f"--layers {options.layers!r} matches no quantized layer")
@@ -133,7 +163,7 @@ def verify(path: str | Path, options: VerifyOptions, on_layer: Callable[[int, in
         if spec.name not in source_specs:
             raise InputError(f"layer '{spec.name}' is not a quantized layer of the source {pairing.source.ckpt.source_id}")
         x = torch.randn(options.tokens, spec.in_features, generator=generator).to(act_dtype)
-        results.append(_verify_layer(spec, source_specs[spec.name], pairing, backend, x, options))
+        results.append(_verify_layer(spec, source_specs[spec.name], pairing, backend, x, options, tool))
         log.info("layer %d/%d %s: %s %s", i + 1, len(specs), spec.name, results[-1].status, results[-1].note)
         if on_layer:
             on_layer(i + 1, len(specs))
@@ -147,6 +177,7 @@ def verify(path: str | Path, options: VerifyOptions, on_layer: Callable[[int, in
         "mode": pairing.mode,
         "output": str(path),
         "source": pairing.source.ckpt.source_id,
+        "reference": tool.name if tool is not None else "npuconv",
         "activation_dtype": str(act_dtype).removeprefix("torch."),
         "tokens": options.tokens,
         "seed": options.seed,
@@ -156,6 +187,22 @@ def verify(path: str | Path, options: VerifyOptions, on_layer: Callable[[int, in
         "skipped": counts["skip"],
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def check_loadable(checkpoint: Checkpoint) -> None:
+    """Open every weight file with the safetensors library, as a serving engine's loader does, and
+    check it sees the same tensors (names, shapes) as npuconv; raise VerificationFailed if not."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in checkpoint.weight_files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                seen = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise VerificationFailed(f"{path.name}: the safetensors library cannot open it: {e}") from None
+        ours = {info.name: info.shape for info in checkpoint.tensors.values() if info.path == path}
+        if seen != ours:
+            raise VerificationFailed(f"{path.name}: the safetensors library reads other tensors than npuconv does")
 
 
 def _verdict(counts: dict[str, int], results: list[LayerResult]) -> dict:
@@ -178,13 +225,7 @@ def _pair(output_ckpt: Checkpoint, output_reader: Reader, options: VerifyOptions
         manifest = output_reader.manifest
         if not options.skip_checksum:
             check_shards(output_ckpt.root, manifest)
-        source_id = options.source or (manifest.get("source") or {}).get("id")
-        if not source_id:
-            raise InputError(f"{MANIFEST} names no source; pass --source MODEL")
-        source = open_reader(_open_recorded_source(source_id, options))
-        recipe = target_class(manifest["target"]).offline_recipe
-        if recipe is not None:  # a float source: its linears quantized as the conversion did (npuconv.offline)
-            source.quantize_float_linears(recipe)
+        source = source_reader(manifest, options.source)
 
         def decode(spec: LinearSpec) -> tuple[QuantizedLinear, dict]:
             stored = output_reader.tensors_of(spec)  # read once: decoded for the layout check, run as is
@@ -202,7 +243,7 @@ def _pair(output_ckpt: Checkpoint, output_reader: Reader, options: VerifyOptions
     if manifest.get("shards") and not options.skip_checksum:
         check_shards(output_ckpt.root, manifest)
     source_id = options.source or (manifest.get("source") or {}).get("id")
-    source = open_reader(_open_recorded_source(source_id, options)) if source_id else output_reader
+    source = open_reader(_open_recorded_source(source_id, explicit=bool(options.source))) if source_id else output_reader
 
     def decode(spec: LinearSpec) -> tuple[QuantizedLinear, None]:
         return output_reader.load(spec), None
@@ -223,9 +264,22 @@ def _pair(output_ckpt: Checkpoint, output_reader: Reader, options: VerifyOptions
     return _Pairing(output_reader, source, decode, in_memory, "paired" if source_id else "source")
 
 
-def _open_recorded_source(source_id: str, options: VerifyOptions) -> Checkpoint:
-    """The source to compare with; a recorded one that is gone asks for ``--source``."""
-    if options.source:
+def source_reader(manifest: dict, source: str | None = None) -> Reader:
+    """The reader of an npuconv output's source (``source``, else the one its manifest records); a
+    float source has its linears quantized as the conversion did (npuconv.offline)."""
+    source_id = source or (manifest.get("source") or {}).get("id")
+    if not source_id:
+        raise InputError(f"{MANIFEST} names no source; pass --source MODEL")
+    reader = open_reader(_open_recorded_source(source_id, explicit=bool(source)))
+    recipe = target_class(manifest["target"]).offline_recipe
+    if recipe is not None:
+        reader.quantize_float_linears(recipe)
+    return reader
+
+
+def _open_recorded_source(source_id: str, explicit: bool) -> Checkpoint:
+    """The source to compare with; a recorded one (not ``explicit``ly given) that is gone asks for ``--source``."""
+    if explicit:
         return open_source(source_id)
     if not looks_like_hub_id(source_id) and not Path(source_id).exists():
         raise InputError(f"source {source_id} (recorded in {MANIFEST}) not found; pass --source MODEL")
@@ -241,7 +295,8 @@ class _Skip(Exception):
 
 
 # ------------------------------------------------------------------------------------- per layer
-def _verify_layer(spec, source_spec, pairing: _Pairing, backend, x, options: VerifyOptions) -> LayerResult:
+def _verify_layer(spec, source_spec, pairing: _Pairing, backend, x, options: VerifyOptions,
+                  tool: ToolReference | None = None) -> LayerResult:
     device = backend.device if backend.name != "npu" else "cpu"  # where the reference is computed
     source_layer = pairing.source.load(source_spec)
     output_layer, stored = (source_layer, None) if pairing.mode == "source" else pairing.decode(spec)
@@ -254,14 +309,23 @@ def _verify_layer(spec, source_spec, pairing: _Pairing, backend, x, options: Ver
     kernel = entry["kernel"]
     moved = {role: to_backend(t, entry["tensors"][role], backend) for role, t in tensors.items()}
     y, x_effective = target.run(backend, entry, spec, moved, x.to(backend.device))
-    y_ref = reference_output(source_layer.to(device), x_effective)
+    try:
+        tool_weight = tool.weight(source_spec) if tool is not None else None
+    except ToolMismatch as mismatch:
+        return LayerResult(spec.name, spec.scheme, kernel, exact, math.nan, math.nan, math.nan, math.nan, "fail",
+                           f"tool reference: {mismatch}", tool.name)
+    y_ref = reference_output(source_layer.to(device), x_effective, tool_weight)
     max_abs, rel_l2, cosine = compare(y.double().cpu(), y_ref)
     limits = target.thresholds(entry, x.dtype)
     threshold = options.max_rel_l2 if options.max_rel_l2 is not None else limits.max_rel_l2
     min_cosine = options.min_cosine if options.min_cosine is not None else limits.min_cosine
     passed = bool(exact is not False and rel_l2 <= threshold and cosine >= min_cosine)
     note = "" if exact is not False else "decoded layout differs from the source"
-    return LayerResult(spec.name, spec.scheme, kernel, exact, max_abs, rel_l2, cosine, threshold, "pass" if passed else "fail", note)
+    if tool is not None and tool_weight is None:
+        note = "; ".join(filter(None, [note, f"{tool.name} has no dequantization for {spec.scheme}: npuconv reference"]))
+    reference = tool.name if tool_weight is not None else "npuconv"
+    return LayerResult(spec.name, spec.scheme, kernel, exact, max_abs, rel_l2, cosine, threshold,
+                       "pass" if passed else "fail", note, reference)
 
 
 def same_weights(a: QuantizedLinear, b: QuantizedLinear) -> bool:
@@ -289,11 +353,12 @@ def same_canonical(a: QuantizedLinear, b: QuantizedLinear) -> bool:
     return torch.equal(a.group_index(), b.group_index())
 
 
-def reference_output(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
+def reference_output(layer: QuantizedLinear, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ dequant(layer)ᵀ + bias`` in float64 from the float32 dequantization (exact for every
     supported format) with a float32 matmul: its relative error (~1e-6) is far below every threshold.
-    A stacked MoE layer (weight ``[E, N, K]``) gives ``[E, M, N]``: every token through every expert."""
-    weight = dequantize(layer, torch.float32)
+    A stacked MoE layer (weight ``[E, N, K]``) gives ``[E, M, N]``: every token through every expert.
+    ``weight`` (float32, the layer's shape): a tool's dequantization used instead of npuconv's."""
+    weight = dequantize(layer, torch.float32) if weight is None else weight.to(x.device, torch.float32)
     y = (x.to(weight.device, torch.float32) @ weight.transpose(-1, -2)).double()
     if layer.bias is not None:
         bias = layer.bias.double()

@@ -21,7 +21,8 @@ Keys (per ``[[model]]``; all but ``source``/``output``/``name`` may also be in `
 ``source`` and ``output`` (required), ``name``, ``target`` (default ``npu``, as ``convert``),
 ``nz`` (bool; default: the target's), ``dtype`` (``float32|bfloat16|float16``, float target),
 ``mx_layout`` (``vllm-ascend|sglang``), ``max_shard_size`` (``"5GB"`` or an integer of bytes),
-``verify`` (bool, default false). Unknown keys are errors. There is no ``layers_skip``:
+``verify`` (bool, default false), ``model`` (bool, default false: also run the whole-model parity
+check, ``npuconv verify OUT --model``, which needs ``npuconv[model]``). Unknown keys are errors. There is no ``layers_skip``:
 conversion always writes every quantized linear of a model (``npuconv convert`` has no per-layer
 skip either).
 
@@ -49,7 +50,7 @@ from npuconv.io.source import looks_like_hub_id
 from npuconv.io.output import DEFAULT_MAX_SHARD, MANIFEST
 
 ENTRY_ONLY_KEYS = ("source", "output", "name")
-OPTION_KEYS = ("target", "nz", "dtype", "mx_layout", "max_shard_size", "verify")
+OPTION_KEYS = ("target", "nz", "dtype", "mx_layout", "max_shard_size", "verify", "model")
 DTYPES = ("float32", "bfloat16", "float16")
 MX_LAYOUTS = ("vllm-ascend", "sglang")
 STATUSES = ("converted", "skipped", "failed", "verify-failed", "not-run")
@@ -77,6 +78,7 @@ class ZooEntry:
     mx_layout: str = "vllm-ascend"
     max_shard_bytes: int = DEFAULT_MAX_SHARD
     verify: bool = False
+    model: bool = False  # whole-model parity (npuconv.parity) after conversion
 
     def convert_options(self, force: bool = False, dry_run: bool = False):
         import torch
@@ -158,9 +160,10 @@ def load_zoo(path: str | Path) -> list[ZooEntry]:
         # an existing path (relative to the zoo file) wins; otherwise org/name[@rev] is a Hub id
         source = str(local) if local.exists() or not looks_like_hub_id(source_text) else source_text
         output = Path(os.path.abspath(base / Path(output_text).expanduser()))
-        if output in seen:
-            raise ZooFileError(f"{path}: {where}: output {output_text!r} is also the output of model[{seen[output]}]")
-        seen[output] = i
+        real = Path(os.path.realpath(output))  # two spellings of one directory (a symlink alias) are one output
+        if real in seen:
+            raise ZooFileError(f"{path}: {where}: output {output_text!r} is also the output of model[{seen[real]}]")
+        seen[real] = i
         size = get("max_shard_size", (str, int))
         try:
             max_shard_bytes = DEFAULT_MAX_SHARD if size is None else parse_size(size) if isinstance(size, str) else int(size)
@@ -181,6 +184,7 @@ def load_zoo(path: str | Path) -> list[ZooEntry]:
                 mx_layout=get("mx_layout", str, choices=MX_LAYOUTS) or "vllm-ascend",
                 max_shard_bytes=max_shard_bytes,
                 verify=bool(get("verify", bool)),
+                model=bool(get("model", bool)),
             )
         )
     return entries
@@ -235,6 +239,7 @@ def _result(entry: ZooEntry, status: str, **values) -> dict:
         "error": values.get("error"),
         "exit_code": values.get("exit_code", 0),
         "verify": values.get("verify"),
+        "model": values.get("model"),
         "warnings": values.get("warnings", []),
     }
 
@@ -277,6 +282,8 @@ def run_entry(
         status = "failed"
     if status != "failed" and entry.verify and not dry_run:
         status = _verify_entry(entry, values, status)
+    if status not in ("failed", "verify-failed") and entry.model and not dry_run:
+        status = _model_entry(entry, values, status)
     values["seconds"] = round(time.perf_counter() - started, 3)
     return _result(entry, status, **values)
 
@@ -285,15 +292,8 @@ def _verify_entry(entry: ZooEntry, values: dict, status: str) -> str:
     """Verify the output (converted or skipped alike); STATUS stays, or becomes ``verify-failed``."""
     from npuconv.verify import VerifyOptions, verify
 
-    source = entry.source
-    fingerprint = _read_manifest(entry.output).get("source_fingerprint") or {}
-    if fingerprint.get("kind") == "hub" and fingerprint.get("repo") and fingerprint.get("commit"):
-        source = f"{fingerprint['repo']}@{fingerprint['commit']}"  # the commit converted, not where a branch is now
-    try:
-        report = verify(entry.output, VerifyOptions(source=source))
-    except Exception as e:
-        message, _ = _error_text(e)
-        values.update(error=f"verify: {message}", exit_code=1, verify={"ok": False, "error": message})
+    report = _check(values, "verify", lambda: verify(entry.output, VerifyOptions(source=_converted_source(entry))))
+    if report is None:
         return "verify-failed"
     values["verify"] = {k: report[k] for k in ("ok", "passed", "failed", "skipped", "backend", "seconds")}
     if report["ok"]:
@@ -308,6 +308,39 @@ def _verify_entry(entry: ZooEntry, values: dict, status: str) -> str:
         exit_code=1,
     )
     return "verify-failed"
+
+
+def _model_entry(entry: ZooEntry, values: dict, status: str) -> str:
+    """Whole-model parity of the output; STATUS stays, or becomes ``verify-failed``."""
+    from npuconv.parity import ParityOptions, check_model, parity_summary
+
+    report = _check(values, "model", lambda: check_model(entry.output, ParityOptions(source=_converted_source(entry))))
+    if report is None:
+        return "verify-failed"
+    values["model"] = {k: report.get(k) for k in ("ok", "family", "metrics", "decode", "problems", "seconds")}
+    if report["ok"]:
+        return status
+    values.update(error=f"verify --model: {parity_summary(report)}", exit_code=1)
+    return "verify-failed"
+
+
+def _check(values: dict, key: str, run: Callable[[], dict]) -> dict | None:
+    """Run a check; on an error record it under ``key`` (exit code 1) and return None."""
+    try:
+        return run()
+    except Exception as e:
+        message, _ = _error_text(e)
+        label = "verify" if key == "verify" else "verify --model"
+        values.update(error=f"{label}: {message}", exit_code=1, **{key: {"ok": False, "error": message}})
+        return None
+
+
+def _converted_source(entry: ZooEntry) -> str:
+    """The source to check an output against: for a Hub source the commit converted, not where a branch is now."""
+    fingerprint = _read_manifest(entry.output).get("source_fingerprint") or {}
+    if fingerprint.get("kind") == "hub" and fingerprint.get("repo") and fingerprint.get("commit"):
+        return f"{fingerprint['repo']}@{fingerprint['commit']}"
+    return entry.source
 
 
 def _read_manifest(output: Path) -> dict:
@@ -332,8 +365,10 @@ def _worker(entry: ZooEntry, force: bool, env: dict, threads: int | None, conn) 
     """Body of a worker process: run one entry and send its result back."""
     os.environ.clear()
     os.environ.update(env)  # the zoo command's environment now, not the forkserver's at its start
+    from npuconv import interrupts
     from npuconv.memory import tune_allocator
 
+    interrupts.install()  # SIGINT / SIGTERM / SIGHUP: clean up the entry's temporary output, then report
     tune_allocator()  # what `npuconv convert` does at start (glibc only)
     if threads:
         import torch
@@ -350,8 +385,8 @@ def _worker(entry: ZooEntry, force: bool, env: dict, threads: int | None, conn) 
 
     try:
         result = run_entry(entry, force, on_progress=progress)
-    except KeyboardInterrupt:
-        result = _result(entry, "failed", error="interrupted", exit_code=130)
+    except (KeyboardInterrupt, interrupts.Interrupted) as e:
+        result = _result(entry, "failed", error=str(e) or "interrupted", exit_code=getattr(e, "exit_code", 130))
     result["peak_rss_bytes"] = _peak_rss_bytes()
     conn.send(result)
     conn.close()

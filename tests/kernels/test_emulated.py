@@ -10,6 +10,8 @@ import math
 import pytest
 import torch
 
+from spec_decoders import e8m0, fp4_of_bytes, ocp_mx_reference
+
 from npuconv import layouts as L
 from npuconv.kernels import emulated as E
 from npuconv.kernels import get_backend
@@ -263,10 +265,10 @@ def test_quant_matmul_gb_blocks(dev):
     assert torch.equal(y.cpu(), ref.float().to(torch.bfloat16))
 
 
-def _mx_reference(x1v, s1, x2v_nk, s2_nk):
-    a = x1v.double() * L.e8m0_decode(s1).double().repeat_interleave(32, -1)[..., : x1v.shape[-1]]
-    b = x2v_nk.double() * L.e8m0_decode(s2_nk).double().repeat_interleave(32, -1)[..., : x2v_nk.shape[-1]]
-    return (a @ b.t()).float()
+def _mx_reference(x, w, element, x_round="rint"):
+    """The OCP MX rule computed in the test (tests/spec_decoders.py), not from npuconv.layouts:
+    both operands quantized along K in 32-blocks, dequantized, multiplied in float64."""
+    return (ocp_mx_reference(x, element, x_round) @ ocp_mx_reference(w, element).t()).float()
 
 
 @pytest.mark.parametrize("k", [64, 96])  # 96: Kb = 3 is odd, the scale pairs are padded (ops §4.5)
@@ -277,7 +279,7 @@ def test_quant_matmul_mxfp8(dev, k):
     w = torch.randn(n, k, generator=gen)  # checkpoint layout (N, K)
     xq, xs = L.mx_quantize(x, "e4m3fn")
     wq, ws = L.mx_quantize(w, "e4m3fn")  # ws (N, Kb)
-    ref = _mx_reference(xq.float(), xs, wq.float(), ws)
+    ref = _mx_reference(x, w, "fp8")
     bias = torch.randn(n, generator=gen)
     kwargs = dict(pertoken_scale=L.mx_scale_pairs(xs).to(dev), bias=bias.to(dev), output_dtype=torch.float32, group_sizes=[1, 1, 32])
     # vllm-ascend: contiguous (K, N) weight and (Kb/2, N, 2) scale
@@ -295,7 +297,7 @@ def test_quant_matmul_mxfp4(dev):
     w = torch.randn(n, k, generator=gen)
     xc, xs = L.mx_quantize(x, "e2m1", round_mode="round")
     wc, ws = L.mx_quantize(w, "e2m1")
-    ref = _mx_reference(L.fp4_decode(xc), xs, L.fp4_decode(wc), ws)
+    ref = _mx_reference(x, w, "fp4", "round")
     y = E.npu_quant_matmul(
         L.fp4_pack(xc).to(dev),
         L.fp4_pack(wc).to(dev).t(),  # uint8 (N, K/2) -> transposed view (K/2, N)
@@ -317,9 +319,10 @@ def test_quant_matmul_mxfp4(dev):
 def test_dynamic_mx_quant_tail_axis(dev):
     x = torch.randn(3, 96, generator=torch.Generator().manual_seed(8)).to(dev)
     y, s = E.npu_dynamic_mx_quant(x)  # default dst 296 = FP4 E2M1
-    codes, scale = L.mx_quantize(x, "e2m1")
-    assert y.dtype == torch.uint8 and y.shape == (3, 48) and torch.equal(y, L.fp4_pack(codes))
-    assert s.shape == (3, 2, 2) and torch.equal(s, L.mx_scale_pairs(scale))
+    assert y.dtype == torch.uint8 and y.shape == (3, 48) and s.shape == (3, 2, 2)
+    # decoded with the spec decoders (pairs low nibble first, block j at [.., j//2, j%2]) = the OCP MX rule
+    decoded = fp4_of_bytes(y.cpu()) * e8m0(s.cpu().reshape(3, 4))[:, torch.arange(96) // 32]
+    assert torch.equal(decoded, ocp_mx_reference(x.cpu(), "fp4"))
     y8, s8 = E.npu_dynamic_mx_quant(x.to(torch.bfloat16), dst_type=torch.float8_e4m3fn)
     assert y8.dtype == torch.float8_e4m3fn and y8.shape == (3, 96) and s8.shape == (3, 2, 2)
 
@@ -328,9 +331,8 @@ def test_dynamic_mx_quant_non_tail_axis(dev):
     x = torch.randn(96, 6, generator=torch.Generator().manual_seed(9)).to(dev)
     y, s = E.npu_dynamic_mx_quant(x, axis=0, dst_type=292)
     assert y.shape == (96, 6) and s.shape == (2, 6, 2)
-    _, scale = L.mx_quantize(x.t(), "e4m3fn")  # (6, 3): block j of column p
-    for j in range(3):
-        assert torch.equal(s[j // 2, :, j % 2], scale[:, j])  # ops §5.2 interleave
+    decoded = y.cpu().double() * e8m0(s.cpu().permute(1, 0, 2).reshape(6, 4))[:, torch.arange(96) // 32].T
+    assert torch.equal(decoded, ocp_mx_reference(x.cpu().t(), "fp8").T)  # block j of column p at s[j//2, p, j%2]
     assert (s[1, :, 1] == 0).all()  # padded block
     yf, _ = E.npu_dynamic_mx_quant(x, axis=0)
     assert yf.shape == (96, 3)  # FP4 pairs always along the last dim

@@ -234,6 +234,16 @@ def write_checkpoint(root: Path, tensors: dict[str, torch.Tensor], config: dict)
     return root
 
 
+def set_config(root: Path, **changes) -> None:
+    """Change settings in quantize_config.json and config.json's quantization_config alike."""
+    config = json.loads((root / "quantize_config.json").read_text())
+    config.update(changes)
+    (root / "quantize_config.json").write_text(json.dumps(config))
+    full = json.loads((root / "config.json").read_text())
+    full["quantization_config"].update(changes)
+    (root / "config.json").write_text(json.dumps(full))
+
+
 def gptq_config(bits=4, group_size=32, sym=False, desc_act=False, fmt=V1, **extra) -> dict:
     return {"bits": bits, "group_size": group_size, "sym": sym, "desc_act": desc_act, "quant_method": "gptq",
             "checkpoint_format": fmt, "format": fmt, "pack_dtype": "int32", **extra}
@@ -398,9 +408,7 @@ def test_tiny_checkpoint_is_valid(tmp_path):
 )
 def test_config_errors(tmp_path, extra, error, pattern):
     root = tiny_gptq(tmp_path)
-    config = json.loads((root / "quantize_config.json").read_text())
-    config.update(extra)
-    (root / "quantize_config.json").write_text(json.dumps(config))
+    set_config(root, **extra)
     with pytest.raises(error, match=pattern):
         open_reader(Checkpoint(root)).linear_specs()
 
@@ -431,9 +439,7 @@ def test_tensor_errors_name_the_tensor(tmp_path, kwargs, pattern):
 
 def test_group_size_not_dividing_k_is_an_error(tmp_path):
     root = tiny_gptq(tmp_path)  # written with g = 32, declared 48 afterwards
-    config = json.loads((root / "quantize_config.json").read_text())
-    config["group_size"] = 48
-    (root / "quantize_config.json").write_text(json.dumps(config))
+    set_config(root, group_size=48)
     with pytest.raises(InputError, match=rf"'{P}\.qweight'.*group_size 48 does not divide in_features K = 64"):
         open_reader(Checkpoint(root)).linear_specs()
 

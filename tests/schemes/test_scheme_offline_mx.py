@@ -1,7 +1,8 @@
 """Offline MX quantization of float checkpoints (``--to npu-mxfp8|npu-mxfp4`` on a bf16 model).
 
-The written bytes must equal ``npu_dynamic_mx_quant`` applied to the weight online; the manifest
-records the quantization error, which a spec-derived decoder recomputes; verify passes against the
+The written bytes, decoded from the spec, must equal the OCP MX rule computed in the test
+(tests/spec_decoders.py) — the rule ``npu_dynamic_mx_quant`` applies online; the manifest records
+the quantization error, which a spec-derived decoder recomputes; verify passes against the
 MX-dequantized weights and catches a planted E8M0 bug.
 """
 
@@ -12,11 +13,11 @@ import torch
 from click.testing import CliRunner
 from conftest import FIXTURES
 from scheme_helpers import make_float_model, manifest, nibbles_of_bytes, read_all
+from spec_decoders import ocp_mx_reference
 
 from npuconv.io.checkpoint import Checkpoint
 from npuconv.cli import cli
 from npuconv.convert import ConvertOptions, convert
-from npuconv.kernels import emulated
 from npuconv.readers import open_reader
 from npuconv.registry import get_target
 from npuconv.verify import VerifyOptions, verify
@@ -56,7 +57,7 @@ def test_inspect_of_a_float_model_still_shows_no_quantized_layer(float_base):
     assert len(reader.linear_specs()) == 7
 
 
-@pytest.mark.parametrize("target,element", [("npu-mxfp8", torch.float8_e4m3fn), ("npu-mxfp4", 296)])
+@pytest.mark.parametrize("target,element", [("npu-mxfp8", "fp8"), ("npu-mxfp4", "fp4")])
 def test_float_llama_to_mx(target, element, float_base, tmp_path, monkeypatch):
     out = tmp_path / "out"
     convert(float_base, out, ConvertOptions(target))
@@ -66,13 +67,10 @@ def test_float_llama_to_mx(target, element, float_base, tmp_path, monkeypatch):
     assert m["source"]["offline_quantization"] == target and len(m["layers"]) == 7
     for name, layer in m["layers"].items():
         weight = source[f"{name}.weight"]
-        # offline == online: the op quantizing the [K, N] weight along K gives the stored bytes
-        y, mxscale = emulated.npu_dynamic_mx_quant(weight.T.contiguous(), axis=0, dst_type=element)
-        roles = layer["tensors"]
-        assert torch.equal(tensors[roles["weight"]["name"]].view(torch.uint8), y.view(torch.uint8)), name
-        assert torch.equal(tensors[roles["weight_scale"]["name"]], mxscale), name
-        # the recorded error is the rel L2 of the stored weight against the float one
+        # the stored weight, decoded from the spec, is the OCP MX rule applied to the float weight
         decoded = decode_mx(layer, tensors)
+        assert torch.equal(decoded, ocp_mx_reference(weight.float(), element)), name
+        # the recorded error is the rel L2 of the stored weight against the float one
         expected = ((decoded - weight.double()).norm() / weight.double().norm()).item()
         block = layer["offline_quantization"]
         assert block["source_dtype"] == "bfloat16" and block["rel_l2"] == pytest.approx(expected, rel=1e-9)

@@ -22,6 +22,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import ALL_FIXTURES, FIXTURES, load_reference
+from oracle_env import tool_dequant
 
 from npuconv.io.checkpoint import Checkpoint
 from npuconv.cli import cli
@@ -675,104 +676,53 @@ def test_warnings_at_plan_time(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- msModelSlim as oracle
-def msmodelslim_dequant(directory: Path) -> dict[str, torch.Tensor]:
-    """Decode an AscendV1 directory with msModelSlim's own readers (the packers are checked on the way)."""
-    fq = pytest.importorskip(
-        "msmodelslim.pytorch.llm_ptq.llm_ptq_tools.calibrator.calibrator_classes.fake_quantize")
-    from msmodelslim.core.quant_service.modelslim_v1.save.utils.deqscale import deqscale2int64
-    from msmodelslim.core.quant_service.modelslim_v1.save.utils.pack import (
-        pack_fp4_to_uint8,
-        process_scale,
-        w4a8_pack_int4,
-    )
-    from msmodelslim.pytorch.llm_ptq.llm_ptq_tools.save.complex_quantifier import _w4a16_pack_int4
+# msModelSlim's own readers and packers (npuconv.references.modelslim) run in the msModelSlim venv
+# (tests/oracle_env.py): in CI these tests run, they never skip there.
+@pytest.fixture(scope="module")
+def ms_decoded_outputs(outputs, tmp_path_factory) -> dict[str, dict[str, torch.Tensor]]:
+    names = sorted(EXPECTED)
+    decoded = tool_dequant("modelslim", [outputs[n] for n in names], tmp_path_factory.mktemp("ms_oracle"))
+    return dict(zip(names, decoded))
 
-    description = json.loads((directory / DESCRIPTION).read_text())
-    tensors = read_all(directory)
-    e2m1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
-    out = {}
-    for key, qtype in description.items():
-        if not key.endswith(".weight") or qtype == "FLOAT" or not isinstance(qtype, str):
-            continue
-        p = key[: -len(".weight")]
-        w = tensors[key]
-        linear = lambda n, k: torch.nn.Linear(k, n, bias=False)  # noqa: E731
-        if qtype in ("W8A16", "W4A16", "W8A8_DYNAMIC", "W4A8_DYNAMIC", "W4A4_DYNAMIC"):
-            scale, offset = tensors[f"{p}.weight_scale"], tensors[f"{p}.weight_offset"]
-            n = scale.shape[0]
-            if qtype == "W4A8_DYNAMIC" or (qtype == "W4A16" and w.shape[0] * 2 == n):  # pairs along N
-                values = torch.stack([(w << 4) >> 4, w >> 4], 1).reshape(n, -1)
-                packer = w4a8_pack_int4 if qtype == "W4A8_DYNAMIC" else lambda v: _w4a16_pack_int4(v, False)
-                assert torch.equal(packer(values.to(torch.int8)), w), key
-            elif qtype == "W4A16":  # per-channel, pairs along K
-                values = torch.stack([(w << 4) >> 4, w >> 4], -1).reshape(n, -1)
-                assert torch.equal(_w4a16_pack_int4(values.to(torch.int8), True), w), key
-            else:
-                values = w
-            if qtype == "W4A8_DYNAMIC":  # msModelSlim's own scale_bias from the unpacked values
-                deq = values.to(torch.float32).T * scale[:, 0]
-                assert torch.equal(process_scale(p, deq.T, 16), tensors[f"{p}.scale_bias"]), p
-            m = fq.FakeLinearQuantizerOfW8A16OrW4A16()
-            m.set_param(linear=linear(*values.shape), quant_weight=values.to(torch.float32),
-                        weight_offset=offset.to(torch.float32), weight_scale=scale.to(torch.float32))
-            out[p] = m.deq_weight.float()
-        elif qtype == "W8A8":
-            deq = tensors[f"{p}.deq_scale"]
-            if deq.dtype != torch.int64:
-                deq = deqscale2int64(deq)
-            else:
-                as_float = decode_deq_scale(deq)
-                assert torch.equal(deqscale2int64(as_float), deq), p
-            m = fq.FakeLinearQuantizerOfW8A8()
-            m.set_param(linear=linear(*w.shape), is_dynamic=False, deq_scale=deq,
-                        input_offset=tensors[f"{p}.input_offset"], input_scale=tensors[f"{p}.input_scale"],
-                        quant_weight=w.to(torch.float32))
-            out[p] = m.weight.float()
-        elif qtype == "WFP8AFP8_DYNAMIC":  # msModelSlim's QAL dequantize, per-channel fp8 (as its IR forward)
-            from msmodelslim.ir.api import dequantize as qal_dequantize
-            from msmodelslim.ir.qal import QDType, QParam, QScheme, QScope, QStorage
 
-            assert not bool(tensors[f"{p}.weight_offset"].any())
-            scheme = QScheme(scope=QScope.PER_CHANNEL, dtype=QDType.FP8_E4M3, symmetric=True)
-            param = QParam(scheme=scheme, ext={"scale": tensors[f"{p}.weight_scale"][:, 0]})
-            out[p] = qal_dequantize(QStorage(dtype=QDType.FP8_E4M3, value=w).T, param).T.value.float()
-        elif qtype in ("W8A8_MXFP8", "W4A8_MXFP", "W4A4_MXFP4", "W4A16_MXFP4"):
-            if qtype == "W8A8_MXFP8":
-                values = w.to(torch.float32)
-            else:
-                nibbles = torch.stack([w & 0xF, w >> 4], -1).reshape(w.shape[0], -1).long()
-                values = torch.where(nibbles >= 8, -e2m1[nibbles & 7], e2m1[nibbles & 7])
-                assert torch.equal(pack_fp4_to_uint8(values), w), key
-            from msmodelslim.ir.api import dequantize as qal_dequantize
-            from msmodelslim.ir.qal import QDType, QParam, QScheme, QScope, QStorage
-            from msmodelslim.ir.utils import reshape_to_blocks, undo_reshape_to_blocks
-
-            dtype = QDType.MXFP8 if qtype == "W8A8_MXFP8" else QDType.MXFP4
-            storage = QStorage(dtype=dtype, value=values)
-            storage.value, _, shape, padded = reshape_to_blocks(storage.value, [1], 32)  # [N, Kb, 32]
-            exponent = (tensors[f"{p}.weight_scale"].to(torch.int32) - 127).unsqueeze(-1).float()
-            param = QParam(scheme=QScheme(scope=QScope.PER_BLOCK, dtype=dtype, symmetric=True), ext={"scale": exponent})
-            out[p] = undo_reshape_to_blocks(qal_dequantize(storage, param).value, padded, shape, [1]).float()
-    return out
+@pytest.fixture(scope="module")
+def ms_decoded_synthetic(tmp_path_factory) -> dict[str, tuple[Path, QuantizedLinear, dict[str, torch.Tensor]]]:
+    root = tmp_path_factory.mktemp("ms_synthetic")
+    cases = sorted(SYNTHETIC)
+    built = {}
+    for i, case in enumerate(cases):
+        layer = SYNTHETIC[case][0]()
+        write_checkpoint(root / str(i), [layer], model_dtype=torch.float16)
+        built[case] = (root / str(i), layer)
+    decoded = tool_dequant("modelslim", [built[c][0] for c in cases], root)
+    return {c: (*built[c], d) for c, d in zip(cases, decoded)}
 
 
 @pytest.mark.parametrize("fixture", sorted(EXPECTED))
-def test_msmodelslim_reads_what_we_write(outputs, fixture):
-    decoded = msmodelslim_dequant(outputs[fixture])
+def test_msmodelslim_reads_what_we_write(ms_decoded_outputs, fixture):
+    decoded = ms_decoded_outputs[fixture]
+    assert not isinstance(decoded, str), decoded
     source = open_fixture_reader(fixture)
     assert sorted(decoded) == sorted(s.name for s in source.linear_specs())
     for spec in source.linear_specs():
         assert torch.equal(decoded[spec.name], dequantize(source.load(spec))), spec.name
 
 
-@pytest.mark.parametrize("case", sorted(SYNTHETIC))
-def test_msmodelslim_reads_synthetic(tmp_path, case):
-    build, qtype = SYNTHETIC[case]
-    layer = build()
-    write_checkpoint(tmp_path, [layer], model_dtype=torch.float16)
-    decoded = msmodelslim_dequant(tmp_path)[layer.spec.name]
+#: found by this oracle once it ran in CI (issue 19): since the target redesign the writer takes the row-parallel
+#: [N, 16] partial sums for a name npuconv.parallel knows as row-parallel ("dense"), where msModelSlim's own
+#: process_scale (substring tests up_proj/gate_proj/q/k/v_proj/w1/w3, down_proj/o_proj/w2) falls through
+#: and writes the [N, K] dequantized weight
+MS_DISAGREES = {"W4A8_DYNAMIC other name": "scale_bias for a name process_scale does not know (see MS_DISAGREES)"}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.xfail(reason=MS_DISAGREES[c], strict=True))
+                                  if c in MS_DISAGREES else c for c in sorted(SYNTHETIC)])
+def test_msmodelslim_reads_synthetic(ms_decoded_synthetic, case):
+    directory, layer, decoded_all = ms_decoded_synthetic[case]
+    assert not isinstance(decoded_all, str), decoded_all
+    decoded = decoded_all[layer.spec.name]
     expected = dequantize(layer)
-    if qtype == "W8A8":  # msModelSlim's reader: q * (deq / input_scale), what npuconv's reader reads
-        expected = dequantize(read_back(tmp_path)[1][layer.spec.name])
+    if SYNTHETIC[case][1] == "W8A8":  # msModelSlim's reader: q * (deq / input_scale), what npuconv's reader reads
+        expected = dequantize(read_back(directory)[1][layer.spec.name])
     assert torch.equal(decoded, expected)
     assert not math.isnan(float(decoded.abs().sum()))

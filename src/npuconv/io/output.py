@@ -1,9 +1,6 @@
-"""Output side: an atomically published output directory and a sharded, streaming safetensors sink.
+"""Output side: a sharded, streaming safetensors sink (published atomically by :mod:`npuconv.io.publish`).
 
-Atomicity: everything is written into a hidden temporary sibling of OUT
-(``.OUT.npuconv-tmp-XXXX``), fsync'ed, and renamed onto OUT only when complete. On any error
-or interruption the temporary directory is removed, so OUT either does not exist, or is the
-previous complete output (``--force``), or is the new complete output.
+Atomicity, locking, ``--force`` and cleanup rules: see :mod:`npuconv.io.publish`.
 
 Sharding: tensors are grouped into *units* (all tensors of one layer stay together); units are
 assigned to shards greedily in order, starting a new shard when the next unit would exceed
@@ -18,10 +15,7 @@ import hashlib
 import queue
 import threading
 import json
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections import deque
@@ -31,10 +25,10 @@ from typing import Callable, Iterator
 import torch
 
 from npuconv.errors import InputError, OutputError, VerificationFailed
+from npuconv.io.publish import MANIFEST, AtomicDirectory  # noqa: F401  (re-exported: the output API)
 from npuconv.io.safetensors_io import StreamingWriter, TensorPlan
 
 DEFAULT_MAX_SHARD = 5 * 1000**3
-MANIFEST = "npuconv.json"  # written into every output by npuconv.convert
 SHARD_METADATA = {"format": "pt"}
 
 
@@ -259,65 +253,6 @@ def sha256_file(path: Path, chunk: int = 16 * 1024 * 1024) -> str:
 def write_json(path: Path, value: object) -> None:
     """Deterministic JSON: sorted keys, 2-space indent, trailing newline."""
     path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-class AtomicDirectory:
-    """Context manager: build a directory in a temporary sibling, publish it by rename on success."""
-
-    def __init__(self, target: Path, force: bool = False):
-        self.target = Path(os.path.abspath(target))
-        self.force = force
-        self.tmp: Path | None = None
-
-    def __enter__(self) -> Path:
-        if self.target.exists() and not self.force:
-            raise OutputError(f"{self.target}: already exists (use --force to replace it)")
-        if self.target.exists() and not self.target.is_dir():
-            raise OutputError(f"{self.target}: exists and is not a directory")
-        parent = self.target.parent
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.npuconv-tmp-", dir=parent))
-        except OSError as e:
-            raise OutputError(f"{parent}: cannot create the output directory: {e.strerror or e}") from None
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        assert self.tmp is not None
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        try:
-            _fsync_dir(self.tmp)
-            if self.target.exists():
-                self._replace_target()
-            else:
-                os.rename(self.tmp, self.target)
-            _fsync_dir(self.target.parent)
-        except OSError as e:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            raise OutputError(f"{self.target}: cannot publish the output: {e.strerror or e}") from None
-
-    def _replace_target(self) -> None:
-        """Swap the new build in for the previous output; if the swap fails, the previous output is
-        put back, so OUT is always either the old or the new complete output."""
-        assert self.tmp is not None
-        old = self.tmp.with_name(self.tmp.name + "-old")  # unique: derived from the mkdtemp name
-        os.rename(self.target, old)
-        try:
-            os.rename(self.tmp, self.target)
-        except BaseException:
-            os.rename(old, self.target)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def check_shards(root: Path, manifest: dict) -> None:

@@ -75,9 +75,11 @@ class TensorInfo:
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and validate a safetensors header.
 
-    Checks: header length within the file, JSON object, known dtypes, non-negative integer
-    shapes, ``end - begin == numel * itemsize``, spans inside the data section and not
-    overlapping. Raises :class:`InputError` naming the file (and tensor) otherwise.
+    Checks: header length within the file, UTF-8 JSON object without duplicate keys or lone
+    surrogates, string metadata, known dtypes, non-negative integer shapes,
+    ``end - begin == numel * itemsize``, and spans that tile the data section exactly (no
+    overlap, hole or trailing byte) — what the safetensors library accepts. Raises
+    :class:`InputError` naming the file (and tensor) otherwise.
     Returns (tensors in file-offset order, metadata).
     """
     name = path.name
@@ -98,32 +100,67 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             raw = f.read(hlen)
     except OSError as e:
         raise InputError(f"{name}: cannot read: {e.strerror or e}") from None
+    header = _parse_header(name, raw)
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise InputError(f"{name}: __metadata__ is not an object of strings")
+    data_start = 8 + hlen
+    data_size = size - data_start
+    infos = [_tensor_info(path, key, entry, data_start, data_size) for key, entry in header.items()]
+    infos.sort(key=lambda t: (t.start, t.nbytes))
+    _check_coverage(name, infos, data_start, data_size)
+    return {t.name: t for t in infos}, dict(metadata)
+
+
+def _parse_header(name: str, raw: bytes) -> dict:
+    """The header JSON as the safetensors library reads it: UTF-8, no duplicate keys, no lone surrogates."""
+
+    def no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+        seen = {}
+        for key, value in pairs:
+            if key in seen:
+                raise InputError(f"{name}: the header names '{key}' twice")
+            seen[key] = value
+        return seen
+
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
+        json.dumps(header, ensure_ascii=False).encode("utf-8")  # "\ud800" escapes decode to lone surrogates
+    except UnicodeEncodeError:
+        raise InputError(f"{name}: header holds a name that is not valid UTF-8 (a lone surrogate escape)") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"{name}: header is not valid JSON ({e})") from None
     except RecursionError:
         raise InputError(f"{name}: header is not valid JSON (nested too deeply)") from None
     if not isinstance(header, dict):
         raise InputError(f"{name}: header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise InputError(f"{name}: __metadata__ is not an object")
-    data_start = 8 + hlen
-    data_size = size - data_start
-    infos = [_tensor_info(path, key, entry, data_start, data_size) for key, entry in header.items()]
-    infos.sort(key=lambda t: (t.start, t.nbytes))
-    previous = None
+    return header
+
+
+def _check_coverage(name: str, infos: list[TensorInfo], data_start: int, data_size: int) -> None:
+    """Tensors (sorted by offset) tile the data section exactly: no overlap, no gap, no trailing bytes.
+
+    The safetensors format requires the byte buffer to be "entirely indexed, and cannot contain
+    holes" (its README, "Format"); the library refuses such files, and so do we."""
+    end, last = 0, None
     for info in infos:
-        if previous is not None and info.start < previous.start + previous.nbytes:
-            raise InputError(f"{name}: tensors '{previous.name}' and '{info.name}' overlap")
-        if info.nbytes:
-            previous = info
-    return {t.name: t for t in infos}, {str(k): str(v) for k, v in metadata.items()}
+        begin = info.start - data_start
+        if begin < end:
+            raise InputError(f"{name}: tensors '{last}' and '{info.name}' overlap")
+        if begin > end:
+            raise InputError(f"{name}: data bytes {end}..{begin} before tensor '{info.name}' belong to no tensor")
+        end, last = begin + info.nbytes, info.name
+    if end != data_size:
+        raise InputError(f"{name}: {data_size - end} data bytes after the last tensor belong to no tensor")
+
+
+def _printable(name: str) -> str:
+    """A name as it can stand in a one-line message: control characters escaped (``'\\n'``)."""
+    return name if name.isprintable() else repr(name)[1:-1]
 
 
 def _tensor_info(path: Path, key: str, entry: object, data_start: int, data_size: int) -> TensorInfo:
-    where = f"{path.name}: tensor '{key}'"
+    where = f"{path.name}: tensor '{_printable(key)}'"
     if not isinstance(entry, dict):
         raise InputError(f"{where}: entry is not an object")
     dtype = DTYPES.get(entry.get("dtype")) if isinstance(entry.get("dtype"), str) else None
@@ -191,6 +228,10 @@ def encode_header(plans: Iterable[TensorPlan], metadata: dict[str, str] | None =
     for plan in plans:
         if plan.name in header:
             raise OutputError(f"tensor '{plan.name}' is planned twice")
+        try:
+            plan.name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise OutputError(f"tensor name {plan.name!r} is not valid UTF-8") from None
         header[plan.name] = {
             "dtype": dtype_name(plan.dtype),
             "shape": list(plan.shape),

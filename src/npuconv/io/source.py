@@ -2,12 +2,14 @@
 
 Hub repos are fetched with ``huggingface_hub.snapshot_download`` restricted to safetensors, JSON,
 tokenizer and other small text files, into the regular Hub cache; ``HF_HUB_OFFLINE=1`` makes it
-use the cache only.
+use the cache only. Revisions must be branch/tag names or commit hashes (:func:`check_revision`),
+and the snapshot they resolve to must lie inside the cache (refs files are not trusted as paths).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -41,6 +43,31 @@ def split_repo_id(model: str) -> tuple[str, str | None]:
     return repo, revision or None
 
 
+_REF_COMPONENT = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*")
+
+
+def check_revision(revision: str) -> None:
+    """A revision is a branch or tag name (``main``, ``v1.0``, ``refs/pr/3``) or a commit hash.
+
+    Accepted: ``/``-separated components of letters, digits, ``_ - .``, none empty, none
+    starting with ``.`` and none ending with ``.lock`` or ``.``, no ``..`` anywhere (git's
+    ``check-ref-format`` rules, restricted to the characters Hub repos use). Anything else —
+    ``../x``, absolute paths, backslashes — is refused: a revision must never name a path.
+    """
+    parts = revision.split("/")
+    if ".." in revision or not all(_REF_COMPONENT.fullmatch(p) and not p.endswith((".lock", ".")) for p in parts):
+        raise InputError(
+            f"revision {revision!r} is not a branch, tag or commit hash (letters, digits, '_-.' and '/'-separated "
+            "names; no '..', no component starting with '.')"
+        )
+
+
+def check_repo_name(repo_id: str) -> None:
+    """Hub repo ids: ``org/name``, no ``..`` or ``--`` (huggingface_hub's own rule), no component ``.``."""
+    if ".." in repo_id or "--" in repo_id or any(p in (".", "") for p in repo_id.split("/")):
+        raise InputError(f"{repo_id}: not a valid Hugging Face repo id (no '..', '--' or empty parts)")
+
+
 def open_source(model: str | Path, revision: str | None = None) -> Checkpoint:
     """A Checkpoint for a local directory, or for a Hub repo id downloaded into the cache.
 
@@ -60,7 +87,11 @@ def open_source(model: str | Path, revision: str | None = None) -> Checkpoint:
     if revision and at_revision and revision != at_revision:
         raise InputError(f"{text}: names revision {at_revision!r} but --revision says {revision!r}; give one")
     revision = revision or at_revision
+    check_repo_name(repo_id)
+    if revision is not None:
+        check_revision(revision)
     local = _download(repo_id, revision)
+    _check_in_cache(local, repo_id)
     log.info("%s@%s: Hub cache snapshot %s", repo_id, revision or "main", local)
     return Checkpoint(local, source_id=repo_id, revision=_commit_of(local) or revision)
 
@@ -87,6 +118,16 @@ def _download(repo_id: str, revision: str | None) -> Path:
         raise InputError(f"{repo_id}: Hugging Face Hub error: {str(e).splitlines()[0]}") from None
     except (OSError, ValueError) as e:
         raise InputError(f"{repo_id}: cannot download: {str(e).splitlines()[0] if str(e) else e}") from None
+
+
+def _check_in_cache(local: Path, repo_id: str) -> None:
+    """The resolved snapshot lies inside the Hub cache (never a directory elsewhere, whatever refs say)."""
+    from huggingface_hub import constants
+
+    cache = Path(os.path.realpath(constants.HF_HUB_CACHE))
+    real = Path(os.path.realpath(local))
+    if cache not in real.parents:
+        raise InputError(f"{repo_id}: the Hub cache resolves it to {local}, outside the cache {cache}; refusing to read it")
 
 
 def cached_revisions(repo_id: str) -> list[str]:

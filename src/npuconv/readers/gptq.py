@@ -4,7 +4,9 @@ Facts: ``docs/research/checkpoint_formats.md`` §1 (read from GPTQModel 7.7.0 an
 against the GPTQModel-written fixtures in ``tests/fixtures/gptq_*``).
 
 Configuration
-    ``quantize_config.json`` if present (with ``bits``), else ``config.json["quantization_config"]``:
+    ``quantize_config.json`` if present (with ``bits``), else ``config.json["quantization_config"]``
+    (when both exist they must agree on ``bits``/``group_size``/``sym``, else the checkpoint is
+    refused; other differences are warnings, see :func:`compare_configs`):
     ``bits`` (2, 3, 4, 8), ``group_size`` (-1: one group of K), ``sym``, ``desc_act``, ``lm_head``,
     declared format ``checkpoint_format`` or ``format`` (missing: ``"gptq"``). ``gptq_p``, ``marlin``,
     ``bitblas`` (and AutoGPTQ's ``is_marlin_format``) are other layouts and are refused, as is any
@@ -263,12 +265,14 @@ class GPTQConfig:
     declared_format: str
     lm_head: bool
     dynamic: tuple[tuple[str, re.Pattern, dict], ...]  # (key, compiled regex, overrides); "-:" keys: overrides None
+    warnings: tuple[str, ...] = ()  # where config.json's quantization_config says otherwise (not on CONTRADICTING)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Checkpoint) -> "GPTQConfig":
         raw = checkpoint.read_json("quantize_config.json")
         source = "quantize_config.json"
-        if raw is None or "bits" not in raw:
+        both = raw is not None and "bits" in raw
+        if not both:
             raw, source = checkpoint.quantization_config, "config.json: quantization_config"
         declared = raw.get("checkpoint_format") or raw.get("format") or V1
         if not isinstance(declared, str):
@@ -287,7 +291,9 @@ class GPTQConfig:
         if pack_dtype not in ("int32", "torch.int32"):
             raise UnsupportedError(f"{source}: pack_dtype {pack_dtype!r} is not supported (only int32)")
         base = _module_config(raw, None, source)
-        return cls(source, base, declared, bool(raw.get("lm_head", False)), _dynamic_rules(raw.get("dynamic"), source))
+        dynamic = _dynamic_rules(raw.get("dynamic"), source)
+        notes = compare_configs(checkpoint.quantization_config, raw) if both else ()  # after raw's own checks
+        return cls(source, base, declared, bool(raw.get("lm_head", False)), dynamic, notes)
 
     def for_module(self, name: str) -> ModuleConfig | None:
         """The module's settings after ``dynamic`` overrides; None if a ``-:`` rule excludes it."""
@@ -297,6 +303,30 @@ class GPTQConfig:
                     return None
                 return _module_config(overrides, self.base, f"{self.source}: dynamic[{key!r}]")
         return self.base
+
+
+CONTRADICTING = ("bits", "group_size", "sym")  # settings that change how the codes decode: a conflict is refused
+NOTED = ("desc_act", "checkpoint_format", "format", "lm_head")  # a conflict is converted with a warning
+
+
+def compare_configs(config_qc: dict, quantize_config: dict) -> tuple[str, ...]:
+    """Compare config.json ``quantization_config`` with ``quantize_config.json`` (which wins).
+
+    Both are written by GPTQModel/AutoGPTQ with the same values. Where both state one of
+    :data:`CONTRADICTING` differently the checkpoint is ambiguous: InputError naming both values.
+    A difference in :data:`NOTED` keys is returned as a warning naming both values.
+    """
+    if str(config_qc.get("quant_method", "gptq")).lower() not in QUANT_METHODS:
+        return ()
+    differ = [k for k in (*CONTRADICTING, *NOTED) if k in config_qc and k in quantize_config and config_qc[k] != quantize_config[k]]
+
+    def both(key: str) -> str:
+        return f"config.json quantization_config.{key}={config_qc[key]!r} but quantize_config.json {key}={quantize_config[key]!r}"
+
+    refused = [k for k in differ if k in CONTRADICTING]
+    if refused:
+        raise InputError(f"{'; '.join(both(k) for k in refused)}: the checkpoint contradicts itself; make them agree")
+    return tuple(f"{both(k)}; using quantize_config.json" for k in differ)
 
 
 def _module_config(raw: dict, base: ModuleConfig | None, source: str) -> ModuleConfig:
@@ -343,6 +373,8 @@ class GPTQReader(Reader):
     def __init__(self, checkpoint: Checkpoint):
         super().__init__(checkpoint)
         self.config = GPTQConfig.from_checkpoint(checkpoint)
+        for note in self.config.warnings:
+            self.warn(note)
         self.checkpoint_format = self.config.declared_format  # replaced by the detected one in scan()
 
     @classmethod

@@ -36,7 +36,7 @@ import torch
 from npuconv import layouts
 from npuconv.entries import tensor_entry
 from npuconv.model import INT, LinearSpec, QuantizedLinear
-from npuconv.parallel import ROW, refuse_static_quant_bias
+from npuconv.parallel import ROW
 from npuconv.writers.base import Target
 from npuconv.writers.npu_common import MAX_KERNEL_DIM, maybe_nz, moe_rows
 
@@ -154,10 +154,12 @@ class NpuW8A8Target(Target):
         return (_w8a8_static if static else _w8a8_dynamic)(backend, spec, tensors, x)
 
     def split(self, role, tensor, entry, spec, rank, world, parallel):
-        """As :meth:`Target.split`; a static layer's ``quant_bias`` folds the activation offset over
-        all of K (``− input_offset · Σ_k q``), so it has no exact row-parallel share."""
+        """As :meth:`Target.split`; a static layer's ``quant_bias`` (``round(bias/deq − input_offset·Σ_k q)``)
+        is linear in K, so under row parallelism rank 0 carries all of it and the others zeros: the
+        all-reduce of ``deq·(Σ_{k∈r} x_q·q) + deq·quant_bias`` is exact (the engines pass ``quant_bias``
+        on rank 0 only, npu_loaders.md §3.1)."""
         if role == "quant_bias" and parallel == ROW and world > 1:
-            refuse_static_quant_bias(spec.name)
+            return tensor if rank == 0 else torch.zeros_like(tensor)
         return super().split(role, tensor, entry, spec, rank, world, parallel)
 
 

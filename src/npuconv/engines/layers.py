@@ -1,0 +1,268 @@
+"""Engine-neutral core of the serving integrations: what one engine module needs, per TP rank.
+
+A serving engine builds modules (a column-parallel ``qkv_proj`` fusing ``q_proj``/``k_proj``/``v_proj``,
+a row-parallel ``o_proj``, a ``FusedMoE`` stacking gate/up/down experts) and asks a quantization method
+to create their parameters, load the checkpoint into them and run them. For an npuconv output the
+answers all come from ``npuconv.json`` and the layer's target:
+
+* :func:`plan_linear` / :func:`plan_experts` — the tensors to create: for every role of the layer's
+  manifest entry, dtype and **storage** shape of this rank's piece (fused shards concatenated along
+  the storage axis that holds N), which storage axis holds N and how many output features one storage
+  index carries (the engine's shard loader needs both to place ``q``/``k``/``v`` or ``gate``/``up``);
+* :meth:`LinearPlan.split` — this rank's piece of one stored tensor (the target's TP split rule:
+  column-parallel splits N, row-parallel splits K; refuses, with :class:`npuconv.errors.InputError`,
+  whatever cannot be split exactly);
+* :meth:`LinearPlan.kernel_tensors` — the loaded parameters as the kernel takes them: NZ restored where
+  the manifest says ``nz`` (``npu_format_cast`` on an NPU), nothing else done;
+* :meth:`LinearPlan.forward` / :func:`moe_forward` — the layer's kernel, called through its target
+  (``Target.run``: the call ``verify`` and ``npuconv.runtime`` make).
+
+Parameters keep the manifest's role names (``weight``, ``antiquant_scale``, ``perm``, …), so a
+checkpoint tensor ``<module>.<role>`` loads into ``<fused module>.<role>`` through the engine's own
+name mapping. Mixed-precision outputs: every layer is planned from its own entry and target.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from npuconv.errors import InputError
+from npuconv.model import spec_from_dict
+
+from npuconv.entries import from_storage, nd_shape_of_storage
+from npuconv.registry import layer_target
+
+MANIFEST = "npuconv.json"
+COLUMN, ROW = "column", "row"
+
+#: ``(layer name, x, y, x_effective)`` after every kernel call; tests compare ``y`` with
+#: ``x_effective @ dequant(source)ᵀ`` (``x_effective``: the activations the kernel actually used).
+OBSERVERS: list[Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor], None]] = []
+
+#: entry keys every shard of a fused module must share (one kernel call runs them all)
+_KERNEL_KEYS = ("target", "kernel", "kernel_mode", "scheme", "antiquant_group_size", "weight_dtype", "view", "bits")
+
+
+def read_manifest(model_dir: str | Path) -> dict:
+    """``npuconv.json`` of an npuconv output directory."""
+    path = Path(model_dir) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot read the npuconv manifest ({e})") from None
+    if not isinstance(manifest.get("layers"), dict) or "target" not in manifest:
+        raise InputError(f"{path}: missing 'target' or 'layers'")
+    return manifest
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter to create: this rank's piece of a manifest role, in the stored dtype's ND form
+    (NZ tiles undone on the host, packing kept; NZ is restored on the device after loading)."""
+
+    role: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    n_axis: int | None  # axis holding output features (fused shards concatenate along it)
+    n_unit: int  # output features per element along ``n_axis`` (the engine's "packed factor")
+    shared: bool  # no N axis: one value for the whole module (fused shards must agree)
+
+
+@dataclass
+class LinearPlan:
+    """One engine module (a linear, possibly fusing ``shards``) at TP rank ``rank`` of ``world``."""
+
+    name: str
+    shards: tuple[str, ...]
+    entries: tuple[dict, ...]
+    specs: tuple
+    parallel: str
+    rank: int
+    world: int
+    target: object
+    params: dict[str, Param] = field(default_factory=dict)
+    entry: dict = field(default_factory=dict)  # this rank's (fused) entry, as the kernel takes it
+    spec: object = None  # this rank's (fused) spec
+
+    def split(self, role: str, tensor: torch.Tensor, shard: int = 0) -> torch.Tensor:
+        """This rank's piece of checkpoint tensor ``<shards[shard]>.<role>`` (as stored): NZ tiles undone,
+        then the target's split rule (``Target.split``; raises InputError where it is not exact)."""
+        stored = self.entries[shard]["tensors"][role]
+        if list(tensor.shape) != list(stored["storage_shape"]):
+            raise InputError(f"{stored['name']}: shape {list(tensor.shape)}, manifest says {stored['storage_shape']}")
+        nd = from_storage(tensor, stored)
+        return self.target.split(role, nd, stored, self.specs[shard], self.rank, self.world, self.parallel)
+
+    def check_shared(self, role: str, held: torch.Tensor, piece: torch.Tensor, shard: int) -> None:
+        """A fused module holds one copy of a role without an N axis (``perm``, per-tensor input
+        scales): every shard must carry the same value, else the fused kernel call would be wrong."""
+        if not torch.equal(held, piece):
+            raise InputError(
+                f"{self.name}: {self.shards[shard]}.{role} differs from {self.shards[0]}.{role}; "
+                f"the engine fuses them into one kernel call"
+            )
+
+    def kernel_tensors(self, loaded: dict[str, torch.Tensor], backend) -> dict[str, torch.Tensor]:
+        """Loaded parameters (by role) as the kernel takes them: NZ restored (``npu_format_cast`` on an
+        NPU) where the manifest says ``nz``, nothing else."""
+        from npuconv.runtime import to_backend
+
+        return {role: to_backend(tensor, self.entry["tensors"][role], backend) for role, tensor in loaded.items()}
+
+    def forward(self, backend, tensors: dict, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        """The layer's kernel on this rank's tensors (``Target.run``); ``x`` ``[..., K_rank]``."""
+        lead = x.shape[:-1]
+        rows = x.reshape(-1, x.shape[-1])
+        y, x_effective = self.target.run(backend, self.entry, self.spec, tensors, rows, tp=1)
+        for observe in OBSERVERS:
+            observe(self.name, rows, y, x_effective)
+        return y.reshape(*lead, y.shape[-1])
+
+
+def plan_linear(manifest: dict, name: str, shards: list[str] | None, parallel: str, rank: int = 0, world: int = 1) -> LinearPlan:
+    """The plan of engine module ``name`` fusing manifest layers ``shards`` (default: ``[name]``).
+
+    Raises :class:`InputError` when a shard is missing from the manifest, when fused shards need
+    different kernels, or when a tensor cannot be split exactly at ``world``.
+    """
+    shards = list(shards or [name])
+    layers = manifest["layers"]
+    missing = [s for s in shards if s not in layers]
+    if missing:
+        raise InputError(f"{name}: no layer {missing[0]!r} in {MANIFEST}")
+    entries = tuple(layers[s] for s in shards)
+    first = entries[0]
+    for shard, entry in zip(shards[1:], entries[1:]):
+        differs = [k for k in _KERNEL_KEYS if entry.get(k) != first.get(k)] or (
+            [] if set(entry["tensors"]) == set(first["tensors"]) else ["tensor roles"]
+        )
+        if differs:
+            raise InputError(f"{name}: {shards[0]} and {shard} differ in {differs[0]}; the engine fuses them into one kernel call")
+    target = layer_target(manifest, first)
+    specs = tuple(spec_from_dict(e["spec"], tuple(t["name"] for t in e["tensors"].values())) for e in entries)
+    plan = LinearPlan(name, tuple(shards), entries, specs, parallel, rank, world, target)
+    _fill(plan, manifest)
+    return plan
+
+
+def _fill(plan: LinearPlan, manifest: dict) -> None:
+    """Per-rank params, entry and spec of ``plan`` (pieces found by splitting meta tensors)."""
+    first = plan.entries[0]
+    tensors = {}
+    specs = [plan.target.split_spec(spec, plan.world, plan.parallel) for spec in plan.specs]
+    for role, stored in first["tensors"].items():
+        dtype = _dtype(stored["dtype"])
+        n_axis = (stored.get("split") or {}).get("n")
+        pieces = [_meta_split(plan, role, dtype, shard) for shard in range(len(plan.shards))]
+        piece = torch.cat(pieces, dim=n_axis) if n_axis is not None and len(pieces) > 1 else pieces[0]
+        n_unit = plan.target.split_unit(role, stored, plan.specs[0], n_axis, COLUMN) if n_axis is not None else 1
+        plan.params[role] = Param(role, dtype, tuple(piece.shape), n_axis, n_unit, n_axis is None)
+        local = copy.deepcopy(stored)
+        nd = nd_shape_of_storage(stored) if stored.get("layout") == "nz" else stored["storage_shape"]
+        local.update(name=f"{plan.name}.{role}", storage_shape=list(piece.shape),
+                     shape=[p * (int(full) // int(n)) for p, full, n in zip(piece.shape, stored["shape"], nd)])
+        tensors[role] = local
+    plan.spec = replace(specs[0], name=plan.name, out_features=sum(s.out_features for s in specs))
+    plan.entry = {**{k: v for k, v in first.items() if k != "tensors"}, "tensors": tensors, "spec": None}
+
+
+def _meta_split(plan: LinearPlan, role: str, dtype: torch.dtype, shard: int) -> torch.Tensor:
+    """The shape of this rank's piece, from a meta tensor of the stored ND shape."""
+    stored = plan.entries[shard]["tensors"][role]
+    shape = nd_shape_of_storage(stored) if stored.get("layout") == "nz" else stored["storage_shape"]
+    meta = torch.empty(shape, dtype=dtype, device="meta")
+    if role == "perm" and plan.parallel == ROW and plan.world > 1:  # its values are checked at load
+        size = meta.shape[-1]
+        if size % plan.world:
+            raise InputError(f"{plan.shards[shard]}.perm: {size} input features do not split into {plan.world} ranks")
+        return meta.narrow(-1, 0, size // plan.world)
+    return plan.target.split(role, meta, stored, plan.specs[shard], plan.rank, plan.world, plan.parallel)
+
+
+def _dtype(name: str) -> torch.dtype:
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype):
+        raise InputError(f"{MANIFEST}: unknown tensor dtype {name!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------- MoE experts
+#: (gate, up, down) leaf names of stacked expert layers, as the models name them
+EXPERT_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+
+
+@dataclass
+class ExpertsPlan:
+    """A stacked-experts module: ``w13`` (gate and up fused, column-parallel) and ``w2`` (row-parallel)."""
+
+    w13: LinearPlan
+    w2: LinearPlan
+
+
+def plan_experts(manifest: dict, prefix: str, rank: int = 0, world: int = 1) -> ExpertsPlan:
+    """The plan of the MoE experts module ``prefix`` (e.g. ``model.layers.0.mlp.experts``)."""
+    layers = manifest["layers"]
+    for gate, up, down in EXPERT_NAMES:
+        names = [f"{prefix}.{leaf}" for leaf in (gate, up, down)]
+        if all(n in layers for n in names):
+            w13 = plan_linear(manifest, f"{prefix}.w13", names[:2], COLUMN, rank, world)
+            w2 = plan_linear(manifest, f"{prefix}.w2", names[2:], ROW, rank, world)
+            return ExpertsPlan(w13, w2)
+    raise InputError(f"{prefix}: no stacked expert layers (gate/up/down or w1/w3/w2) in {MANIFEST}")
+
+
+def moe_forward(
+    plan: ExpertsPlan, backend, t13: dict, t2: dict, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+) -> torch.Tensor:
+    """Routed experts on this rank: ``x`` ``[T, H]``, ``topk_ids``/``topk_weights`` ``[T, k]`` → ``[T, H]``
+    (this rank's partial sum; the engine all-reduces). Tokens are sorted by expert; each expert's rows
+    go through gate/up → SiLU(gate)·up → down with that expert's tensors, by the target's kernel call
+    (``Target.run`` on the dense slice: ``Target.run`` has no routed ``group_list`` form yet, so this
+    is one kernel call per expert instead of one ``npu_grouped_matmul``), weighted by the router and
+    summed per token."""
+    tokens, top_k = topk_ids.shape
+    flat = topk_ids.reshape(-1).long()
+    order = torch.argsort(flat, stable=True)
+    source_rows = order // top_k
+    counts = torch.bincount(flat, minlength=plan.w13.spec.num_experts).tolist()
+    rows = x[source_rows]
+    outputs, start = [], 0
+    for e, count in enumerate(counts):
+        if count:
+            h = _expert(plan.w13, backend, t13, rows[start:start + count], e)
+            inter = h.shape[-1] // 2
+            a = torch.nn.functional.silu(h[:, :inter].float()) * h[:, inter:].float()
+            outputs.append(_expert(plan.w2, backend, t2, a.to(x.dtype), e))
+        start += count
+    y = torch.cat(outputs)
+    weights = topk_weights.reshape(-1)[order].float().unsqueeze(-1)
+    out = torch.zeros(tokens, y.shape[-1], dtype=torch.float32, device=x.device)
+    out.index_add_(0, source_rows, y.float() * weights)
+    return out.to(x.dtype)
+
+
+def _expert(plan: LinearPlan, backend, tensors: dict, x: torch.Tensor, e: int) -> torch.Tensor:
+    """Expert ``e`` of a stacked layer through the target's dense kernel call."""
+    experts = plan.spec.num_experts
+    t_e = {role: v[e] if v.dim() >= 2 and v.shape[0] == experts else v for role, v in tensors.items()}
+    entry = {**plan.entry, "tensors": {r: {**t, "shape": t["shape"][1:], "storage_shape": t["storage_shape"][1:]}
+                                       if len(t["shape"]) >= 2 and t["shape"][0] == experts else t
+                                       for r, t in plan.entry["tensors"].items()}}
+    y, x_effective = plan.target.run(backend, entry, replace(plan.spec, num_experts=None), t_e, x, tp=1)
+    for observe in OBSERVERS:
+        observe(f"{plan.name}.{e}", x, y, x_effective)
+    return y
+
+
+def npu_backend(device: torch.device | str):
+    """The kernel backend an engine on an Ascend device uses: the real ``torch_npu`` ops (whatever
+    ``torch_npu`` is importable — the real one, or a test's emulation behind the same name)."""
+    from npuconv.kernels import Backend, npu
+
+    return Backend("npu", str(device), npu)

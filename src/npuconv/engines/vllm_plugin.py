@@ -1,0 +1,302 @@
+"""vLLM / vLLM-Ascend plugin: quantization method ``npuconv`` loads npuconv outputs as written.
+
+Installed with npuconv as the ``vllm.general_plugins`` entry point ``npuconv`` →
+:func:`register`, which vLLM calls in every process before it reads a model config. Registering
+``npuconv`` with ``register_quantization_config`` also appends it to the current platform's
+``supported_quantization`` — which is how the vLLM-Ascend platform (``NPUPlatform``) accepts it
+(engines.md). A model whose ``config.json`` says ``quantization_config.quant_method: npuconv`` (what
+``npuconv convert`` writes) then resolves to :class:`NpuconvConfig` with no ``--quantization`` flag.
+
+Per module, from ``npuconv.json`` (:mod:`npuconv.engines.layers`):
+
+* :class:`NpuconvLinearMethod` — column / row / fused (``qkv_proj``, ``gate_up_proj``) linears:
+  creates exactly the manifest's tensors of this TP rank (role names, dtypes, storage shapes); the
+  checkpoint tensor goes through the target's TP split and then through vLLM's own shard loader
+  (``output_dim``/``packed_dim``/``packed_factor`` place ``q``/``k``/``v`` and ``gate``/``up``;
+  ``is_sharded_weight`` because the split is already done). After loading, NZ is restored where
+  the manifest says ``nz``; ``apply`` calls the layer's kernel through its target.
+* :class:`NpuconvMoEMethod` — stacked experts ``w13_<role>`` / ``w2_<role>`` loaded by vLLM's
+  ``FusedMoE.weight_loader`` (its own w1/w3/w2 sharding, checked piece by piece against the target's
+  split rule), run on ``npu_grouped_matmul`` with the tokens routed by the engine's expert selection.
+* Layers not in the manifest (``lm_head``, routers, anything left in float) get vLLM's
+  unquantized method. Mixed-precision outputs: each layer's target comes from its own entry.
+Whatever cannot be split exactly at the engine's TP size is refused at load with a one-line
+:class:`npuconv.errors.InputError`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn import Parameter
+
+from npuconv.engines import layers as core
+from npuconv.entries import from_storage
+from npuconv.errors import InputError
+
+NAME = "npuconv"
+_REGISTERED = False
+
+
+def register() -> None:
+    """The ``vllm.general_plugins`` entry point: register quantization method ``npuconv`` (idempotent)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from vllm.model_executor.layers.quantization import register_quantization_config
+
+    register_quantization_config(NAME)(NpuconvConfig)
+    _REGISTERED = True
+
+
+from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase  # noqa: E402
+from vllm.model_executor.layers.linear import (  # noqa: E402
+    LinearBase,
+    LinearMethodBase,
+    QKVParallelLinear,
+    RowParallelLinear,
+    UnquantizedLinearMethod,
+)
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig  # noqa: E402
+from vllm.model_executor.utils import set_weight_attrs  # noqa: E402
+
+
+class NpuconvConfig(QuantizationConfig):
+    """``quant_method: npuconv``; the per-layer truth is ``npuconv.json`` beside ``config.json``."""
+
+    def __init__(self, quant_config: dict[str, Any] | None = None, manifest: dict | None = None) -> None:
+        super().__init__()
+        self.quant_config = dict(quant_config or {})
+        self.manifest = manifest
+
+    def __repr__(self) -> str:
+        return f"NpuconvConfig(target={self.quant_config.get('target')!r})"
+
+    def get_name(self) -> str:
+        return NAME
+
+    def get_supported_act_dtypes(self) -> list[torch.dtype]:
+        return [torch.bfloat16, torch.float16]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 0  # no CUDA capability involved: the kernels are torch_npu's
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []  # quantization_config lives in config.json; the manifest is read in maybe_update_config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> NpuconvConfig:
+        return cls(config)
+
+    def maybe_update_config(self, model_name: str, hf_config=None, revision: str | None = None) -> None:
+        """Read ``npuconv.json`` of the model being served (a local directory or a Hub repo)."""
+        if self.manifest is None:
+            self.manifest = _read_manifest(model_name, revision)
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str, **_: Any):
+        from vllm.model_executor.layers.fused_moe import FusedMoE
+
+        if self.manifest is None:
+            raise InputError("npuconv: the manifest was not read (maybe_update_config was not called with the model path)")
+        if isinstance(layer, FusedMoE):
+            return NpuconvMoEMethod(self, layer, prefix)
+        if isinstance(layer, LinearBase):
+            shards = self._shards(prefix)
+            if not any(s in self.manifest["layers"] for s in shards):
+                return UnquantizedLinearMethod()
+            return NpuconvLinearMethod(self, prefix, shards)
+        return None
+
+    def _shards(self, prefix: str) -> list[str]:
+        """Manifest layer names behind vLLM module ``prefix`` (``qkv_proj`` → q/k/v, per the model's
+        ``packed_modules_mapping``, which vLLM sets on the config from the model class)."""
+        head, _, leaf = prefix.rpartition(".")
+        packed = (getattr(self, "packed_modules_mapping", None) or {}).get(leaf)
+        if not packed:
+            return [prefix]
+        return [f"{head}.{name}" if head else name for name in packed]
+
+
+def _read_manifest(model: str, revision: str | None) -> dict:
+    path = Path(model)
+    if not path.is_dir():
+        from huggingface_hub import hf_hub_download
+
+        path = Path(hf_hub_download(model, core.MANIFEST, revision=revision)).parent
+    return core.read_manifest(path)
+
+
+def _backend(layer: torch.nn.Module):
+    device = next((p.device for p in layer.parameters()), torch.device("cpu"))
+    return core.npu_backend(device)
+
+
+# ---------------------------------------------------------------------------- linear layers
+class NpuconvLinearMethod(LinearMethodBase):
+    """One (possibly fused) linear module of an npuconv output."""
+
+    def __init__(self, config: NpuconvConfig, prefix: str, shards: list[str]) -> None:
+        self.config = config
+        self.prefix = prefix
+        self.shards = shards
+        self.plan: core.LinearPlan | None = None
+
+    def create_weights(
+        self, layer, input_size_per_partition: int, output_partition_sizes: list[int],
+        input_size: int, output_size: int, params_dtype: torch.dtype, **extra_weight_attrs,
+    ) -> None:
+        parallel = core.ROW if isinstance(layer, RowParallelLinear) else core.COLUMN
+        rank, world = int(getattr(layer, "tp_rank", 0)), int(getattr(layer, "tp_size", 1))
+        if not hasattr(layer, "tp_size"):  # ReplicatedLinear: whole on every rank
+            rank, world = 0, 1
+        plan = core.plan_linear(self.config.manifest, self.prefix, self.shards, parallel, rank, world)
+        expected = [s.out_features // world if parallel == core.COLUMN else s.out_features for s in plan.specs]
+        if list(output_partition_sizes) != expected or plan.spec.in_features != input_size_per_partition:
+            raise InputError(
+                f"{self.prefix}: the model builds [{input_size_per_partition} → {list(output_partition_sizes)}] per rank, "
+                f"npuconv.json holds [{plan.spec.in_features} → {expected}]"
+            )
+        engine_loader = extra_weight_attrs["weight_loader"]
+        for role, spec in plan.params.items():
+            if role == "bias":  # vLLM owns the bias parameter (created by the layer itself when the model has one)
+                continue
+            param = Parameter(torch.empty(spec.shape, dtype=spec.dtype), requires_grad=False)
+            attrs = {"weight_loader": _linear_loader(plan, role, engine_loader, layer)}
+            if spec.n_axis is not None:
+                attrs.update(output_dim=spec.n_axis, packed_dim=spec.n_axis, packed_factor=spec.n_unit, is_sharded_weight=True)
+            else:
+                attrs.update(ignore_warning=True)
+            layer.register_parameter(role, param)
+            set_weight_attrs(param, attrs)
+        self.plan = plan
+
+    def process_weights_after_loading(self, layer) -> None:
+        loaded = {role: getattr(layer, role).data for role in self.plan.params if role != "bias"}
+        layer.npuconv_tensors = self.plan.kernel_tensors(loaded, _backend(layer))
+
+    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        tensors = dict(layer.npuconv_tensors)
+        if bias is not None and "bias" in self.plan.params:
+            tensors["bias"] = bias
+        return self.plan.forward(_backend(layer), tensors, x)
+
+
+def _linear_loader(plan: core.LinearPlan, role: str, engine_loader, layer):
+    """Checkpoint tensor → the target's split for this rank → vLLM's own shard placement."""
+    shard_ids = ["q", "k", "v"] if isinstance(layer, QKVParallelLinear) else None
+    held: dict[str, bool] = {}
+
+    def load(param: Parameter, loaded_weight: torch.Tensor, loaded_shard_id=None) -> None:
+        if loaded_shard_id is None:
+            shard = 0
+        else:
+            shard = shard_ids.index(loaded_shard_id) if shard_ids else int(loaded_shard_id)
+        piece = plan.split(role, loaded_weight, shard)
+        if plan.params[role].shared:
+            if held:
+                plan.check_shared(role, param.data, piece, shard)
+            else:
+                param.data.copy_(piece)
+            held["done"] = True
+            return
+        if loaded_shard_id is None:
+            engine_loader(param, piece)
+        else:
+            engine_loader(param, piece, loaded_shard_id)
+
+    return load
+
+
+# ---------------------------------------------------------------------------- MoE experts
+#: roles vLLM's FusedMoE.weight_loader routes by name ("weight" / "scale" / "offset"); others it would drop
+def _moe_loadable(role: str) -> bool:
+    return ("weight" in role or "scale" in role or "offset" in role) and not role.startswith("input_") and "g_idx" not in role
+
+
+class NpuconvMoEMethod(FusedMoEMethodBase):
+    """Stacked experts of an npuconv output (``<prefix>.gate_proj|up_proj|down_proj`` or ``w1|w3|w2``)."""
+
+    def __init__(self, config: NpuconvConfig, layer, prefix: str) -> None:
+        super().__init__(layer.moe_config)
+        self.config = config
+        self.prefix = prefix
+        self.plan: core.ExpertsPlan | None = None
+
+    def create_weights(
+        self, layer, num_experts: int, hidden_size: int, intermediate_size_per_partition: int,
+        params_dtype: torch.dtype, **extra_weight_attrs,
+    ) -> None:
+        from vllm.model_executor.layers.fused_moe import FusedMoeWeightScaleSupported
+
+        rank, world = int(layer.tp_rank), int(layer.tp_size)
+        plan = core.plan_experts(self.config.manifest, self.prefix, rank, world)
+        if plan.w13.spec.num_experts != num_experts or plan.w2.spec.in_features != intermediate_size_per_partition:
+            raise InputError(
+                f"{self.prefix}: the model builds {num_experts} experts of {intermediate_size_per_partition} per rank, "
+                f"npuconv.json holds {plan.w13.spec.num_experts} of {plan.w2.spec.in_features}"
+            )
+        engine_loader = extra_weight_attrs["weight_loader"]
+        for prefix, sub in (("w13", plan.w13), ("w2", plan.w2)):
+            for role, spec in sub.params.items():
+                if not _moe_loadable(role):
+                    raise InputError(f"{self.prefix}: expert tensor role {role!r} cannot be loaded by vLLM's FusedMoE")
+                param = Parameter(torch.empty(spec.shape, dtype=spec.dtype), requires_grad=False)
+                per_channel = len(spec.shape) == 2  # [E, N] vectors: N on axis 0 of each expert
+                layer.register_parameter(f"{prefix}_{role}", param)
+                set_weight_attrs(param, {
+                    "weight_loader": _moe_loader(sub, role, engine_loader),
+                    "is_transposed": not per_channel,  # [K, N] / [G, N] per expert: N is the last axis
+                    "quant_method": (FusedMoeWeightScaleSupported.CHANNEL if per_channel else FusedMoeWeightScaleSupported.GROUP).value,
+                })
+        self.plan = plan
+
+    def process_weights_after_loading(self, layer) -> None:
+        backend = _backend(layer)
+        for prefix, sub in (("w13", self.plan.w13), ("w2", self.plan.w2)):
+            loaded = {role: getattr(layer, f"{prefix}_{role}").data for role in sub.params}
+            setattr(layer, f"npuconv_{prefix}", sub.kernel_tensors(loaded, backend))
+
+    def get_fused_moe_quant_config(self, layer):
+        return None
+
+    def apply(self, layer, x: torch.Tensor, router_logits: torch.Tensor = None, top_k: int = None, renormalize: bool = True, **kwargs):
+        """vLLM-Ascend's MoE method call: route with the engine's ``select_experts``, then the experts."""
+        from vllm_ascend.ops.fused_moe.experts_selector import select_experts
+        from vllm_ascend.ops.fused_moe.moe_comm_method import FusedExpertsResult
+
+        topk_weights, topk_ids = select_experts(
+            hidden_states=x, router_logits=router_logits, top_k=top_k, use_grouped_topk=kwargs.get("use_grouped_topk", False),
+            renormalize=renormalize, topk_group=kwargs.get("topk_group"), num_expert_group=kwargs.get("num_expert_group"),
+            custom_routing_function=kwargs.get("custom_routing_function"), scoring_func=kwargs.get("scoring_func", "softmax"),
+            routed_scaling_factor=kwargs.get("routed_scaling_factor", 1.0),
+            e_score_correction_bias=kwargs.get("e_score_correction_bias"), num_experts=router_logits.shape[-1],
+        )
+        y = core.moe_forward(self.plan, _backend(layer), layer.npuconv_w13, layer.npuconv_w2, x, topk_weights, topk_ids)
+        return FusedExpertsResult(routed_out=y)
+
+
+def _moe_loader(sub: core.LinearPlan, role: str, engine_loader):
+    """vLLM's FusedMoE.weight_loader places (and shards) one expert's tensor; the piece it keeps must be
+    the target's split of that tensor, else the load is refused (never served wrong)."""
+    def load(param: Parameter, loaded_weight: torch.Tensor, weight_name: str, shard_id: str, expert_id: int, **kw):
+        shard = 1 if shard_id == "w3" else 0
+        stored = sub.entries[shard]["tensors"][role]
+        full = loaded_weight.reshape(1, *loaded_weight.shape).expand(sub.specs[shard].num_experts, *loaded_weight.shape)
+        if list(full.shape) != stored["storage_shape"]:
+            raise InputError(f"{stored['name']}: expert shape {list(loaded_weight.shape)}, manifest says {stored['storage_shape'][1:]}")
+        result = engine_loader(param, from_storage(loaded_weight, stored), weight_name, shard_id, expert_id, **kw)
+        want = sub.split(role, full, shard)[0]
+        ax = sub.params[role].n_axis
+        held = param.data[expert_id]
+        if shard_id in ("w1", "w3") and ax is not None:
+            size = want.shape[ax - 1]
+            held = held.narrow(ax - 1, shard * size, size)
+        if not torch.equal(held, want):
+            raise InputError(f"{stored['name']}: vLLM's expert sharding differs from npuconv's split rule for this target")
+        return result
+
+    return load

@@ -1,0 +1,71 @@
+"""npuconv outputs served by vLLM 0.23.0 + vLLM-Ascend 0.23.0.post1's real code (see vllm_case.py).
+
+Per case and TP size (1, 2 over gloo): the model's linear layers (fused qkv / gate_up, row-parallel
+o / down) and its FusedMoE are built by the engine with quantization method ``npuconv`` (resolved by
+vLLM's own config code from ``quant_method: npuconv``), loaded through the engine's weight loaders,
+run on the emulated torch_npu, and compared with ``x_effective @ dequant(source)ᵀ`` within verify's
+limits. Whatever cannot split exactly must be refused with a reason, never served.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+# (fixture, target)
+CASES = [
+    ("gptq_v1_b4_g64_asym_descact", "npu-int4"),
+    ("awq_gemm_g128", "npu-int4"),
+    ("ct020_w4a16_g32_asym", "npu-int4"),
+    ("ms_w8a8_static_fp16", "npu-w8a8"),
+    ("ct020_moe_qwen2_w4a16_g32_asym", "npu-int4"),
+]
+#: layers that must be refused, and why: act-order groups span the TP ranks of row-parallel layers
+REFUSED = {("gptq_v1_b4_g64_asym_descact", 2): {"o_proj", "down_proj"}}
+EXPECTED_LAYERS = {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+
+
+@pytest.fixture(scope="module")
+def outputs(engines, tmp_path_factory):
+    engines.python("vllm")  # skip (fail under CI=true) before converting anything
+    root = tmp_path_factory.mktemp("vllm-outputs")
+    return {fixture: engines.convert(fixture, target, root / fixture) for fixture, target in CASES}
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
+def engine_results(request, engines, outputs, tmp_path_factory):
+    tp = request.param
+    result = tmp_path_factory.mktemp(f"vllm-tp{tp}") / "result.json"
+    cases = [f"{outputs[f]}={engines.fixtures / f}" for f, _ in CASES]
+    script = str(engines.root / "tests" / "engines" / "vllm" / "vllm_case.py")
+    proc = engines.run("vllm", [script, str(tp), str(result), *cases])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    if os.environ.get("NPUCONV_ENGINE_RESULTS"):  # keep the per-layer numbers (CI artifact, README table)
+        Path(os.environ["NPUCONV_ENGINE_RESULTS"]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(result, Path(os.environ["NPUCONV_ENGINE_RESULTS"]) / f"vllm-tp{tp}.json")
+    return tp, json.loads(result.read_text())
+
+
+@pytest.mark.parametrize("fixture,target", CASES, ids=[c[0] for c in CASES])
+def test_layers_match_reference(engine_results, fixture, target):
+    tp, results = engine_results
+    report = results[fixture]
+    expected = set(EXPECTED_LAYERS) | ({"experts"} if "moe" in fixture else set())
+    refused = REFUSED.get((fixture, tp), set())
+    assert set(report["refused"]) == refused, report["refused"]
+    for name in refused:
+        assert "act-order groups are not aligned to the rank boundary" in report["refused"][name]
+    assert set(report["layers"]) == expected - refused
+    for name, layer in report["layers"].items():
+        assert layer["class"].startswith("Ascend"), layer  # vLLM-Ascend's layer classes
+        assert layer["method"].startswith("Npuconv"), layer
+        assert layer["target"] == target, layer
+        # verify's limits for the layer's target (Target.thresholds at bf16), as the harness reports them
+        assert layer["max_rel_l2"] <= 1e-2 and layer["min_cosine"] >= 0.9999, layer
+        assert math.isfinite(layer["rel_l2"]) and layer["rel_l2"] <= layer["max_rel_l2"], (name, layer)
+        assert layer["cosine"] >= layer["min_cosine"], (name, layer)
