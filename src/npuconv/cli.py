@@ -271,6 +271,7 @@ def _print_inspect(report: dict, show_layers: bool) -> None:
         stdout.print(table)
     else:
         stdout.print("  no quantized linears (plain float checkpoint)")
+    _print_destinations(report.get("destinations") or [])
     if show_layers and report["layers"]:
         detail = Table(title="layers", title_justify="left")
         moe = any(l.get("experts") for l in report["layers"])  # stacked MoE experts: an "experts" column
@@ -285,6 +286,24 @@ def _print_inspect(report: dict, show_layers: bool) -> None:
         stdout.print(detail)
     for warning in report["warnings"]:
         stderr.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
+
+
+def _print_destinations(rows: list[dict]) -> None:
+    """Where the checkpoint can go: each target, whether it converts, and who serves the result."""
+    if not rows:
+        return
+    table = Table(title="where it can go (npuconv convert --to TARGET)", title_justify="left")
+    for column in ("target", "convertible", "served by"):
+        table.add_column(column)
+    for row in rows:
+        if not row["convertible"]:
+            served = "-"
+        elif row["engines"] is None:
+            served = "not tested"
+        else:
+            served = ", ".join(row["engines"]) or "[red]no engine[/]"
+        table.add_row(row["target"], "yes" if row["convertible"] else escape(f"no: {row['reason']}"), served)
+    stdout.print(table)
 
 
 def _distinct(values) -> str:
@@ -320,10 +339,14 @@ DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
                    "Memory stays about twice the largest tensor whatever the number.")
 @click.option("--force", is_flag=True, help="Replace OUT if it is empty or, as a whole, an earlier npuconv output (every file listed in its npuconv.json); one atomic swap at the end.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (layers, layouts, shards, bytes) and write nothing.")
+@click.option("--allow-unservable", is_flag=True,
+              help="Write layer types that no serving engine loads (e.g. msModelSlim W4A16); by default they are "
+                   "refused before anything is written, naming a target that is served.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
 @handle_errors
-def convert_command(model, out, target, revision, dtype, nz, mx_layout, max_shard_size, workers, force, dry_run, as_json, quiet) -> None:
+def convert_command(model, out, target, revision, dtype, nz, mx_layout, max_shard_size, workers, force, dry_run,
+                    allow_unservable, as_json, quiet) -> None:
     """Convert MODEL into OUT in the layout of TARGET (default npu).
 
     MODEL is a local directory or a Hugging Face repo id (org/name[@revision]). OUT is built in a
@@ -356,6 +379,7 @@ def convert_command(model, out, target, revision, dtype, nz, mx_layout, max_shar
         dry_run=dry_run,
         workers=workers,
         revision=revision,
+        allow_unservable=allow_unservable,
     )
     bar = None
 

@@ -60,6 +60,9 @@ class ConvertOptions:
     workers: int | None = None  # threads producing layers ahead of the writer (0: none; None: default_workers())
     hash_source: bool = False  # record the sha256 of every source file in the manifest (zoo mode)
     revision: str | None = None  # Hub revision of MODEL (same as MODEL@revision)
+    #: write layer types that no serving engine loads (npuconv.engines.support); the CLI passes False
+    #: unless --allow-unservable, so `npuconv convert --to modelslim` refuses them before writing
+    allow_unservable: bool = True
 
 
 @dataclass
@@ -108,6 +111,12 @@ def make_plan(checkpoint: Checkpoint, options: ConvertOptions) -> ConversionPlan
     check_fit(writer, layers)
     units: list[Unit] = []
     for spec in layers:
+        if not options.allow_unservable:
+            from npuconv.engines.support import unservable_reason
+
+            reason = unservable_reason(writer, spec)
+            if reason:
+                raise UnsupportedError(f"layer '{spec.name}' ({spec.scheme}) as {writer.name}: {reason}")
         units.append(Unit(writer.plan_layer(spec), _layer_producer(reader, writer, spec), spec.name))
     for name in reader.passthrough_names():
         info = checkpoint.info(name)

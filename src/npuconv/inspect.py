@@ -35,8 +35,30 @@ def inspect_checkpoint(checkpoint: Checkpoint) -> dict:
         "quantized_bytes": sum(row["bytes"] for row in layers),
         "schemes": dict(sorted(Counter(s.scheme for s in specs).items())),
         "layers": layers,
+        "destinations": destinations(specs),
         "warnings": list(reader.warnings),
     }
+
+
+def destinations(specs: list[LinearSpec]) -> list[dict]:
+    """Where the checkpoint can go: for each target, ``convertible`` (every layer passes the target's
+    own :meth:`Target.accepts`), ``reason`` (the first refusal), and ``engines`` — the engines (with
+    versions) that serve every layer of the result (:mod:`npuconv.engines.support`), ``[]`` when none
+    does, ``None`` when not judged."""
+    from npuconv.engines.support import engines_of
+    from npuconv.registry import get_target, target_names
+
+    rows = []
+    for name in target_names():
+        target = get_target(name)
+        reason = next((f"{spec.name}: {r}" for spec in specs if (r := target.accepts(spec))), None)
+        rows.append({
+            "target": name,
+            "convertible": reason is None,
+            "reason": reason,
+            "engines": engines_of(target, specs) if reason is None else None,
+        })
+    return rows
 
 
 def _layer_row(checkpoint: Checkpoint, spec: LinearSpec) -> dict:

@@ -2,5 +2,6 @@
 
 :mod:`npuconv.engines.layers` is the engine-neutral core (what to create per TP rank, how each tensor
 splits, the kernel call through the layer's target); :mod:`npuconv.engines.vllm` is the vLLM /
-vLLM-Ascend plugin (entry point ``vllm.general_plugins``: ``npuconv = npuconv.engines.vllm:register``).
+vLLM-Ascend plugin (entry point ``vllm.general_plugins``: ``npuconv = npuconv.engines.vllm:register``); :mod:`npuconv.engines.sglang` is the SGLang method (entry point
+``sglang.srt.plugins``); :mod:`npuconv.engines.support` says which engine serves which output.
 """
