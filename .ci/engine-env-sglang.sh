@@ -5,6 +5,7 @@
 # pure-Python packages its imports of the model / linear / MoE / loader code need.
 # Idempotent: a venv whose stamp matches this script is reused as it is.
 set -euo pipefail
+. "$(dirname "$0")/venv-lib.sh"
 ROOT="${NPUCONV_ENGINE_ENVS:-$HOME/.cache/npuconv/engines}"
 VENV="$ROOT/sglang"
 STAMP="$VENV/.npuconv-stamp"
@@ -16,7 +17,7 @@ TORCH="$(python3 -c 'import torch; print(torch.__version__.split("+")[0])')"
 CONSTRAINTS="$(mktemp)"
 trap 'rm -f "$CONSTRAINTS"' EXIT
 echo "torch==$TORCH" > "$CONSTRAINTS"
-rm -rf "$VENV"
+remove_venv "$VENV"
 mkdir -p "$ROOT"
 python3 -m venv --system-site-packages "$VENV"
 PIP=("$VENV/bin/pip" install -q --disable-pip-version-check -c "$CONSTRAINTS")

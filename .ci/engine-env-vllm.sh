@@ -12,6 +12,7 @@
 # kernel emulation) on PYTHONPATH. Idempotent: a marker holding this script's hash skips the build;
 # only the editable install of the checkout (its vllm.general_plugins entry point) is redone.
 set -euo pipefail
+. "$(dirname "$0")/venv-lib.sh"
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 venv="${NPUCONV_ENGINE_ENVS:-$HOME/.cache/npuconv/engines}/vllm"
 stamp="$(sha256sum "$0" | cut -c1-16)"
@@ -19,7 +20,7 @@ pip_q() { "$venv/bin/pip" install -q --disable-pip-version-check "$@"; }
 
 if [ "$(cat "$venv/.npuconv-ready" 2>/dev/null)" != "$stamp" ]; then
   echo "building the vLLM engine venv in $venv" >&2
-  rm -rf "$venv"
+  remove_venv "$venv"
   python3 -m venv --system-site-packages "$venv"
   echo "torch==$(python3 -c 'import torch; print(torch.__version__.split("+")[0])')" > "$venv/constraints.txt"
   pip_q -c "$venv/constraints.txt" --no-deps vllm==0.23.0

@@ -9,6 +9,7 @@
 # it is rebuilt. The venvs see the system site-packages, so they share the system torch (pinned to
 # the main environment's, never a CUDA wheel). Prints one line per venv; exits non-zero on failure.
 set -euo pipefail
+. "$(dirname "$0")/venv-lib.sh"
 ROOT="${NPUCONV_ORACLE_ENVS:-$HOME/.cache/npuconv/oracles}"
 TORCH_PIN="torch==$(python3 -c 'import torch; print(torch.__version__.split("+")[0])')"
 mkdir -p "$ROOT"
@@ -20,13 +21,13 @@ make_env() {  # make_env NAME IMPORT_CHECK REQUIREMENT...
      && "$dir/bin/python" -c "$check" >/dev/null 2>&1; then
     echo "oracle env $name: ready ($dir)"; return 0
   fi
-  rm -rf "$dir.tmp"
+  remove_venv "$dir.tmp"
   python3 -m venv --system-site-packages "$dir.tmp"
   printf '%s\n' "$TORCH_PIN" > "$dir.tmp/constraints.txt"
   "$dir.tmp/bin/python" -m pip install -q --disable-pip-version-check -c "$dir.tmp/constraints.txt" "$@"
   "$dir.tmp/bin/python" -c "$check"
   echo "$want" > "$dir.tmp/.stamp"
-  rm -rf "$dir"; mv "$dir.tmp" "$dir"
+  remove_venv "$dir"; mv "$dir.tmp" "$dir"
   echo "oracle env $name: built ($dir)"
 }
 

@@ -33,18 +33,22 @@ class Serving:
 
 
 SGLANG_TEST = "tests/engines/sglang/test_sglang.py::test_layers_match_reference"
+VLLM_TEST = "tests/engines/vllm/test_vllm_engine.py::test_layers_match_reference"
 STUDY = "engine study 2026-11-28 (engines' own code, torch_npu emulated)"
 
 _SGLANG_PLUGIN = Serving("SGLang", "0.5.23", "quant_method npuconv (entry point sglang.srt.plugins)", SGLANG_TEST)
+_VA_PLUGIN = Serving("vLLM-Ascend", "0.23.0.post1 (vLLM 0.23.0)", "quant_method npuconv (entry point vllm.general_plugins)", VLLM_TEST)
 _SGLANG_MS = Serving("SGLang", "0.5.23", "native modelslim", STUDY)
 _VA_MS = Serving("vLLM-Ascend", "main@182b75ea, 0.23.0.post1", "native ascend (quant_model_description.json)", STUDY)
 
 #: npuconv target → engines that serve it through the npuconv quantization method (linear and MoE
-#: layers of the tested cases; the vLLM / vLLM-Ascend rows are added by the vLLM integration)
+#: layers of the cases each engine's test runs)
 TARGETS: dict[str, tuple[Serving, ...]] = {
-    "npu-int4": (_SGLANG_PLUGIN,),  # GPTQ asym act-order, AWQ, CT W4A16, CT W4A16 MoE
+    # SGLang: GPTQ asym act-order, AWQ, CT W4A16, CT W4A16 MoE; vLLM-Ascend: the same
+    "npu-int4": (_VA_PLUGIN, _SGLANG_PLUGIN),
     "npu-int8": (_SGLANG_PLUGIN,),  # msModelSlim W8A16 per-group asymmetric
-    "npu-w8a8": (_SGLANG_PLUGIN,),  # msModelSlim W8A8 static (TP 1; row-parallel refused at TP 2), CT W8A8 MoE
+    # SGLang: msModelSlim W8A8 static, CT W8A8 MoE; vLLM-Ascend: msModelSlim W8A8 static (TP 1 and 2)
+    "npu-w8a8": (_VA_PLUGIN, _SGLANG_PLUGIN),
 }
 
 #: (msModelSlim type, granularity) → engines whose native loader serves it (engines.md table)
