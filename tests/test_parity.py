@@ -319,6 +319,15 @@ def test_cli_model_pass_fail_and_usage(outputs, tmp_path):
     assert missing.exit_code == 2 and "--prompts" in missing.output
 
 
+def test_a_closed_pipe_keeps_the_exit_code_of_a_failed_model_check(outputs):
+    """As per-layer verify: a report that cannot be printed (``npuconv verify … | true``) keeps exit 1."""
+    from test_reliability_signals import run_into_closed_pipe
+
+    out = outputs("awq_gemm_g128", "npu-int4")
+    proc = run_into_closed_pipe("verify", out, "--model", "--new-tokens", "0", "--max-kl", "0")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+
+
 def test_cli_prompts_file(outputs, tmp_path):
     """Prompts go through OUT's tokenizer; this fixture's maps text to unk, so the report says it fell back."""
     prompts = tmp_path / "prompts.txt"
