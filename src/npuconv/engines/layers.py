@@ -202,6 +202,10 @@ def _dtype(name: str) -> torch.dtype:
 EXPERT_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
 
 
+class ExpertLeaf(torch.nn.Module):
+    """The sub-module of an experts layer holding one checkpoint projection's parameters (by role)."""
+
+
 @dataclass
 class ExpertsPlan:
     """A stacked-experts module (an engine's ``FusedMoE`` at ``prefix``) at TP rank ``rank`` of ``world``.
@@ -246,11 +250,12 @@ class ExpertsPlan:
 
     def register(self, module: torch.nn.Module) -> None:
         """Give ``module`` (the engine's experts layer) one sub-module per leaf with one parameter per role
-        (:attr:`params`), each with ``weight_loader(param, loaded_weight)`` = copy :meth:`load`'s piece."""
+        (:attr:`params`), each with ``weight_loader(param, loaded_weight)`` = copy :meth:`load`'s piece.
+        Registering again replaces them (vLLM-Ascend's ``AscendFusedMoE`` creates the weights twice)."""
         for leaf, roles in self.params.items():
-            if hasattr(module, leaf):
+            if hasattr(module, leaf) and not isinstance(getattr(module, leaf), ExpertLeaf):
                 raise InputError(f"{self.prefix}: the engine's experts module already has an attribute {leaf!r}")
-            holder = torch.nn.Module()
+            holder = ExpertLeaf()
             for role, spec in roles.items():
                 param = torch.nn.Parameter(torch.empty(spec.shape, dtype=spec.dtype), requires_grad=False)
                 param.weight_loader = self._loader(leaf, role)

@@ -5,8 +5,9 @@ the plugin is loaded through vLLM's own ``load_general_plugins`` (entry point ``
 the quantization config through ``get_quantization_config("npuconv")``; the model's linear layers
 (``QKVParallelLinear``, ``MergedColumnParallelLinear``, ``RowParallelLinear`` → vLLM-Ascend's classes)
 and its ``FusedMoE`` (→ ``AscendFusedMoE``) are built at TP rank r of ``TP`` (gloo), loaded through
-their own ``weight_loader``s with the model's own name mapping (``stacked_params_mapping``,
-``FusedMoE.make_expert_params_mapping``), processed, and run. Every layer's output is compared with
+their own ``weight_loader``s with the model's own name mapping (``stacked_params_mapping``; the stacked
+expert tensors keep their checkpoint names, which the models hand to ``params_dict[name]``), processed,
+and run. (vllm_model.py loads whole models through vLLM's own model loader.) Every layer's output is compared with
 ``x_effective @ dequant(source)ᵀ (+ bias)`` in float64 (``reference_dequant.safetensors``: the writing
 tool's own dequantization). Stubbed: only infrastructure (tests/engines/support/torch_npu).
 Rank 0 writes ``{fixture: {"layers": {layer: {rel_l2, cosine, class, method}}, "refused": {layer: reason}}}``.
@@ -290,24 +291,12 @@ def load(module, check, stored):
     the name mapping the model's ``load_weights`` applies."""
     params = dict(module.named_parameters())
     if isinstance(check, MoECheck):
-        from vllm.model_executor.layers.fused_moe import FusedMoE
-
-        gate, up, down = check.leaves
-        mapping = FusedMoE.make_expert_params_mapping(
-            module, ckpt_gate_proj_name=gate, ckpt_down_proj_name=down, ckpt_up_proj_name=up,
-            num_experts=check.kwargs["num_experts"],
-        )
-        for param_name, weight_name, expert_id, shard_id in mapping:
-            # npuconv stores experts stacked: <prefix>.<leaf>.<role> [E, ...] → expert e's slice
-            leaf = weight_name.split(".")[2]  # "experts.<e>.<leaf>."
-            for key, tensor in stored.items():
-                if not key.startswith(f"{check.prefix}.{leaf}."):
-                    continue
-                role = key.rsplit(".", 1)[1]
-                name = f"{param_name}{role}".split("experts.", 1)[1]
-                param = params[name]
-                param.weight_loader(param, tensor[expert_id], f"{check.prefix}.{name}", shard_id=shard_id,
-                                    expert_id=expert_id, return_success=True)
+        # npuconv stores experts stacked (<prefix>.<leaf>.<role>, [E, ...]); the model's load_weights
+        # hands such a name (claimed by no stacked/expert mapping) to params_dict[name].weight_loader
+        for key, tensor in stored.items():
+            if key.startswith(check.prefix + "."):
+                param = params[key[len(check.prefix) + 1:]]
+                param.weight_loader(param, tensor)
         return
     for shard, shard_id in zip(check.shards, check.shard_ids):
         for key, tensor in stored.items():
