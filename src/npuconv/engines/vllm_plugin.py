@@ -72,6 +72,11 @@ class NpuconvConfig(QuantizationConfig):
         super().__init__()
         self.quant_config = dict(quant_config or {})
         self.manifest = manifest
+        #: vLLM-Ascend reads ``quant_config.quant_description`` (msModelSlim's per-tensor description) from
+        #: whatever quantization config is active: ``AscendRMSNorm`` creates a norm bias for each
+        #: ``*norm.bias`` key, ``AscendConfig`` scans it for indexer layers. An npuconv output has
+        #: neither: empty, so every model's norms build (without it ``vllm serve OUT`` fails there).
+        self.quant_description: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"NpuconvConfig(target={self.quant_config.get('target')!r})"

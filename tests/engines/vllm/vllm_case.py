@@ -1,4 +1,5 @@
-"""Engine test cases, run INSIDE the vLLM venv: ``python vllm_case.py TP RESULT.json OUT=FIXTURE ...``.
+"""Engine test cases, run INSIDE the vLLM venv: ``python vllm_case.py TP RESULT.json OUT=FIXTURE ... model:OUT=FIXTURE ...``
+(``model:`` cases: whole models through vLLM's own model loader, vllm_model.py).
 
 vLLM 0.23.0 + vLLM-Ascend 0.23.0.post1, unmodified, on the emulated ``torch_npu`` (tests/engines/support):
 the plugin is loaded through vLLM's own ``load_general_plugins`` (entry point ``vllm.general_plugins``),
@@ -108,6 +109,12 @@ def rank_main(rank: int, tp: int, port: int, cases: list[str], result: str) -> N
     setup(rank, tp, port, cases[0].split("=")[0])
     report = {}
     for i, case in enumerate(cases):
+        if case.startswith("model:"):  # a whole model through vLLM's model loader (vllm_model.py)
+            import vllm_model
+
+            out, fixture = case[len("model:"):].split("=")
+            report["model:" + os.path.basename(fixture)] = vllm_model.run_model(out, fixture, rank, tp)
+            continue
         out, fixture = case.split("=")
         if i:
             model_config(out)
@@ -173,6 +180,8 @@ class LinearCheck:
         if self.parallel == "row":
             k = k_full // tp
             y = module(x[:, rank * k:(rank + 1) * k])[0]
+            if not getattr(module, "reduce_results", True):  # e.g. a shared expert: the MoE block reduces its sum
+                dist.all_reduce(y)
             (xe,) = records[self.prefix]
             w = ref[self.shards[0] + ".weight"].double()[:, rank * k:(rank + 1) * k]
             partial = xe.double() @ w.T
