@@ -29,9 +29,12 @@ CASES = [
 ]
 #: whole models through vLLM's own model loader (vllm_model.py): (fixture, target, model class)
 MODELS = [
-    ("ct020_moe_qwen2_w4a16_g32_asym", "npu-int4", "Qwen2MoeForCausalLM"),
+    ("ct020_moe_qwen2_w4a16_g32_asym", "npu-int4", "Qwen2MoeForCausalLM"),  # experts gate_proj/up_proj/down_proj
+    ("ct020_moe_mixtral_w8a8_int", "npu-w8a8", "MixtralForCausalLM"),  # experts w1/w3/w2, per-token int8 activations
     ("gptq_v1_b4_g64_asym_descact", "npu-int4", "LlamaForCausalLM"),
 ]
+#: modules checked per model (a Mixtral block has no dense or shared-expert MLP)
+MODEL_LAYERS = {"MixtralForCausalLM": {"qkv_proj", "o_proj", "experts"}}
 #: layers that must be refused, and why: act-order groups span the TP ranks of row-parallel layers
 REFUSED = {("gptq_v1_b4_g64_asym_descact", 2): {"o_proj", "down_proj"}}
 EXPECTED_LAYERS = {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
@@ -41,7 +44,8 @@ EXPECTED_LAYERS = {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
 def outputs(engines, tmp_path_factory):
     engines.python("vllm")  # skip (fail under CI=true) before converting anything
     root = tmp_path_factory.mktemp("vllm-outputs")
-    return {fixture: engines.convert(fixture, target, root / fixture) for fixture, target in CASES}
+    cases = dict(CASES) | {fixture: target for fixture, target, _ in MODELS}
+    return {fixture: engines.convert(fixture, target, root / fixture) for fixture, target in cases.items()}
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
@@ -93,7 +97,7 @@ def test_whole_model_loads_through_vllms_model_loader(engine_results, fixture, t
     assert report["class"] == model_class and not report["refused"]
     assert report["expert_params"] == report["expert_tensors"]  # the checkpoint's own names, nothing else
     assert bool(report["expert_params"]) == ("moe" in fixture)
-    expected = set(EXPECTED_LAYERS) | ({"experts"} if "moe" in fixture else set())
+    expected = MODEL_LAYERS.get(model_class, set(EXPECTED_LAYERS) | ({"experts"} if "moe" in fixture else set()))
     assert set(report["layers"]) == expected
     for name, layer in report["layers"].items():
         assert layer["class"].startswith("Ascend") and layer["method"].startswith("Npuconv"), layer

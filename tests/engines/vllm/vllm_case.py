@@ -106,7 +106,11 @@ def setup(rank: int, tp: int, port: int, out: str):
 
 
 def rank_main(rank: int, tp: int, port: int, cases: list[str], result: str) -> None:
-    setup(rank, tp, port, cases[0].split("=")[0])
+    outs = [c.split("=")[0].removeprefix("model:") for c in cases]
+    # the parallel groups are made once per process, as a worker makes them for its model; vLLM makes
+    # the expert-parallel group only for a MoE model, so set up with a MoE case when there is one
+    moe = [o for o in outs if {"num_experts", "num_local_experts"} & set(json.load(open(os.path.join(o, "config.json"))))]
+    setup(rank, tp, port, (moe or outs)[0])
     report = {}
     for i, case in enumerate(cases):
         if case.startswith("model:"):  # a whole model through vLLM's model loader (vllm_model.py)
@@ -203,7 +207,14 @@ class LinearCheck:
 
 
 class MoECheck:
-    """The routed experts of a Qwen2-MoE / Mixtral block through ``FusedMoE`` (vLLM-Ascend's class)."""
+    """The routed experts of a Qwen2-MoE / Mixtral block through ``FusedMoE`` (vLLM-Ascend's class).
+
+    Compared per projection, as verify compares a layer: each routed kernel call (``w13``, ``w2``: rows
+    sorted by expert, npuconv.engines.layers.moe_forward) against ``x_effective @ dequant(expert)ᵀ`` of
+    this rank's slice, and the block output (router-weighted, summed per token, all-reduced) against
+    the same sum of ``x_effective(w2) @ dequant(down)ᵀ``. (For weight-only kernels ``x_effective`` is
+    the input itself; a kernel that quantizes activations gets its own quantized rows.) Reported:
+    the worst of the three."""
 
     def __init__(self, cls, kwargs, prefix, leaves, gate):
         self.cls, self.kwargs, self.prefix, self.leaves, self.gate = cls, kwargs, prefix, leaves, gate
@@ -212,35 +223,53 @@ class MoECheck:
         return self.cls(**self.kwargs, prefix=self.prefix)
 
     def run(self, module, ref, stored, records, rank, tp):
+        from npuconv.engines import layers as core
+
         torch.manual_seed(0)
-        hidden = self.kwargs["hidden_size"]
-        x = torch.randn(8, hidden, dtype=torch.bfloat16)
+        kw = self.kwargs
+        x = torch.randn(8, kw["hidden_size"], dtype=torch.bfloat16)
         router_logits = (x.float() @ stored[self.gate].float().T).to(torch.bfloat16)
-        result = module.quant_method.apply(
-            layer=module, x=x, router_logits=router_logits, top_k=self.kwargs["top_k"],
-            renormalize=self.kwargs["renormalize"], num_experts=self.kwargs["num_experts"],
-        )
+        calls = {}
+        core.OBSERVERS.append(lambda name, rows, y_, xe: calls.__setitem__(name.rsplit(".", 1)[1], (y_, xe)))
+        try:
+            result = module.quant_method.apply(layer=module, x=x, router_logits=router_logits, top_k=kw["top_k"],
+                                               renormalize=kw["renormalize"], num_experts=kw["num_experts"])
+        finally:
+            core.OBSERVERS.pop()
         y = result.routed_out.detach().double()
         dist.all_reduce(y)
-        want = reference_moe(x, router_logits, ref, self.prefix, self.leaves, self.kwargs)
-        return metrics(y, want)
+        weights, ids = reference_routing(router_logits, kw)
+        order = torch.argsort(ids.flatten(), stable=True)
+        experts, tokens, row_weights = ids.flatten()[order], order // kw["top_k"], weights.flatten()[order]
+        per_row = [expert_weights(ref, self.prefix, self.leaves, int(e), rank, tp) for e in experts]
+        worst = []
+        for name, index in (("w13", 0), ("w2", 1)):
+            y_rows, xe = calls[name]
+            want = torch.stack([xe[i].double() @ w[index].T for i, w in enumerate(per_row)])
+            worst.append(metrics(y_rows, want))
+        down = torch.stack([calls["w2"][1][i].double() @ w[1].T for i, w in enumerate(per_row)])
+        want = torch.zeros_like(y).index_add_(0, tokens, down * row_weights.unsqueeze(-1))
+        dist.all_reduce(want)
+        worst.append(metrics(y, want))
+        rel = torch.tensor([max(m["rel_l2"] for m in worst), -min(m["cosine"] for m in worst)], dtype=torch.float64)
+        dist.all_reduce(rel, op=dist.ReduceOp.MAX)
+        return {"rel_l2": float(rel[0]), "cosine": -float(rel[1])}
 
 
-def reference_moe(x, logits, ref, prefix, leaves, kw):
+def reference_routing(logits, kw):
+    """Softmax top-k routing (renormalized when the model says so), in float64."""
     probs = torch.softmax(logits.double(), dim=-1)
     weights, ids = torch.topk(probs, kw["top_k"], dim=-1)
     if kw["renormalize"]:
         weights = weights / weights.sum(-1, keepdim=True)
-    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float64)
-    gate, up, down = leaves
-    for t in range(x.shape[0]):
-        for j in range(kw["top_k"]):
-            e = int(ids[t, j])
-            w = lambda leaf: ref[f"{prefix}.{e}.{leaf}.weight"].double()  # noqa: E731
-            xt = x[t].double()
-            h = torch.nn.functional.silu(w(gate) @ xt) * (w(up) @ xt)
-            out[t] += weights[t, j] * (w(down) @ h)
-    return out
+    return weights, ids
+
+
+def expert_weights(ref, prefix, leaves, e, rank, tp):
+    """This rank's dequantized ``w13`` (gate ‖ up rows of its N slice) and ``w2`` (its K columns) of expert ``e``."""
+    gate, up, down = (ref[f"{prefix}.{e}.{leaf}.weight"].double() for leaf in leaves)
+    n, k = gate.shape[0] // tp, down.shape[1] // tp
+    return torch.cat([gate[rank * n:(rank + 1) * n], up[rank * n:(rank + 1) * n]]), down[:, rank * k:(rank + 1) * k]
 
 
 def metrics(y, want) -> dict:
