@@ -70,6 +70,39 @@ def register() -> None:
     QUANTIZATION_METHODS[METHOD] = NpuconvConfig
     if METHOD not in QUANTIZATION_CHOICES:
         add_quantization_method_choices([METHOD])
+    _keep_fused_mixtral()
+
+
+#: where SGLang 0.5.23 imported ``get_model_architecture`` by name (each binding is replaced)
+_ARCH_MODULES = ("sglang.srt.model_loader.utils", "sglang.srt.model_loader.loader", "sglang.srt.model_loader")
+
+
+def _keep_fused_mixtral() -> None:
+    """SGLang 0.5.23's ``get_model_architecture`` builds a quantized ``MixtralForCausalLM`` as
+    ``QuantMixtralForCausalLM`` (one ``ReplicatedLinear`` MLP per expert, ``experts.<e>.w1``) unless
+    the quantization method is in a hard-coded list (fp8, compressed-tensors, …); it has no hook to
+    extend it. npuconv stores experts stacked for ``FusedMoE``, so for ``quant_method: npuconv``
+    only, the architecture stays ``MixtralForCausalLM`` (its ``FusedMoE`` layers load the stacked
+    experts by name). Every other method resolves as SGLang decides. If a later SGLang moves this,
+    :meth:`NpuconvConfig.get_quant_method` refuses the per-expert modules: never served wrong."""
+    import importlib
+
+    utils = importlib.import_module(_ARCH_MODULES[0])
+    original = getattr(utils.get_model_architecture, "__wrapped__", utils.get_model_architecture)
+
+    def get_model_architecture(model_config):
+        archs = getattr(model_config.hf_config, "architectures", None) or []
+        if model_config.quantization == METHOD and "MixtralForCausalLM" in archs:
+            from sglang.srt.models.registry import ModelRegistry
+
+            return ModelRegistry.resolve_model_cls(["MixtralForCausalLM"])
+        return original(model_config)
+
+    get_model_architecture.__wrapped__ = original
+    for name in _ARCH_MODULES:
+        module = importlib.import_module(name)
+        if hasattr(module, "get_model_architecture"):
+            module.get_model_architecture = get_model_architecture
 
 
 # ---------------------------------------------------------------------------- the config
@@ -118,6 +151,7 @@ class NpuconvConfig(QuantizationConfig):
             experts = self.experts_prefix(prefix)
             return NpuconvMoEMethod(self, experts) if experts else None
         if isinstance(layer, LinearBase):
+            self.refuse_one_expert(prefix)
             shards = self.linear_shards(prefix)
             return NpuconvLinearMethod(self, prefix, shards) if shards else UnquantizedLinearMethod()
         return None
@@ -144,6 +178,18 @@ class NpuconvConfig(QuantizationConfig):
             missing = sorted(set(names) - set(present))
             raise InputError(f"npuconv: {prefix} fuses {', '.join(names)} but {', '.join(missing)} is not converted")
         return names
+
+    def refuse_one_expert(self, prefix: str) -> None:
+        """A model that builds one linear per expert (``<experts>.<e>.<leaf>``) cannot load stacked
+        experts: its loader would look for ``<experts>.<e>.<leaf>.*`` and leave them unset."""
+        head, _, leaf = prefix.rpartition(".")
+        experts, _, index = head.rpartition(".")
+        stacked = self.resolve(f"{experts}.{leaf}") if index.isdigit() else None
+        if stacked and self.layers[stacked].get("spec", {}).get("num_experts"):
+            raise InputError(
+                f"npuconv: SGLang built {prefix} as one linear per expert; npuconv stores {stacked} stacked "
+                f"for FusedMoE, which this model class does not use"
+            )
 
     def experts_prefix(self, prefix: str) -> str | None:
         """The manifest prefix of a FusedMoE module's stacked expert layers (None if not converted)."""
