@@ -16,9 +16,6 @@ from sglang_fixtures import converted, sglang_env, sglang_results  # noqa: F401 
 REFUSED = {
     ("gptq_int4_asym_actorder", 2): "act-order groups are not aligned to the rank boundary",
 }
-#: (case, tp) → a refusal the target's rule may give (the static W8A8 row-parallel quant_bias rule is
-#: being changed on the vLLM branch to "rank 0 only"): if refused, with this reason; else it must match
-MAY_REFUSE = {("modelslim_w8a8", 2): "quant_bias folds the activation offset over all of K"}
 #: the SGLang module kinds each model must exercise
 KINDS = {"qkv", "row", "merged"}
 
@@ -31,8 +28,8 @@ def test_layers_match_reference(sglang_results, case, tp):
     for rank in ranks:
         assert "error" not in rank, rank
         result = rank["cases"][case]
-        if (case, tp) in REFUSED or ((case, tp) in MAY_REFUSE and "error" in result):
-            assert {**REFUSED, **MAY_REFUSE}[case, tp] in result.get("error", ""), result
+        if (case, tp) in REFUSED:
+            assert REFUSED[case, tp] in result.get("error", ""), result
             assert "\n" not in result["error"]
             continue
         assert "error" not in result, result["error"]
