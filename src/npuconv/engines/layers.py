@@ -113,6 +113,28 @@ class LinearPlan:
                 f"the engine fuses them into one kernel call"
             )
 
+    def weight_loader(self, role: str, place: Callable[[torch.nn.Parameter, torch.Tensor, object], None]):
+        """The ``weight_loader(param, stored, shard_id=None)`` of parameter ``role``: the stored tensor of
+        shard ``shard_id`` (None: the only one; ``"q"``/``"k"``/``"v"`` or an int: that shard of a fused
+        module) is cut by :meth:`split`; a role without an N axis is kept once (every fused shard must
+        carry the same value: :meth:`check_shared`); any other piece goes to ``place(param, piece,
+        shard_id)`` — the engine's own shard placement (offsets of ``q``/``k``/``v`` or ``gate``/``up``)."""
+        held: list[int] = []
+
+        def load(param: torch.nn.Parameter, stored: torch.Tensor, shard_id=None) -> None:
+            shard = shard_index(shard_id)
+            piece = self.split(role, stored, shard)
+            if self.params[role].shared:
+                if held:
+                    self.check_shared(role, param.data, piece.to(param.dtype), shard)
+                else:
+                    param.data.copy_(piece)
+                held.append(shard)
+                return
+            place(param, piece, shard_id)
+
+        return load
+
     def kernel_tensors(self, loaded: dict[str, torch.Tensor], backend) -> dict[str, torch.Tensor]:
         """Loaded parameters (by role) as the kernel takes them: NZ restored (``npu_format_cast`` on an
         NPU) where the manifest says ``nz``, nothing else."""
@@ -128,6 +150,18 @@ class LinearPlan:
         for observe in OBSERVERS:
             observe(self.name, rows, y, x_effective)
         return y.reshape(*lead, y.shape[-1])
+
+
+#: the shard ids engines give the parts of a fused ``qkv_proj``
+QKV_SHARD_IDS = ("q", "k", "v")
+
+
+def shard_index(shard_id) -> int:
+    """Index of a fused module's part from the engine's shard id: None → 0, ``"q"``/``"k"``/``"v"`` →
+    0/1/2, an int (``gate_up_proj``: 0, 1) → itself."""
+    if shard_id is None:
+        return 0
+    return QKV_SHARD_IDS.index(shard_id) if shard_id in QKV_SHARD_IDS else int(shard_id)
 
 
 def plan_linear(manifest: dict, name: str, shards: list[str] | None, parallel: str, rank: int = 0, world: int = 1) -> LinearPlan:
@@ -235,6 +269,15 @@ class ExpertsPlan:
     w2: LinearPlan  # down, row-parallel
     #: {leaf: {role: Param}}: this rank's piece of each checkpoint tensor (the parameter to register)
     params: dict[str, dict[str, Param]] = field(default_factory=dict)
+
+    def expect(self, num_experts: int, intermediate_per_rank: int) -> None:
+        """Refuse (:class:`InputError`) an engine module that does not match the manifest: its expert
+        count and its intermediate size per TP rank."""
+        if self.w13.spec.num_experts != num_experts or self.w2.spec.in_features != intermediate_per_rank:
+            raise InputError(
+                f"{self.prefix}: the model builds {num_experts} experts of {intermediate_per_rank} per rank, "
+                f"npuconv.json holds {self.w13.spec.num_experts} of {self.w2.spec.in_features}"
+            )
 
     def _plan_of(self, leaf: str) -> tuple[LinearPlan, int]:
         if leaf not in self.leaves:

@@ -59,7 +59,6 @@ METHOD = "npuconv"
 #: fused SGLang module → the checkpoint modules it stacks, in shard order (used when the model
 #: passes no ``packed_modules_mapping``)
 DEFAULT_PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
-QKV_SHARDS = {"q": 0, "k": 1, "v": 2}
 
 
 def register() -> None:
@@ -267,27 +266,16 @@ class NpuconvLinearMethod(LinearMethodBase):
 
 
 def _linear_loader(plan: core.LinearPlan, role: str, engine_loader, layer):
-    """Stored tensor → the target's split for this rank → SGLang's own (pre-sharded) shard placement;
-    a role without an N axis in a fused module is kept once and must agree across the shards."""
-    held: set[int] = set()
-
-    def load(param: Parameter, stored: torch.Tensor, shard_id=None) -> None:
-        shard = 0 if shard_id is None else QKV_SHARDS.get(shard_id, shard_id)
-        piece = plan.split(role, stored, shard)
-        if len(plan.shards) > 1 and plan.params[role].shared:
-            if held:
-                plan.check_shared(role, param.data, piece.to(param.dtype), shard)
-            else:
-                param.data.copy_(piece)
-            held.add(shard)
-            return
+    """Stored tensor → the target's split for this rank → SGLang's own shard placement, in its
+    pre-sharded mode (it places the piece, cutting nothing)."""
+    def place(param: Parameter, piece: torch.Tensor, shard_id) -> None:
         with _presharded(layer):
             if shard_id is None:
                 engine_loader(param, piece)
             else:
                 engine_loader(param, piece, shard_id)
 
-    return load
+    return plan.weight_loader(role, place)
 
 
 # ---------------------------------------------------------------------------- MoE
@@ -303,11 +291,7 @@ class NpuconvMoEMethod(FusedMoEMethodBase):
     def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
                        **extra_weight_attrs):
         plan = core.plan_experts(self.config.manifest, self.prefix, layer.moe_tp_rank, layer.moe_tp_size)
-        if plan.w13.spec.num_experts != num_experts or plan.w2.spec.in_features != intermediate_size_per_partition:
-            raise InputError(
-                f"{self.prefix}: the model builds {num_experts} experts of {intermediate_size_per_partition} per rank, "
-                f"npuconv.json holds {plan.w13.spec.num_experts} of {plan.w2.spec.in_features}"
-            )
+        plan.expect(num_experts, intermediate_size_per_partition)
         plan.register(layer)
         self.plan = plan
 

@@ -57,7 +57,6 @@ from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEM
 from vllm.model_executor.layers.linear import (  # noqa: E402
     LinearBase,
     LinearMethodBase,
-    QKVParallelLinear,
     RowParallelLinear,
     UnquantizedLinearMethod,
 )
@@ -194,28 +193,13 @@ class NpuconvLinearMethod(LinearMethodBase):
 
 def _linear_loader(plan: core.LinearPlan, role: str, engine_loader, layer):
     """Checkpoint tensor → the target's split for this rank → vLLM's own shard placement."""
-    shard_ids = ["q", "k", "v"] if isinstance(layer, QKVParallelLinear) else None
-    held: dict[str, bool] = {}
-
-    def load(param: Parameter, loaded_weight: torch.Tensor, loaded_shard_id=None) -> None:
-        if loaded_shard_id is None:
-            shard = 0
-        else:
-            shard = shard_ids.index(loaded_shard_id) if shard_ids else int(loaded_shard_id)
-        piece = plan.split(role, loaded_weight, shard)
-        if plan.params[role].shared:
-            if held:
-                plan.check_shared(role, param.data, piece, shard)
-            else:
-                param.data.copy_(piece)
-            held["done"] = True
-            return
-        if loaded_shard_id is None:
+    def place(param: Parameter, piece: torch.Tensor, shard_id) -> None:
+        if shard_id is None:
             engine_loader(param, piece)
         else:
-            engine_loader(param, piece, loaded_shard_id)
+            engine_loader(param, piece, shard_id)
 
-    return load
+    return plan.weight_loader(role, place)
 
 
 # ---------------------------------------------------------------------------- MoE experts
@@ -239,11 +223,7 @@ class NpuconvMoEMethod(FusedMoEMethodBase):
     ) -> None:
         rank, world = int(layer.tp_rank), int(layer.tp_size)
         plan = core.plan_experts(self.config.manifest, self.prefix, rank, world)
-        if plan.w13.spec.num_experts != num_experts or plan.w2.spec.in_features != intermediate_size_per_partition:
-            raise InputError(
-                f"{self.prefix}: the model builds {num_experts} experts of {intermediate_size_per_partition} per rank, "
-                f"npuconv.json holds {plan.w13.spec.num_experts} of {plan.w2.spec.in_features}"
-            )
+        plan.expect(num_experts, intermediate_size_per_partition)
         plan.register(layer)
         self.plan = plan
 
