@@ -82,11 +82,13 @@ def to_backend(tensor: torch.Tensor, entry: dict, backend) -> torch.Tensor:
 
 
 def run_kernel(
-    backend, entry: dict, spec: LinearSpec, t: dict, x: torch.Tensor, *, tp: int | None = None, manifest: dict | None = None
+    backend, entry: dict, spec: LinearSpec, t: dict, x: torch.Tensor, *, tp: int | None = None, manifest: dict | None = None,
+    group_list: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Call the layer's kernel as the engines do; returns (y, the activations the reference must use).
 
     A thin dispatch: ``layer_target(manifest, entry).run(...)`` (see :meth:`npuconv.writers.base.Target.run`).
-    ``manifest`` is only needed for entries written before every layer recorded its ``target``.
+    ``manifest`` is only needed for entries written before every layer recorded its ``target``;
+    ``group_list``: routed expert rows (tokens per expert, ``x`` sorted by expert).
     """
-    return layer_target(manifest or {}, entry).run(backend, entry, spec, t, x, tp=tp)
+    return layer_target(manifest or {}, entry).run(backend, entry, spec, t, x, tp=tp, group_list=group_list)

@@ -10,7 +10,7 @@ import torch
 
 from npuconv.entries import from_storage
 from npuconv.kernels import get_backend
-from npuconv.model import INT, ActivationQuant, LinearSpec, QuantizedLinear, dequantize
+from npuconv.model import FP4_E2M1, INT, SCALE_E8M0, ActivationQuant, LinearSpec, QuantizedLinear, dequantize
 from npuconv.readers.base import Reader
 from npuconv.experts import stack_expert_specs, stack_layers, unstack_layer, unstack_spec
 from npuconv.runtime import run_kernel
@@ -198,3 +198,58 @@ def test_float_and_modelslim_write_experts_one_by_one():
         assert {name.rsplit(".", 1)[0] for name in planned} == {f"{MOE}.{e}.up_proj" for e in range(4)}
     written = target_class("float")(WriterOptions(dtype=torch.float32)).write_layer(layer)
     assert torch.equal(written[f"{MOE}.2.up_proj.weight"], dequantize(layer)[2])
+
+
+def mxfp4_stacked_layer(n=64, k=128, experts=4) -> QuantizedLinear:
+    gen = torch.Generator().manual_seed(5)
+    spec = LinearSpec(f"{MOE}.up_proj", n, k, 4, 32, True, weight_format=FP4_E2M1, scale_format=SCALE_E8M0,
+                      scale_dtype=torch.uint8, num_experts=experts, source_scheme="test")
+    codes = torch.randint(0, 16, (experts, n, k), generator=gen, dtype=torch.uint8)
+    scale = torch.randint(118, 126, (experts, n, k // 32), generator=gen, dtype=torch.uint8)
+    return QuantizedLinear(spec, codes, scale)
+
+
+W4A4 = ActivationQuant(INT, 4, dynamic=True)
+MOE_TARGETS = [  # every target whose manifest can hold a stacked expert layer with a kernel
+    ("npu-int4", {}),
+    ("npu-int4", {"symmetric": True, "group": -1}),
+    ("npu-int8", {"bits": 8, "group": -1}),
+    ("npu-w8a8", {"bits": 8, "group": -1, "symmetric": True, "activation": DYNAMIC}),
+    ("npu-w4a8", {"symmetric": True, "group": -1, "activation": DYNAMIC}),
+    ("npu-w4a4", {"symmetric": True, "group": -1, "activation": W4A4}),
+    ("npu-mxfp4", None),
+]
+
+
+@pytest.mark.parametrize("target,kw", MOE_TARGETS, ids=[f"{t}-{i}" for i, (t, _) in enumerate(MOE_TARGETS)])
+def test_routed_experts_equal_dense_all_experts_then_pick(target, kw, monkeypatch):
+    """``Target.run(..., group_list=...)`` (rows sorted by expert, tokens per expert) gives each row
+    exactly what the dense every-token-through-every-expert call gives that token at its expert, with
+    per-token activation scales kept per routed row; where the engines' MoE kernel is
+    ``npu_grouped_matmul`` it is ONE call with the routed rows (``group_list_type=1``)."""
+    layer = mxfp4_stacked_layer() if kw is None else stacked_layer(**kw)
+    writer, entry, tensors = kernel_tensors(target, layer)
+    assert writer.accepts(layer.spec) is None
+    backend = get_backend("cpu")
+    x = torch.randn(6, 128, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    ids = torch.tensor([0, 3, 3, 1, 0, 3, 2, 3, 0, 3, 3, 0])  # top-2 of 6 tokens: 12 routed rows, all 4 experts
+    tokens = torch.arange(12) % 6
+    order = torch.argsort(ids, stable=True)
+    rows, expert_of_row, token_of_row = x[tokens[order]], ids[order], tokens[order]
+    group_list = torch.bincount(ids, minlength=4)
+    calls = []
+    real = backend.ops.npu_grouped_matmul
+    monkeypatch.setattr(backend.ops, "npu_grouped_matmul",
+                        lambda xs, w, **kw: calls.append((xs[0].shape[0], kw["group_list"].tolist(), kw["group_list_type"])) or real(xs, w, **kw))
+    y, x_eff = run_kernel(backend, entry, layer.spec, tensors, rows, group_list=group_list)
+    routed_calls = list(calls)
+    y_all, x_all = run_kernel(backend, entry, layer.spec, tensors, x)
+    assert y.shape == (12, 64) and x_eff.shape == (12, 128)
+    want = y_all[expert_of_row, token_of_row]
+    assert torch.equal(y, want), (y.double() - want.double()).abs().max()
+    x_want = x_all[expert_of_row, token_of_row] if x_all.dim() == 3 else x_all[token_of_row]
+    assert torch.equal(x_eff.double(), x_want.double())
+    if target in ("npu-int4", "npu-int8", "npu-w8a8", "npu-w4a8"):  # the engines' grouped MoE kernels
+        assert routed_calls == [(12, group_list.tolist(), 1)]
+    else:  # a dense kernel per expert (the engines have no grouped form for it)
+        assert routed_calls == []

@@ -15,7 +15,12 @@ answers all come from ``npuconv.json`` and the layer's target:
 * :meth:`LinearPlan.kernel_tensors` — the loaded parameters as the kernel takes them: NZ restored where
   the manifest says ``nz`` (``npu_format_cast`` on an NPU), nothing else done;
 * :meth:`LinearPlan.forward` / :func:`moe_forward` — the layer's kernel, called through its target
-  (``Target.run``: the call ``verify`` and ``npuconv.runtime`` make).
+  (``Target.run``: the call ``verify`` and ``npuconv.runtime`` make); experts routed, one kernel call
+  for ``w13`` and one for ``w2`` (``Target.run(..., group_list=...)``);
+* :class:`ExpertsPlan` — the MoE experts: parameters registered under the *checkpoint's* names
+  (:meth:`ExpertsPlan.register`: sub-modules ``gate_proj``/``up_proj``/``down_proj`` or ``w1``/``w3``/``w2``
+  of the engine's experts module, one parameter per role), so the model's own ``load_weights`` loads
+  them by name; fused into ``w13``/``w2`` kernel tensors after loading (:meth:`ExpertsPlan.kernel_tensors`).
 
 Parameters keep the manifest's role names (``weight``, ``antiquant_scale``, ``perm``, …), so a
 checkpoint tensor ``<module>.<role>`` loads into ``<fused module>.<role>`` through the engine's own
@@ -108,6 +113,28 @@ class LinearPlan:
                 f"the engine fuses them into one kernel call"
             )
 
+    def weight_loader(self, role: str, place: Callable[[torch.nn.Parameter, torch.Tensor, object], None]):
+        """The ``weight_loader(param, stored, shard_id=None)`` of parameter ``role``: the stored tensor of
+        shard ``shard_id`` (None: the only one; ``"q"``/``"k"``/``"v"`` or an int: that shard of a fused
+        module) is cut by :meth:`split`; a role without an N axis is kept once (every fused shard must
+        carry the same value: :meth:`check_shared`); any other piece goes to ``place(param, piece,
+        shard_id)`` — the engine's own shard placement (offsets of ``q``/``k``/``v`` or ``gate``/``up``)."""
+        held: list[int] = []
+
+        def load(param: torch.nn.Parameter, stored: torch.Tensor, shard_id=None) -> None:
+            shard = shard_index(shard_id)
+            piece = self.split(role, stored, shard)
+            if self.params[role].shared:
+                if held:
+                    self.check_shared(role, param.data, piece.to(param.dtype), shard)
+                else:
+                    param.data.copy_(piece)
+                held.append(shard)
+                return
+            place(param, piece, shard_id)
+
+        return load
+
     def kernel_tensors(self, loaded: dict[str, torch.Tensor], backend) -> dict[str, torch.Tensor]:
         """Loaded parameters (by role) as the kernel takes them: NZ restored (``npu_format_cast`` on an
         NPU) where the manifest says ``nz``, nothing else."""
@@ -123,6 +150,18 @@ class LinearPlan:
         for observe in OBSERVERS:
             observe(self.name, rows, y, x_effective)
         return y.reshape(*lead, y.shape[-1])
+
+
+#: the shard ids engines give the parts of a fused ``qkv_proj``
+QKV_SHARD_IDS = ("q", "k", "v")
+
+
+def shard_index(shard_id) -> int:
+    """Index of a fused module's part from the engine's shard id: None → 0, ``"q"``/``"k"``/``"v"`` →
+    0/1/2, an int (``gate_up_proj``: 0, 1) → itself."""
+    if shard_id is None:
+        return 0
+    return QKV_SHARD_IDS.index(shard_id) if shard_id in QKV_SHARD_IDS else int(shard_id)
 
 
 def plan_linear(manifest: dict, name: str, shards: list[str] | None, parallel: str, rank: int = 0, world: int = 1) -> LinearPlan:
@@ -197,23 +236,121 @@ def _dtype(name: str) -> torch.dtype:
 EXPERT_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
 
 
+class ExpertLeaf(torch.nn.Module):
+    """The sub-module of an experts layer holding one checkpoint projection's parameters (by role)."""
+
+
 @dataclass
 class ExpertsPlan:
-    """A stacked-experts module: ``w13`` (gate and up fused, column-parallel) and ``w2`` (row-parallel)."""
+    """A stacked-experts module (an engine's ``FusedMoE`` at ``prefix``) at TP rank ``rank`` of ``world``.
 
-    w13: LinearPlan
-    w2: LinearPlan
+    **Parameters under the checkpoint's names.** npuconv stores each projection of the experts stacked
+    (``<prefix>.<leaf>.<role>``, ``[E, …]``, one tensor per manifest role). :meth:`register` gives the
+    engine module one sub-module per leaf (``gate_proj``/``up_proj``/``down_proj`` or ``w1``/``w3``/``w2``)
+    holding one parameter per role: this rank's split piece (:attr:`params`), in the stored dtype, ND.
+    So a model's own ``load_weights`` finds ``<prefix>.<leaf>.<role>`` in its ``named_parameters()`` and
+    calls the parameter's ``weight_loader(param, loaded_weight)``, which applies the target's TP split
+    (:meth:`load`: gate/up column-parallel split N, down row-parallel splits K; refused with
+    :class:`InputError` where not exact). Checked against the loaders of vLLM 0.23 (``qwen2_moe``,
+    ``mixtral``) and SGLang 0.5.23 (``qwen2_moe``, ``mixtral``): the stacked names skip the
+    ``stacked_params_mapping`` loop (``"mlp.experts" in name`` / no ``gate_up`` entry), match no
+    ``experts.<e>.<leaf>.`` of the expert mapping and reach ``params_dict[name]``.
+    (vLLM's ``deepseek_v2`` renames ``gate_proj`` → ``gate_up_proj`` for names it finds in
+    ``params_dict``: not covered.)
+
+    **After loading** (:meth:`kernel_tensors`): gate and up are fused into the ``w13`` kernel tensors
+    along each role's N storage axis (a role without an N axis must be equal in both: :meth:`LinearPlan.check_shared`),
+    NZ restored where the manifest says ``nz``; ``w2`` likewise. :func:`moe_forward` runs them routed.
+    """
+
+    prefix: str
+    leaves: tuple[str, str, str]  # checkpoint leaf names (gate, up, down)
+    w13: LinearPlan  # gate (shard 0) and up (shard 1), column-parallel
+    w2: LinearPlan  # down, row-parallel
+    #: {leaf: {role: Param}}: this rank's piece of each checkpoint tensor (the parameter to register)
+    params: dict[str, dict[str, Param]] = field(default_factory=dict)
+
+    def expect(self, num_experts: int, intermediate_per_rank: int) -> None:
+        """Refuse (:class:`InputError`) an engine module that does not match the manifest: its expert
+        count and its intermediate size per TP rank."""
+        if self.w13.spec.num_experts != num_experts or self.w2.spec.in_features != intermediate_per_rank:
+            raise InputError(
+                f"{self.prefix}: the model builds {num_experts} experts of {intermediate_per_rank} per rank, "
+                f"npuconv.json holds {self.w13.spec.num_experts} of {self.w2.spec.in_features}"
+            )
+
+    def _plan_of(self, leaf: str) -> tuple[LinearPlan, int]:
+        if leaf not in self.leaves:
+            raise InputError(f"{self.prefix}: no expert projection {leaf!r} (expected {', '.join(self.leaves)})")
+        index = self.leaves.index(leaf)
+        return (self.w13, index) if index < 2 else (self.w2, 0)
+
+    def load(self, leaf: str, role: str, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's piece of checkpoint tensor ``<prefix>.<leaf>.<role>`` (stacked ``[E, …]``, as stored):
+        NZ tiles undone, then the target's TP split (:meth:`LinearPlan.split`)."""
+        plan, shard = self._plan_of(leaf)
+        return plan.split(role, tensor, shard)
+
+    def register(self, module: torch.nn.Module) -> None:
+        """Give ``module`` (the engine's experts layer) one sub-module per leaf with one parameter per role
+        (:attr:`params`), each with ``weight_loader(param, loaded_weight)`` = copy :meth:`load`'s piece.
+        Registering again replaces them (vLLM-Ascend's ``AscendFusedMoE`` creates the weights twice)."""
+        for leaf, roles in self.params.items():
+            if hasattr(module, leaf) and not isinstance(getattr(module, leaf), ExpertLeaf):
+                raise InputError(f"{self.prefix}: the engine's experts module already has an attribute {leaf!r}")
+            holder = ExpertLeaf()
+            for role, spec in roles.items():
+                param = torch.nn.Parameter(torch.empty(spec.shape, dtype=spec.dtype), requires_grad=False)
+                param.weight_loader = self._loader(leaf, role)
+                holder.register_parameter(role, param)
+            module.add_module(leaf, holder)
+
+    def _loader(self, leaf: str, role: str):
+        def weight_loader(param: torch.nn.Parameter, loaded_weight: torch.Tensor) -> None:
+            param.data.copy_(self.load(leaf, role, loaded_weight))
+
+        return weight_loader
+
+    def loaded(self, module: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+        """The registered parameters' data, ``{leaf: {role: tensor}}``."""
+        return {leaf: {role: getattr(getattr(module, leaf), role).data for role in roles} for leaf, roles in self.params.items()}
+
+    def kernel_tensors(self, loaded: dict[str, dict[str, torch.Tensor]], backend) -> tuple[dict, dict]:
+        """``(w13 tensors, w2 tensors)`` by role as the kernel takes them, from the loaded pieces
+        ``{leaf: {role: tensor}}`` (:meth:`loaded`): gate ‖ up concatenated along each role's N storage
+        axis (roles without one must be equal: :meth:`LinearPlan.check_shared`), then NZ restored."""
+        gate, up, down = (loaded[leaf] for leaf in self.leaves)
+        fused = {}
+        for role, param in self.w13.params.items():
+            if param.n_axis is None:
+                self.w13.check_shared(role, gate[role], up[role], 1)
+                fused[role] = gate[role]
+            else:
+                fused[role] = torch.cat([gate[role], up[role]], dim=param.n_axis)
+        return self.w13.kernel_tensors(fused, backend), self.w2.kernel_tensors(dict(down), backend)
+
+    def forward(self, backend, t13: dict, t2: dict, x: torch.Tensor, topk_weights: torch.Tensor,
+                topk_ids: torch.Tensor) -> torch.Tensor:
+        """:func:`moe_forward` on this plan."""
+        return moe_forward(self, backend, t13, t2, x, topk_weights, topk_ids)
 
 
 def plan_experts(manifest: dict, prefix: str, rank: int = 0, world: int = 1) -> ExpertsPlan:
-    """The plan of the MoE experts module ``prefix`` (e.g. ``model.layers.0.mlp.experts``)."""
+    """The plan of the MoE experts module ``prefix`` (e.g. ``model.layers.0.mlp.experts``): its manifest
+    layers ``<prefix>.gate_proj|up_proj|down_proj`` (or ``w1|w3|w2``), split for rank ``rank`` of ``world``."""
     layers = manifest["layers"]
-    for gate, up, down in EXPERT_NAMES:
-        names = [f"{prefix}.{leaf}" for leaf in (gate, up, down)]
+    for leaves in EXPERT_NAMES:
+        names = [f"{prefix}.{leaf}" for leaf in leaves]
         if all(n in layers for n in names):
             w13 = plan_linear(manifest, f"{prefix}.w13", names[:2], COLUMN, rank, world)
             w2 = plan_linear(manifest, f"{prefix}.w2", names[2:], ROW, rank, world)
-            return ExpertsPlan(w13, w2)
+            if w13.spec.num_experts is None or w2.spec.num_experts != w13.spec.num_experts:
+                raise InputError(f"{prefix}: {', '.join(names)} are not expert stacks of one size in {MANIFEST}")
+            plan = ExpertsPlan(prefix, leaves, w13, w2)
+            for leaf, (sub, shard) in zip(leaves, ((w13, 0), (w13, 1), (w2, 0))):
+                plan.params[leaf] = {role: replace(param, shape=tuple(_meta_split(sub, role, param.dtype, shard).shape))
+                                     for role, param in sub.params.items()}
+            return plan
     raise InputError(f"{prefix}: no stacked expert layers (gate/up/down or w1/w3/w2) in {MANIFEST}")
 
 
@@ -221,42 +358,36 @@ def moe_forward(
     plan: ExpertsPlan, backend, t13: dict, t2: dict, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
 ) -> torch.Tensor:
     """Routed experts on this rank: ``x`` ``[T, H]``, ``topk_ids``/``topk_weights`` ``[T, k]`` → ``[T, H]``
-    (this rank's partial sum; the engine all-reduces). Tokens are sorted by expert; each expert's rows
-    go through gate/up → SiLU(gate)·up → down with that expert's tensors, by the target's kernel call
-    (``Target.run`` on the dense slice: ``Target.run`` has no routed ``group_list`` form yet, so this
-    is one kernel call per expert instead of one ``npu_grouped_matmul``), weighted by the router and
-    summed per token."""
+    (this rank's partial sum; the engine all-reduces). The ``T·k`` (token, expert) rows are sorted by
+    expert (stable), ``group_list`` = rows per expert; then ONE routed kernel call for ``w13``
+    (``Target.run(..., group_list=...)``: one ``npu_grouped_matmul`` with ``group_list_type=1`` where
+    the target's engine kernel is grouped), SiLU(gate)·up in float32, ONE routed call for ``w2``, and
+    each row weighted by its router weight and summed into its token (float32). ``topk_ids`` outside
+    ``[0, E)`` (experts on other ranks) contribute nothing."""
     tokens, top_k = topk_ids.shape
+    experts = plan.w13.spec.num_experts
     flat = topk_ids.reshape(-1).long()
-    order = torch.argsort(flat, stable=True)
+    keep = (flat >= 0) & (flat < experts)
+    order = torch.argsort(torch.where(keep, flat, experts), stable=True)[: int(keep.sum())]
     source_rows = order // top_k
-    counts = torch.bincount(flat, minlength=plan.w13.spec.num_experts).tolist()
-    rows = x[source_rows]
-    outputs, start = [], 0
-    for e, count in enumerate(counts):
-        if count:
-            h = _expert(plan.w13, backend, t13, rows[start:start + count], e)
-            inter = h.shape[-1] // 2
-            a = torch.nn.functional.silu(h[:, :inter].float()) * h[:, inter:].float()
-            outputs.append(_expert(plan.w2, backend, t2, a.to(x.dtype), e))
-        start += count
-    y = torch.cat(outputs)
+    group_list = torch.bincount(flat[keep], minlength=experts)
+    out = torch.zeros(tokens, plan.w2.spec.out_features, dtype=torch.float32, device=x.device)
+    if not order.numel():
+        return out.to(x.dtype)
+    h = _routed(plan.w13, backend, t13, x[source_rows], group_list)
+    inter = h.shape[-1] // 2
+    a = torch.nn.functional.silu(h[:, :inter].float()) * h[:, inter:].float()
+    y = _routed(plan.w2, backend, t2, a.to(x.dtype), group_list)
     weights = topk_weights.reshape(-1)[order].float().unsqueeze(-1)
-    out = torch.zeros(tokens, y.shape[-1], dtype=torch.float32, device=x.device)
     out.index_add_(0, source_rows, y.float() * weights)
     return out.to(x.dtype)
 
 
-def _expert(plan: LinearPlan, backend, tensors: dict, x: torch.Tensor, e: int) -> torch.Tensor:
-    """Expert ``e`` of a stacked layer through the target's dense kernel call."""
-    experts = plan.spec.num_experts
-    t_e = {role: v[e] if v.dim() >= 2 and v.shape[0] == experts else v for role, v in tensors.items()}
-    entry = {**plan.entry, "tensors": {r: {**t, "shape": t["shape"][1:], "storage_shape": t["storage_shape"][1:]}
-                                       if len(t["shape"]) >= 2 and t["shape"][0] == experts else t
-                                       for r, t in plan.entry["tensors"].items()}}
-    y, x_effective = plan.target.run(backend, entry, replace(plan.spec, num_experts=None), t_e, x, tp=1)
+def _routed(plan: LinearPlan, backend, tensors: dict, rows: torch.Tensor, group_list: torch.Tensor) -> torch.Tensor:
+    """One routed kernel call of a stacked layer (``rows`` sorted by expert, ``group_list`` tokens per expert)."""
+    y, x_effective = plan.target.run(backend, plan.entry, plan.spec, tensors, rows, tp=1, group_list=group_list)
     for observe in OBSERVERS:
-        observe(f"{plan.name}.{e}", x, y, x_effective)
+        observe(plan.name, rows, y, x_effective)
     return y
 
 

@@ -14,30 +14,29 @@ What :func:`register` does (SGLang 0.5.23 has no register function): adds :class
 checkpoint's ``quant_method`` against) and ``npuconv`` to the CLI's ``--quantization`` choices
 (``add_quantization_method_choices``).
 
-Per layer the method reads ``npuconv.json`` (beside config.json) and:
+Everything per layer comes from the engine-neutral core :mod:`npuconv.engines.layers` (the same
+one the vLLM plugin uses); this module only adapts it to SGLang's classes:
 
-- creates exactly the manifest's tensors (role = parameter name, stored dtype, ND storage shape of
-  this rank's share; NZ tiles are undone when loading and restored with ``npu_format_cast`` after
-  loading, on an NPU only: :func:`npuconv.runtime.to_backend`);
-- loads each tensor with the rank's share cut by the layer's own target (:meth:`Target.split`, the
-  one TP rule, exact or refused with a one-line reason); fused layers (``qkv_proj``,
-  ``gate_up_proj``) place each part through SGLang's own shard logic (the layer's
-  ``weight_loader`` with ``output_dim`` / ``packed_dim`` / ``pack_factor`` set from the manifest's
-  ``split``, in its pre-sharded mode);
-- runs forward through :meth:`Target.run` (the one kernel call) on the kernels of the weights'
-  device (:func:`npuconv.kernels.get_backend`: torch_npu on an NPU).
+- linears (:class:`NpuconvLinearMethod`): :func:`~npuconv.engines.layers.plan_linear` gives the
+  parameters (role = parameter name, stored dtype, ND storage shape of this rank's piece; NZ
+  restored after loading, on an NPU only); each stored tensor is cut by the layer's target
+  (:meth:`LinearPlan.split`, the one TP rule, exact or refused with a one-line reason) and fused
+  layers (``qkv_proj``, ``gate_up_proj``) place each part through SGLang's own shard loader (its
+  pre-sharded mode, with ``output_dim`` / ``packed_dim`` / ``pack_factor`` from the plan); forward
+  is :meth:`LinearPlan.forward` (``Target.run``, the one kernel call);
+- MoE (:class:`NpuconvMoEMethod`): :class:`~npuconv.engines.layers.ExpertsPlan` registers the
+  stacked experts under the checkpoint's names (``<experts>.gate_proj.<role>`` ``[E, …]`` …, or
+  ``w1``/``w3``/``w2``), so the model's own ``load_weights`` finds them by name; gate/up are fused
+  after loading and the routed experts run as one grouped kernel call per projection, with
+  SGLang's top-k (``dispatch_output.topk_output``).
 
-MoE: the manifest stores each expert projection stacked (``<experts>.gate_proj.weight`` ``[E, …]``);
-the method registers them under the same names (sub-modules ``gate_proj`` / ``up_proj`` /
-``down_proj`` of the ``FusedMoE`` layer, or ``w1`` / ``w3`` / ``w2``), so SGLang's model loader finds
-them by name, and runs every expert on the routed tokens through :meth:`Target.run`.
+Kernels run on the weights' device (:func:`npuconv.kernels.get_backend`: torch_npu on an NPU, the
+emulation elsewhere).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -53,21 +52,13 @@ from sglang.srt.layers.quantization.base_config import (
 )
 from sglang.srt.layers.quantization.unquant import UnquantizedLinearMethod
 
+from npuconv.engines import layers as core
 from npuconv.errors import InputError
-from npuconv.model import LinearSpec, spec_from_dict
-from npuconv.io.output import MANIFEST
-from npuconv.registry import layer_target
-from npuconv.parallel import COLUMN, ROW
-from npuconv.writers.base import Target
-from npuconv.entries import from_storage, nd_shape_of_storage
 
 METHOD = "npuconv"
 #: fused SGLang module → the checkpoint modules it stacks, in shard order (used when the model
 #: passes no ``packed_modules_mapping``)
 DEFAULT_PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
-QKV_SHARDS = {"q": 0, "k": 1, "v": 2}
-#: stacked expert projections of a FusedMoE layer: (gate, up, down) names in npuconv outputs
-EXPERT_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
 
 
 def register() -> None:
@@ -78,12 +69,45 @@ def register() -> None:
     QUANTIZATION_METHODS[METHOD] = NpuconvConfig
     if METHOD not in QUANTIZATION_CHOICES:
         add_quantization_method_choices([METHOD])
+    _keep_fused_mixtral()
+
+
+#: where SGLang 0.5.23 imported ``get_model_architecture`` by name (each binding is replaced)
+_ARCH_MODULES = ("sglang.srt.model_loader.utils", "sglang.srt.model_loader.loader", "sglang.srt.model_loader")
+
+
+def _keep_fused_mixtral() -> None:
+    """SGLang 0.5.23's ``get_model_architecture`` builds a quantized ``MixtralForCausalLM`` as
+    ``QuantMixtralForCausalLM`` (one ``ReplicatedLinear`` MLP per expert, ``experts.<e>.w1``) unless
+    the quantization method is in a hard-coded list (fp8, compressed-tensors, …); it has no hook to
+    extend it. npuconv stores experts stacked for ``FusedMoE``, so for ``quant_method: npuconv``
+    only, the architecture stays ``MixtralForCausalLM`` (its ``FusedMoE`` layers load the stacked
+    experts by name). Every other method resolves as SGLang decides. If a later SGLang moves this,
+    :meth:`NpuconvConfig.get_quant_method` refuses the per-expert modules: never served wrong."""
+    import importlib
+
+    utils = importlib.import_module(_ARCH_MODULES[0])
+    original = getattr(utils.get_model_architecture, "__wrapped__", utils.get_model_architecture)
+
+    def get_model_architecture(model_config):
+        archs = getattr(model_config.hf_config, "architectures", None) or []
+        if model_config.quantization == METHOD and "MixtralForCausalLM" in archs:
+            from sglang.srt.models.registry import ModelRegistry
+
+            return ModelRegistry.resolve_model_cls(["MixtralForCausalLM"])
+        return original(model_config)
+
+    get_model_architecture.__wrapped__ = original
+    for name in _ARCH_MODULES:
+        module = importlib.import_module(name)
+        if hasattr(module, "get_model_architecture"):
+            module.get_model_architecture = get_model_architecture
 
 
 # ---------------------------------------------------------------------------- the config
 class NpuconvConfig(QuantizationConfig):
-    """``quantization_config = {"quant_method": "npuconv", "manifest": "npuconv.json", …}`` of an npuconv
-    output; the manifest is read from the model directory (``hf_config.name_or_path``)."""
+    """``quantization_config = {"quant_method": "npuconv", …}`` of an npuconv output; the manifest is
+    read from the model directory (``hf_config.name_or_path``)."""
 
     def __init__(self, manifest: dict, packed_modules_mapping: dict[str, list[str]] | None = None):
         super().__init__()
@@ -114,12 +138,7 @@ class NpuconvConfig(QuantizationConfig):
         root = getattr(hf_config, "name_or_path", None) or config.get("model_path")
         if not root:
             raise InputError("npuconv: cannot locate the model directory to read npuconv.json")
-        path = Path(root) / config.get("manifest", MANIFEST)
-        try:
-            manifest = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise InputError(f"npuconv: cannot read {path} ({e})") from None
-        return cls(manifest, config.get("packed_modules_mapping"))
+        return cls(core.read_manifest(Path(root)), config.get("packed_modules_mapping"))
 
     def get_scaled_act_names(self) -> list[str]:
         return []
@@ -128,14 +147,15 @@ class NpuconvConfig(QuantizationConfig):
         from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
 
         if isinstance(layer, FusedMoE):
-            parts = self.expert_parts(prefix)
-            return NpuconvMoEMethod(self, parts) if parts else None
+            experts = self.experts_prefix(prefix)
+            return NpuconvMoEMethod(self, experts) if experts else None
         if isinstance(layer, LinearBase):
-            parts = self.linear_parts(prefix)
-            return NpuconvLinearMethod(self, parts) if parts else UnquantizedLinearMethod()
+            self.refuse_one_expert(prefix)
+            shards = self.linear_shards(prefix)
+            return NpuconvLinearMethod(self, prefix, shards) if shards else UnquantizedLinearMethod()
         return None
 
-    # ------------------------------------------------------------------ manifest lookup
+    # ------------------------------------------------------------------ SGLang module name → manifest layers
     def resolve(self, name: str) -> str | None:
         """The manifest layer of an SGLang module name: the same name, or the one name ending in
         ``"." + name`` (some SGLang models build their layers without the checkpoint's ``model.``)."""
@@ -144,14 +164,10 @@ class NpuconvConfig(QuantizationConfig):
         found = [layer for layer in self.layers if layer.endswith("." + name)]
         return found[0] if len(found) == 1 else None
 
-    def part(self, name: str) -> tuple[str, dict, LinearSpec]:
-        entry = self.layers[name]
-        return name, entry, spec_from_dict(entry["spec"])
-
-    def linear_parts(self, prefix: str) -> list[tuple[str, dict, LinearSpec]]:
+    def linear_shards(self, prefix: str) -> list[str]:
         """The manifest layers behind an SGLang linear module, in shard order ([] if not converted)."""
         if self.resolve(prefix):
-            return [self.part(self.resolve(prefix))]
+            return [self.resolve(prefix)]
         head, _, leaf = prefix.rpartition(".")
         names = [self.resolve(f"{head}.{sub}" if head else sub) or f"{head}.{sub}" for sub in self.packed.get(leaf, [])]
         present = [n for n in names if n in self.layers]
@@ -160,31 +176,27 @@ class NpuconvConfig(QuantizationConfig):
         if len(present) != len(names):
             missing = sorted(set(names) - set(present))
             raise InputError(f"npuconv: {prefix} fuses {', '.join(names)} but {', '.join(missing)} is not converted")
-        return [self.part(n) for n in names]
+        return names
 
-    def expert_parts(self, prefix: str) -> list[tuple[str, dict, LinearSpec]]:
-        """(gate, up, down) stacked expert layers of a FusedMoE module ([] if not converted)."""
-        for names in EXPERT_NAMES:
-            full = [self.resolve(f"{prefix}.{n}") for n in names]
+    def refuse_one_expert(self, prefix: str) -> None:
+        """A model that builds one linear per expert (``<experts>.<e>.<leaf>``) cannot load stacked
+        experts: its loader would look for ``<experts>.<e>.<leaf>.*`` and leave them unset."""
+        head, _, leaf = prefix.rpartition(".")
+        experts, _, index = head.rpartition(".")
+        stacked = self.resolve(f"{experts}.{leaf}") if index.isdigit() else None
+        if stacked and self.layers[stacked].get("spec", {}).get("num_experts"):
+            raise InputError(
+                f"npuconv: SGLang built {prefix} as one linear per expert; npuconv stores {stacked} stacked "
+                f"for FusedMoE, which this model class does not use"
+            )
+
+    def experts_prefix(self, prefix: str) -> str | None:
+        """The manifest prefix of a FusedMoE module's stacked expert layers (None if not converted)."""
+        for leaves in core.EXPERT_NAMES:
+            full = [self.resolve(f"{prefix}.{leaf}") for leaf in leaves]
             if all(full):
-                return [self.part(n) for n in full]
-        return []
-
-    def target_of(self, entry: dict) -> Target:
-        return layer_target(self.manifest, entry)
-
-
-# ---------------------------------------------------------------------------- shared helpers
-def _nd_storage_shape(entry: dict) -> list[int]:
-    """The ND shape of the stored dtype (NZ tiles undone, packing kept)."""
-    return nd_shape_of_storage(entry) if entry.get("layout") == "nz" else list(entry["storage_shape"])
-
-
-def _share_shape(target: Target, role: str, entry: dict, spec: LinearSpec, rank: int, world: int, parallel: str):
-    """Shape of one rank's share of a tensor: the target's split rule applied to a meta tensor (the
-    base rule: overrides for single roles change values, not shapes)."""
-    meta = torch.empty(_nd_storage_shape(entry), device="meta")
-    return tuple(Target.split(target, role, meta, entry, spec, rank, world, parallel).shape)
+                return full[0].rpartition(".")[0]
+        return None
 
 
 def _backend_for(tensor: torch.Tensor):
@@ -193,15 +205,9 @@ def _backend_for(tensor: torch.Tensor):
     return get_backend(str(tensor.device))
 
 
-def _check_stored(name: str, tensor: torch.Tensor, entry: dict) -> torch.Tensor:
-    if list(tensor.shape) != list(entry["storage_shape"]):
-        raise InputError(f"{name}.{entry['name']}: shape {list(tensor.shape)}, npuconv.json says {entry['storage_shape']}")
-    return from_storage(tensor, entry)
-
-
 @contextlib.contextmanager
 def _presharded(layer: torch.nn.Module):
-    """SGLang's loaders in their pre-sharded mode: they place the given share, cutting nothing."""
+    """SGLang's loaders in their pre-sharded mode: they place the given piece, cutting nothing."""
     before = getattr(layer, "use_presharded_weights", False)
     layer.use_presharded_weights = True
     try:
@@ -210,168 +216,102 @@ def _presharded(layer: torch.nn.Module):
         layer.use_presharded_weights = before
 
 
-def _same_everywhere(param: Parameter, share: torch.Tensor, index: int, where: str) -> None:
-    """A tensor with no output axis in a fused layer (``perm``, per-tensor input scales) must be equal
-    in every part: the first part's copy is kept, a differing one is refused."""
-    seen = param.__dict__.setdefault("_npuconv_parts", set())
-    if seen and not torch.equal(param.data, share.to(param.dtype)):
-        raise InputError(f"{where} differs between the fused parts; they cannot share one kernel call")
-    if not seen:
-        param.data.copy_(share)
-    seen.add(index)
-
-
 # ---------------------------------------------------------------------------- linear
 class NpuconvLinearMethod(LinearMethodBase):
-    """One SGLang linear module (possibly fused) served by the target of its manifest layers."""
+    """One SGLang linear module (possibly fused) on its :class:`~npuconv.engines.layers.LinearPlan`."""
 
-    def __init__(self, config: NpuconvConfig, parts: list[tuple[str, dict, LinearSpec]]):
+    def __init__(self, config: NpuconvConfig, prefix: str, shards: list[str]):
         self.config = config
-        self.parts = parts
-        first = parts[0][1]
-        self.target = config.target_of(first)
-        for name, entry, _ in parts[1:]:
-            if config.target_of(entry).name != self.target.name or set(entry["tensors"]) != set(first["tensors"]):
-                raise InputError(f"npuconv: {name} and {parts[0][0]} differ in target or tensors; SGLang fuses them")
+        self.prefix = prefix
+        self.shards = shards
+        self.plan: core.LinearPlan | None = None
 
     def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
                        params_dtype, **extra_weight_attrs):
         replicated = isinstance(layer, ReplicatedLinear) or not hasattr(layer, "tp_group")
         rank, world = (0, 1) if replicated else get_group_rank_size(layer.tp_group)
-        parallel = ROW if isinstance(layer, RowParallelLinear) else COLUMN
-        self.rank, self.world, self.parallel = rank, world, parallel
-        self.sglang_loader = extra_weight_attrs.get("weight_loader")
-        first = self.parts[0][1]
-        self.roles = [role for role in first["tensors"] if role != "bias"]  # SGLang owns the bias parameter
-        for role in self.roles:
-            layer.register_parameter(role, self._parameter(layer, role))
-        specs = [self.target.split_spec(spec, world, parallel) for _, _, spec in self.parts]
-        self.spec = replace(specs[0], name=self.parts[0][0] if len(self.parts) == 1 else getattr(layer, "prefix", specs[0].name),
-                            out_features=sum(s.out_features for s in specs))
-
-    def _parameter(self, layer, role: str) -> Parameter:
-        shares = [_share_shape(self.target, role, entry["tensors"][role], spec, self.rank, self.world, self.parallel)
-                  for _, entry, spec in self.parts]
-        entry = self.parts[0][1]["tensors"][role]
-        split = entry.get("split") or {}
-        n_axis, k_axis = split.get("n"), split.get("k")
-        shape = list(shares[0])
-        if len(self.parts) > 1 and n_axis is not None:
-            shape[n_axis] = sum(s[n_axis] for s in shares)
-        elif any(s != shares[0] for s in shares):
-            raise InputError(f"npuconv: {role} of {self.parts[0][0]} has different shapes across fused parts")
-        param = Parameter(torch.empty(shape, dtype=getattr(torch, entry["dtype"])), requires_grad=False)
-        attrs: dict[str, Any] = {"output_dim": n_axis, "input_dim": k_axis, "ignore_warning": True}
-        if n_axis is not None:
-            unit = int(entry["shape"][n_axis]) // int(_nd_storage_shape(entry)[n_axis])
-            if unit > 1:
-                attrs.update(packed_dim=n_axis, pack_factor=unit)
-        for key, value in attrs.items():
-            if value is not None:
-                setattr(param, key, value)
-        param.weight_loader = lambda p, w, shard_id=None, _role=role, _layer=layer: self.load(_layer, _role, p, w, shard_id)
-        return param
-
-    def load(self, layer, role: str, param: Parameter, stored: torch.Tensor, shard_id=None) -> None:
-        """Load one stored tensor (one part of a fused layer when ``shard_id`` is given)."""
-        index = 0 if shard_id is None else QKV_SHARDS.get(shard_id, shard_id)
-        name, entry, spec = self.parts[index]
-        tensor_entry = entry["tensors"][role]
-        nd = _check_stored(name, stored, tensor_entry)
-        share = self.target.split(role, nd, tensor_entry, spec, self.rank, self.world, self.parallel)
-        if len(self.parts) > 1 and (tensor_entry.get("split") or {}).get("n") is None:
-            _same_everywhere(param, share, index, f"{name}.{role}")
-            return
-        with _presharded(layer):
-            if shard_id is None:
-                self.sglang_loader(param, share)
-            else:
-                self.sglang_loader(param, share, shard_id)
+        parallel = core.ROW if isinstance(layer, RowParallelLinear) else core.COLUMN
+        name = self.shards[0] if len(self.shards) == 1 else self.prefix
+        plan = core.plan_linear(self.config.manifest, name, self.shards, parallel, rank, world)
+        if plan.spec.in_features != input_size_per_partition or plan.spec.out_features != sum(output_partition_sizes):
+            raise InputError(
+                f"{self.prefix}: the model builds [{input_size_per_partition} → {sum(output_partition_sizes)}] per rank, "
+                f"npuconv.json holds [{plan.spec.in_features} → {plan.spec.out_features}]"
+            )
+        engine_loader = extra_weight_attrs.get("weight_loader")
+        for role, spec in plan.params.items():
+            if role == "bias":  # SGLang owns the bias parameter
+                continue
+            param = Parameter(torch.empty(spec.shape, dtype=spec.dtype), requires_grad=False)
+            param.ignore_warning = True
+            if spec.n_axis is not None:
+                param.output_dim = spec.n_axis
+                if spec.n_unit > 1:
+                    param.packed_dim, param.pack_factor = spec.n_axis, spec.n_unit
+            param.weight_loader = _linear_loader(plan, role, engine_loader, layer)
+            layer.register_parameter(role, param)
+        self.plan = plan
 
     def process_weights_after_loading(self, layer) -> None:
         """Only NZ: restored where the manifest says ``nz`` (a no-op off the NPU)."""
-        from npuconv.runtime import to_backend
-
-        for role in self.roles:
-            param = getattr(layer, role)
-            backend = _backend_for(param.data)
-            param.data = to_backend(param.data, self.parts[0][1]["tensors"][role], backend)
+        loaded = {role: getattr(layer, role).data for role in self.plan.params if role != "bias"}
+        layer.npuconv_tensors = self.plan.kernel_tensors(loaded, _backend_for(next(iter(loaded.values()))))
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        tensors = {role: getattr(layer, role).data for role in self.roles}
+        tensors = dict(layer.npuconv_tensors)
         if bias is not None:
             tensors["bias"] = bias
-        backend = _backend_for(x)
-        # tp=1: the tensors already are this rank's share (Target.split); the engine does the all-reduce
-        y, _ = self.target.run(backend, self.parts[0][1], self.spec, tensors, x, tp=1)
-        return y
+        # the tensors already are this rank's piece (Target.split); the engine does the all-reduce
+        return self.plan.forward(_backend_for(x), tensors, x)
+
+
+def _linear_loader(plan: core.LinearPlan, role: str, engine_loader, layer):
+    """Stored tensor → the target's split for this rank → SGLang's own shard placement, in its
+    pre-sharded mode (it places the piece, cutting nothing)."""
+    def place(param: Parameter, piece: torch.Tensor, shard_id) -> None:
+        with _presharded(layer):
+            if shard_id is None:
+                engine_loader(param, piece)
+            else:
+                engine_loader(param, piece, shard_id)
+
+    return plan.weight_loader(role, place)
 
 
 # ---------------------------------------------------------------------------- MoE
 class NpuconvMoEMethod(FusedMoEMethodBase):
-    """A FusedMoE layer whose experts are stacked npuconv layers (gate, up: column-parallel; down:
-    row-parallel), each expert run through :meth:`Target.run` (activation: SiLU-and-mul)."""
+    """A FusedMoE layer whose experts are stacked npuconv layers, on the engine-neutral
+    :class:`~npuconv.engines.layers.ExpertsPlan` (SiLU-and-mul, routed by SGLang's top-k)."""
 
-    def __init__(self, config: NpuconvConfig, parts: list[tuple[str, dict, LinearSpec]]):
+    def __init__(self, config: NpuconvConfig, prefix: str):
         self.config = config
-        self.parts = parts
-        self.targets = [config.target_of(entry) for _, entry, _ in parts]
+        self.prefix = prefix  # the manifest's experts prefix
+        self.plan: core.ExpertsPlan | None = None
 
     def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
                        **extra_weight_attrs):
-        rank, world = layer.moe_tp_rank, layer.moe_tp_size
-        self.rank, self.world = rank, world
-        self.modules = []
-        for (name, entry, spec), target, parallel in zip(self.parts, self.targets, (COLUMN, COLUMN, ROW)):
-            if spec.num_experts != num_experts:
-                raise InputError(f"npuconv: {name} stacks {spec.num_experts} experts, the model has {num_experts}")
-            module = torch.nn.Module()
-            for role, tensor_entry in entry["tensors"].items():
-                shape = _share_shape(target, role, tensor_entry, spec, rank, world, parallel)
-                param = Parameter(torch.empty(shape, dtype=getattr(torch, tensor_entry["dtype"])), requires_grad=False)
-                param.weight_loader = (lambda p, w, *_, _n=name, _e=entry, _s=spec, _t=target, _r=role, _p=parallel:
-                                       p.data.copy_(_t.split(_r, _check_stored(_n, w, _e["tensors"][_r]), _e["tensors"][_r],
-                                                              _s, rank, world, _p)))
-                module.register_parameter(role, param)
-            layer.add_module(name.rpartition(".")[2], module)
-            self.modules.append((module, entry, target.split_spec(spec, world, parallel), target))
+        plan = core.plan_experts(self.config.manifest, self.prefix, layer.moe_tp_rank, layer.moe_tp_size)
+        plan.expect(num_experts, intermediate_size_per_partition)
+        plan.register(layer)
+        self.plan = plan
 
     def create_moe_runner(self, layer, moe_runner_config) -> None:
-        self.runner = None
-        self.activation = getattr(moe_runner_config, "activation", "silu")
-        if self.activation != "silu":
-            raise InputError(f"npuconv: MoE activation {self.activation!r} is not supported (silu only)")
+        activation = getattr(moe_runner_config, "activation", "silu")
+        if activation != "silu":
+            raise InputError(f"npuconv: MoE activation {activation!r} is not supported (silu only)")
 
     def get_moe_runner_backend(self, layer):
         return None
 
     def process_weights_after_loading(self, layer) -> None:
-        from npuconv.runtime import to_backend
-
-        for module, entry, _, _ in self.modules:
-            for role, param in module.named_parameters():
-                param.data = to_backend(param.data, entry["tensors"][role], _backend_for(param.data))
-
-    def _run(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        """Every token of ``x`` ``[M, K]`` through every expert: ``[E, M, N]``."""
-        module, entry, spec, target = self.modules[index]
-        tensors = {role: p.data for role, p in module.named_parameters()}
-        return target.run(_backend_for(x), entry, spec, tensors, x)[0]
+        loaded = self.plan.loaded(layer)
+        device = next(iter(loaded[self.plan.leaves[0]].values()))
+        layer.npuconv_w13, layer.npuconv_w2 = self.plan.kernel_tensors(loaded, _backend_for(device))
 
     def apply(self, layer, dispatch_output):
         from sglang.srt.layers.moe.token_dispatcher.standard import StandardCombineInput
 
         x = dispatch_output.hidden_states
         topk = dispatch_output.topk_output
-        weights, ids = topk.topk_weights, topk.topk_ids.long()
-        m = x.shape[0]
-        gate, up = self._run(0, x), self._run(1, x)  # [E, M, I/tp]
-        hidden = torch.nn.functional.silu(gate.float()) * up.float()
-        experts = hidden.shape[0]
-        down = self._run(2, hidden.to(x.dtype).reshape(experts * m, -1))  # [E, E·M, H]: expert e on rows of e
-        down = torch.stack([down[e, e * m:(e + 1) * m] for e in range(experts)])  # [E, M, H]
-        rows = torch.arange(m, device=x.device).unsqueeze(1).expand_as(ids)
-        picked = down[ids.clamp(min=0), rows].float()  # [M, top_k, H]
-        valid = (ids >= 0).unsqueeze(-1)
-        y = (picked * weights.float().unsqueeze(-1) * valid).sum(1)
-        return StandardCombineInput(hidden_states=y.to(x.dtype))
+        y = self.plan.forward(_backend_for(x), layer.npuconv_w13, layer.npuconv_w2, x, topk.topk_weights, topk.topk_ids)
+        return StandardCombineInput(hidden_states=y)

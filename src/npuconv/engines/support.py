@@ -47,7 +47,7 @@ TARGETS: dict[str, tuple[Serving, ...]] = {
     # SGLang: GPTQ asym act-order, AWQ, CT W4A16, CT W4A16 MoE; vLLM-Ascend: the same
     "npu-int4": (_VA_PLUGIN, _SGLANG_PLUGIN),
     "npu-int8": (_SGLANG_PLUGIN,),  # msModelSlim W8A16 per-group asymmetric
-    # SGLang: msModelSlim W8A8 static, CT W8A8 MoE; vLLM-Ascend: msModelSlim W8A8 static (TP 1 and 2)
+    # SGLang: msModelSlim W8A8 static, CT W8A8 MoE; vLLM-Ascend: msModelSlim W8A8 static, CT W8A8 Mixtral (TP 1 and 2)
     "npu-w8a8": (_VA_PLUGIN, _SGLANG_PLUGIN),
 }
 

@@ -15,9 +15,12 @@ Per module, from ``npuconv.json`` (:mod:`npuconv.engines.layers`):
   (``output_dim``/``packed_dim``/``packed_factor`` place ``q``/``k``/``v`` and ``gate``/``up``;
   ``is_sharded_weight`` because the split is already done). After loading, NZ is restored where
   the manifest says ``nz``; ``apply`` calls the layer's kernel through its target.
-* :class:`NpuconvMoEMethod` — stacked experts ``w13_<role>`` / ``w2_<role>`` loaded by vLLM's
-  ``FusedMoE.weight_loader`` (its own w1/w3/w2 sharding, checked piece by piece against the target's
-  split rule), run on ``npu_grouped_matmul`` with the tokens routed by the engine's expert selection.
+* :class:`NpuconvMoEMethod` — stacked experts: parameters under the checkpoint's own names
+  (``<prefix>.gate_proj.<role>`` … or ``w1``/``w3``/``w2``, one per manifest role, this rank's piece),
+  so the model's ``load_weights`` (``qwen2_moe``, ``mixtral``: names no stacked/expert mapping claims
+  go to ``params_dict[name]``) loads them through their ``weight_loader`` with the target's TP split;
+  gate/up fused into ``w13`` after loading (:class:`npuconv.engines.layers.ExpertsPlan`); run routed
+  by the engine's expert selection, one ``npu_grouped_matmul`` for ``w13`` and one for ``w2``.
 * Layers not in the manifest (``lm_head``, routers, anything left in float) get vLLM's
   unquantized method. Mixed-precision outputs: each layer's target comes from its own entry.
 Whatever cannot be split exactly at the engine's TP size is refused at load with a one-line
@@ -33,7 +36,6 @@ import torch
 from torch.nn import Parameter
 
 from npuconv.engines import layers as core
-from npuconv.entries import from_storage
 from npuconv.errors import InputError
 
 NAME = "npuconv"
@@ -55,7 +57,6 @@ from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEM
 from vllm.model_executor.layers.linear import (  # noqa: E402
     LinearBase,
     LinearMethodBase,
-    QKVParallelLinear,
     RowParallelLinear,
     UnquantizedLinearMethod,
 )
@@ -70,6 +71,11 @@ class NpuconvConfig(QuantizationConfig):
         super().__init__()
         self.quant_config = dict(quant_config or {})
         self.manifest = manifest
+        #: vLLM-Ascend reads ``quant_config.quant_description`` (msModelSlim's per-tensor description) from
+        #: whatever quantization config is active: ``AscendRMSNorm`` creates a norm bias for each
+        #: ``*norm.bias`` key, ``AscendConfig`` scans it for indexer layers. An npuconv output has
+        #: neither: empty, so every model's norms build (without it ``vllm serve OUT`` fails there).
+        self.quant_description: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"NpuconvConfig(target={self.quant_config.get('target')!r})"
@@ -187,38 +193,23 @@ class NpuconvLinearMethod(LinearMethodBase):
 
 def _linear_loader(plan: core.LinearPlan, role: str, engine_loader, layer):
     """Checkpoint tensor → the target's split for this rank → vLLM's own shard placement."""
-    shard_ids = ["q", "k", "v"] if isinstance(layer, QKVParallelLinear) else None
-    held: dict[str, bool] = {}
-
-    def load(param: Parameter, loaded_weight: torch.Tensor, loaded_shard_id=None) -> None:
-        if loaded_shard_id is None:
-            shard = 0
-        else:
-            shard = shard_ids.index(loaded_shard_id) if shard_ids else int(loaded_shard_id)
-        piece = plan.split(role, loaded_weight, shard)
-        if plan.params[role].shared:
-            if held:
-                plan.check_shared(role, param.data, piece, shard)
-            else:
-                param.data.copy_(piece)
-            held["done"] = True
-            return
-        if loaded_shard_id is None:
+    def place(param: Parameter, piece: torch.Tensor, shard_id) -> None:
+        if shard_id is None:
             engine_loader(param, piece)
         else:
-            engine_loader(param, piece, loaded_shard_id)
+            engine_loader(param, piece, shard_id)
 
-    return load
+    return plan.weight_loader(role, place)
 
 
 # ---------------------------------------------------------------------------- MoE experts
-#: roles vLLM's FusedMoE.weight_loader routes by name ("weight" / "scale" / "offset"); others it would drop
-def _moe_loadable(role: str) -> bool:
-    return ("weight" in role or "scale" in role or "offset" in role) and not role.startswith("input_") and "g_idx" not in role
-
-
 class NpuconvMoEMethod(FusedMoEMethodBase):
-    """Stacked experts of an npuconv output (``<prefix>.gate_proj|up_proj|down_proj`` or ``w1|w3|w2``)."""
+    """Stacked experts of an npuconv output (``<prefix>.gate_proj|up_proj|down_proj`` or ``w1|w3|w2``),
+    on the engine-neutral :class:`npuconv.engines.layers.ExpertsPlan`: the parameters are registered
+    under the checkpoint's names (sub-modules of the ``FusedMoE``), so the model's own ``load_weights``
+    loads them through ``params_dict[name].weight_loader`` (the target's TP split); gate/up are fused
+    into ``w13`` after loading; ``apply`` routes with vLLM-Ascend's ``select_experts`` and runs one
+    routed ``npu_grouped_matmul`` per projection (``Target.run(..., group_list=...)``)."""
 
     def __init__(self, config: NpuconvConfig, layer, prefix: str) -> None:
         super().__init__(layer.moe_config)
@@ -230,35 +221,14 @@ class NpuconvMoEMethod(FusedMoEMethodBase):
         self, layer, num_experts: int, hidden_size: int, intermediate_size_per_partition: int,
         params_dtype: torch.dtype, **extra_weight_attrs,
     ) -> None:
-        from vllm.model_executor.layers.fused_moe import FusedMoeWeightScaleSupported
-
         rank, world = int(layer.tp_rank), int(layer.tp_size)
         plan = core.plan_experts(self.config.manifest, self.prefix, rank, world)
-        if plan.w13.spec.num_experts != num_experts or plan.w2.spec.in_features != intermediate_size_per_partition:
-            raise InputError(
-                f"{self.prefix}: the model builds {num_experts} experts of {intermediate_size_per_partition} per rank, "
-                f"npuconv.json holds {plan.w13.spec.num_experts} of {plan.w2.spec.in_features}"
-            )
-        engine_loader = extra_weight_attrs["weight_loader"]
-        for prefix, sub in (("w13", plan.w13), ("w2", plan.w2)):
-            for role, spec in sub.params.items():
-                if not _moe_loadable(role):
-                    raise InputError(f"{self.prefix}: expert tensor role {role!r} cannot be loaded by vLLM's FusedMoE")
-                param = Parameter(torch.empty(spec.shape, dtype=spec.dtype), requires_grad=False)
-                per_channel = len(spec.shape) == 2  # [E, N] vectors: N on axis 0 of each expert
-                layer.register_parameter(f"{prefix}_{role}", param)
-                set_weight_attrs(param, {
-                    "weight_loader": _moe_loader(sub, role, engine_loader),
-                    "is_transposed": not per_channel,  # [K, N] / [G, N] per expert: N is the last axis
-                    "quant_method": (FusedMoeWeightScaleSupported.CHANNEL if per_channel else FusedMoeWeightScaleSupported.GROUP).value,
-                })
+        plan.expect(num_experts, intermediate_size_per_partition)
+        plan.register(layer)
         self.plan = plan
 
     def process_weights_after_loading(self, layer) -> None:
-        backend = _backend(layer)
-        for prefix, sub in (("w13", self.plan.w13), ("w2", self.plan.w2)):
-            loaded = {role: getattr(layer, f"{prefix}_{role}").data for role in sub.params}
-            setattr(layer, f"npuconv_{prefix}", sub.kernel_tensors(loaded, backend))
+        layer.npuconv_w13, layer.npuconv_w2 = self.plan.kernel_tensors(self.plan.loaded(layer), _backend(layer))
 
     def get_fused_moe_quant_config(self, layer):
         return None
@@ -275,28 +245,5 @@ class NpuconvMoEMethod(FusedMoEMethodBase):
             routed_scaling_factor=kwargs.get("routed_scaling_factor", 1.0),
             e_score_correction_bias=kwargs.get("e_score_correction_bias"), num_experts=router_logits.shape[-1],
         )
-        y = core.moe_forward(self.plan, _backend(layer), layer.npuconv_w13, layer.npuconv_w2, x, topk_weights, topk_ids)
+        y = self.plan.forward(_backend(layer), layer.npuconv_w13, layer.npuconv_w2, x, topk_weights, topk_ids)
         return FusedExpertsResult(routed_out=y)
-
-
-def _moe_loader(sub: core.LinearPlan, role: str, engine_loader):
-    """vLLM's FusedMoE.weight_loader places (and shards) one expert's tensor; the piece it keeps must be
-    the target's split of that tensor, else the load is refused (never served wrong)."""
-    def load(param: Parameter, loaded_weight: torch.Tensor, weight_name: str, shard_id: str, expert_id: int, **kw):
-        shard = 1 if shard_id == "w3" else 0
-        stored = sub.entries[shard]["tensors"][role]
-        full = loaded_weight.reshape(1, *loaded_weight.shape).expand(sub.specs[shard].num_experts, *loaded_weight.shape)
-        if list(full.shape) != stored["storage_shape"]:
-            raise InputError(f"{stored['name']}: expert shape {list(loaded_weight.shape)}, manifest says {stored['storage_shape'][1:]}")
-        result = engine_loader(param, from_storage(loaded_weight, stored), weight_name, shard_id, expert_id, **kw)
-        want = sub.split(role, full, shard)[0]
-        ax = sub.params[role].n_axis
-        held = param.data[expert_id]
-        if shard_id in ("w1", "w3") and ax is not None:
-            size = want.shape[ax - 1]
-            held = held.narrow(ax - 1, shard * size, size)
-        if not torch.equal(held, want):
-            raise InputError(f"{stored['name']}: vLLM's expert sharding differs from npuconv's split rule for this target")
-        return result
-
-    return load

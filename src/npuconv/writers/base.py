@@ -152,7 +152,8 @@ class Target:
 
     # ------------------------------------------------------------------ the kernel call
     def run(
-        self, backend, entry: dict, spec: LinearSpec, tensors: dict, x: torch.Tensor, tp: int | None = None
+        self, backend, entry: dict, spec: LinearSpec, tensors: dict, x: torch.Tensor, tp: int | None = None,
+        group_list: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Call the layer's kernel as the engines do: returns ``(y, x_effective)``.
 
@@ -161,24 +162,43 @@ class Target:
         on the backend's device (:func:`npuconv.runtime.to_backend`); ``x`` ``[..., K]`` in the model
         dtype. ``x_effective`` is what the reference must multiply: ``x`` itself for weight-only
         kernels, the dequantized output of the kernel's own activation quantization otherwise.
-        A stacked MoE layer (``spec.num_experts = E``) gives ``y`` ``[E, *x.shape[:-1], N]``.
+        A stacked MoE layer (``spec.num_experts = E``) gives ``y`` ``[E, *x.shape[:-1], N]`` (every token
+        through every expert: what ``verify`` checks) — or, **routed**, with ``group_list`` int64 ``[E]``
+        (tokens per expert, ``group_list_type=1``; ``x`` ``[M, K]`` with its rows sorted by expert, the
+        first ``group_list[0]`` rows for expert 0 and so on, ``M = sum(group_list)``): ``y`` ``[M, N]``,
+        row ``i`` through its own expert only, and ``x_effective`` ``[M, K]`` (activation scales stay per
+        routed row). The routed form is what a serving engine runs after its expert selection: one
+        ``npu_grouped_matmul`` where the target's engine kernel is grouped, else the dense kernel on
+        each expert's rows (:meth:`run_experts`).
         ``tp``: see the targets whose kernel tensors depend on tensor parallelism (W4A8).
         """
         raise NotImplementedError(f"{self.name} has no NPU kernel")
 
-    def run_experts(self, backend, entry: dict, spec: LinearSpec, t: dict, x: torch.Tensor):
-        """A stacked expert layer (tensors ``[E, ...]``) through the dense kernel one expert at a time:
-        every token through every expert, ``y`` ``[E, *x.shape[:-1], N]``. A tensor is per-expert when
-        it has ≥ 2 dims and E leading. The second value is the activations the reference must use:
-        ``[*x.shape[:-1], K]``, or ``[E, ..., K]`` when they differ per expert (static input scales)."""
+    def run_experts(self, backend, entry: dict, spec: LinearSpec, t: dict, x: torch.Tensor,
+                    group_list: torch.Tensor | None = None):
+        """A stacked expert layer (tensors ``[E, ...]``) through the dense kernel one expert at a time.
+        A tensor is per-expert when it has ≥ 2 dims and E leading. Without ``group_list``: every token
+        through every expert, ``y`` ``[E, *x.shape[:-1], N]``; the second value is the activations the
+        reference must use: ``[*x.shape[:-1], K]``, or ``[E, ..., K]`` when they differ per expert
+        (static input scales). Routed (``group_list``: tokens per expert, ``x`` ``[M, K]`` sorted by
+        expert): each expert's rows through its tensors, ``y`` ``[M, N]`` and ``x_effective`` ``[M, K]``."""
         experts = spec.num_experts
         dense = replace(spec, num_experts=None)
         outputs, activations = [], []
+        counts = None if group_list is None else [int(c) for c in group_list.tolist()]
+        start = 0
         for e in range(experts):
+            rows = x if counts is None else x[start:start + counts[e]]
+            if counts is not None:
+                start += counts[e]
+                if not counts[e]:
+                    continue
             t_e = {role: v[e] if v.dim() >= 2 and v.shape[0] == experts else v for role, v in t.items()}
-            y_e, x_e = self.run(backend, entry, dense, t_e, x)
+            y_e, x_e = self.run(backend, entry, dense, t_e, rows)
             outputs.append(y_e)
             activations.append(x_e)
+        if counts is not None:
+            return _routed_cat(outputs, x, spec.out_features), _routed_cat(activations, x, x.shape[-1])
         same = all(torch.equal(activations[0], a) for a in activations[1:])
         return torch.stack(outputs), activations[0] if same else torch.stack(activations)
 
@@ -234,6 +254,11 @@ class Target:
         ``shape[axis] / storage ND shape[axis]`` (8 for int4pack, 2 for FP4 pairs, else 1).
         Targets override it for scale tensors (a group scale: the group size)."""
         return int(entry["shape"][axis]) // int(_nd_shape(entry)[axis])
+
+
+def _routed_cat(pieces: list[torch.Tensor], x: torch.Tensor, width: int) -> torch.Tensor:
+    """Routed rows of the experts, in order (``[0, width]`` when no row was routed)."""
+    return torch.cat(pieces) if pieces else x.new_zeros(0, width)
 
 
 def _nd_shape(entry: dict) -> list[int]:

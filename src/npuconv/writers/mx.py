@@ -107,12 +107,13 @@ class MxTarget(Target):
         fp8 = spec.weight_format == FP8_E4M3
         return spec.weight_format != INT and spec.scale_format == SCALE_E8M0 and fp8 == (self.weight_format == FP8_E4M3)
 
-    def run(self, backend, entry: dict, spec: LinearSpec, tensors: dict, x: torch.Tensor, tp: int | None = None):
+    def run(self, backend, entry: dict, spec: LinearSpec, tensors: dict, x: torch.Tensor, tp: int | None = None,
+            group_list: torch.Tensor | None = None):
         """``npu_dynamic_mx_quant(x)`` (FP8, or FP4 for an MXFP4-activation layer) + ``npu_quant_matmul``
         MX mode (``scale_dtype`` / ``pertoken_scale_dtype`` float8_e8m0fnu, ``group_sizes`` ``[1, 1, 32]``,
         ``[0, 0, 32]`` for FP8 × FP4); the sglang layout is viewed transposed, as sglang does."""
         if spec.num_experts is not None:
-            return self.run_experts(backend, entry, spec, tensors, x)
+            return self.run_experts(backend, entry, spec, tensors, x, group_list)
         fp4_weight = self.weight_format == FP4_E2M1
         act_kind = spec.activation.kind if spec.activation is not None else FP8_E4M3
         fp4_act = act_kind == FP4_E2M1

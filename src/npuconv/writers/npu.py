@@ -192,8 +192,9 @@ class NpuTarget(Target):
 
         return layer_target({"options": {"mx_layout": self.options.mx_layout}}, entry)
 
-    def run(self, backend, entry: dict, spec: LinearSpec, tensors: dict, x: torch.Tensor, tp: int | None = None):
-        return self._entry_target(entry).run(backend, entry, spec, tensors, x, tp=tp)
+    def run(self, backend, entry: dict, spec: LinearSpec, tensors: dict, x: torch.Tensor, tp: int | None = None,
+            group_list: torch.Tensor | None = None):
+        return self._entry_target(entry).run(backend, entry, spec, tensors, x, tp=tp, group_list=group_list)
 
     def thresholds(self, entry: dict, activation_dtype: torch.dtype) -> Thresholds:
         return self._entry_target(entry).thresholds(entry, activation_dtype)

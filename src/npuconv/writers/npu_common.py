@@ -40,9 +40,17 @@ def group_scale_shape(batch: tuple[int, ...], n: int, groups: int) -> tuple[int,
     return (*batch, n) if groups == 1 else (*batch, groups, n)
 
 
-def moe_rows(x: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x`` as ``[M, K]`` repeated for every expert, and ``group_list`` (counts) = M per expert: the
-    MoE form of ``npu_grouped_matmul`` that sends every token through every expert."""
+def moe_rows(x: torch.Tensor, experts: int, group_list: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows and the counts (``group_list_type=1``) of the MoE ``npu_grouped_matmul`` call.
+
+    Routed (``group_list`` int64 ``[E]``, tokens per expert; ``x`` ``[M, K]`` sorted by expert,
+    ``M = sum(group_list)``): ``x`` and ``group_list`` as given, as the engines call it after their
+    expert selection. Dense (no ``group_list``): ``x`` as ``[M, K]`` repeated for every expert and
+    M tokens per expert — every token through every expert, what ``verify`` checks."""
+    if group_list is not None:
+        if x.dim() != 2 or tuple(group_list.shape) != (experts,) or int(group_list.sum()) != x.shape[0]:
+            raise ValueError(f"routed experts: x {list(x.shape)} must be [sum(group_list), K], group_list [{experts}]")
+        return x, group_list.to(device=x.device, dtype=torch.int64)
     rows = x.reshape(-1, x.shape[-1])
     counts = torch.full((experts,), rows.shape[0], dtype=torch.int64, device=x.device)
     return rows.repeat(experts, 1), counts

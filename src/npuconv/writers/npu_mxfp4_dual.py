@@ -147,7 +147,8 @@ class DualLevelLayout(Target):
 
 
     # ------------------------------------------------------------------ kernel
-    def run(self, backend, entry: dict, spec: LinearSpec, tensors: dict, x: torch.Tensor, tp: int | None = None):
+    def run(self, backend, entry: dict, spec: LinearSpec, tensors: dict, x: torch.Tensor, tp: int | None = None,
+            group_list: torch.Tensor | None = None):
         """``npu_dynamic_dual_level_mx_quant`` + ``npu_dual_level_quant_matmul`` (ops §5.3, §5.4)."""
         k = x.shape[-1]
         lead = x.shape[:-1]

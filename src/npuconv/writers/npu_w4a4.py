@@ -118,10 +118,11 @@ class NpuW4A4Target(Target):
         return (spec.weight_format == INT and act is not None and act.kind == INT and act.dynamic
                 and act.bits == 4 and spec.bits <= 4 and self.accepts(spec) is None)
 
-    def run(self, backend, entry: dict, spec: LinearSpec, tensors: dict, x: torch.Tensor, tp: int | None = None):
+    def run(self, backend, entry: dict, spec: LinearSpec, tensors: dict, x: torch.Tensor, tp: int | None = None,
+            group_list: torch.Tensor | None = None):
         """``npu_dynamic_quant(x, dst_type=quint4x2)`` + ``npu_quant_matmul`` int4 × int4, per-token (SGLang)."""
         if spec.num_experts is not None:
-            return self.run_experts(backend, entry, spec, tensors, x)
+            return self.run_experts(backend, entry, spec, tensors, x, group_list)
         k = x.shape[-1]
         lead = x.shape[:-1]
         x_q, x_scale = backend.ops.npu_dynamic_quant(x.reshape(-1, k), dst_type=torch.quint4x2)

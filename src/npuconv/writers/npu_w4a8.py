@@ -49,7 +49,7 @@ from npuconv.model import INT, LinearSpec, QuantizedLinear
 from npuconv.errors import InputError
 from npuconv.parallel import COLUMN, ROW, check_partial_sums_share, parallel_kind
 from npuconv.writers.base import Target
-from npuconv.writers.npu_common import maybe_nz
+from npuconv.writers.npu_common import maybe_nz, moe_rows
 
 KERNEL = "npu_grouped_matmul"
 
@@ -231,23 +231,25 @@ class NpuW4A8Target(Target):
         return (spec.weight_format == INT and act is not None and act.kind == INT and act.dynamic
                 and act.bits == 8 and spec.bits <= 4 and self.accepts(spec) is None)
 
-    def run(self, backend, entry: dict, spec: LinearSpec, tensors: dict, x: torch.Tensor, tp: int | None = None):
+    def run(self, backend, entry: dict, spec: LinearSpec, tensors: dict, x: torch.Tensor, tp: int | None = None,
+            group_list: torch.Tensor | None = None):
         """The A8W4 grouped matmul, as ``tp`` row-parallel ranks whose outputs are summed (all-reduce).
 
         ``tp=None`` (what ``verify`` passes) runs every configuration the written tensors serve and
         stacks them along the token axis: the tokens at TP=1, then again at the manifest's
         ``verify_tp``, so ``y`` and the returned activations may hold a multiple of ``x``'s rows.
+        ``group_list``: routed expert rows (:meth:`Target.run`), each with its own per-token scale.
         """
         if tp is not None:
-            return self._run_ranks(backend, entry, spec, tensors, x, tp)
-        y, x_effective = self._run_ranks(backend, entry, spec, tensors, x, 1)
+            return self._run_ranks(backend, entry, spec, tensors, x, tp, group_list)
+        y, x_effective = self._run_ranks(backend, entry, spec, tensors, x, 1, group_list)
         check = int(entry.get("verify_tp") or 1)
         if check == 1:
             return y, x_effective
-        y_tp, x_tp = self._run_ranks(backend, entry, spec, tensors, x, check)
+        y_tp, x_tp = self._run_ranks(backend, entry, spec, tensors, x, check, group_list)
         return torch.cat([y, y_tp], dim=-2), torch.cat([x_effective, x_tp], dim=-2)
 
-    def _run_ranks(self, backend, entry: dict, spec: LinearSpec, t: dict, x: torch.Tensor, tp: int):
+    def _run_ranks(self, backend, entry: dict, spec: LinearSpec, t: dict, x: torch.Tensor, tp: int, group_list=None):
         """``tp`` row-parallel ranks, each on its K slice (:meth:`split`) with its own activation
         quantization and its ``scale_bias`` share; outputs summed in fp32, ``bias`` added once."""
         rows = spec.in_features // tp
@@ -262,12 +264,13 @@ class NpuW4A8Target(Target):
                 raise InputError(f"{spec.name}: cannot run at tp={tp} (a column-parallel layer has no scale_bias partial sums)")
             else:
                 scale_bias = share("scale_bias_partials").float().sum(-1)
-            y_r, x_eff = _a8w4_gmm(backend, spec, x[..., r * rows:(r + 1) * rows], share("weight"), share("scale"), scale_bias)
+            y_r, x_eff = _a8w4_gmm(backend, spec, x[..., r * rows:(r + 1) * rows], share("weight"), share("scale"), scale_bias,
+                                   group_list)
             outputs.append(y_r.float())
             activations.append(x_eff)
         y = torch.stack(outputs).sum(0)
         if "bias" in t:
-            y = y + t["bias"].float()
+            y = y + _expert_bias(t["bias"].float(), spec, group_list)
         return y.to(x.dtype), torch.cat(activations, dim=-1)
 
     # ------------------------------------------------------------------ tensor parallelism
@@ -290,25 +293,35 @@ class NpuW4A8Target(Target):
         return super().split_unit(role, entry, spec, axis, parallel)
 
 
-def _a8w4_gmm(backend, spec: LinearSpec, x: torch.Tensor, weight, scale, scale_bias):
-    """One rank: ``npu_dynamic_quant`` + the A8W4 ``npu_grouped_matmul`` (MoE form; a dense layer is E = 1)."""
+def _expert_bias(bias: torch.Tensor, spec: LinearSpec, group_list) -> torch.Tensor:
+    """The bias added after the kernel, shaped for its output: ``[N]``; an expert stack's ``[E, N]`` as
+    ``[E, 1, N]`` (every token through every expert) or one row per routed token."""
+    if spec.num_experts is None:
+        return bias
+    return bias.unsqueeze(-2) if group_list is None else bias.repeat_interleave(group_list.to(bias.device), dim=0)
+
+
+def _a8w4_gmm(backend, spec: LinearSpec, x: torch.Tensor, weight, scale, scale_bias, group_list=None):
+    """One rank: ``npu_dynamic_quant`` + the A8W4 ``npu_grouped_matmul`` (MoE form; a dense layer is E = 1).
+    An expert stack runs routed rows (``group_list``: tokens per expert, :func:`moe_rows`) or every
+    token through every expert; either way each row keeps its own per-token scale."""
     k = x.shape[-1]
     lead = x.shape[:-1]
     x_q, pts = backend.ops.npu_dynamic_quant(x.reshape(-1, k))
     m = x_q.shape[0]
     experts = spec.num_experts
     if experts is None:
-        weights, scales, biases, xs, counts = weight[None], scale[None], scale_bias[None], x_q, [m]
-    else:  # every token through every expert: rows [e·M, (e+1)·M) go to expert e
+        weights, scales, biases, xs = weight[None], scale[None], scale_bias[None], x_q
+        counts = torch.tensor([m], dtype=torch.int64, device=x_q.device)
+    else:  # routed rows, or every token through every expert (rows [e·M, (e+1)·M) go to expert e)
         weights, scales, biases = weight, scale, scale_bias
-        xs, counts = x_q.repeat(experts, 1), [m] * experts
-        pts = pts.repeat(experts)
-    group_list = torch.tensor(counts, dtype=torch.int64, device=x_q.device)
+        xs, counts = moe_rows(x_q, experts, group_list)
+        pts = pts if group_list is not None else pts.repeat(experts)
     y = backend.ops.npu_grouped_matmul(
-        [xs], [weights], scale=[scales], bias=[biases.float()], per_token_scale=[pts], group_list=group_list,
+        [xs], [weights], scale=[scales], bias=[biases.float()], per_token_scale=[pts], group_list=counts,
         split_item=2, group_type=0, group_list_type=1, output_dtype=x.dtype,
     )[0]
-    if experts is not None:
+    if experts is not None and group_list is None:
         y = y.reshape(experts, *lead, -1)
     else:
         y = y.reshape(*lead, -1)

@@ -142,15 +142,16 @@ class NpuW8A8Target(Target):
         return (spec.weight_format == INT and act is not None and act.kind == INT and act.bits == 8
                 and spec.bits == 8 and spec.symmetric and spec.num_groups == 1)
 
-    def run(self, backend, entry: dict, spec: LinearSpec, tensors: dict, x: torch.Tensor, tp: int | None = None):
+    def run(self, backend, entry: dict, spec: LinearSpec, tensors: dict, x: torch.Tensor, tp: int | None = None,
+            group_list: torch.Tensor | None = None):
         """Static: ``npu_quantize`` + ``npu_quant_matmul(x_q, weight, deq_scale, bias=quant_bias)``; dynamic:
         ``npu_dynamic_quant`` + ``npu_quant_matmul(…, weight_scale, pertoken_scale)`` — a dynamic expert
-        stack on ``npu_grouped_matmul``, a static one expert by expert."""
+        stack on ``npu_grouped_matmul`` (routed with ``group_list``), a static one expert by expert."""
         static = self._static(spec)
         if spec.num_experts is not None:
             if static:
-                return self.run_experts(backend, entry, spec, tensors, x)
-            return _gmm_w8a8_dynamic(backend, spec, tensors, x)
+                return self.run_experts(backend, entry, spec, tensors, x, group_list)
+            return _gmm_w8a8_dynamic(backend, spec, tensors, x, group_list)
         return (_w8a8_static if static else _w8a8_dynamic)(backend, spec, tensors, x)
 
     def split(self, role, tensor, entry, spec, rank, world, parallel):
@@ -186,8 +187,10 @@ def _w8a8_dynamic(backend, spec: LinearSpec, t: dict, x: torch.Tensor):
     return y, x_q.double() * x_scale.double().unsqueeze(-1)
 
 
-def _gmm_w8a8_dynamic(backend, spec: LinearSpec, t: dict, x: torch.Tensor):
-    """``npu_dynamic_quant`` + ``npu_grouped_matmul`` int8 × int8 with per-token scales (W8A8_DYNAMIC MoE).
+def _gmm_w8a8_dynamic(backend, spec: LinearSpec, t: dict, x: torch.Tensor, group_list=None):
+    """``npu_dynamic_quant`` + ``npu_grouped_matmul`` int8 × int8 with per-token scales (W8A8_DYNAMIC MoE):
+    routed (``group_list``), each routed row keeps its own per-token scale; dense, the scales repeat
+    with the rows (:func:`moe_rows`).
     The weight scale goes in the activation dtype for bf16 (vLLM-Ascend casts ``w13_scale_fp32`` to the
     params dtype; a bf16 scale gives bf16 output, torch_npu_ops.md §6.1), float32 otherwise."""
     experts = spec.num_experts
@@ -197,11 +200,11 @@ def _gmm_w8a8_dynamic(backend, spec: LinearSpec, t: dict, x: torch.Tensor):
     if x.dtype == torch.bfloat16:
         scale = scale.to(torch.bfloat16)
     bias = t.get("bias")
-    rows, counts = moe_rows(x_q, experts)
+    rows, counts = moe_rows(x_q, experts, group_list)
     y = backend.ops.npu_grouped_matmul(
-        [rows], [t["weight"]], scale=[scale], per_token_scale=[x_scale.repeat(experts)],
+        [rows], [t["weight"]], scale=[scale], per_token_scale=[x_scale if group_list is not None else x_scale.repeat(experts)],
         bias=None if bias is None else [bias.float()], group_list=counts,
         split_item=2, group_type=0, group_list_type=1, output_dtype=x.dtype,
     )[0]
     x_effective = (x_q.double() * x_scale.double().unsqueeze(-1)).reshape(*x.shape[:-1], k)
-    return y.reshape(experts, *x.shape[:-1], -1), x_effective
+    return (y if group_list is not None else y.reshape(experts, *x.shape[:-1], -1)), x_effective

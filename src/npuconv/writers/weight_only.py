@@ -201,14 +201,15 @@ class WeightOnlyIntTarget(Target):
     def serves(self, spec: LinearSpec) -> bool:
         return spec.weight_format == INT and spec.bits in self.accepted_bits
 
-    def run(self, backend, entry: dict, spec: LinearSpec, tensors: dict, x: torch.Tensor, tp: int | None = None):
+    def run(self, backend, entry: dict, spec: LinearSpec, tensors: dict, x: torch.Tensor, tp: int | None = None,
+            group_list: torch.Tensor | None = None):
         """``npu_weight_quant_batchmatmul(x[..., perm], weight, antiquant_scale, antiquant_offset, bias,
         antiquant_group_size)``; a stacked MoE layer without act-order runs on ``npu_grouped_matmul``
-        (antiquant form, as both engines). ``x_effective`` is ``x``."""
+        (antiquant form, as both engines; routed with ``group_list``). ``x_effective`` is ``x``."""
         if spec.num_experts is not None:
             if "perm" in tensors:
-                return self.run_experts(backend, entry, spec, tensors, x)
-            return _gmm_weight_only(backend, spec, tensors, x), x
+                return self.run_experts(backend, entry, spec, tensors, x, group_list)
+            return _gmm_weight_only(backend, spec, tensors, x, group_list), x
         t = tensors
         x_sorted = x[..., t["perm"].long()] if "perm" in t else x  # act-order: the engine feeds x[..., perm]
         scale = t["antiquant_scale"].to(x.dtype)
@@ -248,22 +249,22 @@ def _bias_for(bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | N
     return None if bias is None else bias.to(torch.float32 if dtype == torch.bfloat16 else dtype)
 
 
-def _gmm_weight_only(backend, spec: LinearSpec, t: dict, x: torch.Tensor) -> torch.Tensor:
+def _gmm_weight_only(backend, spec: LinearSpec, t: dict, x: torch.Tensor, group_list=None) -> torch.Tensor:
     """``npu_grouped_matmul`` antiquant (W4A16/W8A16 MoE): ``W = (w + antiquant_offset) * antiquant_scale``;
-    every token through every expert (``x`` repeated E times, ``group_list`` = tokens per expert,
-    ``group_list_type=1``, ``group_type=0``; npu_loaders.md §3.3, §6.3). A symmetric stack gets a zero
-    offset, as vLLM-Ascend passes one (npu_loaders.md §6.3)."""
+    ``group_list`` = tokens per expert, ``group_list_type=1``, ``group_type=0`` (npu_loaders.md §3.3,
+    §6.3): routed rows as given, or every token through every expert (:func:`moe_rows`). A symmetric
+    stack gets a zero offset, as vLLM-Ascend passes one (npu_loaders.md §6.3)."""
     experts = spec.num_experts
     scale = t["antiquant_scale"].to(x.dtype)
     offset = t["antiquant_offset"].to(x.dtype) if "antiquant_offset" in t else torch.zeros_like(scale)
     bias = _bias_for(t.get("bias"), x.dtype)
-    rows, counts = moe_rows(x, experts)
+    rows, counts = moe_rows(x, experts, group_list)
     y = backend.ops.npu_grouped_matmul(
         [rows], [t["weight"]], antiquant_scale=[scale], antiquant_offset=[offset],
         bias=None if bias is None else [bias], group_list=counts,
         split_item=2, group_type=0, group_list_type=1, output_dtype=x.dtype,
     )[0]
-    return y.reshape(experts, *x.shape[:-1], -1)
+    return y if group_list is not None else y.reshape(experts, *x.shape[:-1], -1)
 
 
 def _to_group_layout(t: torch.Tensor, spec: LinearSpec) -> torch.Tensor:

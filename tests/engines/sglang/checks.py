@@ -72,9 +72,10 @@ def _ref_weight(refs, name: str) -> torch.Tensor:
 
 
 def _linear(module, method, refs, dtype, rank, world, row: bool) -> dict:
-    parts = [name for name, _, _ in method.parts]
-    full_k = method.parts[0][2].in_features
-    x_full, x_ref = _activations(method.parts[0][1], module, _inputs(full_k, dtype, seed=len(parts[0])),
+    plan = method.plan
+    parts = list(plan.shards)
+    full_k = plan.specs[0].in_features
+    x_full, x_ref = _activations(plan.entries[0], module, _inputs(full_k, dtype, seed=len(parts[0])),
                                  world if row else 1)
     bias = getattr(module, "bias", None)
     if row:
@@ -97,8 +98,8 @@ def _linear(module, method, refs, dtype, rank, world, row: bool) -> dict:
         if bias is not None:
             ref = ref + bias.double()  # SGLang's own rank share of the checkpoint bias
         kind = "qkv" if len(parts) == 3 else "merged" if len(parts) == 2 else "column"
-    limit = method.target.thresholds(method.parts[0][1], dtype).max_rel_l2
-    return {"kind": kind, "target": method.target.name, "rel_l2": rel_l2(y, ref), "limit": limit}
+    limit = plan.target.thresholds(plan.entries[0], dtype).max_rel_l2
+    return {"kind": kind, "target": plan.target.name, "rel_l2": rel_l2(y, ref), "limit": limit}
 
 
 def _full_bias(refs, module, parts, world):
@@ -108,17 +109,17 @@ def _full_bias(refs, module, parts, world):
 def _moe(module, method, refs, dtype, rank, world) -> dict:
     from sglang.srt.layers.moe.topk import StandardTopKOutput
 
-    (gate_name, _, gspec), (up_name, _, _), (down_name, _, _) = method.parts
-    experts, hidden = gspec.num_experts, gspec.in_features
-    x, xd = _activations(method.parts[0][1], None, _inputs(hidden, dtype, seed=7))
+    plan = method.plan
+    gate = plan.w13
+    experts, hidden = gate.specs[0].num_experts, gate.specs[0].in_features
+    x, xd = _activations(gate.entries[0], None, _inputs(hidden, dtype, seed=7))
     g = torch.Generator().manual_seed(11)
     top_k = 2
     logits = torch.randn(TOKENS, experts, generator=g)
     weights, ids = torch.softmax(logits, -1).topk(top_k, -1)
     topk = StandardTopKOutput(topk_weights=weights.float(), topk_ids=ids.int(), router_logits=logits)
     y = _reduced(module, module(x, topk), world)
-    head = gate_name.rpartition(".")[0]
-    leaves = [n.rpartition(".")[2] for n in (gate_name, up_name, down_name)]
+    head, leaves = plan.prefix, plan.leaves
     ref = torch.zeros(TOKENS, hidden, dtype=torch.float64)
     for m in range(TOKENS):
         for j in range(top_k):
@@ -126,5 +127,5 @@ def _moe(module, method, refs, dtype, rank, world) -> dict:
             wg, wu, wd = (refs[f"{head}.{e}.{leaf}.weight"].double() for leaf in leaves)
             h = torch.nn.functional.silu(xd[m] @ wg.T) * (xd[m] @ wu.T)
             ref[m] += float(weights[m, j]) * (h @ wd.T)
-    limit = 2 * method.targets[0].thresholds(method.parts[0][1], dtype).max_rel_l2
-    return {"kind": "moe", "target": method.targets[0].name, "rel_l2": rel_l2(y, ref), "limit": limit}
+    limit = 2 * gate.target.thresholds(gate.entries[0], dtype).max_rel_l2
+    return {"kind": "moe", "target": gate.target.name, "rel_l2": rel_l2(y, ref), "limit": limit}

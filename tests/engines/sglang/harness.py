@@ -6,8 +6,9 @@ and weight-loading code on CPU, with npuconv's quantization method, at TP = 1 or
 Stubs, infrastructure only: ``torchvision`` (imported by SGLang's multimodal configs; the PyPI wheel
 needs CUDA ops) as an import-only module, and a ``torch_npu`` module whose ops are npuconv's
 emulation (npuconv.kernels.emulated) for SGLang's own NPU GPTQ kernel class (``--engine-gptq``).
-Everything else — registration, ModelConfig, get_quant_config, LlamaForCausalLM /
-Qwen2ForCausalLM / Qwen2MoeForCausalLM construction, load_weights, RowParallel all-reduce, FusedMoE
+Everything else — registration, ModelConfig, the model loader (get_model → DefaultModelLoader:
+get_quant_config, LlamaForCausalLM / Qwen2MoeForCausalLM / MixtralForCausalLM construction, its
+safetensors iterator, load_weights, process_weights_after_loading), RowParallel all-reduce, FusedMoE
 — is SGLang's code.
 """
 
@@ -93,29 +94,18 @@ def _publish(model: str, rank: int, world: int) -> None:
 
 
 def build(out: str):
-    """SGLang's ModelConfig (checks quant_method against its registry), get_quant_config, the
-    model class of config.json, and the model's own load_weights over the output's shards."""
-    import torch
+    """What ``python -m sglang.launch_server --model-path OUT`` does to get the model: SGLang's
+    ModelConfig (checks quant_method against its registry), then its model loader
+    (``sglang.srt.model_loader.get_model``: ``DefaultModelLoader`` → get_quant_config, the model class
+    of config.json, its own safetensors iterator into the model's ``load_weights``, every quant
+    method's ``process_weights_after_loading``), on the CPU device."""
+    from sglang.srt.configs.device_config import DeviceConfig
     from sglang.srt.configs.load_config import LoadConfig
     from sglang.srt.configs.model_config import ModelConfig
-    from sglang.srt.model_loader.weight_utils import get_quant_config, safetensors_weights_iterator
-    from sglang.srt.models.registry import ModelRegistry
+    from sglang.srt.model_loader import get_model
 
     model_config = ModelConfig(model_path=out)
-    arch = model_config.hf_config.architectures[0]
-    model_class, _ = ModelRegistry.resolve_model_cls([arch])
-    quant_config = get_quant_config(model_config, LoadConfig(), getattr(model_class, "packed_modules_mapping", {}))
-    torch.set_default_dtype(model_config.dtype)
-    try:
-        model = model_class(config=model_config.hf_config, quant_config=quant_config)
-    finally:
-        torch.set_default_dtype(torch.float32)
-    files = sorted(os.path.join(out, f) for f in os.listdir(out) if f.endswith(".safetensors"))
-    model.load_weights(safetensors_weights_iterator(files))
-    for module in model.modules():
-        method = getattr(module, "quant_method", None)
-        if method is not None and hasattr(method, "process_weights_after_loading"):
-            method.process_weights_after_loading(module)
+    model = get_model(model_config=model_config, load_config=LoadConfig(), device_config=DeviceConfig(device="cpu"))
     return model, model_config
 
 

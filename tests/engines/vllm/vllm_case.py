@@ -1,12 +1,14 @@
-"""Engine test cases, run INSIDE the vLLM venv: ``python vllm_case.py TP RESULT.json OUT=FIXTURE ...``.
+"""Engine test cases, run INSIDE the vLLM venv: ``python vllm_case.py TP RESULT.json OUT=FIXTURE ... model:OUT=FIXTURE ...``
+(``model:`` cases: whole models through vLLM's own model loader, vllm_model.py).
 
 vLLM 0.23.0 + vLLM-Ascend 0.23.0.post1, unmodified, on the emulated ``torch_npu`` (tests/engines/support):
 the plugin is loaded through vLLM's own ``load_general_plugins`` (entry point ``vllm.general_plugins``),
 the quantization config through ``get_quantization_config("npuconv")``; the model's linear layers
 (``QKVParallelLinear``, ``MergedColumnParallelLinear``, ``RowParallelLinear`` → vLLM-Ascend's classes)
 and its ``FusedMoE`` (→ ``AscendFusedMoE``) are built at TP rank r of ``TP`` (gloo), loaded through
-their own ``weight_loader``s with the model's own name mapping (``stacked_params_mapping``,
-``FusedMoE.make_expert_params_mapping``), processed, and run. Every layer's output is compared with
+their own ``weight_loader``s with the model's own name mapping (``stacked_params_mapping``; the stacked
+expert tensors keep their checkpoint names, which the models hand to ``params_dict[name]``), processed,
+and run. (vllm_model.py loads whole models through vLLM's own model loader.) Every layer's output is compared with
 ``x_effective @ dequant(source)ᵀ (+ bias)`` in float64 (``reference_dequant.safetensors``: the writing
 tool's own dequantization). Stubbed: only infrastructure (tests/engines/support/torch_npu).
 Rank 0 writes ``{fixture: {"layers": {layer: {rel_l2, cosine, class, method}}, "refused": {layer: reason}}}``.
@@ -104,9 +106,19 @@ def setup(rank: int, tp: int, port: int, out: str):
 
 
 def rank_main(rank: int, tp: int, port: int, cases: list[str], result: str) -> None:
-    setup(rank, tp, port, cases[0].split("=")[0])
+    outs = [c.split("=")[0].removeprefix("model:") for c in cases]
+    # the parallel groups are made once per process, as a worker makes them for its model; vLLM makes
+    # the expert-parallel group only for a MoE model, so set up with a MoE case when there is one
+    moe = [o for o in outs if {"num_experts", "num_local_experts"} & set(json.load(open(os.path.join(o, "config.json"))))]
+    setup(rank, tp, port, (moe or outs)[0])
     report = {}
     for i, case in enumerate(cases):
+        if case.startswith("model:"):  # a whole model through vLLM's model loader (vllm_model.py)
+            import vllm_model
+
+            out, fixture = case[len("model:"):].split("=")
+            report["model:" + os.path.basename(fixture)] = vllm_model.run_model(out, fixture, rank, tp)
+            continue
         out, fixture = case.split("=")
         if i:
             model_config(out)
@@ -172,6 +184,8 @@ class LinearCheck:
         if self.parallel == "row":
             k = k_full // tp
             y = module(x[:, rank * k:(rank + 1) * k])[0]
+            if not getattr(module, "reduce_results", True):  # e.g. a shared expert: the MoE block reduces its sum
+                dist.all_reduce(y)
             (xe,) = records[self.prefix]
             w = ref[self.shards[0] + ".weight"].double()[:, rank * k:(rank + 1) * k]
             partial = xe.double() @ w.T
@@ -193,7 +207,14 @@ class LinearCheck:
 
 
 class MoECheck:
-    """The routed experts of a Qwen2-MoE / Mixtral block through ``FusedMoE`` (vLLM-Ascend's class)."""
+    """The routed experts of a Qwen2-MoE / Mixtral block through ``FusedMoE`` (vLLM-Ascend's class).
+
+    Compared per projection, as verify compares a layer: each routed kernel call (``w13``, ``w2``: rows
+    sorted by expert, npuconv.engines.layers.moe_forward) against ``x_effective @ dequant(expert)ᵀ`` of
+    this rank's slice, and the block output (router-weighted, summed per token, all-reduced) against
+    the same sum of ``x_effective(w2) @ dequant(down)ᵀ``. (For weight-only kernels ``x_effective`` is
+    the input itself; a kernel that quantizes activations gets its own quantized rows.) Reported:
+    the worst of the three."""
 
     def __init__(self, cls, kwargs, prefix, leaves, gate):
         self.cls, self.kwargs, self.prefix, self.leaves, self.gate = cls, kwargs, prefix, leaves, gate
@@ -202,35 +223,53 @@ class MoECheck:
         return self.cls(**self.kwargs, prefix=self.prefix)
 
     def run(self, module, ref, stored, records, rank, tp):
+        from npuconv.engines import layers as core
+
         torch.manual_seed(0)
-        hidden = self.kwargs["hidden_size"]
-        x = torch.randn(8, hidden, dtype=torch.bfloat16)
+        kw = self.kwargs
+        x = torch.randn(8, kw["hidden_size"], dtype=torch.bfloat16)
         router_logits = (x.float() @ stored[self.gate].float().T).to(torch.bfloat16)
-        result = module.quant_method.apply(
-            layer=module, x=x, router_logits=router_logits, top_k=self.kwargs["top_k"],
-            renormalize=self.kwargs["renormalize"], num_experts=self.kwargs["num_experts"],
-        )
+        calls = {}
+        core.OBSERVERS.append(lambda name, rows, y_, xe: calls.__setitem__(name.rsplit(".", 1)[1], (y_, xe)))
+        try:
+            result = module.quant_method.apply(layer=module, x=x, router_logits=router_logits, top_k=kw["top_k"],
+                                               renormalize=kw["renormalize"], num_experts=kw["num_experts"])
+        finally:
+            core.OBSERVERS.pop()
         y = result.routed_out.detach().double()
         dist.all_reduce(y)
-        want = reference_moe(x, router_logits, ref, self.prefix, self.leaves, self.kwargs)
-        return metrics(y, want)
+        weights, ids = reference_routing(router_logits, kw)
+        order = torch.argsort(ids.flatten(), stable=True)
+        experts, tokens, row_weights = ids.flatten()[order], order // kw["top_k"], weights.flatten()[order]
+        per_row = [expert_weights(ref, self.prefix, self.leaves, int(e), rank, tp) for e in experts]
+        worst = []
+        for name, index in (("w13", 0), ("w2", 1)):
+            y_rows, xe = calls[name]
+            want = torch.stack([xe[i].double() @ w[index].T for i, w in enumerate(per_row)])
+            worst.append(metrics(y_rows, want))
+        down = torch.stack([calls["w2"][1][i].double() @ w[1].T for i, w in enumerate(per_row)])
+        want = torch.zeros_like(y).index_add_(0, tokens, down * row_weights.unsqueeze(-1))
+        dist.all_reduce(want)
+        worst.append(metrics(y, want))
+        rel = torch.tensor([max(m["rel_l2"] for m in worst), -min(m["cosine"] for m in worst)], dtype=torch.float64)
+        dist.all_reduce(rel, op=dist.ReduceOp.MAX)
+        return {"rel_l2": float(rel[0]), "cosine": -float(rel[1])}
 
 
-def reference_moe(x, logits, ref, prefix, leaves, kw):
+def reference_routing(logits, kw):
+    """Softmax top-k routing (renormalized when the model says so), in float64."""
     probs = torch.softmax(logits.double(), dim=-1)
     weights, ids = torch.topk(probs, kw["top_k"], dim=-1)
     if kw["renormalize"]:
         weights = weights / weights.sum(-1, keepdim=True)
-    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float64)
-    gate, up, down = leaves
-    for t in range(x.shape[0]):
-        for j in range(kw["top_k"]):
-            e = int(ids[t, j])
-            w = lambda leaf: ref[f"{prefix}.{e}.{leaf}.weight"].double()  # noqa: E731
-            xt = x[t].double()
-            h = torch.nn.functional.silu(w(gate) @ xt) * (w(up) @ xt)
-            out[t] += weights[t, j] * (w(down) @ h)
-    return out
+    return weights, ids
+
+
+def expert_weights(ref, prefix, leaves, e, rank, tp):
+    """This rank's dequantized ``w13`` (gate ‖ up rows of its N slice) and ``w2`` (its K columns) of expert ``e``."""
+    gate, up, down = (ref[f"{prefix}.{e}.{leaf}.weight"].double() for leaf in leaves)
+    n, k = gate.shape[0] // tp, down.shape[1] // tp
+    return torch.cat([gate[rank * n:(rank + 1) * n], up[rank * n:(rank + 1) * n]]), down[:, rank * k:(rank + 1) * k]
 
 
 def metrics(y, want) -> dict:
@@ -290,24 +329,12 @@ def load(module, check, stored):
     the name mapping the model's ``load_weights`` applies."""
     params = dict(module.named_parameters())
     if isinstance(check, MoECheck):
-        from vllm.model_executor.layers.fused_moe import FusedMoE
-
-        gate, up, down = check.leaves
-        mapping = FusedMoE.make_expert_params_mapping(
-            module, ckpt_gate_proj_name=gate, ckpt_down_proj_name=down, ckpt_up_proj_name=up,
-            num_experts=check.kwargs["num_experts"],
-        )
-        for param_name, weight_name, expert_id, shard_id in mapping:
-            # npuconv stores experts stacked: <prefix>.<leaf>.<role> [E, ...] → expert e's slice
-            leaf = weight_name.split(".")[2]  # "experts.<e>.<leaf>."
-            for key, tensor in stored.items():
-                if not key.startswith(f"{check.prefix}.{leaf}."):
-                    continue
-                role = key.rsplit(".", 1)[1]
-                name = f"{param_name}{role}".split("experts.", 1)[1]
-                param = params[name]
-                param.weight_loader(param, tensor[expert_id], f"{check.prefix}.{name}", shard_id=shard_id,
-                                    expert_id=expert_id, return_success=True)
+        # npuconv stores experts stacked (<prefix>.<leaf>.<role>, [E, ...]); the model's load_weights
+        # hands such a name (claimed by no stacked/expert mapping) to params_dict[name].weight_loader
+        for key, tensor in stored.items():
+            if key.startswith(check.prefix + "."):
+                param = params[key[len(check.prefix) + 1:]]
+                param.weight_loader(param, tensor)
         return
     for shard, shard_id in zip(check.shards, check.shard_ids):
         for key, tensor in stored.items():

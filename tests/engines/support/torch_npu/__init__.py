@@ -99,6 +99,7 @@ npu = _module(
     seed=lambda *a, **k: None,
     _lazy_init=lambda: None,
     is_bf16_supported=lambda *a, **k: True,
+    NPUGraph=type("NPUGraph", (), {}),  # a type (annotations of vLLM-Ascend's graph capture); never captured here
 )
 _C = _module("torch_npu._C")
 _module("torch_npu._C._distributed_c10d", ProcessGroupHCCL=type("ProcessGroupHCCL", (), {"Options": type("Options", (), {})}))
