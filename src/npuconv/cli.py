@@ -558,7 +558,7 @@ def verify_command(out, source, layer_glob, tokens, seed, device, skip_checksum,
 def _run_check(description: str, check, out, options, silent: bool) -> dict:
     """``check(out, options, on_progress)`` with a layer counter; a checksum mismatch gets the CLI's advice."""
     from npuconv.errors import VerificationFailed
-    from npuconv.io.output import ChecksumMismatch
+    from npuconv.io.digests import ChecksumMismatch
 
     with LayerProgress(description, enabled=not silent) as on_progress:
         try:
