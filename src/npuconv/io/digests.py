@@ -43,6 +43,7 @@ Old manifests map each file to the sha256 hex of the whole file (``"shards": {"f
 from __future__ import annotations
 
 import hashlib
+import json
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -135,14 +136,20 @@ def _tensor_parts(filename: str, path: Path, record: object) -> list[_Part]:
     header = _read_header_part(path, size)
     if header is None or sha256_hex(header) != record["header"]:
         raise ChecksumMismatch(f"{filename}: sha256 differs from {MANIFEST} for the safetensors header (modified after conversion)")
-    from npuconv.io.safetensors_io import read_header  # noqa: PLC0415 (imports torch)
-
-    infos = sorted(read_header(path)[0].values(), key=lambda t: (t.start, t.nbytes))  # file order
-    if {t.name for t in infos} != set(record["tensors"]):
+    spans = _spans(header)  # the header is the one npuconv wrote: its JSON is trusted from here on
+    if {name for name, _, _ in spans} != set(record["tensors"]):
         raise ChecksumMismatch(f"{filename}: the tensors differ from those {MANIFEST} lists (manifest edited)")
-    if combine(record["header"], [record["tensors"][t.name] for t in infos]) != record["digest"]:
+    if combine(record["header"], [record["tensors"][name] for name, _, _ in spans]) != record["digest"]:
         raise ChecksumMismatch(f"{MANIFEST}: the digest of '{filename}' does not match its parts (manifest edited)")
-    return [_Part(filename, path, t.start, t.nbytes, record["tensors"][t.name], t.name) for t in infos]
+    start = len(header)
+    return [_Part(filename, path, start + b, e - b, record["tensors"][name], name) for name, b, e in spans]
+
+
+def _spans(header: bytes) -> list[tuple[str, int, int]]:
+    """``(name, begin, end)`` of every tensor of a safetensors header part, in file order."""
+    entries = json.loads(header[8:])
+    entries.pop("__metadata__", None)
+    return sorted(((name, *e["data_offsets"]) for name, e in entries.items()), key=lambda s: (s[1], s[2]))
 
 
 def _well_formed(record: object) -> bool:
