@@ -214,10 +214,12 @@ def convert(
 
 
 def default_workers() -> int:
-    """Producer threads for ``convert``: one per core beside the writing thread (at least 1, at most
-    :data:`MAX_DEFAULT_WORKERS`). Memory does not grow with it: the producer queue is bounded by
+    """Producer threads for ``convert``: one per core (at most :data:`MAX_DEFAULT_WORKERS`). The
+    producers read, repack and sha256-hash; the writing thread mostly waits on ``write()``, so it
+    needs no core of its own (2 cores, GPTQ → npu-int4, 3.9 GB: 16.6 s with 1 producer, 14.8 s
+    with 2; benchmarks/RESULTS.md). Memory does not grow with it: the producer queue is bounded by
     bytes (:func:`npuconv.output.write_shards`)."""
-    return max(1, min(usable_cores() - 1, MAX_DEFAULT_WORKERS))
+    return max(1, min(usable_cores(), MAX_DEFAULT_WORKERS))
 
 
 MAX_DEFAULT_WORKERS = 16
