@@ -115,10 +115,11 @@ def write_shards(
     Units are produced (read + repack + sha256 of each tensor's bytes) by ``workers`` background
     threads ahead of the one being written, while the calling thread writes in plan order — so
     reading, repacking, hashing and writing overlap, and hashing runs on every worker. The queue
-    is bounded by bytes, not by count: a unit starts only while the units produced, in production or being written hold at most ``bytes_ahead`` (counted as twice
-    their output bytes: input and temporaries; default budget: twice the largest unit, at least
-    :data:`MIN_BYTES_AHEAD`), or when nothing else is in flight. So peak memory is about twice
-    the largest unit whatever ``workers`` is.
+    is bounded by bytes, not by count: a unit starts only while the units produced, in production
+    or being written hold at most ``bytes_ahead`` (counted as twice their output bytes: input and
+    temporaries; default budget: twice the largest unit, at least :data:`MIN_BYTES_AHEAD`), or
+    when nothing else is in flight. So peak memory is about twice the largest unit whatever
+    ``workers`` is.
     ``workers=0`` produces each unit in the calling thread just before writing it. torch and
     file I/O and hashlib release the GIL, so the threads run in parallel.
     """
