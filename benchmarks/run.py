@@ -110,7 +110,7 @@ def bench_convert(fmt: str, work: Path, scale: float, workers: str, repeats: int
         else:
             cmds = [copy_cmd, npuconv_cmd(source, out_conv, target, workers)]
             if compare_src is not None and target in COMPARED:
-                cmds.append(npuconv_cmd(source, out_conv, target, "1", compare_src))
+                cmds.append(npuconv_cmd(source, out_conv, target, workers, compare_src))
         results = best(cmds, repeats, clean)
         copy, conv = results[0], results[1]
         row = {
@@ -125,13 +125,37 @@ def bench_convert(fmt: str, work: Path, scale: float, workers: str, repeats: int
         if compare_src is not None and len(results) > 2:
             before = results[2]
             row.update({"before_seconds": before["seconds"], "before_ratio": round(before["seconds"] / copy["seconds"], 3),
-                        "before_peak_rss_mb": round(before["peak_rss_bytes"] / 1e6), "before_workers": 1})
+                        "before_peak_rss_mb": round(before["peak_rss_bytes"] / 1e6), "before_workers": workers})
         if target == "float":  # the float target's floor is the copy of what it writes
             row.update(output_copy(work, out_conv, conv["seconds"], repeats))
         rows.append(row)
         print(json.dumps(row), flush=True)
     clean()
     return rows
+
+
+def bench_checksums(fmt: str, work: Path, scale: float, compare_src: Path | None) -> dict:
+    """Seconds of the shard checksum check (``checksums.py``) of a fresh npuconv-int4 output,
+    with this tree and, given ``compare_src``, with that tree on its own output."""
+    source = work / f"{fmt}-x{scale:g}"
+    if not (source / "config.json").exists():
+        synthesize(fmt, source, scale)
+    out = work / "out-checksums"
+    row = {"format": fmt, "cores": usable_cores()}
+    for label, src in (("after", None), ("before", compare_src)):
+        if label == "before" and src is None:
+            continue
+        shutil.rmtree(out, ignore_errors=True)
+        subprocess.run(npuconv_cmd(source, out, "npu-int4", "auto", src), check=True)
+        cmd = [sys.executable, str(HERE / "checksums.py"), str(out)]
+        if src is not None:
+            cmd = ["env", f"PYTHONPATH={src}", *cmd]
+        result = run_measured(cmd)
+        row.update({f"{label}_check_seconds": json.loads(result["stdout"])["seconds"],
+                    f"{label}_check_peak_rss_mb": round(result["peak_rss_bytes"] / 1e6)})
+    shutil.rmtree(out, ignore_errors=True)
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def output_copy(work: Path, converted: Path, convert_seconds: float, repeats: int) -> dict:
@@ -231,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
     parser.add_argument("--work", type=Path, default=HERE / "_work")
     parser.add_argument("--workers", nargs="+", default=["auto"], help="npuconv --workers values ('auto': its default)")
-    parser.add_argument("--compare-src", type=Path, help="also time the npuconv sources in this directory (workers 1)")
+    parser.add_argument("--compare-src", type=Path, help="also time the npuconv sources in this directory (same --workers)")
+    parser.add_argument("--checksums", action="store_true", help="time the shard checksum check (first format; before/after with --compare-src)")
     parser.add_argument("--targets", nargs="+", help=f"only these targets (and/or {PEER})")
     parser.add_argument("--startup", action="store_true", help="time --help, --version and inspect")
     parser.add_argument("--repeats", type=int, default=2)
@@ -247,13 +272,15 @@ def main() -> None:
     args = build_parser().parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-               "convert": [], "compute": [], "verify": None, "startup": []}
+               "convert": [], "compute": [], "verify": None, "startup": [], "checksums": None}
     import torch
 
     results["machine"]["torch"] = torch.__version__
     results["machine"]["cores"] = usable_cores()
     if args.startup:
         results["startup"] = bench_startup()
+    if args.checksums:
+        results["checksums"] = bench_checksums(args.formats[0], args.work, args.scale, args.compare_src)
     for fmt in args.formats:
         for workers in args.workers:
             results["convert"] += bench_convert(fmt, args.work, args.scale, workers, args.repeats, args.compare_src,

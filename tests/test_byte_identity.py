@@ -5,7 +5,8 @@ converted to every target it fits, with the option variants that change bytes (`
 ``--no-nz``, ``--mx-layout sglang``, ``--dtype``); the sha256 of every output file must equal the
 recorded one. ``npuconv.json`` is compared after removing what legitimately differs between runs
 (source path, fingerprint) and the fields added on purpose since the table was recorded
-(``IGNORED_LAYER_KEYS`` / ``IGNORED_TENSOR_KEYS`` / ``IGNORED_MANIFEST_KEYS``). A target that refuses a fixture must still
+(``IGNORED_LAYER_KEYS`` / ``IGNORED_TENSOR_KEYS`` / ``IGNORED_MANIFEST_KEYS``; per-tensor shard
+checksum records as the whole-file sha256 the table recorded). A target that refuses a fixture must still
 refuse it (the reason is not compared).
 
 Regenerate (only after a deliberate format change, and say so in the commit)::
@@ -32,6 +33,8 @@ FLOAT_SOURCE = "float_model_seed0"
 IGNORED_LAYER_KEYS = ("target",)
 IGNORED_TENSOR_KEYS = ("split",)
 IGNORED_MANIFEST_KEYS = ("files",)  # issue 16: the output's file list (the table's own keys list them already)
+# issue 15: shard checksums became per-tensor records (sha256-parts-1, checked by tests/test_digests.py);
+# the table holds the sha256 of each whole shard, so a record is compared as that (its file's own bytes)
 
 
 def _variants(target: str) -> list[tuple[str, dict]]:
@@ -56,9 +59,13 @@ def _sources(scratch: Path) -> dict[str, Path]:
     return sources
 
 
-def _normalized_manifest(data: dict) -> dict:
+def _normalized_manifest(data: dict, out: Path) -> dict:
     data = dict(data)
     data.pop("source_fingerprint", None)
+    data["shards"] = {
+        name: hashlib.sha256((out / name).read_bytes()).hexdigest() if isinstance(record, dict) else record
+        for name, record in (data.get("shards") or {}).items()
+    }
     for key in IGNORED_MANIFEST_KEYS:
         data.pop(key, None)
     data["source"] = {k: v for k, v in (data.get("source") or {}).items() if k != "id"}
@@ -79,7 +86,7 @@ def _digest_output(out: Path) -> dict[str, str]:
     for path in sorted(p for p in out.rglob("*") if p.is_file()):
         rel = str(path.relative_to(out))
         if rel == "npuconv.json":
-            text = json.dumps(_normalized_manifest(json.loads(path.read_text())), sort_keys=True)
+            text = json.dumps(_normalized_manifest(json.loads(path.read_text()), out), sort_keys=True)
             digests[rel] = hashlib.sha256(text.encode()).hexdigest()
         elif rel == "npuconv_nz.json":  # npu-float's NZ listing: tensor entries, like the manifest's
             data = json.loads(path.read_text())

@@ -41,11 +41,22 @@ def words(*values: int) -> torch.Tensor:
 
 def test_nibble_block_transpose_hand_worked():
     # word t = 0x{t}{t}{t}{t}{t}{t}{t}{t} (row t all t) transposes to every word 0x76543210 (column = index)
-    block = words(*(int(f"{t:x}" * 8, 16) for t in range(8)))
-    transpose_nibble_blocks(block, 0)
+    rows = words(*(int(f"{t:x}" * 8, 16) for t in range(8)))
+    block = transpose_nibble_blocks(rows, 0)
     assert block.tolist() == words(*[0x76543210] * 8).tolist()
-    transpose_nibble_blocks(block, 0)  # an involution
-    assert block.tolist() == words(*(int(f"{t:x}" * 8, 16) for t in range(8))).tolist()
+    assert transpose_nibble_blocks(block, 0).tolist() == rows.tolist()  # an involution
+    assert rows.tolist() == words(*(int(f"{t:x}" * 8, 16) for t in range(8))).tolist()  # input untouched
+
+
+def test_nibble_block_transpose_into_other_dim():
+    # two matrices side by side, words along the last dim, written with the words along dim 0;
+    # word t of matrix m = nibbles (16m + 2t + i) % 16 → nibble i of word t of the result = (16m + 2i + t) % 16
+    def word(m, t, swap):
+        return sum(((16 * m + (2 * t + i if not swap else 2 * i + t)) % 16) << (4 * i) for i in range(8))
+    source = torch.stack([words(*(word(m, t, False) for t in range(8))) for m in range(2)])  # [2, 8]
+    out = torch.empty(8, 2, dtype=torch.int32)
+    assert transpose_nibble_blocks(source, 1, out, 0) is out
+    assert out.t().tolist() == [words(*(word(m, t, True) for t in range(8))).tolist() for m in range(2)]
 
 
 def test_awq_word_to_bitstream_hand_worked():

@@ -335,7 +335,7 @@ DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
               help="MX targets: contiguous [K,N] (vLLM-Ascend) or the [N,K] storage that sglang views.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard (e.g. 500MB, 5GB).")
 @click.option("--workers", default=None, type=click.IntRange(0, 64),
-              help="Threads that read and repack layers ahead of the writer (0: none; default: cores - 1, at most 16). "
+              help="Threads that read and repack layers ahead of the writer (0: none; default: one per core, at most 16). "
                    "Memory stays about twice the largest tensor whatever the number.")
 @click.option("--force", is_flag=True, help="Replace OUT if it is empty or, as a whole, an earlier npuconv output (every file listed in its npuconv.json); one atomic swap at the end.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (layers, layouts, shards, bytes) and write nothing.")
@@ -558,7 +558,7 @@ def verify_command(out, source, layer_glob, tokens, seed, device, skip_checksum,
 def _run_check(description: str, check, out, options, silent: bool) -> dict:
     """``check(out, options, on_progress)`` with a layer counter; a checksum mismatch gets the CLI's advice."""
     from npuconv.errors import VerificationFailed
-    from npuconv.io.output import ChecksumMismatch
+    from npuconv.io.digests import ChecksumMismatch
 
     with LayerProgress(description, enabled=not silent) as on_progress:
         try:

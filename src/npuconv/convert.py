@@ -44,6 +44,7 @@ from npuconv.io.publish import FILES_KEY, AtomicDirectory, check_target, output_
 from npuconv.readers import open_reader
 from npuconv.readers.base import Reader
 from npuconv.io.source import open_source
+from npuconv.memory import usable_cores
 from npuconv.registry import get_target, target_names
 from npuconv.writers import Target, WriterOptions
 
@@ -212,19 +213,13 @@ def convert(
     return report
 
 
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, e.g. under ``taskset``)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def default_workers() -> int:
-    """Producer threads for ``convert``: one per core beside the writing thread (at least 1, at most
-    :data:`MAX_DEFAULT_WORKERS`). Memory does not grow with it: the producer queue is bounded by
+    """Producer threads for ``convert``: one per core (at most :data:`MAX_DEFAULT_WORKERS`). The
+    producers read, repack and sha256-hash; the writing thread mostly waits on ``write()``, so it
+    needs no core of its own (2 cores, GPTQ → npu-int4, 3.9 GB: 16.6 s with 1 producer, 14.8 s
+    with 2; benchmarks/RESULTS.md). Memory does not grow with it: the producer queue is bounded by
     bytes (:func:`npuconv.output.write_shards`)."""
-    return max(1, min(usable_cores() - 1, MAX_DEFAULT_WORKERS))
+    return max(1, min(usable_cores(), MAX_DEFAULT_WORKERS))
 
 
 MAX_DEFAULT_WORKERS = 16
@@ -258,8 +253,9 @@ def _finish_output(directory: Path, checkpoint: Checkpoint, plan: ConversionPlan
     write_json(directory / MANIFEST, manifest)
 
 
-def build_manifest(plan: ConversionPlan, options: ConvertOptions, digests: dict[str, str]) -> dict:
-    """``npuconv.json``: what was converted, how, and a checksum of every shard.
+def build_manifest(plan: ConversionPlan, options: ConvertOptions, digests: dict[str, dict]) -> dict:
+    """``npuconv.json``: what was converted, how, and the checksums of every shard (``shards``:
+    per-tensor sha256 and the shard digest, defined in :mod:`npuconv.io.digests`).
 
     ``source_fingerprint`` (see :mod:`npuconv.io.fingerprint`) together with ``npuconv_version``,
     ``target`` and ``options`` is what ``npuconv zoo`` compares to skip an up-to-date output.

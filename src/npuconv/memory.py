@@ -1,6 +1,9 @@
-"""Process-level memory tuning for conversion (the CLI and zoo workers call it once at start)."""
+"""Process-level resources: the cores this process may use, and memory tuning for conversion
+(the CLI and zoo workers call :func:`tune_allocator` once at start)."""
 
 from __future__ import annotations
+
+import os
 
 #: glibc mmap threshold: buffers below it are recycled from the heap, larger ones are unmapped on free
 MMAP_THRESHOLD = 8 << 20
@@ -30,3 +33,11 @@ def tune_allocator() -> None:
     # every producer thread would otherwise get an arena of its own, each keeping its freed buffers:
     # RSS would grow with --workers; a few shared arenas recycle the same buffers across threads
     libc.mallopt(m_arena_max, MALLOC_ARENAS)
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. under ``taskset``)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1

@@ -232,28 +232,51 @@ def awq_pack(codes: torch.Tensor) -> torch.Tensor:
 NIBBLE_HIGH_BITS = -0x77777778  # 0x88888888 as int32: bit 3 of every nibble (XOR: unsigned q <-> signed q - 8)
 
 
-def transpose_nibble_blocks(words: torch.Tensor, dim: int) -> None:
-    """In place: transpose each 8 × 8 nibble matrix formed by 8 int32 words along ``dim`` (size 8).
+def transpose_nibble_blocks(
+    words: torch.Tensor, dim: int, out: torch.Tensor | None = None, out_dim: int | None = None
+) -> torch.Tensor:
+    """Transpose each 8 × 8 nibble matrix formed by 8 int32 words along ``dim`` (size 8); returns
+    ``out``: a new tensor shaped like ``words`` if None, else a tensor that must not overlap
+    ``words`` with the words of each matrix along ``out_dim`` (default ``dim``) and the other dims
+    as in ``words`` (so ``[R, J, 8]`` along 2 may go to ``[R, 8, J]`` along 1).
 
-    Matrix element ``[t, i]`` is nibble ``i`` (bits ``4i..4i+3``) of word ``t``; afterwards nibble
-    ``i`` of word ``t`` holds what was nibble ``t`` of word ``i``. Three rounds of the classic
-    block-swap transpose (Hacker's Delight §7-3, "transposing a bit matrix", applied to 4-bit
-    elements): swap the off-diagonal 4 × 4 blocks (16-bit halves of words t, t+4), then 2 × 2
-    blocks (bytes of words t, t+2), then single nibbles (words t, t+1). ``words``: int32, any
-    shape, ``words.shape[dim] == 8``; arithmetic right shifts are harmless because every shifted
-    value is masked to the low bits.
+    Matrix element ``[t, i]`` is nibble ``i`` (bits ``4i..4i+3``) of word ``t``; in the result,
+    nibble ``i`` of word ``t`` holds what was nibble ``t`` of word ``i``. Done as a transpose of
+    2 × 2 blocks (the block transpose of Hacker's Delight §7-3, "transposing a bit matrix", applied
+    to 4-bit elements): byte ``b`` of word ``t`` holds the 2 × 2 nibble block at block position
+    ``(t // 2, b)``, so one byte gather moves every block to its transposed place — byte ``t // 2``
+    of word ``2b + t % 2`` ← byte ``b`` of word ``t`` (bytes little-endian) — and one delta swap
+    transposes inside the blocks: the high nibble of each byte of word ``2m`` is exchanged with the
+    low nibble of the same byte of word ``2m + 1``. ``words`` and ``out``: int32, any shape, last
+    dim contiguous, 8 words along ``dim``; arithmetic right shifts are harmless because every
+    shifted value is masked to the low bits.
     """
-    if words.dtype != torch.int32 or words.shape[dim] != 8:
+    if words.dtype != torch.int32 or words.shape[dim] != 8 or words.stride(-1) != 1:
         raise ValueError(f"expected int32 words with 8 along dim {dim}, got {words.dtype} {list(words.shape)}")
-    lanes = words.movedim(dim, 0)
-    for half, shift, mask in ((4, 16, 0x0000FFFF), (2, 8, 0x00FF00FF), (1, 4, 0x0F0F0F0F)):
-        blocks = lanes.unflatten(0, (8 // (2 * half), 2, half))  # [pairs, {low, high}, half, ...]
-        low, high = blocks[:, 0], blocks[:, 1]
-        delta = torch.bitwise_right_shift(low, shift)
-        delta ^= high
-        delta &= mask
-        high ^= delta
-        low ^= delta << shift
+    if out is None:
+        out = torch.empty_like(words, memory_format=torch.contiguous_format)
+    out_dim = dim if out_dim is None else out_dim
+    if out.dtype != torch.int32 or out.shape[out_dim] != 8 or out.stride(-1) != 1:
+        raise ValueError(f"expected int32 out with 8 along dim {out_dim}, got {out.dtype} {list(out.shape)}")
+    source = _byte_lanes(words, dim).unflatten(-2, (4, 2))  # [..., t // 2, t % 2, byte b]
+    _byte_lanes(out, out_dim).unflatten(-2, (4, 2)).copy_(source.transpose(-3, -1))  # [..., b, t % 2, byte t // 2]
+    pairs = out.movedim(out_dim, 0).unflatten(0, (4, 2))  # [m, {word 2m, word 2m + 1}, ...]
+    low, high = pairs[:, 0], pairs[:, 1]
+    delta = torch.bitwise_right_shift(low, 4)
+    delta ^= high
+    delta &= 0x0F0F0F0F
+    high ^= delta
+    delta <<= 4
+    low ^= delta
+    return out
+
+
+def _byte_lanes(words: torch.Tensor, dim: int) -> torch.Tensor:
+    """uint8 view ``[..., 8, 4]`` of int32 ``words``: the words along ``dim`` second to last, their 4
+    little-endian bytes last (``words.stride(-1) == 1``)."""
+    dim %= words.dim()
+    data = words.view(torch.uint8).unflatten(-1, (words.shape[-1], 4))
+    return data.movedim(dim, -2)
 
 
 def int4_words_k_to_n(words: torch.Tensor) -> torch.Tensor:
@@ -262,14 +285,15 @@ def int4_words_k_to_n(words: torch.Tensor) -> torch.Tensor:
     Input: nibble ``i`` of word ``[r, n]`` is code ``(n, k = 8r + i)``. Output: nibble ``t`` of word
     ``[k, j]`` is code ``(n = 8j + t, k)`` — the LSB-first bitstream along N of the ``[K, N]`` code
     matrix, i.e. :func:`pack_bitstream` of the transposed codes. N must be a multiple of 8; the
-    input is not modified.
+    input is not modified. One byte gather and one delta swap (:func:`transpose_nibble_blocks`):
+    the words of one block are 8 neighbours of a row, so the gather reads memory in order.
     """
     rows, n = words.shape
     if words.dtype != torch.int32 or n % 8:
         raise ValueError(f"expected int32 [K/8, N] with N % 8 == 0, got {words.dtype} {list(words.shape)}")
+    blocks = words.contiguous().view(rows, n // 8, 8)  # [r, j, t]: nibble i = code (8j + t, 8r + i)
     out = torch.empty(rows, 8, n // 8, dtype=torch.int32)
-    out.transpose(1, 2).copy_(words.reshape(rows, n // 8, 8))  # out[r, t, j]: nibble i = code (8j + t, 8r + i)
-    transpose_nibble_blocks(out, 1)  # out[r, i, j]: nibble t = code (8j + t, 8r + i)
+    transpose_nibble_blocks(blocks, 2, out, 1)  # out[r, i, j]: nibble t = code (8j + t, 8r + i)
     return out.reshape(rows * 8, n // 8)  # [k = 8r + i, j]
 
 
@@ -277,16 +301,15 @@ def int4_words_nk_to_kn(words: torch.Tensor) -> torch.Tensor:
     """4-bit codes of ``[N, K]`` packed along K, words ``[N, K/8]`` (compressed-tensors
     ``weight_packed``, AWQ GEMV) → the same codes packed along N, words ``[K, N/8]``.
 
-    Input: nibble ``i`` of word ``[n, r]`` is code ``(n, 8r + i)``. Output as in
-    :func:`int4_words_k_to_n`. N must be a multiple of 8; the input is not modified.
+    Input: nibble ``i`` of word ``[n, r]`` is code ``(n, 8r + i)``; its transpose ``[K/8, N]`` is
+    GPTQ's layout, so this is :func:`int4_words_k_to_n` of it (a plain 2-D transpose first keeps
+    the nibble gather's reads in order; gathering from ``[N, K/8]`` directly is ~5× slower).
+    Output as in :func:`int4_words_k_to_n`. N must be a multiple of 8; the input is not modified.
     """
     n, width = words.shape
     if words.dtype != torch.int32 or n % 8:
         raise ValueError(f"expected int32 [N, K/8] with N % 8 == 0, got {words.dtype} {list(words.shape)}")
-    out = torch.empty(width, 8, n // 8, dtype=torch.int32)
-    out.permute(2, 1, 0).copy_(words.reshape(n // 8, 8, width))  # out[r, t, j]: nibble i = code (8j + t, 8r + i)
-    transpose_nibble_blocks(out, 1)  # out[r, i, j]: nibble t = code (8j + t, 8r + i)
-    return out.reshape(width * 8, n // 8)  # [k = 8r + i, j]
+    return int4_words_k_to_n(words.t().contiguous())
 
 
 def awq_words_to_bitstream(words: torch.Tensor) -> torch.Tensor:

@@ -182,7 +182,7 @@ def check_model(path: str | Path, options: ParityOptions, on_progress: Callable[
 
 def _readers(path: str | Path, options: ParityOptions) -> tuple[NpuconvReader, Reader]:
     """(OUT's reader, shard checksums checked unless skipped; the source's reader)."""
-    from npuconv.io.output import check_shards
+    from npuconv.io.digests import check_shards
     from npuconv.verify import source_reader
 
     out_reader = open_reader(open_source(path))

@@ -49,7 +49,7 @@ def load_output(path: str | Path, device: str | None = None, check_checksums: bo
     from npuconv.errors import InputError
     from npuconv.kernels import get_backend
     from npuconv.readers import open_reader
-    from npuconv.io.output import check_shards
+    from npuconv.io.digests import check_shards
     from npuconv.readers.npuconv_output import NpuconvReader
 
     backend = get_backend(device)

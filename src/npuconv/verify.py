@@ -50,7 +50,8 @@ from npuconv.io.checkpoint import Checkpoint, config_dtype
 from npuconv.entries import from_storage
 from npuconv.errors import InputError, VerificationFailed
 from npuconv.model import LinearSpec, QuantizedLinear, dequantize
-from npuconv.io.output import MANIFEST, check_shards
+from npuconv.io.digests import check_shards
+from npuconv.io.output import MANIFEST
 from npuconv.readers import open_reader
 from npuconv.readers.base import Reader
 from npuconv.readers.npuconv_output import NpuconvReader

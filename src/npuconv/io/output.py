@@ -12,8 +12,6 @@ assigned to shards greedily in order, starting a new shard when the next unit wo
 from __future__ import annotations
 
 import hashlib
-import queue
-import threading
 import json
 import re
 from dataclasses import dataclass, field
@@ -24,9 +22,10 @@ from typing import Callable, Iterator
 
 import torch
 
-from npuconv.errors import InputError, OutputError, VerificationFailed
+from npuconv.errors import InputError
+from npuconv.io.digests import sha256_hex, shard_record
 from npuconv.io.publish import MANIFEST, AtomicDirectory  # noqa: F401  (re-exported: the output API)
-from npuconv.io.safetensors_io import StreamingWriter, TensorPlan
+from npuconv.io.safetensors_io import StreamingWriter, TensorPlan, tensor_bytes
 
 DEFAULT_MAX_SHARD = 5 * 1000**3
 SHARD_METADATA = {"format": "pt"}
@@ -109,53 +108,67 @@ def write_shards(
     on_unit: Callable[[Unit], None] | None = None,
     workers: int = 1,
     bytes_ahead: int | None = None,
-) -> dict[str, str]:
-    """Stream every shard to ``directory``; returns ``{filename: sha256}``.
+) -> dict[str, dict]:
+    """Stream every shard to ``directory``; returns ``{filename: checksum record}`` for the
+    manifest (:func:`npuconv.io.digests.shard_record`).
 
-    Units are produced (read + repack) by ``workers`` background threads ahead of the one being
-    written, while the calling thread writes and hashes in plan order — so reading, repacking and
-    writing overlap. The queue is bounded by bytes, not by count: a unit starts only while the
-    units produced, in production or being written hold at most ``bytes_ahead`` (counted as twice
-    their output bytes: input and temporaries; default budget: twice the largest unit, at least
-    :data:`MIN_BYTES_AHEAD`), or when nothing else is in flight. So peak memory is about twice
-    the largest unit whatever ``workers`` is.
+    Units are produced (read + repack + sha256 of each tensor's bytes) by ``workers`` background
+    threads ahead of the one being written, while the calling thread writes in plan order — so
+    reading, repacking, hashing and writing overlap, and hashing runs on every worker. The queue
+    is bounded by bytes, not by count: a unit starts only while the units produced, in production
+    or being written hold at most ``bytes_ahead`` (counted as twice their output bytes: input and
+    temporaries; default budget: twice the largest unit, at least :data:`MIN_BYTES_AHEAD`), or
+    when nothing else is in flight. So peak memory is about twice the largest unit whatever
+    ``workers`` is.
     ``workers=0`` produces each unit in the calling thread just before writing it. torch and
-    file I/O release the GIL, so the threads run in parallel.
+    file I/O and hashlib release the GIL, so the threads run in parallel.
     """
     units = [u for s in shards for u in s.units]
     if bytes_ahead is None:
         bytes_ahead = max([MIN_BYTES_AHEAD, *(_cost(u) for u in units)])
-    digests = {}
+    records = {}
     produced = _produce_in_order(units, workers, bytes_ahead)
     try:
         for shard in shards:
-            path = directory / shard.filename
-            writer = _HashingWriter(path, shard.plans)
+            writer = StreamingWriter(directory / shard.filename, shard.plans, SHARD_METADATA)
+            digests: dict[str, str] = {}
             try:
                 for unit in shard.units:
-                    done, tensors = next(produced)
+                    done, (tensors, unit_digests) = next(produced)
                     assert done is unit
                     for plan in unit.plans:
                         writer.write(plan.name, tensors[plan.name])
                     del tensors
+                    digests.update(unit_digests)
                     if on_unit:
                         on_unit(unit)
                 writer.close()
             except BaseException:
                 writer.abort()
                 raise
-            digests[shard.filename] = writer.hexdigest()
+            parts = [(plan.name, digests[plan.name]) for plan in shard.plans]  # file order
+            records[shard.filename] = shard_record(writer.header, parts, len(writer.header) + shard.nbytes)
     finally:
         produced.close()
-    return digests
+    return records
 
 
-def _produce_in_order(units: list[Unit], workers: int, bytes_ahead: int) -> Iterator[tuple[Unit, dict[str, torch.Tensor]]]:
-    """Yield ``(unit, unit.produce())`` in order, computing up to ``workers`` units ahead within
+Produced = tuple[dict[str, torch.Tensor], dict[str, str]]  # tensors, sha256 hex of each one's bytes
+
+
+def _produce_hashed(unit: Unit) -> Produced:
+    """``unit.produce()`` with each tensor made a contiguous CPU tensor — the bytes the writer
+    will write — and the sha256 of those bytes, computed here, in the producing thread."""
+    tensors = {name: t.detach().cpu().contiguous() for name, t in unit.produce().items()}
+    return tensors, {name: sha256_hex(tensor_bytes(t)) for name, t in tensors.items()}
+
+
+def _produce_in_order(units: list[Unit], workers: int, bytes_ahead: int) -> Iterator[tuple[Unit, Produced]]:
+    """Yield ``(unit, _produce_hashed(unit))`` in order, computing up to ``workers`` units ahead within
     ``bytes_ahead`` output bytes (the unit being consumed counts until the consumer asks for the next)."""
     if workers <= 0:
         for unit in units:
-            yield unit, unit.produce()
+            yield unit, _produce_hashed(unit)
         return
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="npuconv-produce")
     pending: deque = deque()
@@ -168,7 +181,7 @@ def _produce_in_order(units: list[Unit], workers: int, bytes_ahead: int) -> Iter
         while following is not None and len(pending) < workers and (
             in_flight == 0 or in_flight + _cost(following) <= bytes_ahead
         ):
-            pending.append((following, pool.submit(following.produce)))
+            pending.append((following, pool.submit(_produce_hashed, following)))
             in_flight += _cost(following)
             following = next(upcoming, None)
 
@@ -193,56 +206,8 @@ def _cost(unit: Unit) -> int:
     return 2 * unit.nbytes
 
 
-class _HashingWriter(StreamingWriter):
-    """StreamingWriter that also sha256-hashes every byte it writes, in a background thread.
-
-    hashlib releases the GIL on large buffers, so hashing runs beside the writes instead of after
-    each of them. At most ``HASH_QUEUE`` buffers wait for the hasher (each stays alive until hashed).
-    """
-
-    HASH_QUEUE = 2
-
-    def __init__(self, path: Path, plans: list[TensorPlan]):
-        self._hash = hashlib.sha256()
-        self._pending: queue.Queue = queue.Queue(maxsize=self.HASH_QUEUE)
-        self._hasher = threading.Thread(target=self._consume, name="npuconv-sha256", daemon=True)
-        super().__init__(path, plans, SHARD_METADATA)  # may raise: no thread is running yet
-        self._hasher.start()
-
-    def _consume(self) -> None:
-        while (data := self._pending.get()) is not None:
-            self._hash.update(data)
-
-    def _emit(self, data) -> None:
-        super()._emit(data)
-        if self._hasher.is_alive():
-            self._pending.put(data)
-        else:  # the header, written by StreamingWriter.__init__ before the thread starts
-            self._hash.update(data)
-
-    def close(self) -> None:
-        try:
-            super().close()
-        finally:
-            self._stop_hasher()
-
-    def abort(self) -> None:
-        try:
-            super().abort()
-        finally:
-            self._stop_hasher()
-
-    def _stop_hasher(self) -> None:
-        if self._hasher.is_alive():
-            self._pending.put(None)
-            self._hasher.join()
-
-    def hexdigest(self) -> str:
-        self._stop_hasher()
-        return self._hash.hexdigest()
-
-
 def sha256_file(path: Path, chunk: int = 16 * 1024 * 1024) -> str:
+    """sha256 hex of a whole file (source fingerprints; shard checksums: :mod:`npuconv.io.digests`)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -253,21 +218,3 @@ def sha256_file(path: Path, chunk: int = 16 * 1024 * 1024) -> str:
 def write_json(path: Path, value: object) -> None:
     """Deterministic JSON: sorted keys, 2-space indent, trailing newline."""
     path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def check_shards(root: Path, manifest: dict) -> None:
-    """Compare each shard's sha256 under ``root`` with the manifest; a mismatch is a verification failure."""
-    shards = manifest.get("shards")
-    if not isinstance(shards, dict) or not shards:
-        raise InputError(f"{MANIFEST}: no shard checksums recorded")
-    for filename, digest in sorted(shards.items()):
-        path = root / filename
-        if not path.is_file():
-            raise VerificationFailed(f"{filename}: listed in {MANIFEST} but missing")
-        if sha256_file(path) != digest:
-            raise ChecksumMismatch(f"{filename}: sha256 differs from {MANIFEST} (modified after conversion)")
-
-
-class ChecksumMismatch(VerificationFailed):
-    """A shard's bytes differ from the checksum recorded at conversion (``verify --skip-checksum``
-    skips the check; the CLI adds that advice, zoo and the library do not offer the option)."""

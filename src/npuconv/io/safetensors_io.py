@@ -243,18 +243,26 @@ def encode_header(plans: Iterable[TensorPlan], metadata: dict[str, str] | None =
     return struct.pack("<Q", len(raw)) + raw
 
 
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The bytes a tensor is stored as in safetensors: CPU, row-major, native (little-endian) byte
+    order, as a flat memoryview — of the tensor itself when it is already a contiguous CPU tensor."""
+    data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    return memoryview(data.numpy())
+
+
 class StreamingWriter:
     """Write one safetensors file whose tensors arrive one at a time, in plan order.
 
     Peak memory is the tensor being written; the header is written first from the plan, and
-    each :meth:`write` checks that the tensor matches its planned dtype and shape.
+    each :meth:`write` checks that the tensor matches its planned dtype and shape. ``header``:
+    the bytes written before the data section (length prefix, JSON, padding).
     """
 
     def __init__(self, path: Path, plans: list[TensorPlan], metadata: dict[str, str] | None = None):
         self.path = path
         self._plans = plans
         self._next = 0
-        header = encode_header(plans, metadata)  # before opening: a bad plan leaves no open file
+        self.header = header = encode_header(plans, metadata)  # before opening: a bad plan leaves no open file
         try:
             self._file: BinaryIO = open(path, "wb")
         except OSError as e:
@@ -280,8 +288,7 @@ class StreamingWriter:
                 f"{self.path.name}: tensor '{name}' {tensor.dtype}{list(tensor.shape)} does not match "
                 f"plan '{plan.name}' {plan.dtype}{list(plan.shape)}"
             )
-        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-        self._emit(memoryview(data.numpy()))
+        self._emit(tensor_bytes(tensor))
         self._next += 1
 
     def close(self) -> None:
