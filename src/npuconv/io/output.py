@@ -22,7 +22,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
-from npuconv.lazy_torch import torch
+import torch
 
 from npuconv.errors import InputError, OutputError, VerificationFailed
 from npuconv.io.publish import MANIFEST, AtomicDirectory  # noqa: F401  (re-exported: the output API)

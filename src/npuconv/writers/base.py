@@ -26,7 +26,7 @@ from npuconv.lazy_torch import torch
 from npuconv.entries import entry_plan, nd_shape_of_storage
 from npuconv.errors import InputError
 from npuconv.model import LinearSpec, QuantizedLinear
-from npuconv.io.output import MANIFEST
+from npuconv.io.publish import MANIFEST
 from npuconv.parallel import COLUMN, ROW
 from npuconv.io.safetensors_io import TensorInfo, TensorPlan, name_of
 
