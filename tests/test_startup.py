@@ -84,6 +84,16 @@ def test_inspect_from_the_hub_cache_does_not_import_torch(tmp_path):
     assert json.loads(result.stdout)["format"] == "compressed-tensors"
 
 
+def test_inspect_of_an_npuconv_output_does_not_import_torch(tmp_path):
+    out = tmp_path / "out"
+    converted = subprocess.run([sys.executable, "-m", "npuconv", "convert", str(FIXTURES / "awq_gemm_g128"), str(out), "-q"],
+                               capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(SRC)}, timeout=300)
+    assert converted.returncode == 0, converted.stderr
+    result = run_probe("inspect", str(out), "--json")
+    assert not torch_imported(result)
+    assert json.loads(result.stdout)["format"] == "npuconv"
+
+
 def test_the_probe_sees_torch_when_it_is_imported():
     """The check can fail: GPTQ's v1/v2 detection unpacks zero points with torch."""
     assert torch_imported(run_probe("inspect", str(FIXTURES / "gptq_v1_b4_g32_sym")))
