@@ -115,7 +115,7 @@ def test_benchmark_markdown_output():
     assert "| gptq unpack | 22.5 | 1.5 |" in text and "verify: 7 layers" in text
 
 
-@pytest.mark.parametrize("script", ["run.py", "compute.py", "synth.py"])
+@pytest.mark.parametrize("script", ["run.py", "compute.py", "synth.py", "startup.py"])
 def test_benchmark_help_only_prints_help(script):
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--help"], capture_output=True, text=True,
                             timeout=60, env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"})

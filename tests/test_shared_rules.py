@@ -131,7 +131,7 @@ def test_offline_quantization_returns_layer_and_report_without_side_attributes()
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(4, 1024, generator=gen).to(torch.bfloat16)
     weight[:, 512:] = 0  # an all-zero 512-block: level 0 is DUAL_ZERO_BLOCK_L0 by the rule
-    linear = FloatLinear("m.proj", 4, 1024, torch.bfloat16, "m.proj.weight", None)
+    linear = FloatLinear("m.proj", 4, 1024, "bfloat16", "m.proj.weight", None)
     spec = MXFP4_DUAL_RECIPE.spec(linear)
     result = MXFP4_DUAL_RECIPE.quantize(spec, weight, None)
     assert isinstance(result, OfflineResult) and 0 < result.rel_l2 < 0.2

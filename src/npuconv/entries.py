@@ -22,19 +22,20 @@ ACL format 29, or falls back to ND + one ``npu_format_cast(t, 29)``
 
 from __future__ import annotations
 
-import torch
+from npuconv.lazy_torch import torch
 
 from npuconv import layouts
-from npuconv.io.safetensors_io import TensorPlan
+from npuconv.io.safetensors_io import TensorPlan, name_of
 
 
-def dtype_label(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+def dtype_label(dtype: torch.dtype | str) -> str:
+    """The name of a dtype (a name is returned as it is)."""
+    return dtype if isinstance(dtype, str) else name_of(dtype)
 
 
 def tensor_entry(
     name: str,
-    dtype: torch.dtype,
+    dtype: torch.dtype | str,
     shape: tuple[int, ...],
     *,
     nz_c0: int | None = None,

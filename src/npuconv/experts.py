@@ -30,7 +30,7 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 
-import torch
+from npuconv.lazy_torch import torch
 
 from npuconv.model import LinearSpec, QuantizedLinear
 

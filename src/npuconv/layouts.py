@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import math
 
-import torch
-import torch.nn.functional as F
+from npuconv.lazy_torch import torch
 
+from npuconv.io.safetensors_io import name_of, torch_dtype
 from npuconv.packing import as_bytes, pack_nibbles, signed_nibbles, unpack_nibbles
 
 # ----------------------------------------------------------------------------------------------
@@ -62,20 +62,8 @@ NPU_DTYPE_IDS: dict[str, int] = {
     "float4_e1m2fn_x2": 297,
 }
 _NPU_DTYPE_NAMES = {v: k for k, v in NPU_DTYPE_IDS.items()}
-_TORCH_DTYPE_NAMES = {
-    torch.float8_e4m3fn: "float8_e4m3fn",
-    torch.float8_e5m2: "float8_e5m2",
-    torch.int8: "int8",
-    torch.uint8: "uint8",
-    torch.int32: "int32",
-    torch.quint4x2: "int4",
-    torch.float16: "float16",
-    torch.bfloat16: "bfloat16",
-    torch.float32: "float32",
-}
-for _name in ("float8_e8m0fnu", "float4_e2m1fn_x2"):  # present in recent torch only
-    if hasattr(torch, _name):
-        _TORCH_DTYPE_NAMES[getattr(torch, _name)] = _name
+#: torch dtype names that differ from their canonical name (the rest are the same: ``torch.int8`` → "int8")
+_TORCH_DTYPE_ALIASES = {"quint4x2": "int4"}
 
 
 def npu_dtype_name(marker: object) -> str | None:
@@ -88,9 +76,8 @@ def npu_dtype_name(marker: object) -> str | None:
     if marker is None:
         return None
     if isinstance(marker, torch.dtype):
-        if marker in _TORCH_DTYPE_NAMES:
-            return _TORCH_DTYPE_NAMES[marker]
-        return str(marker).removeprefix("torch.")
+        name = name_of(marker)
+        return _TORCH_DTYPE_ALIASES.get(name, name)
     if isinstance(marker, bool):
         raise ValueError(f"not a dtype marker: {marker!r}")
     if isinstance(marker, int):
@@ -158,10 +145,8 @@ def int4unpack_bytes(packed: torch.Tensor) -> torch.Tensor:
 #: C0 used for fp32/int32 by default (ops §3.2 "float32 will cast to float16": 16 elements, 64 bytes).
 FP32_NZ_C0 = 16
 
-_C0_16 = {torch.float16, torch.bfloat16, torch.int16}
-_C0_32 = {torch.int8, torch.uint8, torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz}
-if hasattr(torch, "float8_e8m0fnu"):
-    _C0_32.add(torch.float8_e8m0fnu)
+_C0_16 = {"float16", "bfloat16", "int16"}  # dtype names
+_C0_32 = {"int8", "uint8", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu"}
 
 
 def nz_c0(dtype: torch.dtype, *, int4_packed: bool = False) -> int:
@@ -176,9 +161,9 @@ def nz_c0(dtype: torch.dtype, *, int4_packed: bool = False) -> int:
         if dtype != torch.int32:
             raise ValueError(f"int4_packed NZ needs int32, got {dtype}")
         return 8
-    if dtype in _C0_16:
+    if name_of(dtype) in _C0_16:
         return 16
-    if dtype in _C0_32:
+    if name_of(dtype) in _C0_32:
         return 32
     if dtype in (torch.float32, torch.int32):
         return FP32_NZ_C0
@@ -238,7 +223,7 @@ def _pad_blocks_even(scale: torch.Tensor) -> torch.Tensor:
     if scale.dtype != torch.uint8:
         raise ValueError(f"E8M0 scales must be uint8, got {scale.dtype}")
     if scale.shape[-1] % 2:
-        scale = F.pad(scale, (0, 1), value=0)  # ops §4.5: block count padded to even with byte 0
+        scale = torch.nn.functional.pad(scale, (0, 1), value=0)  # ops §4.5: block count padded to even with byte 0
     return scale
 
 
@@ -393,16 +378,17 @@ A8W4_SCALE_BIAS_CHUNKS = 16
 
 
 def a8w4_scale_bias(values: torch.Tensor, scale: torch.Tensor, chunks: int = 1,
-                    accumulate: torch.dtype = torch.float64) -> torch.Tensor:
+                    accumulate: torch.dtype | None = None) -> torch.Tensor:
     """The A8W4 kernel's ``scale_bias``: ``8 · Σ_k W[n, k] · s[n, k]`` over each of ``chunks`` equal K-chunks.
 
     ``values``: signed int4 weight values ``[..., N, K]`` (any int dtype, any strides); ``scale``: the
     scale each weight is given by the kernel, broadcastable to ``[..., N, K]`` (``[..., N, 1]``
-    per-channel). Products and sums in ``accumulate`` (float64: exact products, the most accurate
+    per-channel). Products and sums in ``accumulate`` (default float64: exact products, the most accurate
     sum; float32: msModelSlim's own arithmetic, bit for bit), result float32 ``[..., N, chunks]``:
     chunk ``c`` covers K ``[c·K/chunks, (c+1)·K/chunks)``. The factor 8 cancels the kernel's
     ``−8·ΣW·s`` term (ops §6.3); multiplying by 8 is exact, so it commutes with the sums.
     """
+    accumulate = torch.float64 if accumulate is None else accumulate
     deq = values.to(accumulate) * scale.to(accumulate)
     return (8 * deq.unflatten(-1, (chunks, -1)).sum(-1)).to(torch.float32)
 
@@ -435,8 +421,10 @@ def e8m0_decode(scale: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def exp2_int(e: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Exact ``2**e`` for an integer tensor ``e`` in ``[-1022, 1023]``, built from float64 bits, then cast to ``dtype``."""
+def exp2_int(e: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Exact ``2**e`` for an integer tensor ``e`` in ``[-1022, 1023]``, built from float64 bits, then cast to
+    ``dtype`` (default float32)."""
+    dtype = torch.float32 if dtype is None else dtype
     bits = (e.to(torch.int64).clamp(-1022, 1023) + 1023) << 52
     return bits.view(torch.float64).to(dtype)
 
@@ -525,12 +513,12 @@ def fp4_from_fp32_truncating(x: torch.Tensor) -> torch.Tensor:
 # MX quantization (ops §5.2, scale_alg = 0)
 # ----------------------------------------------------------------------------------------------
 
-#: element type → (emax, max_norm, mantissa bits, min_exp, torch dtype or None for FP4) (ops §0.2, §5.2)
-MX_ELEMENTS: dict[str, tuple[int, float, int, int, torch.dtype | None]] = {
+#: element type → (emax, max_norm, mantissa bits, min_exp, torch dtype name or None for FP4) (ops §0.2, §5.2)
+MX_ELEMENTS: dict[str, tuple[int, float, int, int, str | None]] = {
     "float4_e2m1fn_x2": (2, 6.0, 1, 0, None),
     "float4_e1m2fn_x2": (0, 1.75, 2, 0, None),
-    "float8_e4m3fn": (8, 448.0, 3, -6, torch.float8_e4m3fn),
-    "float8_e5m2": (15, 57344.0, 2, -14, torch.float8_e5m2),
+    "float8_e4m3fn": (8, 448.0, 3, -6, "float8_e4m3fn"),
+    "float8_e5m2": (15, 57344.0, 2, -14, "float8_e5m2"),
 }
 _MX_ALIASES = {
     "e2m1": "float4_e2m1fn_x2",
@@ -575,8 +563,8 @@ def mx_quantize(x: torch.Tensor, elem: object, block_size: int = 32, round_mode:
     See :data:`MX_ZERO_SCALE_FLUSHES` for blocks whose byte is 0.
     """
     name = mx_element(elem)
-    emax, max_norm, _, _, torch_dtype = MX_ELEMENTS[name]
-    if torch_dtype is not None and round_mode != "rint":
+    emax, max_norm, _, _, element_dtype = MX_ELEMENTS[name]
+    if element_dtype is not None and round_mode != "rint":
         raise ValueError("FP8 MX quantization supports round_mode='rint' only (ops §5.2)")
     if x.dim() < 1:
         raise ValueError("mx_quantize needs at least one dim")
@@ -584,7 +572,7 @@ def mx_quantize(x: torch.Tensor, elem: object, block_size: int = 32, round_mode:
     nb = math.ceil(k / block_size)
     xf = x.to(torch.float32)
     if nb * block_size != k:
-        xf = F.pad(xf, (0, nb * block_size - k))
+        xf = torch.nn.functional.pad(xf, (0, nb * block_size - k))
     blocks = xf.reshape(*xf.shape[:-1], nb, block_size)
     finite = torch.isfinite(blocks).all(-1)
     amax = torch.nan_to_num(blocks, nan=0.0, posinf=0.0, neginf=0.0).abs().amax(-1)
@@ -598,8 +586,8 @@ def mx_quantize(x: torch.Tensor, elem: object, block_size: int = 32, round_mode:
         scaled = torch.where((scale == 0).unsqueeze(-1), torch.zeros_like(scaled), scaled)
     scaled = torch.where(finite.unsqueeze(-1), scaled, torch.full_like(scaled, math.nan))
     scaled = scaled.reshape(*xf.shape[:-1], nb * block_size)[..., :k]
-    if torch_dtype is not None:
-        codes = scaled.clamp(-max_norm, max_norm).to(torch_dtype)  # clamp keeps NaN; the cast is RNE
+    if element_dtype is not None:
+        codes = scaled.clamp(-max_norm, max_norm).to(torch_dtype(element_dtype))  # clamp keeps NaN; the cast is RNE
     else:
         codes = fp4_encode(scaled, round_mode, fmt="e2m1" if name == "float4_e2m1fn_x2" else "e1m2")
     return codes, scale
@@ -649,7 +637,7 @@ def dual_level_mx_quantize(x: torch.Tensor, round_mode: str = "rint") -> tuple[t
     """
     d = x.shape[-1]
     nb0 = math.ceil(d / DUAL_L0_BLOCK)
-    xf = F.pad(x.to(torch.float32), (0, nb0 * DUAL_L0_BLOCK - d))
+    xf = torch.nn.functional.pad(x.to(torch.float32), (0, nb0 * DUAL_L0_BLOCK - d))
     blocks = xf.reshape(*xf.shape[:-1], nb0, DUAL_L0_BLOCK)
     amax = blocks.abs().amax(-1)
     level0 = amax / torch.tensor(6.0, dtype=torch.float32, device=x.device)
@@ -691,8 +679,8 @@ def split_dual_level_scale(scale: torch.Tensor, d: int) -> tuple[torch.Tensor, t
     nb0 = math.ceil(d / DUAL_L0_BLOCK)
     scale = scale.to(torch.float32)
     zero_scale = DUAL_ZERO_BLOCK_L0 * e8m0_decode(torch.zeros(1, dtype=torch.uint8)).item()
-    largest = F.pad(scale, (0, nb0 * per - kb)).unflatten(-1, (nb0, per)).amax(-1)
-    zero = (F.pad(scale, (0, nb0 * per - kb), value=zero_scale).unflatten(-1, (nb0, per)) == zero_scale).all(-1)
+    largest = torch.nn.functional.pad(scale, (0, nb0 * per - kb)).unflatten(-1, (nb0, per)).amax(-1)
+    zero = (torch.nn.functional.pad(scale, (0, nb0 * per - kb), value=zero_scale).unflatten(-1, (nb0, per)) == zero_scale).all(-1)
     level0 = torch.where(zero, torch.full_like(largest, DUAL_ZERO_BLOCK_L0), largest)
     if bool((level0 <= 0).any()):
         raise ValueError("a 512-block has no positive scale; it cannot be split into two levels")

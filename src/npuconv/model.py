@@ -38,8 +38,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-import torch
+from npuconv.lazy_torch import torch
 
+from npuconv.io.safetensors_io import name_of
 from npuconv.packing import unpack_bitstream
 from npuconv import layouts
 
@@ -75,14 +76,22 @@ class LinearSpec:
     act_order: bool = False
     weight_format: str = INT
     scale_format: str = SCALE_FLOAT
-    scale_dtype: torch.dtype = torch.float16
+    scale_dtype: str = "float16"  # dtype name (:data:`npuconv.io.safetensors_io.DTYPES`)
     activation: ActivationQuant | None = None
     has_bias: bool = False
-    bias_dtype: torch.dtype | None = None  # dtype of the stored bias (None: same as scale_dtype)
+    bias_dtype: str | None = None  # dtype name of the stored bias (None: same as scale_dtype)
     has_global_scale: bool = False
     num_experts: int | None = None  # E for a stacked MoE expert tensor [E, N, K]
     source_scheme: str = ""  # the source format's own label, e.g. "gptq_v1", "W8A8_DYNAMIC"
     source_tensors: tuple[str, ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        # dtypes are names, so a spec is made and compared without importing torch; a torch.dtype
+        # given here (a reader that holds the tensor) is stored as its name
+        for attribute in ("scale_dtype", "bias_dtype"):
+            value = getattr(self, attribute)
+            if value is not None and not isinstance(value, str):
+                object.__setattr__(self, attribute, name_of(value))
 
     @property
     def num_groups(self) -> int:
@@ -216,14 +225,16 @@ def decode_codes(codes: torch.Tensor, weight_format: str) -> torch.Tensor:
 DEQUANT_CHUNK_ELEMENTS = 1 << 22  # float32 temporaries per chunk of output rows (16 MiB each)
 
 
-def dequantize(layer: QuantizedLinear, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Float weight ``[..., N, K]`` by the canonical rule, computed in float32 then cast to ``dtype``.
+def dequantize(layer: QuantizedLinear, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Float weight ``[..., N, K]`` by the canonical rule, computed in float32 then cast to ``dtype``
+    (default float32).
 
     Done as ``(code - zero) * scale`` with one float32 product per element, which is exactly what
     GPTQModel, AutoAWQ, compressed-tensors and msModelSlim compute for integer and MX formats.
     Large layers are computed in chunks of output rows straight into the result, so the float32
     temporaries stay at :data:`DEQUANT_CHUNK_ELEMENTS` whatever the layer size.
     """
+    dtype = torch.float32 if dtype is None else dtype
     n, k = layer.qweight.shape[-2], layer.spec.in_features
     rows = max(1, DEQUANT_CHUNK_ELEMENTS // max(1, k))
     if n <= rows:
@@ -285,13 +296,13 @@ def spec_to_dict(spec: LinearSpec) -> dict:
         "act_order": spec.act_order,
         "weight_format": spec.weight_format,
         "scale_format": spec.scale_format,
-        "scale_dtype": str(spec.scale_dtype).removeprefix("torch."),
+        "scale_dtype": spec.scale_dtype,
         "activation": None if act is None else {
             "kind": act.kind, "bits": act.bits, "dynamic": act.dynamic,
             "strategy": act.strategy, "symmetric": act.symmetric,
         },
         "has_bias": spec.has_bias,
-        "bias_dtype": None if spec.bias_dtype is None else str(spec.bias_dtype).removeprefix("torch."),
+        "bias_dtype": spec.bias_dtype,
         "has_global_scale": spec.has_global_scale,
         "num_experts": spec.num_experts,
         "source_scheme": spec.source_scheme,
@@ -303,6 +314,4 @@ def spec_from_dict(data: dict, source_tensors: tuple[str, ...] = ()) -> LinearSp
     fields = dict(data)
     act = fields.pop("activation")
     fields["activation"] = None if act is None else ActivationQuant(**act)
-    fields["scale_dtype"] = getattr(torch, fields["scale_dtype"])
-    fields["bias_dtype"] = None if fields.get("bias_dtype") is None else getattr(torch, fields["bias_dtype"])
     return LinearSpec(**fields, source_tensors=source_tensors)

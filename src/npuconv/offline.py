@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-import torch
+from npuconv.lazy_torch import torch
 
 from npuconv import layouts
 from npuconv.errors import InputError
@@ -59,7 +59,7 @@ LINEAR_WEIGHT_SUFFIXES = (
 EXCLUDED_PARTS = ("embed", "norm")  # substrings of a name component
 EXCLUDED_COMPONENTS = ("lm_head", "wte", "wpe")
 CONV1D_MODEL_TYPES = ("gpt2", "imagegpt", "decision_transformer")
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FLOAT_DTYPES = ("float16", "bfloat16", "float32")  # dtype names
 
 #: ``source_scheme`` prefix of every layer made here (writers use it to add ``offline_quantization``).
 SOURCE_PREFIX = "float:"
@@ -75,7 +75,7 @@ class FloatLinear:
     prefix: str
     out_features: int
     in_features: int
-    dtype: torch.dtype
+    dtype: str  # dtype name of the stored weight ("bfloat16")
     weight: str
     bias: str | None
 
@@ -97,11 +97,11 @@ def float_linears(checkpoint) -> list[FloatLinear]:
         if not is_linear_weight(name):
             continue
         info = checkpoint.info(name)
-        if len(info.shape) != 2 or info.dtype not in FLOAT_DTYPES:
+        if len(info.shape) != 2 or info.dtype_name not in FLOAT_DTYPES:
             continue
         prefix = name.removesuffix(".weight")
         bias = f"{prefix}.bias" if checkpoint.has(f"{prefix}.bias") else None
-        out.append(FloatLinear(prefix, info.shape[0], info.shape[1], info.dtype, name, bias))
+        out.append(FloatLinear(prefix, info.shape[0], info.shape[1], info.dtype_name, name, bias))
     return out
 
 
@@ -140,7 +140,6 @@ class Recipe:
         return None
 
     def spec(self, linear: FloatLinear) -> LinearSpec:
-        dtype_label = str(linear.dtype).removeprefix("torch.")
         return LinearSpec(
             name=linear.prefix,
             out_features=linear.out_features,
@@ -150,11 +149,11 @@ class Recipe:
             symmetric=True,
             weight_format=self.weight_format,
             scale_format=SCALE_E8M0,
-            scale_dtype=torch.uint8,
+            scale_dtype="uint8",
             activation=self.activation,
             has_bias=linear.bias is not None,
             bias_dtype=linear.dtype if linear.bias is not None else None,
-            source_scheme=f"{SOURCE_PREFIX}{dtype_label}:offline-{self.label}",
+            source_scheme=f"{SOURCE_PREFIX}{linear.dtype}:offline-{self.label}",
             source_tensors=(linear.weight,) + ((linear.bias,) if linear.bias else ()),
         )
 
@@ -183,7 +182,7 @@ class DualLevelRecipe(Recipe):
         return "FP4 needs an even K" if linear.in_features % 2 else None
 
     def spec(self, linear: FloatLinear) -> LinearSpec:
-        return replace(super().spec(linear), scale_format=SCALE_FLOAT, scale_dtype=torch.float32)
+        return replace(super().spec(linear), scale_format=SCALE_FLOAT, scale_dtype="float32")
 
     def quantize(self, spec: LinearSpec, weight: torch.Tensor, bias: torch.Tensor | None) -> OfflineResult:
         check_finite(spec.name, weight)

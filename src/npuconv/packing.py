@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import sys
 
-import torch
+from npuconv.lazy_torch import torch
 
 # AWQ GEMM: nibble i of a word holds logical column 8c + AWQ_ORDER[i]
 # (AutoAWQ awq/utils/packing_utils.py, checkpoint_formats.md §2.2)
@@ -120,11 +120,12 @@ def unpack_columns(words: torch.Tensor, bits: int, count: int, *, padded: bool =
     return out.reshape(rows * 4 * per_byte, cols)[:count]
 
 
-def pack_bitstream(codes: torch.Tensor, bits: int, word_dtype: torch.dtype = torch.int32) -> torch.Tensor:
+def pack_bitstream(codes: torch.Tensor, bits: int, word_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Inverse of :func:`unpack_bitstream`: codes ``[..., n]`` (values < 2**bits) → words ``[..., ceil(n*b/w)]``.
 
-    The stream is zero-padded to a whole number of words of ``word_dtype``.
+    The stream is zero-padded to a whole number of words of ``word_dtype`` (default int32).
     """
+    word_dtype = torch.int32 if word_dtype is None else word_dtype
     codes = codes.to(torch.uint8)
     n = codes.shape[-1]
     word_bits = 8 * word_dtype.itemsize

@@ -47,18 +47,18 @@ def test_fixture_bit_exact(name):
 
 # name → (bits, group_size, symmetric, scheme, source_scheme, weight_format, scale_format, scale_dtype, activation)
 FIXTURE_SPECS = {
-    "ct020_w4a16_g32_asym": (4, 32, False, "w4a16", "pack-quantized", INT, SCALE_FLOAT, torch.bfloat16, None),
+    "ct020_w4a16_g32_asym": (4, 32, False, "w4a16", "pack-quantized", INT, SCALE_FLOAT, "bfloat16", None),
     "ct020_w8a8_int": (
-        8, -1, True, "w8a8_dynamic", "int-quantized", INT, SCALE_FLOAT, torch.bfloat16,
+        8, -1, True, "w8a8_dynamic", "int-quantized", INT, SCALE_FLOAT, "bfloat16",
         ActivationQuant(INT, 8, dynamic=True, strategy="token", symmetric=True),
     ),
     "ct020_fp8_static": (
-        8, -1, True, "w8a8_fp8", "float-quantized", FP8_E4M3, SCALE_FLOAT, torch.bfloat16,
+        8, -1, True, "w8a8_fp8", "float-quantized", FP8_E4M3, SCALE_FLOAT, "bfloat16",
         ActivationQuant(FP8_E4M3, 8, dynamic=False, strategy="tensor", symmetric=True),
     ),
-    "ct020_mxfp8a16": (8, 32, True, "w8a16_mxfp8", "mxfp8-quantized", FP8_E4M3, SCALE_E8M0, torch.uint8, None),
+    "ct020_mxfp8a16": (8, 32, True, "w8a16_mxfp8", "mxfp8-quantized", FP8_E4M3, SCALE_E8M0, "uint8", None),
     "ct020_nvfp4a16": (
-        4, 16, True, "w4a16_nvfp4", "nvfp4-pack-quantized", FP4_E2M1, SCALE_FLOAT, torch.float8_e4m3fn, None,
+        4, 16, True, "w4a16_nvfp4", "nvfp4-pack-quantized", FP4_E2M1, SCALE_FLOAT, "float8_e4m3fn", None,
     ),
 }
 
@@ -345,7 +345,7 @@ def test_static_int_activation_with_zero_point(tmp_path):
     assert spec.activation == ActivationQuant(INT, 8, dynamic=False, strategy="tensor", symmetric=False)
     assert layer.input_scale.tolist() == [0.125] and layer.input_zero.tolist() == [-5.0]
     assert layer.input_scale.dtype == torch.float32 and layer.input_zero.dtype == torch.float32
-    assert spec.scale_dtype == torch.float16 and layer.scale.dtype == torch.float16
+    assert spec.scale_dtype == "float16" and layer.scale.dtype == torch.float16
 
 
 def test_zero_or_negative_scales_warn(tmp_path):

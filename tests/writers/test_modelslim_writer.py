@@ -40,7 +40,7 @@ from npuconv.model import (
 )
 from npuconv.readers import open_reader
 from npuconv.readers.modelslim import DESCRIPTION, ModelSlimReader, decode_deq_scale
-from npuconv.io.safetensors_io import TensorInfo, read_header, read_tensor, save_file
+from npuconv.io.safetensors_io import TensorInfo, name_of, read_header, read_tensor, save_file
 from npuconv.verify import VerifyOptions, verify
 from npuconv.registry import target_class
 from npuconv.writers import WriterOptions
@@ -355,7 +355,7 @@ def write_checkpoint(root: Path, layers: list[QuantizedLinear], floats: dict[str
             assert (written[plan.name].dtype, tuple(written[plan.name].shape)) == (plan.dtype, plan.shape), plan.name
         tensors.update(written)
     for name, tensor in (floats or {}).items():
-        writer.plan_passthrough(TensorInfo(name, root, tensor.dtype, tuple(tensor.shape), 0, 0))
+        writer.plan_passthrough(TensorInfo(name, root, name_of(tensor.dtype), tuple(tensor.shape), 0, 0))
         tensors[name] = tensor
     save_file(tensors, root / "quant_model_weights.safetensors")
     (root / DESCRIPTION).write_text(writer.extra_files({})[DESCRIPTION])
@@ -572,7 +572,7 @@ def planned(layers: list[LinearSpec]) -> ModelSlimTarget:
     writer = ModelSlimTarget(WriterOptions())
     for spec in layers:
         writer.plan_layer(spec)
-    writer.plan_passthrough(TensorInfo("lm_head.weight", Path("."), torch.bfloat16, (8, 64), 0, 0))
+    writer.plan_passthrough(TensorInfo("lm_head.weight", Path("."), "bfloat16", (8, 64), 0, 0))
     return writer
 
 
@@ -617,7 +617,7 @@ def test_mixed_types_in_a_fused_layer_are_refused():
     with pytest.raises(UnsupportedError, match=r"'l.self_attn.k_proj' would be W8A8_DYNAMIC but 'l.self_attn.q_proj' is W8A16"):
         writer.plan_layer(int_layer("l.self_attn.k_proj", 16, 64, 8, activation=INT8_TOKEN).spec)
     with pytest.raises(UnsupportedError, match=r"'l.self_attn.v_proj' would be FLOAT"):
-        writer.plan_passthrough(TensorInfo("l.self_attn.v_proj.weight", Path("."), torch.bfloat16, (16, 64), 0, 0))
+        writer.plan_passthrough(TensorInfo("l.self_attn.v_proj.weight", Path("."), "bfloat16", (16, 64), 0, 0))
     moe = ModelSlimTarget(WriterOptions())
     moe.plan_layer(int_layer("m.experts.0.gate_proj", 16, 64, 8).spec)
     moe.plan_layer(int_layer("m.experts.0.down_proj", 16, 64, 4, activation=INT8_TOKEN).spec)  # w2 group: own type

@@ -18,7 +18,7 @@ import os
 from functools import cached_property
 from pathlib import Path
 
-import torch
+from npuconv.lazy_torch import torch
 
 from npuconv.errors import InputError
 from npuconv.io.safetensors_io import TensorInfo, read_header, read_tensor

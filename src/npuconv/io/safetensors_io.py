@@ -22,36 +22,56 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable
 
-import torch
+from npuconv.lazy_torch import torch
 
 from npuconv.errors import InputError, OutputError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
-DTYPES: dict[str, torch.dtype] = {
-    "BOOL": torch.bool,
-    "U8": torch.uint8,
-    "I8": torch.int8,
-    "I16": torch.int16,
-    "U16": torch.uint16,
-    "I32": torch.int32,
-    "U32": torch.uint32,
-    "I64": torch.int64,
-    "U64": torch.uint64,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
+#: safetensors dtype code → (torch dtype name, bytes per element, ``struct`` format of an integer
+#: or bool type, else None): the one dtype table. Names are torch's attribute names (``torch.float16`` →
+#: ``"float16"``), so headers, specs and manifests carry names and torch is imported only where a
+#: tensor is made (:func:`torch_dtype`).
+DTYPES: dict[str, tuple[str, int, str | None]] = {
+    "BOOL": ("bool", 1, "?"),
+    "U8": ("uint8", 1, "B"),
+    "I8": ("int8", 1, "b"),
+    "I16": ("int16", 2, "h"),
+    "U16": ("uint16", 2, "H"),
+    "I32": ("int32", 4, "i"),
+    "U32": ("uint32", 4, "I"),
+    "I64": ("int64", 8, "q"),
+    "U64": ("uint64", 8, "Q"),
+    "F16": ("float16", 2, None),
+    "BF16": ("bfloat16", 2, None),
+    "F32": ("float32", 4, None),
+    "F64": ("float64", 8, None),
+    "F8_E4M3": ("float8_e4m3fn", 1, None),
+    "F8_E5M2": ("float8_e5m2", 1, None),
 }
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+_CODES: dict[str, str] = {name: code for code, (name, _, _) in DTYPES.items()}
+_INT_FORMATS: dict[str, str] = {name: fmt for name, _, fmt in DTYPES.values() if fmt}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a dtype name (``"float16"`` → ``torch.float16``); imports torch."""
+    return getattr(torch, name)
+
+
+def name_of(dtype: torch.dtype) -> str:
+    """The name of a torch dtype (``torch.float16`` → ``"float16"``)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def is_float(name: str) -> bool:
+    """Whether a dtype name is a floating-point type (``torch.dtype.is_floating_point``)."""
+    return name.startswith(("float", "bfloat"))
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     """safetensors dtype string of a torch dtype (``torch.int32`` → ``"I32"``)."""
     try:
-        return DTYPE_NAMES[dtype]
+        return _CODES[name_of(dtype)]
     except KeyError:
         raise OutputError(f"dtype {dtype} cannot be stored in safetensors") from None
 
@@ -62,10 +82,15 @@ class TensorInfo:
 
     name: str
     path: Path
-    dtype: torch.dtype
+    dtype_name: str  # a name of :data:`DTYPES` ("float16"): headers are parsed without torch
     shape: tuple[int, ...]
     start: int  # absolute file offset of the first byte
     nbytes: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The torch dtype (imports torch)."""
+        return torch_dtype(self.dtype_name)
 
     @property
     def numel(self) -> int:
@@ -163,7 +188,7 @@ def _tensor_info(path: Path, key: str, entry: object, data_start: int, data_size
     where = f"{path.name}: tensor '{_printable(key)}'"
     if not isinstance(entry, dict):
         raise InputError(f"{where}: entry is not an object")
-    dtype = DTYPES.get(entry.get("dtype")) if isinstance(entry.get("dtype"), str) else None
+    dtype, itemsize, _ = DTYPES.get(entry.get("dtype"), (None, 0, None)) if isinstance(entry.get("dtype"), str) else (None, 0, None)
     if dtype is None:
         raise InputError(f"{where}: unknown dtype {entry.get('dtype')!r}")
     shape = entry.get("shape")
@@ -177,7 +202,7 @@ def _tensor_info(path: Path, key: str, entry: object, data_start: int, data_size
     ):
         raise InputError(f"{where}: data_offsets {offsets!r} is not a pair of integers")
     begin, end = offsets
-    expected = math.prod(shape) * dtype.itemsize
+    expected = math.prod(shape) * itemsize
     if begin < 0 or end < begin:
         raise InputError(f"{where}: data_offsets {offsets} are not an increasing pair")
     if end - begin != expected:
@@ -200,6 +225,24 @@ def read_tensor(info: TensorInfo) -> torch.Tensor:
         if got != info.nbytes:
             raise InputError(f"{info.path.name}: tensor '{info.name}' is truncated ({got} of {info.nbytes} bytes)")
     return buf.view(info.dtype).reshape(info.shape)
+
+
+def read_ints(info: TensorInfo) -> list[int]:
+    """The values of an integer (or bool) tensor, flattened, as Python ints — read without torch (for small
+    index vectors such as GPTQ's ``g_idx``, checked by ``inspect``). Byte order: little-endian, as
+    stored (the host's, as :func:`read_tensor` assumes too)."""
+    fmt = _INT_FORMATS.get(info.dtype_name)
+    if fmt is None:
+        raise InputError(f"{info.path.name}: tensor '{info.name}' is {info.dtype_name}, not an integer type")
+    try:
+        with open(info.path, "rb") as f:
+            f.seek(info.start)
+            data = f.read(info.nbytes)
+    except OSError as e:
+        raise InputError(f"{info.path.name}: cannot read tensor '{info.name}': {e.strerror or e}") from None
+    if len(data) != info.nbytes:
+        raise InputError(f"{info.path.name}: tensor '{info.name}' is truncated ({len(data)} of {info.nbytes} bytes)")
+    return memoryview(data).cast(fmt).tolist()
 
 
 @dataclass(frozen=True)

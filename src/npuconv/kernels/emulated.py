@@ -484,7 +484,7 @@ def npu_dynamic_quant(
 
 def _mx_quantize_cublas(x: torch.Tensor, elem: str, block_size: int, max_low_bound: float) -> tuple[torch.Tensor, torch.Tensor]:
     """scale_alg = 1 (FP8 only, ops §5.2): round ``amax / max`` up to a power of two."""
-    _, max_norm, _, _, torch_dtype = layouts.MX_ELEMENTS[elem]
+    _, max_norm, _, _, element_dtype = layouts.MX_ELEMENTS[elem]
     k = x.shape[-1]
     nb = math.ceil(k / block_size)
     xf = torch.nn.functional.pad(x.to(torch.float32), (0, nb * block_size - k))
@@ -498,7 +498,7 @@ def _mx_quantize_cublas(x: torch.Tensor, elem: str, block_size: int, max_low_bou
     e = e + bump.to(torch.int64)
     recip = layouts.exp2_int(127 - e)  # fp32(1/scale), exact
     y = (blocks * recip.unsqueeze(-1)).reshape(*xf.shape[:-1], nb * block_size)[..., :k]
-    return y.clamp(-max_norm, max_norm).to(torch_dtype), e.to(torch.uint8)
+    return y.clamp(-max_norm, max_norm).to(getattr(torch, element_dtype)), e.to(torch.uint8)
 
 
 def npu_dynamic_mx_quant(

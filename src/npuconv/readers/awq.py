@@ -45,9 +45,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+from npuconv.lazy_torch import torch
 
 from npuconv.io.checkpoint import Checkpoint
+from npuconv.io.safetensors_io import is_float
 from npuconv.errors import InputError, UnsupportedError
 from npuconv import model
 from npuconv.model import LinearSpec, QuantizedLinear
@@ -156,13 +157,13 @@ class AWQReader(Reader):
             self.require(names[part], f"AWQ module '{prefix}'")
         qweight, qzeros, scales = (self.ckpt.info(names[p]) for p in ("qweight", "qzeros", "scales"))
         for info in (qweight, qzeros):
-            if info.dtype != torch.int32:
+            if info.dtype_name != "int32":
                 raise UnsupportedError(f"tensor '{info.name}': dtype {info.dtype}, AWQ packs into int32")
         for info in (qweight, qzeros, scales):
             if len(info.shape) != 2:
                 raise InputError(f"tensor '{info.name}': expected 2 dimensions, got shape {list(info.shape)}")
         bias = self.ckpt.info(names["bias"]) if self.ckpt.has(names["bias"]) else None
-        if not scales.dtype.is_floating_point:
+        if not is_float(scales.dtype_name):
             raise InputError(f"tensor '{scales.name}': dtype {scales.dtype}, expected a float dtype")
         if self.config.version == GEMM:
             k, n = qweight.shape[0], qweight.shape[1] * PACK
@@ -192,9 +193,9 @@ class AWQReader(Reader):
             bits=4,
             group_size=self.config.group_size,
             symmetric=False,
-            scale_dtype=scales.dtype,
+            scale_dtype=scales.dtype_name,
             has_bias=bias is not None,
-            bias_dtype=None if bias is None else bias.dtype,
+            bias_dtype=None if bias is None else bias.dtype_name,
             source_scheme=f"awq_{self.config.version}",
             source_tensors=tuple(name for name in names.values() if self.ckpt.has(name)),
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import cached_property
 from typing import ClassVar
 
-import torch
+from npuconv.lazy_torch import torch
 
 from npuconv.io.checkpoint import Checkpoint
 from npuconv.errors import InputError

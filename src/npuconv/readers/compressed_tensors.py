@@ -79,9 +79,10 @@ import math
 import re
 from dataclasses import dataclass, field
 
-import torch
+from npuconv.lazy_torch import torch
 
 from npuconv.io.checkpoint import Checkpoint
+from npuconv.io.safetensors_io import is_float, read_ints
 from npuconv.errors import InputError, UnsupportedError
 from npuconv import model
 from npuconv.model import (
@@ -113,7 +114,7 @@ SUPPORTED_FORMATS = (PACKED, INT_Q, NAIVE, FLOAT_Q, NVFP4, MXFP4, MXFP8)
 # writer versions below this use the padded ``32 // bits`` codes-per-word layout
 DENSE_BITSTREAM_SINCE = (0, 18)
 
-_FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+_FLOAT8 = ("float8_e4m3fn", "float8_e5m2")  # dtype names
 _EXACT, _REGEX, _CLASS = 0, 1, 2
 
 
@@ -375,7 +376,7 @@ class CompressedTensorsReader(Reader):
             if self.ckpt.has(prefix + suffix):
                 return prefix + suffix
         name = prefix + ".weight"
-        if self.ckpt.has(name) and self.ckpt.info(name).dtype in (torch.int8, torch.uint8, *_FLOAT8):
+        if self.ckpt.has(name) and self.ckpt.info(name).dtype_name in ("int8", "uint8", *_FLOAT8):
             return name
         return None
 
@@ -420,7 +421,7 @@ class CompressedTensorsReader(Reader):
             act_order=act_order,
             weight_format=weight_format,
             scale_format=scale_format,
-            scale_dtype=self.ckpt.info(t["scale"]).dtype,
+            scale_dtype=self.ckpt.info(t["scale"]).dtype_name,
             activation=activation,
             has_bias="bias" in t,
             has_global_scale="global_scale" in t,
@@ -440,10 +441,10 @@ class CompressedTensorsReader(Reader):
         name = prefix + ".weight_shape"
         if not self.ckpt.has(name):
             return None
-        value = self.ckpt.get(name)
-        if value.is_floating_point() or value.numel() != 2:
-            raise InputError(f"tensor '{name}' must hold 2 integers [out, in], got {value.dtype} {_shape(value.shape)}")
-        n, k = (int(v) for v in value.flatten().tolist())
+        info = self.ckpt.info(name)
+        if is_float(info.dtype_name) or info.numel != 2:
+            raise InputError(f"tensor '{name}' must hold 2 integers [out, in], got {info.dtype} {_shape(info.shape)}")
+        n, k = (int(v) for v in read_ints(info))  # no torch: inspect runs this
         if n != rows or k <= 0:
             raise InputError(f"tensor '{name}' says [{n}, {k}] but the packed weight has {rows} rows")
         return n, k
@@ -456,7 +457,7 @@ class CompressedTensorsReader(Reader):
         name = prefix + ".weight_packed"
         self.require(name, prefix)
         info = self._info2d(name)
-        if info.dtype != torch.int32:
+        if info.dtype_name != "int32":
             raise InputError(f"tensor '{name}' is {info.dtype}, expected torch.int32")
         plan.tensors["weight"] = name
         shape = self._weight_shape(prefix, info.shape[0])
@@ -486,7 +487,7 @@ class CompressedTensorsReader(Reader):
         name = prefix + ".weight_packed"
         self.require(name, prefix)
         info = self._info2d(name)
-        if info.dtype not in (torch.uint8, torch.int8):
+        if info.dtype_name not in ("uint8", "int8"):
             raise InputError(f"tensor '{name}' is {info.dtype}, expected torch.uint8")
         plan.tensors["weight"] = name
         n, k = info.shape[0], 2 * info.shape[1]
@@ -501,7 +502,7 @@ class CompressedTensorsReader(Reader):
             glob = prefix + ".weight_global_scale"
             self.require(glob, prefix)
             ginfo = self.ckpt.info(glob)
-            if ginfo.numel != 1 or not ginfo.dtype.is_floating_point:
+            if ginfo.numel != 1 or not is_float(ginfo.dtype_name):
                 raise InputError(f"tensor '{glob}' must be one float, got {ginfo.dtype} {_shape(ginfo.shape)}")
             plan.tensors["global_scale"] = glob
         return n, k
@@ -516,7 +517,7 @@ class CompressedTensorsReader(Reader):
                 raise InputError(f"config.json: {w.where}: {fmt} needs float weights, got int")
             if not 1 <= w.num_bits <= 8:
                 raise UnsupportedError(f"config.json: {w.where}.num_bits {w.num_bits} is not supported (1..8)")
-            if info.dtype != torch.int8:
+            if info.dtype_name != "int8":
                 raise InputError(f"tensor '{name}' is {info.dtype}, expected torch.int8 for {fmt}")
             weight_format = INT
         else:
@@ -524,7 +525,7 @@ class CompressedTensorsReader(Reader):
                 raise InputError(f"config.json: {w.where}: int-quantized needs int weights, got float")
             if w.num_bits != 8:
                 raise UnsupportedError(f"config.json: {w.where}.num_bits {w.num_bits} float weights are not supported")
-            if info.dtype != torch.float8_e4m3fn:
+            if info.dtype_name != "float8_e4m3fn":
                 raise UnsupportedError(f"tensor '{name}' is {info.dtype}; only torch.float8_e4m3fn is supported")
             weight_format = FP8_E4M3
         return info.shape[0], info.shape[1], weight_format
@@ -536,9 +537,9 @@ class CompressedTensorsReader(Reader):
         info = self.ckpt.info(name)
         plan.tensors["scale"] = name
         if scale_format == SCALE_E8M0:
-            if info.dtype != torch.uint8:
+            if info.dtype_name != "uint8":
                 raise InputError(f"tensor '{name}' is {info.dtype}, expected torch.uint8 (E8M0) for {plan.format}")
-        elif not info.dtype.is_floating_point:
+        elif not is_float(info.dtype_name):
             raise InputError(f"tensor '{name}' is {info.dtype}, expected a float dtype")
         expected, group_size = self._scale_grid(prefix, w, n, k, plan)
         if tuple(info.shape) != expected and not (
@@ -583,11 +584,11 @@ class CompressedTensorsReader(Reader):
         info = self.ckpt.info(name)
         plan.tensors["zero"] = name
         scale_shape = self.ckpt.info(plan.tensors["scale"]).shape
-        if info.dtype == torch.int32 and plan.format == PACKED and w.strategy in ("group", "channel"):
+        if info.dtype_name == "int32" and plan.format == PACKED and w.strategy in ("group", "channel"):
             rows = packed_width(n, w.num_bits, plan.legacy)
             expected = (rows, scale_shape[-1] if scale_shape else 1)
             plan.zero_packed = True
-        elif info.dtype == torch.int8:
+        elif info.dtype_name == "int8":
             expected = tuple(scale_shape)
         else:
             raise InputError(f"tensor '{name}' is {info.dtype}, expected torch.int8 (or packed torch.int32)")
@@ -604,7 +605,7 @@ class CompressedTensorsReader(Reader):
         plan.tensors["g_idx"] = name
         if weight_format != INT or w.strategy != "group":
             raise UnsupportedError(f"tensor '{name}': g_idx is only supported with int group quantization")
-        if info.dtype.is_floating_point or tuple(info.shape) != (k,):
+        if is_float(info.dtype_name) or tuple(info.shape) != (k,):
             raise InputError(f"tensor '{name}' has {info.dtype} {_shape(info.shape)}, expected an integer [{k}]")
         g_idx = self.ckpt.get(name).to(torch.int64)
         if bool((g_idx == -1).all()):

@@ -15,7 +15,6 @@ into "float" weights.
 
 from __future__ import annotations
 
-import torch
 
 from npuconv.io.checkpoint import Checkpoint
 from npuconv.errors import InputError, UnsupportedError
@@ -26,7 +25,7 @@ KNOWN_QUANT_METHODS = {"gptq", "gptqmodel", "awq", "compressed-tensors", "npucon
 # tensor suffixes that only quantized checkpoints write (GPTQ/AWQ, compressed-tensors, msModelSlim);
 # an integer or fp8 ``.weight`` is quantized too (a learned ``weight_scale`` parameter is not proof)
 QUANTIZED_SUFFIXES = (".qweight", ".qzeros", ".weight_packed", ".weight_zero_point", ".deq_scale")
-QUANTIZED_WEIGHT_DTYPES = (torch.int8, torch.uint8, torch.int32, torch.float8_e4m3fn, torch.float8_e5m2)
+QUANTIZED_WEIGHT_DTYPES = ("int8", "uint8", "int32", "float8_e4m3fn", "float8_e5m2")  # dtype names
 
 
 class FloatReader(Reader):
@@ -90,7 +89,7 @@ class FloatReader(Reader):
                 "config.json: quant_method 'npuconv' but npuconv.json (the conversion manifest) is missing"
             )
         for name in self.ckpt.names():
-            quantized_weight = name.endswith(".weight") and self.ckpt.info(name).dtype in QUANTIZED_WEIGHT_DTYPES
+            quantized_weight = name.endswith(".weight") and self.ckpt.info(name).dtype_name in QUANTIZED_WEIGHT_DTYPES
             if name.endswith(QUANTIZED_SUFFIXES) or quantized_weight:
                 raise InputError(
                     f"tensor '{name}' holds quantized data, but no quantization config was found "

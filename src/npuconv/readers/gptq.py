@@ -97,9 +97,10 @@ import math
 import re
 from dataclasses import dataclass, field, replace
 
-import torch
+from npuconv.lazy_torch import torch
 
 from npuconv.io.checkpoint import Checkpoint
+from npuconv.io.safetensors_io import is_float, read_ints
 from npuconv.errors import InputError, UnsupportedError
 from npuconv import model
 from npuconv.model import LinearSpec, QuantizedLinear
@@ -437,7 +438,7 @@ class GPTQReader(Reader):
         if k == 0 or n == 0:
             raise InputError(f"tensor '{qweight.name}': shape {list(qweight.shape)} holds no weights")
         scales = self.ckpt.info(names["scales"])
-        if len(scales.shape) != 2 or not scales.dtype.is_floating_point:
+        if len(scales.shape) != 2 or not is_float(scales.dtype_name):
             raise InputError(f"tensor '{scales.name}': expected a 2-D float tensor [G, N], got {scales.dtype} {list(scales.shape)}")
         if scales.shape[1] != n:
             raise InputError(f"tensor '{scales.name}': {scales.shape[1]} columns, but qweight has N = {n}")
@@ -465,9 +466,9 @@ class GPTQReader(Reader):
             group_size=settings.group_size,
             symmetric=settings.sym,
             act_order=act_order,
-            scale_dtype=scales.dtype,
+            scale_dtype=scales.dtype_name,
             has_bias=bias is not None,
-            bias_dtype=None if bias is None else bias.dtype,
+            bias_dtype=None if bias is None else bias.dtype_name,
             source_tensors=present,
         )
 
@@ -478,12 +479,12 @@ class GPTQReader(Reader):
                 raise InputError(f"tensor '{name}' is missing, but desc_act is true (the column groups are unknown)")
             return False
         info = self.ckpt.info(name)
-        if info.dtype.is_floating_point or info.dtype == torch.bool or tuple(info.shape) != (k,):
+        if is_float(info.dtype_name) or info.dtype_name == "bool" or tuple(info.shape) != (k,):
             raise InputError(f"tensor '{name}': expected an integer vector of length K = {k}, got {info.dtype} {list(info.shape)}")
-        g_idx = self.ckpt.get(name).to(torch.int64)
-        if k and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
-            raise InputError(f"tensor '{name}': values must lie in [0, {groups}), found [{int(g_idx.min())}, {int(g_idx.max())}]")
-        return not torch.equal(g_idx, torch.arange(k) // size)
+        g_idx = read_ints(info)  # no torch: inspect runs this
+        if k and (min(g_idx) < 0 or max(g_idx) >= groups):
+            raise InputError(f"tensor '{name}': values must lie in [0, {groups}), found [{min(g_idx)}, {max(g_idx)}]")
+        return any(group != column // size for column, group in enumerate(g_idx))
 
     def _check_lm_head(self, prefixes: list[str]) -> None:
         quantized_head = [p for p in prefixes if p.split(".")[-1] == "lm_head"]
@@ -564,7 +565,7 @@ class GPTQReader(Reader):
 
 
 def _expect_int32(info, ndim: int) -> None:
-    if info.dtype != torch.int32:
+    if info.dtype_name != "int32":
         raise UnsupportedError(f"tensor '{info.name}': dtype {info.dtype}, only int32-packed GPTQ is supported")
     if len(info.shape) != ndim:
         raise InputError(f"tensor '{info.name}': expected {ndim} dimensions, got shape {list(info.shape)}")

@@ -105,10 +105,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 
-import torch
+from npuconv.lazy_torch import torch
 
 from npuconv import layouts
 from npuconv.io.checkpoint import Checkpoint
+from npuconv.io.safetensors_io import is_float
 from npuconv.errors import InputError, UnsupportedError
 from npuconv.model import (
     FP8_E4M3,
@@ -307,7 +308,7 @@ class ModelSlimReader(Reader):
         bits, activation = INT_TYPES[qtype]
         suffixes = SUFFIXES_W4A8 if qtype == "W4A8_DYNAMIC" else SUFFIXES_INT
         plan = _Plan(qtype, "int", tensors=self._present(prefix, suffixes))
-        weight = self._weight_info(plan.tensors["weight"], (torch.int8,))
+        weight = self._weight_info(plan.tensors["weight"], ("int8",))
         scale_name = self._need(plan, prefix, "weight_scale")
         n, groups = self._scale_shape(scale_name)
         rows, cols = weight.shape
@@ -326,7 +327,7 @@ class ModelSlimReader(Reader):
                 f"tensor '{weight.name}': shape {list(weight.shape)} fits neither [N, K] nor [N/2, K] "
                 f"for N={n} from '{scale_name}'"
             )
-        scale_dtype = self.ckpt.info(scale_name).dtype
+        scale_dtype = self.ckpt.info(scale_name).dtype_name
         second = plan.tensors.get("weight_scale_second")
         if second is not None:  # legacy two-stage W4A8_DYNAMIC
             self._expect(groups == 1, scale_name, f"must be per-channel [N, 1] with '{second}', got {groups} groups")
@@ -339,7 +340,7 @@ class ModelSlimReader(Reader):
                     "W4A8_DYNAMIC is not supported"
                 )
             zero = self._offsets(plan.tensors.get("weight_offset_second"), n, groups)
-            scale_dtype = torch.float32
+            scale_dtype = "float32"
         else:
             zero = self._offsets(plan.tensors.get("weight_offset"), n, groups)
             if bits == 4 and plan.layout == UNPACKED and zero is not None and bool((zero > 7).any()):
@@ -361,7 +362,7 @@ class ModelSlimReader(Reader):
 
     def _scan_static(self, prefix: str, qtype: str) -> LinearSpec:
         plan = _Plan(qtype, "static", tensors=self._present(prefix, SUFFIXES_STATIC))
-        weight = self._weight_info(plan.tensors["weight"], (torch.int8,))
+        weight = self._weight_info(plan.tensors["weight"], ("int8",))
         n, k = weight.shape
         input_scale, input_offset = self._input_quant(plan, prefix)
         if "weight_scale" in plan.tensors:  # v0 W8A8 / W8A8_MIX carry the real weight scale
@@ -369,7 +370,7 @@ class ModelSlimReader(Reader):
             n_scale, groups = self._scale_shape(scale_name)
             self._expect(n_scale == n, scale_name, f"has {n_scale} rows, expected {n}")
             zero = self._offsets(plan.tensors.get("weight_offset"), n, groups)
-            scale_dtype = self.ckpt.info(scale_name).dtype
+            scale_dtype = self.ckpt.info(scale_name).dtype_name
         else:
             deq = self.ckpt.info(self._need(plan, prefix, "deq_scale"))
             self._expect(
@@ -377,12 +378,9 @@ class ModelSlimReader(Reader):
                 deq.name,
                 f"shape {list(deq.shape)}, expected [{n}]",
             )
-            self._expect(
-                deq.dtype == torch.int64 or deq.dtype.is_floating_point,
-                deq.name,
-                f"dtype {deq.dtype} is not int64 or float",
-            )
-            groups, zero, scale_dtype = 1, None, torch.float32
+            if deq.dtype_name != "int64" and not is_float(deq.dtype_name):
+                self._expect(False, deq.name, f"dtype {deq.dtype} is not int64 or float")
+            groups, zero, scale_dtype = 1, None, "float32"
             if "weight_offset" in plan.tensors:
                 zero = self._offsets(plan.tensors["weight_offset"], n, 1)
         if "quant_bias" in plan.tensors:
@@ -404,7 +402,7 @@ class ModelSlimReader(Reader):
 
     def _scan_fp8(self, prefix: str, qtype: str) -> LinearSpec:
         plan = _Plan(qtype, "fp8", tensors=self._present(prefix, SUFFIXES_FP8))
-        weight = self._weight_info(plan.tensors["weight"], (torch.float8_e4m3fn,))
+        weight = self._weight_info(plan.tensors["weight"], ("float8_e4m3fn",))
         n, k = weight.shape
         scale_name = self._need(plan, prefix, "weight_scale")
         n_scale, groups = self._scale_shape(scale_name)
@@ -424,7 +422,7 @@ class ModelSlimReader(Reader):
             group_size=self._group_size(k, groups, scale_name),
             symmetric=True,
             weight_format=FP8_E4M3,
-            scale_dtype=self.ckpt.info(scale_name).dtype,
+            scale_dtype=self.ckpt.info(scale_name).dtype_name,
             activation=FP8_TYPES[qtype],
         )
 
@@ -432,14 +430,15 @@ class ModelSlimReader(Reader):
         weight_format, bits, activation = MX_TYPES[qtype]
         plan = _Plan(qtype, "mx", tensors=self._present(prefix, SUFFIXES_MX))
         if weight_format == FP8_E4M3:
-            weight = self._weight_info(plan.tensors["weight"], (torch.float8_e4m3fn,))
+            weight = self._weight_info(plan.tensors["weight"], ("float8_e4m3fn",))
             n, k = weight.shape
         else:
-            weight = self._weight_info(plan.tensors["weight"], (torch.uint8, torch.int8))
+            weight = self._weight_info(plan.tensors["weight"], ("uint8", "int8"))
             n, k = weight.shape[0], weight.shape[1] * 2
         scale = self.ckpt.info(self._need(plan, prefix, "weight_scale"))
         groups = -(-k // MX_GROUP)
-        self._expect(scale.dtype == torch.uint8, scale.name, f"dtype {scale.dtype}, expected uint8 E8M0 exponents")
+        if scale.dtype_name != "uint8":
+            self._expect(False, scale.name, f"dtype {scale.dtype}, expected uint8 E8M0 exponents")
         self._expect(scale.shape == (n, groups), scale.name, f"shape {list(scale.shape)}, expected [{n}, {groups}]")
         plan.groups = groups
         return self._finish(
@@ -452,7 +451,7 @@ class ModelSlimReader(Reader):
             symmetric=True,
             weight_format=weight_format,
             scale_format=SCALE_E8M0,
-            scale_dtype=torch.uint8,
+            scale_dtype="uint8",
             activation=activation,
         )
 
@@ -462,16 +461,19 @@ class ModelSlimReader(Reader):
         if not ok:
             raise InputError(f"tensor '{name}': {problem}")
 
-    def _weight_info(self, name: str, dtypes: tuple[torch.dtype, ...]):
+    def _weight_info(self, name: str, dtypes: tuple[str, ...]):
+        """The TensorInfo of a 2-D weight of one of ``dtypes`` (names)."""
         info = self.ckpt.info(name)
-        self._expect(info.dtype in dtypes, name, f"dtype {info.dtype} is not {' or '.join(map(str, dtypes))}")
+        if info.dtype_name not in dtypes:
+            self._expect(False, name, f"dtype {info.dtype} is not {' or '.join('torch.' + d for d in dtypes)}")
         self._expect(len(info.shape) == 2, name, f"shape {list(info.shape)} is not 2-D")
         return info
 
     def _scale_shape(self, name: str) -> tuple[int, int]:
         """(rows, groups) of a float scale stored as ``[N]`` or ``[N, G]``."""
         info = self.ckpt.info(name)
-        self._expect(info.dtype.is_floating_point, name, f"dtype {info.dtype} is not a float type")
+        if not is_float(info.dtype_name):
+            self._expect(False, name, f"dtype {info.dtype} is not a float type")
         ok = len(info.shape) in (1, 2) and info.numel > 0
         self._expect(ok, name, f"shape {list(info.shape)} is not [N] or [N, G]")
         return info.shape[0], 1 if len(info.shape) == 1 else info.shape[1]

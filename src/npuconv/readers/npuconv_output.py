@@ -16,7 +16,7 @@ from npuconv.entries import from_storage
 from npuconv.errors import InputError
 from npuconv.model import LinearSpec, QuantizedLinear, spec_from_dict
 from npuconv.readers.base import Reader
-from npuconv.io.output import MANIFEST
+from npuconv.io.publish import MANIFEST
 from npuconv.registry import layer_target
 
 

@@ -21,19 +21,19 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import ClassVar, NamedTuple
 
-import torch
+from npuconv.lazy_torch import torch
 
 from npuconv.entries import entry_plan, nd_shape_of_storage
 from npuconv.errors import InputError
 from npuconv.model import LinearSpec, QuantizedLinear
-from npuconv.io.output import MANIFEST
+from npuconv.io.publish import MANIFEST
 from npuconv.parallel import COLUMN, ROW
-from npuconv.io.safetensors_io import TensorInfo, TensorPlan
+from npuconv.io.safetensors_io import TensorInfo, TensorPlan, name_of
 
 #: verify's default minimum cosine similarity, every kernel
 MIN_COSINE = 0.9999
 #: verify's rel-L2 limits of kernels that quantize activations (int8/int4/MX), per activation dtype
-QUANT_REL_L2 = {torch.float16: 5e-3, torch.bfloat16: 1e-2}
+QUANT_REL_L2 = {"float16": 5e-3, "bfloat16": 1e-2}
 
 
 
@@ -206,7 +206,7 @@ class Target:
         """verify's pass limits for a layer of this target at this activation dtype (derived from the
         rounding each kernel does: fp16 keeps 11 significant bits, bf16 8; outputs are cast to the
         activation dtype). Default: a kernel that quantizes its activations."""
-        return Thresholds(QUANT_REL_L2[activation_dtype])
+        return Thresholds(QUANT_REL_L2[name_of(activation_dtype)])
 
     # ------------------------------------------------------------------ tensor parallelism
     def split(

@@ -15,7 +15,7 @@ has no ``experts.<proj>`` form is written as one ``<p>.weight`` ``[E, N, K]``.
 
 from __future__ import annotations
 
-import torch
+from npuconv.lazy_torch import torch
 
 from npuconv.model import LinearSpec, QuantizedLinear, dequantize
 from npuconv.experts import unstack_layer, unstack_spec

@@ -83,7 +83,7 @@ from __future__ import annotations
 import json
 from typing import ClassVar
 
-import torch
+from npuconv.lazy_torch import torch
 
 from npuconv import layouts
 from npuconv.entries import entry_plan, tensor_entry
@@ -168,8 +168,8 @@ class ModelSlimTarget(Target):
         if spec.has_global_scale:
             return None, "NVFP4-style global scales have no msModelSlim type"
         float_scale = spec.scale_format != SCALE_E8M0
-        if float_scale and spec.scale_dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            return None, f"{spec.scale_dtype} scales cannot be stored as float32 without rounding"
+        if float_scale and spec.scale_dtype not in ("float16", "bfloat16", "float32"):
+            return None, f"torch.{spec.scale_dtype} scales cannot be stored as float32 without rounding"
         if float_scale and spec.num_groups > 1 and spec.in_features % spec.group_size:
             return None, f"K={spec.in_features} is not a multiple of the group size {spec.group_size}"
         if spec.weight_format == INT:

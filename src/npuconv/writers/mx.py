@@ -17,7 +17,7 @@ Weights stay ND (both engines keep MX linears ND).
 
 from __future__ import annotations
 
-import torch
+from npuconv.lazy_torch import torch
 
 from npuconv import layouts
 from npuconv.entries import tensor_entry

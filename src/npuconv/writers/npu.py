@@ -31,7 +31,7 @@ Float tensors pass through unchanged. A model without any quantized layer is wri
 
 from __future__ import annotations
 
-import torch
+from npuconv.lazy_torch import torch
 
 from npuconv.model import LinearSpec, QuantizedLinear
 from npuconv.io.safetensors_io import TensorInfo, TensorPlan

@@ -4,7 +4,7 @@ Tensor entries of ``npuconv.json`` (and NZ read-back) are in :mod:`npuconv.entri
 """
 from __future__ import annotations
 
-import torch
+from npuconv.lazy_torch import torch
 
 from npuconv import layouts
 from npuconv.errors import InputError

@@ -26,7 +26,7 @@ import json
 import re
 from pathlib import Path
 
-import torch
+from npuconv.lazy_torch import torch
 
 from npuconv import layouts
 from npuconv.entries import tensor_entry
@@ -54,7 +54,7 @@ class NpuFloatTarget(Target):
         return "npu-float takes float checkpoints; convert quantized ones with --to float first"
 
     def wants_nz(self, info: TensorInfo) -> bool:
-        if info.dtype not in FLOAT_DTYPES:
+        if info.dtype_name not in FLOAT_DTYPES:
             return False
         if ".experts." in info.name and (len(info.shape) == 3 or (len(info.shape) == 2 and _EXPERT.search(info.name))):
             return True

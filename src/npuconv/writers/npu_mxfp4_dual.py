@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-import torch
+from npuconv.lazy_torch import torch
 
 from npuconv import layouts
 from npuconv.entries import tensor_entry
@@ -142,7 +142,7 @@ class DualLevelLayout(Target):
         if spec.scale_format == SCALE_E8M0 and bool((level0 == 1).all()):
             return QuantizedLinear(spec, codes, level1, bias=tensors.get("bias"))
         scale = layouts.dual_level_scale(level0, level1, k)
-        spec = replace(spec, scale_format=SCALE_FLOAT, scale_dtype=torch.float32)  # level 0 is not 1: a float scale
+        spec = replace(spec, scale_format=SCALE_FLOAT, scale_dtype="float32")  # level 0 is not 1: a float scale
         return QuantizedLinear(spec, codes, scale, bias=tensors.get("bias"))
 
 

@@ -28,7 +28,7 @@ Kernel call::
 
 from __future__ import annotations
 
-import torch
+from npuconv.lazy_torch import torch
 
 from npuconv import layouts
 from npuconv.entries import tensor_entry

@@ -40,7 +40,7 @@ K ≤ 18432, per-group only with group 256 and K % 256 == 0.
 
 from __future__ import annotations
 
-import torch
+from npuconv.lazy_torch import torch
 
 from npuconv import layouts
 from npuconv.entries import tensor_entry

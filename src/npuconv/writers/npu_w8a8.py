@@ -31,7 +31,7 @@ per_token_scale=[pts], group_type=0)``.
 
 from __future__ import annotations
 
-import torch
+from npuconv.lazy_torch import torch
 
 from npuconv import layouts
 from npuconv.entries import tensor_entry

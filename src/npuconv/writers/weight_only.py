@@ -32,10 +32,11 @@ For 2/3-bit sources the midpoint is ``2**(b-1)`` (not 8), so symmetric layers ne
 
 from __future__ import annotations
 
-import torch
+from npuconv.lazy_torch import torch
 
 from npuconv import layouts
 from npuconv.entries import tensor_entry
+from npuconv.io.safetensors_io import name_of
 from npuconv.model import INT, LinearSpec, QuantizedLinear
 from npuconv.packing import NIBBLE_HIGH_BITS, pack_nibbles
 from npuconv.errors import InputError
@@ -52,7 +53,7 @@ from npuconv.writers.npu_common import (
 KERNEL = "npu_weight_quant_batchmatmul"
 #: verify's rel-L2 limits of the weight-only kernel, per activation dtype (the dequantized weight is
 #: rounded to the activation dtype: 11 significant bits for fp16, 8 for bf16)
-WEIGHT_ONLY_REL_L2 = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+WEIGHT_ONLY_REL_L2 = {"float16": 2e-3, "bfloat16": 1e-2}
 
 
 class WeightOnlyIntTarget(Target):
@@ -221,7 +222,7 @@ class WeightOnlyIntTarget(Target):
         return y, x
 
     def thresholds(self, entry: dict, activation_dtype: torch.dtype) -> Thresholds:
-        return Thresholds(WEIGHT_ONLY_REL_L2[activation_dtype])
+        return Thresholds(WEIGHT_ONLY_REL_L2[name_of(activation_dtype)])
 
     # ------------------------------------------------------------------ tensor parallelism
     def split(self, role, tensor, entry, spec, rank, world, parallel):
