@@ -41,10 +41,10 @@ from npuconv.errors import InputError
 from npuconv.model import spec_from_dict
 
 from npuconv.entries import from_storage, nd_shape_of_storage
+from npuconv.io.publish import MANIFEST  # noqa: F401  (re-exported for the engine adapters)
+from npuconv.parallel import COLUMN, ROW  # noqa: F401  (re-exported for the engine adapters)
 from npuconv.registry import layer_target
 
-MANIFEST = "npuconv.json"
-COLUMN, ROW = "column", "row"
 
 #: ``(layer name, x, y, x_effective)`` after every kernel call; tests compare ``y`` with
 #: ``x_effective @ dequant(source)ᵀ`` (``x_effective``: the activations the kernel actually used).
