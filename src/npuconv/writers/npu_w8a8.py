@@ -109,7 +109,8 @@ class NpuW8A8Target(Target):
         signed = (layer.qweight - 128).view(torch.int8)  # [.., N, K]
         weight_scale = layer.effective_scale()[..., 0]  # [.., N] fp32
         out = {
-            "weight": maybe_nz(signed.transpose(-1, -2).contiguous(), entries["weight"].get("c0")),
+            # [.., K, N]: NZ tiles are gathered straight from the transposed view (one copy, not two)
+            "weight": maybe_nz(signed.transpose(-1, -2), entries["weight"].get("c0")).contiguous(),
             "weight_scale": weight_scale.contiguous(),
         }
         if self._static(spec):
