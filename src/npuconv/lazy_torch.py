@@ -19,11 +19,25 @@ from typing import TYPE_CHECKING, Any
 
 
 class _LazyTorch:
-    """Stands for the ``torch`` module; the first attribute access imports it."""
+    """Stands for the ``torch`` module; the first attribute access imports it.
+
+    An import cut short by a signal (:class:`npuconv.interrupts.Interrupted`, ``KeyboardInterrupt``:
+    anything not an ``Exception``) leaves torch's C extension half-loaded, and a second ``import
+    torch`` in the same process fails with an unrelated ``ImportError``. So that interruption is
+    remembered and raised again on every later access (cleanup code touching ``torch.…`` then ends
+    the run as interrupted, not as an internal error)."""
+
+    _interrupted: BaseException | None = None
 
     def __getattr__(self, name: str) -> Any:
-        import torch
-
+        if _LazyTorch._interrupted is not None:
+            raise _LazyTorch._interrupted
+        try:
+            import torch
+        except BaseException as e:
+            if not isinstance(e, Exception):  # a signal during the import
+                _LazyTorch._interrupted = e
+            raise
         return getattr(torch, name)
 
     def __repr__(self) -> str:
