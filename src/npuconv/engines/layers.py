@@ -113,12 +113,13 @@ class LinearPlan:
                 f"the engine fuses them into one kernel call"
             )
 
-    def weight_loader(self, role: str, place: Callable[[torch.nn.Parameter, torch.Tensor, object], None]):
+    def weight_loader(self, role: str, engine_loader: Callable[..., None]):
         """The ``weight_loader(param, stored, shard_id=None)`` of parameter ``role``: the stored tensor of
         shard ``shard_id`` (None: the only one; ``"q"``/``"k"``/``"v"`` or an int: that shard of a fused
         module) is cut by :meth:`split`; a role without an N axis is kept once (every fused shard must
-        carry the same value: :meth:`check_shared`); any other piece goes to ``place(param, piece,
-        shard_id)`` — the engine's own shard placement (offsets of ``q``/``k``/``v`` or ``gate``/``up``)."""
+        carry the same value: :meth:`check_shared`); any other piece goes to the engine's own loader,
+        called as the engine calls it: ``engine_loader(param, piece)``, or ``engine_loader(param, piece,
+        shard_id)`` for a part of a fused module (it places ``q``/``k``/``v`` or ``gate``/``up``)."""
         held: list[int] = []
 
         def load(param: torch.nn.Parameter, stored: torch.Tensor, shard_id=None) -> None:
@@ -131,7 +132,10 @@ class LinearPlan:
                     param.data.copy_(piece)
                 held.append(shard)
                 return
-            place(param, piece, shard_id)
+            if shard_id is None:
+                engine_loader(param, piece)
+            else:
+                engine_loader(param, piece, shard_id)
 
         return load
 

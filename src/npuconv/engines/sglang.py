@@ -248,7 +248,7 @@ class NpuconvLinearMethod(LinearMethodBase):
                 param.output_dim = spec.n_axis
                 if spec.n_unit > 1:
                     param.packed_dim, param.pack_factor = spec.n_axis, spec.n_unit
-            param.weight_loader = _linear_loader(plan, role, engine_loader, layer)
+            param.weight_loader = plan.weight_loader(role, _presharded_loader(layer, engine_loader))
             layer.register_parameter(role, param)
         self.plan = plan
 
@@ -265,17 +265,14 @@ class NpuconvLinearMethod(LinearMethodBase):
         return self.plan.forward(_backend_for(x), tensors, x)
 
 
-def _linear_loader(plan: core.LinearPlan, role: str, engine_loader, layer):
-    """Stored tensor → the target's split for this rank → SGLang's own shard placement, in its
-    pre-sharded mode (it places the piece, cutting nothing)."""
-    def place(param: Parameter, piece: torch.Tensor, shard_id) -> None:
+def _presharded_loader(layer: torch.nn.Module, engine_loader):
+    """SGLang's shard loader in its pre-sharded mode: it places the piece it is given, cutting nothing
+    (the piece already is this rank's, cut by the target's split)."""
+    def load(*args) -> None:
         with _presharded(layer):
-            if shard_id is None:
-                engine_loader(param, piece)
-            else:
-                engine_loader(param, piece, shard_id)
+            engine_loader(*args)
 
-    return plan.weight_loader(role, place)
+    return load
 
 
 # ---------------------------------------------------------------------------- MoE

@@ -171,7 +171,7 @@ class NpuconvLinearMethod(LinearMethodBase):
             if role == "bias":  # vLLM owns the bias parameter (created by the layer itself when the model has one)
                 continue
             param = Parameter(torch.empty(spec.shape, dtype=spec.dtype), requires_grad=False)
-            attrs = {"weight_loader": _linear_loader(plan, role, engine_loader, layer)}
+            attrs = {"weight_loader": plan.weight_loader(role, engine_loader)}
             if spec.n_axis is not None:
                 attrs.update(output_dim=spec.n_axis, packed_dim=spec.n_axis, packed_factor=spec.n_unit, is_sharded_weight=True)
             else:
@@ -189,17 +189,6 @@ class NpuconvLinearMethod(LinearMethodBase):
         if bias is not None and "bias" in self.plan.params:
             tensors["bias"] = bias
         return self.plan.forward(_backend(layer), tensors, x)
-
-
-def _linear_loader(plan: core.LinearPlan, role: str, engine_loader, layer):
-    """Checkpoint tensor → the target's split for this rank → vLLM's own shard placement."""
-    def place(param: Parameter, piece: torch.Tensor, shard_id) -> None:
-        if shard_id is None:
-            engine_loader(param, piece)
-        else:
-            engine_loader(param, piece, shard_id)
-
-    return plan.weight_loader(role, place)
 
 
 # ---------------------------------------------------------------------------- MoE experts
