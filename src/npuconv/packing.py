@@ -230,6 +230,10 @@ def awq_pack(codes: torch.Tensor) -> torch.Tensor:
 # Fused paths for 4-bit sources: the codes stay packed 8 to an int32 word and only the *position*
 # of each nibble changes, so no tensor of unpacked codes (one byte per code) is ever made.
 
+# int32 words per chunk of a multi-pass bit shuffle (2 MiB): the passes of a chunk hit the cache,
+# and a layer takes ~100 torch calls, not thousands (16 producer threads queue on the GIL for each
+# call). Best of 256 KiB … 8 MiB on one 4096 × 1376-word layer, one core: 17 → 9 ms.
+CACHE_CHUNK_WORDS = 1 << 19
 NIBBLE_HIGH_BITS = -0x77777778  # 0x88888888 as int32: bit 3 of every nibble (XOR: unsigned q <-> signed q - 8)
 
 
@@ -270,6 +274,33 @@ def transpose_nibble_blocks(
     delta <<= 4
     low ^= delta
     return out
+
+
+BYTE_BLOCK_ROUNDS = ((4, 32, 0x00000000FFFFFFFF), (2, 16, 0x0000FFFF0000FFFF), (1, 8, 0x00FF00FF00FF00FF))
+
+
+def transpose_byte_blocks(words: torch.Tensor) -> torch.Tensor:
+    """Transpose, in place, each 8 × 8 byte matrix held by 8 int64 words along dim 0: ``words``
+    int64 ``[8, M]``, contiguous; matrix ``m`` is column ``m``, element ``[j, i]`` is byte ``i``
+    (little-endian) of ``words[j, m]``. Afterwards byte ``i`` of word ``j`` holds what was byte
+    ``j`` of word ``i``. Three delta-swap rounds (Hacker's Delight §7-3 on bytes): exchange the
+    upper 4 bytes of words 0–3 with the lower 4 bytes of words 4–7, then 2-byte halves of word pairs
+    two apart, then single bytes of neighbouring words. Returns ``words``.
+    """
+    if words.dtype != torch.int64 or words.dim() != 2 or words.shape[0] != 8 or not words.is_contiguous():
+        raise ValueError(f"expected contiguous int64 [8, M], got {words.dtype} {list(words.shape)}")
+    delta = torch.empty(4, words.shape[1], dtype=torch.int64)
+    for step, shift, mask in BYTE_BLOCK_ROUNDS:
+        pairs = words.view(8 // (2 * step), 2, step, -1)  # [block, {low word, high word}, step, M]
+        low, high = pairs[:, 0], pairs[:, 1]
+        d = delta.view(8 // (2 * step), step, -1)
+        torch.bitwise_right_shift(low, shift, out=d)  # arithmetic shift: the sign bits are masked off
+        d ^= high
+        d &= mask
+        high ^= d
+        d <<= shift
+        low ^= d
+    return words
 
 
 def _byte_lanes(words: torch.Tensor, dim: int) -> torch.Tensor:
@@ -319,15 +350,23 @@ def awq_words_to_bitstream(words: torch.Tensor) -> torch.Tensor:
 
     AWQ's order (0, 2, 4, 6, 1, 3, 5, 7) is a perfect shuffle of the nibbles; two delta swaps
     undo it: exchange nibbles 2,3 with 4,5 (→ 0 2 1 3 4 6 5 7), then 1 with 2 and 5 with 6.
-    ``words``: int32, any shape; the input is not modified.
+    ``words``: int32, any shape; the input is not modified. Runs over :data:`CACHE_CHUNK_WORDS`
+    words at a time, so its ten passes read and write cache, not memory (~2× faster per layer).
     """
     if words.dtype != torch.int32:
         raise ValueError(f"expected int32 AWQ words, got {words.dtype}")
-    out = words.clone()
-    for shift, mask in ((8, 0x0000FF00), (4, 0x00F000F0)):
-        delta = torch.bitwise_right_shift(out, shift)
-        delta ^= out
-        delta &= mask
-        out ^= delta
-        out ^= delta << shift
+    out = torch.empty(words.shape, dtype=torch.int32)
+    flat_in, flat_out = words.reshape(-1), out.view(-1)
+    scratch = torch.empty(2, min(CACHE_CHUNK_WORDS, flat_out.numel()), dtype=torch.int32)
+    for start in range(0, flat_out.numel(), CACHE_CHUNK_WORDS):
+        chunk = flat_out[start:start + CACHE_CHUNK_WORDS]
+        chunk.copy_(flat_in[start:start + CACHE_CHUNK_WORDS])
+        delta, shifted = scratch[:, :chunk.numel()]
+        for shift, mask in ((8, 0x0000FF00), (4, 0x00F000F0)):
+            torch.bitwise_right_shift(chunk, shift, out=delta)
+            delta ^= chunk
+            delta &= mask
+            chunk ^= delta
+            torch.bitwise_left_shift(delta, shift, out=shifted)
+            chunk ^= shifted
     return out
