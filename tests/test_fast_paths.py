@@ -76,6 +76,10 @@ def test_repacks_match_unpack_then_pack(n, k, chunk_words, monkeypatch):
     assert torch.equal(int4_words_nk_to_kn(along_k), expected)
     assert torch.equal(awq_words_to_bitstream(awq_pack(codes.t())), expected)
     assert torch.equal(gptq, along_k.t())  # inputs untouched
+    signed = pack_bitstream(codes.t().contiguous() ^ 8, 4)  # the flip: q - 8 as two's-complement nibbles
+    assert torch.equal(int4_words_k_to_n(gptq, NIBBLE_HIGH_BITS), signed)
+    assert torch.equal(int4_words_nk_to_kn(along_k, NIBBLE_HIGH_BITS), signed)
+    assert torch.equal(awq_words_to_bitstream(awq_pack(codes.t()), NIBBLE_HIGH_BITS), signed)
 
 
 def test_high_bits_constant_is_signed_offset():
@@ -86,7 +90,8 @@ def test_high_bits_constant_is_signed_offset():
 def test_packed_layer_unpacks_on_first_read():
     codes = torch.randint(0, 16, (16, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     spec = LinearSpec("m", out_features=16, in_features=32, bits=4, group_size=-1, symmetric=True)
-    layer = QuantizedLinear(spec, None, torch.ones(16, 1), packed_kn=pack_bitstream(codes.t().contiguous(), 4))
+    signed_words = pack_bitstream(codes.t().contiguous() ^ 8, 4)  # q - 8 as two's-complement nibbles
+    layer = QuantizedLinear(spec, None, torch.ones(16, 1), packed_kn=signed_words)
     assert torch.equal(layer.qweight, codes)
     assert torch.equal(model.dequantize(layer), codes.float() - 8)
 

@@ -25,10 +25,12 @@ One rule dequantizes every layer::
   product of an exact integer, where ``(code - zero) * fl(group * channel)`` rounds twice).
 
 Packed 4-bit codes (a fast path, same values): a reader of a 4-bit integer format may hand over
-the codes still packed, as ``packed_kn`` int32 ``[K, N/8]`` whose word ``[k, j]`` holds code
-``qweight[8j + t, k]`` (unsigned) in bits ``4t..4t+3`` — the LSB-first bitstream along N of the
-``[K, N]`` code matrix, which is also Ascend's int4pack order. A target that writes that order
-uses the words directly; everything else reads ``qweight``, unpacked from them on first access.
+the codes still packed, as ``packed_kn`` int32 ``[K, N/8]`` whose word ``[k, j]`` holds
+``qweight[8j + t, k] - 8`` as a two's-complement nibble (the unsigned code with bit 3 flipped,
+:data:`npuconv.packing.NIBBLE_HIGH_BITS`) in bits ``4t..4t+3`` — the LSB-first bitstream along N
+of the ``[K, N]`` signed code matrix: Ascend's int4pack, order and values. A target that writes
+int4pack uses the words as they are; everything else reads ``qweight``, unpacked from them on
+first access.
 :data:`PACKED_CODES` turns the path off (the tests compare both).
 
 Signed 8-bit codes (a fast path, same values): a reader of signed int8 storage (compressed-tensors,
@@ -47,7 +49,7 @@ from dataclasses import dataclass, field, replace
 from npuconv.lazy_torch import torch
 
 from npuconv.io.safetensors_io import name_of
-from npuconv.packing import unpack_bitstream
+from npuconv.packing import NIBBLE_HIGH_BITS, unpack_bitstream
 from npuconv import layouts
 
 INT = "int"
@@ -150,7 +152,7 @@ class QuantizedLinear:
     # static activation zero point, fp32 [1], integer-valued, in the *signed* int8 domain:
     # x_q = clamp(round(x / input_scale) + input_zero, -128, 127)  (CT input_zero_point, msModelSlim input_offset)
     input_zero: torch.Tensor | None = None
-    # the same codes, 4-bit integer only, packed along N: int32 [K, N/8] (module docstring); whoever
+    # the same codes, 4-bit integer only, signed and packed along N: int32 [K, N/8] (module docstring); whoever
     # replaces qweight must drop it
     packed_kn: torch.Tensor | None = None
     # the same codes, 8-bit integer only, as stored signed int8 [..., N, K] = qweight - 128 (module
@@ -216,7 +218,8 @@ def _get_qweight(layer: QuantizedLinear) -> torch.Tensor:
     if layer._qweight is None:
         if layer.packed_kn is not None:
             n = layer.spec.out_features
-            layer._qweight = unpack_bitstream(layer.packed_kn, 4, n).transpose(-1, -2)  # [N, K] view of [K, N]
+            unsigned = layer.packed_kn ^ NIBBLE_HIGH_BITS
+            layer._qweight = unpack_bitstream(unsigned, 4, n).transpose(-1, -2)  # [N, K] view of [K, N]
         elif layer.signed is not None:
             layer._qweight = layer.signed.view(torch.uint8) ^ 0x80  # s + 128 wraps onto s ^ 0x80 in a byte
         else:

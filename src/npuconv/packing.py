@@ -311,7 +311,7 @@ def _byte_lanes(words: torch.Tensor, dim: int) -> torch.Tensor:
     return data.movedim(dim, -2)
 
 
-def int4_words_k_to_n(words: torch.Tensor) -> torch.Tensor:
+def int4_words_k_to_n(words: torch.Tensor, flip: int = 0) -> torch.Tensor:
     """4-bit codes packed along K in words ``[K/8, N]`` (GPTQ ``qweight``) → packed along N ``[K, N/8]``.
 
     Input: nibble ``i`` of word ``[r, n]`` is code ``(n, k = 8r + i)``. Output: nibble ``t`` of word
@@ -319,6 +319,8 @@ def int4_words_k_to_n(words: torch.Tensor) -> torch.Tensor:
     matrix, i.e. :func:`pack_bitstream` of the transposed codes. N must be a multiple of 8; the
     input is not modified. One byte gather and one delta swap (:func:`transpose_nibble_blocks`):
     the words of one block are 8 neighbours of a row, so the gather reads memory in order.
+    ``flip`` is then XORed into every output word, in place (:data:`NIBBLE_HIGH_BITS`: unsigned →
+    two's-complement codes).
     """
     rows, n = words.shape
     if words.dtype != torch.int32 or n % 8:
@@ -326,31 +328,36 @@ def int4_words_k_to_n(words: torch.Tensor) -> torch.Tensor:
     blocks = words.contiguous().view(rows, n // 8, 8)  # [r, j, t]: nibble i = code (8j + t, 8r + i)
     out = torch.empty(rows, 8, n // 8, dtype=torch.int32)
     transpose_nibble_blocks(blocks, 2, out, 1)  # out[r, i, j]: nibble t = code (8j + t, 8r + i)
+    if flip:
+        out ^= flip
     return out.reshape(rows * 8, n // 8)  # [k = 8r + i, j]
 
 
-def int4_words_nk_to_kn(words: torch.Tensor) -> torch.Tensor:
+def int4_words_nk_to_kn(words: torch.Tensor, flip: int = 0) -> torch.Tensor:
     """4-bit codes of ``[N, K]`` packed along K, words ``[N, K/8]`` (compressed-tensors
     ``weight_packed``, AWQ GEMV) → the same codes packed along N, words ``[K, N/8]``.
 
     Input: nibble ``i`` of word ``[n, r]`` is code ``(n, 8r + i)``; its transpose ``[K/8, N]`` is
     GPTQ's layout, so this is :func:`int4_words_k_to_n` of it (a plain 2-D transpose first keeps
     the nibble gather's reads in order; gathering from ``[N, K/8]`` directly is ~5× slower).
-    Output as in :func:`int4_words_k_to_n`. N must be a multiple of 8; the input is not modified.
+    Output and ``flip`` as in :func:`int4_words_k_to_n`. N must be a multiple of 8; the input is
+    not modified.
     """
     n, width = words.shape
     if words.dtype != torch.int32 or n % 8:
         raise ValueError(f"expected int32 [N, K/8] with N % 8 == 0, got {words.dtype} {list(words.shape)}")
-    return int4_words_k_to_n(words.t().contiguous())
+    return int4_words_k_to_n(words.t().contiguous(), flip)
 
 
-def awq_words_to_bitstream(words: torch.Tensor) -> torch.Tensor:
+def awq_words_to_bitstream(words: torch.Tensor, flip: int = 0) -> torch.Tensor:
     """AWQ GEMM words (nibble ``p`` holds logical element ``8c + AWQ_ORDER[p]``) → the same words
     with nibble ``t`` holding element ``8c + t`` (LSB-first bitstream order), shape unchanged.
 
     AWQ's order (0, 2, 4, 6, 1, 3, 5, 7) is a perfect shuffle of the nibbles; two delta swaps
     undo it: exchange nibbles 2,3 with 4,5 (→ 0 2 1 3 4 6 5 7), then 1 with 2 and 5 with 6.
-    ``words``: int32, any shape; the input is not modified. Runs over :data:`CACHE_CHUNK_WORDS`
+    ``flip`` is XORed into every word on the way (:data:`NIBBLE_HIGH_BITS`: unsigned → two's-complement
+    codes; a nibble move does not change it). ``words``: int32, any shape; the input is not
+    modified. Runs over :data:`CACHE_CHUNK_WORDS`
     words at a time, so its ten passes read and write cache, not memory (~2× faster per layer).
     """
     if words.dtype != torch.int32:
@@ -360,7 +367,7 @@ def awq_words_to_bitstream(words: torch.Tensor) -> torch.Tensor:
     scratch = torch.empty(2, min(CACHE_CHUNK_WORDS, flat_out.numel()), dtype=torch.int32)
     for start in range(0, flat_out.numel(), CACHE_CHUNK_WORDS):
         chunk = flat_out[start:start + CACHE_CHUNK_WORDS]
-        chunk.copy_(flat_in[start:start + CACHE_CHUNK_WORDS])
+        torch.bitwise_xor(flat_in[start:start + CACHE_CHUNK_WORDS], flip, out=chunk)
         delta, shifted = scratch[:, :chunk.numel()]
         for shift, mask in ((8, 0x0000FF00), (4, 0x00F000F0)):
             torch.bitwise_right_shift(chunk, shift, out=delta)

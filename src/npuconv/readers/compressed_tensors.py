@@ -95,7 +95,7 @@ from npuconv.model import (
     LinearSpec,
     QuantizedLinear,
 )
-from npuconv.packing import int4_words_nk_to_kn, unpack_columns, unpack_nibbles, unpack_rows
+from npuconv.packing import NIBBLE_HIGH_BITS, int4_words_nk_to_kn, unpack_columns, unpack_nibbles, unpack_rows
 from npuconv.readers.base import Reader
 
 QUANT_METHOD = "compressed-tensors"
@@ -675,7 +675,7 @@ class CompressedTensorsReader(Reader):
         packed = signed = None
         if (plan.format == PACKED and model.PACKED_CODES and bits == 4 and raw.dim() == 2 and n % 8 == 0
                 and raw.shape[1] * 8 == k):
-            qweight, packed = None, int4_words_nk_to_kn(raw)  # fields are already q + 8: only nibbles move
+            qweight, packed = None, int4_words_nk_to_kn(raw, NIBBLE_HIGH_BITS)  # fields are q + 8: nibbles move, bit 3 flips
         elif plan.format == PACKED:
             qweight = unpack_rows(raw, bits, k, padded=plan.legacy)
         elif plan.format in (NVFP4, MXFP4):

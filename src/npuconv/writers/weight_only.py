@@ -38,7 +38,7 @@ from npuconv import layouts
 from npuconv.entries import tensor_entry
 from npuconv.io.safetensors_io import name_of
 from npuconv.model import INT, LinearSpec, QuantizedLinear
-from npuconv.packing import NIBBLE_HIGH_BITS, pack_nibbles
+from npuconv.packing import pack_nibbles
 from npuconv.errors import InputError
 from npuconv.writers.base import ROW, Target, Thresholds
 from npuconv.writers.npu_common import (
@@ -151,9 +151,9 @@ class WeightOnlyIntTarget(Target):
             assert layer.g_idx is not None
             out["perm"] = act_order_perm(layer.g_idx, spec.group_size, spec.name)
         if self.storage_bits == 4 and spec.bits == 4 and layer.packed_kn is not None:
-            # the reader's words are already int4pack-ordered unsigned codes: sort K rows, flip bit 3
+            # the reader's words are int4pack already (order and signed values): only sort K rows
             words = layer.packed_kn if "perm" not in out else layer.packed_kn[..., out["perm"].long(), :]
-            out["weight"] = maybe_nz(words ^ NIBBLE_HIGH_BITS, entries["weight"].get("c0"))
+            out["weight"] = maybe_nz(words, entries["weight"].get("c0"))
             return self._finish(layer, entries, out)
         if self.storage_bits == 4 and spec.bits == 4:
             codes = layer.qweight if "perm" not in out else layer.qweight[..., out["perm"].long()]
