@@ -118,7 +118,9 @@ def make_plan(checkpoint: Checkpoint, options: ConvertOptions) -> ConversionPlan
             reason = unservable_reason(writer, spec)
             if reason:
                 raise UnsupportedError(f"layer '{spec.name}' ({spec.scheme}) as {writer.name}: {reason}")
-        units.append(Unit(writer.plan_layer(spec), _layer_producer(reader, writer, spec), spec.name))
+        plans = writer.plan_layer(spec)
+        cost = writer.production_cost(spec, sum(plan.nbytes for plan in plans))
+        units.append(Unit(plans, _layer_producer(reader, writer, spec), spec.name, cost))
     for name in reader.passthrough_names():
         info = checkpoint.info(name)
         units.append(Unit([writer.plan_passthrough(info)], _passthrough_producer(checkpoint, writer, name), name))

@@ -200,7 +200,7 @@ class QuantizedLinear:
             return self.signed
         if self.spec.bits == 8:
             return (self.qweight ^ 0x80).view(torch.int8)  # q - 128 wraps onto q ^ 0x80 in a byte
-        return (self.qweight.to(torch.int16) - 2 ** (self.spec.bits - 1)).to(torch.int8)
+        return offset_codes(self.qweight, 2 ** (self.spec.bits - 1))
 
     def decoded_codes(self) -> torch.Tensor:
         """float32 ``decode(qweight)`` minus nothing (no zero point applied)."""
@@ -212,6 +212,15 @@ class QuantizedLinear:
             return self.zero.float()
         midpoint = float(2 ** (self.spec.bits - 1)) if self.spec.weight_format == INT else 0.0
         return torch.full(self.scale.shape, midpoint, device=self.scale.device)
+
+
+def offset_codes(codes: torch.Tensor, midpoint: int) -> torch.Tensor:
+    """int8 ``codes - midpoint`` (``midpoint`` ≤ 128) of unsigned codes below ``2 * midpoint``. uint8
+    codes wrap in their own byte (the int8 view of ``q - m mod 256`` is ``q - m``): one byte per code,
+    no int16 temporaries; other integer dtypes go through int16."""
+    if codes.dtype == torch.uint8:
+        return (codes - midpoint).view(torch.int8)
+    return (codes.to(torch.int16) - midpoint).to(torch.int8)
 
 
 def _get_qweight(layer: QuantizedLinear) -> torch.Tensor:

@@ -54,6 +54,10 @@ class Unit:
     plans: list[TensorPlan]
     produce: Callable[[], dict[str, torch.Tensor]]
     label: str = ""
+    #: bytes the unit holds at its peak while produced (its inputs, temporaries and output), as its
+    #: target estimates it (:meth:`npuconv.writers.base.Target.production_cost`); the producer queue
+    #: charges at least twice the output bytes (:func:`unit_cost`)
+    cost: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -116,16 +120,16 @@ def write_shards(
     threads ahead of the one being written, while the calling thread writes in plan order — so
     reading, repacking, hashing and writing overlap, and hashing runs on every worker. The queue
     is bounded by bytes, not by count: a unit starts only while the units produced, in production
-    or being written hold at most ``bytes_ahead`` (counted as twice their output bytes: input and
-    temporaries; default budget: twice the largest unit, at least :data:`MIN_BYTES_AHEAD`), or
-    when nothing else is in flight. So peak memory is about twice the largest unit whatever
-    ``workers`` is.
+    or being written hold at most ``bytes_ahead`` (each counted as :func:`unit_cost`: its inputs,
+    temporaries and output; default budget: the largest unit cost, at least :data:`MIN_BYTES_AHEAD`),
+    or when nothing else is in flight. So peak memory is about the largest unit's cost (twice the
+    largest tensor) whatever ``workers`` is.
     ``workers=0`` produces each unit in the calling thread just before writing it. torch and
     file I/O and hashlib release the GIL, so the threads run in parallel.
     """
     units = [u for s in shards for u in s.units]
     if bytes_ahead is None:
-        bytes_ahead = max([MIN_BYTES_AHEAD, *(_cost(u) for u in units)])
+        bytes_ahead = max([MIN_BYTES_AHEAD, *(unit_cost(u) for u in units)])
     records = {}
     produced = _produce_in_order(units, workers, bytes_ahead)
     try:
@@ -165,7 +169,8 @@ def _produce_hashed(unit: Unit) -> Produced:
 
 def _produce_in_order(units: list[Unit], workers: int, bytes_ahead: int) -> Iterator[tuple[Unit, Produced]]:
     """Yield ``(unit, _produce_hashed(unit))`` in order, computing up to ``workers`` units ahead within
-    ``bytes_ahead`` output bytes (the unit being consumed counts until the consumer asks for the next)."""
+    ``bytes_ahead`` bytes of :func:`unit_cost` (the unit being consumed counts until the consumer asks
+    for the next)."""
     if workers <= 0:
         for unit in units:
             yield unit, _produce_hashed(unit)
@@ -179,10 +184,10 @@ def _produce_in_order(units: list[Unit], workers: int, bytes_ahead: int) -> Iter
     def admit() -> None:
         nonlocal following, in_flight
         while following is not None and len(pending) < workers and (
-            in_flight == 0 or in_flight + _cost(following) <= bytes_ahead
+            in_flight == 0 or in_flight + unit_cost(following) <= bytes_ahead
         ):
             pending.append((following, pool.submit(_produce_hashed, following)))
-            in_flight += _cost(following)
+            in_flight += unit_cost(following)
             following = next(upcoming, None)
 
     try:
@@ -193,7 +198,7 @@ def _produce_in_order(units: list[Unit], workers: int, bytes_ahead: int) -> Iter
             tensors = future.result()
             yield unit, tensors
             del tensors
-            in_flight -= _cost(unit)
+            in_flight -= unit_cost(unit)
             admit()
     finally:
         for _, future in pending:
@@ -201,9 +206,11 @@ def _produce_in_order(units: list[Unit], workers: int, bytes_ahead: int) -> Iter
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _cost(unit: Unit) -> int:
-    """Bytes a unit holds while produced: its output plus about as much again of input and temporaries."""
-    return 2 * unit.nbytes
+def unit_cost(unit: Unit) -> int:
+    """Bytes the producer queue charges for a unit from its start until it is written: its target's
+    estimate (``unit.cost``), at least twice its output bytes (the output plus about as much again of
+    input: a passthrough tensor or a layer without an estimate)."""
+    return max(unit.cost, 2 * unit.nbytes)
 
 
 def sha256_file(path: Path, chunk: int = 16 * 1024 * 1024) -> str:

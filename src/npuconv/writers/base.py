@@ -18,6 +18,7 @@ Targets are registered by name in :mod:`npuconv.registry`; adding one = one modu
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import ClassVar, NamedTuple
 
@@ -69,6 +70,13 @@ class Target:
     native_rank: ClassVar[int | None] = None
     #: how this target quantizes the linears of a float checkpoint (:class:`npuconv.offline.Recipe`), or None
     offline_recipe: ClassVar[object] = None
+    #: working bytes of one layer's production per weight (E·N·K) on top of twice its output bytes:
+    #: the reader's unpacked codes and the target's temporaries, at their peak (the producer queue's
+    #: cost, :meth:`production_cost`). Measured per target, worst reader, by benchmarks/unit_peak.py;
+    #: targets not measured there keep this default (a float32 copy of the weight)
+    working_bytes_per_weight: ClassVar[float] = 4.0
+    #: working bytes of one layer's production independent of its size (e.g. dequantization chunks)
+    working_bytes_fixed: ClassVar[int] = 0
 
     def __init__(self, options: WriterOptions | None = None):
         self.options = options or WriterOptions()
@@ -109,6 +117,14 @@ class Target:
     def write_layer(self, layer: QuantizedLinear) -> dict[str, torch.Tensor]:
         """The layer's output tensors by output tensor name (as planned)."""
         raise NotImplementedError
+
+    def production_cost(self, spec: LinearSpec, output_bytes: int) -> int:
+        """Bytes one layer holds at its peak while read and written (:meth:`write_layer`), source,
+        temporaries and output together: ``2 * output_bytes`` + the working bytes
+        (:attr:`working_bytes_per_weight`, :attr:`working_bytes_fixed`). The producer queue
+        (:func:`npuconv.io.output.write_shards`) admits layers within a byte budget by this cost."""
+        weights = math.prod(spec.batch_shape) * spec.out_features * spec.in_features
+        return 2 * output_bytes + math.ceil(weights * self.working_bytes_per_weight) + self.working_bytes_fixed
 
     def read_layer(self, spec: LinearSpec, tensors: dict[str, torch.Tensor]) -> QuantizedLinear:
         """Inverse of :meth:`write_layer`: ND tensors by manifest role → canonical layer."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from npuconv.lazy_torch import torch
 
-from npuconv.model import LinearSpec, QuantizedLinear, dequantize
+from npuconv.model import DEQUANT_CHUNK_ELEMENTS, LinearSpec, QuantizedLinear, dequantize
 from npuconv.experts import unstack_layer, unstack_spec
 from npuconv.io.safetensors_io import TensorPlan
 from npuconv.writers.base import Target
@@ -26,6 +26,9 @@ from npuconv.writers.base import Target
 class FloatTarget(Target):
     name = "float"
     summary = "dequantized plain Hugging Face checkpoint (fine-tuning, debugging, verify reference)"
+    # measured: ≤ 50 MB over twice the output, whatever the layer size: float32 chunks of dequantize
+    working_bytes_per_weight = 0.25
+    working_bytes_fixed = 4 * DEQUANT_CHUNK_ELEMENTS * 4
 
     @property
     def dtype(self) -> torch.dtype:

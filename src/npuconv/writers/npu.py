@@ -140,6 +140,9 @@ class NpuTarget(Target):
     def plan_layer(self, spec: LinearSpec) -> list[TensorPlan]:
         return self._of(spec).plan_layer(spec)
 
+    def production_cost(self, spec: LinearSpec, output_bytes: int) -> int:
+        return self._of(spec).production_cost(spec, output_bytes)
+
     def write_layer(self, layer: QuantizedLinear) -> dict[str, torch.Tensor]:
         return self._of(layer.spec).write_layer(layer)
 
