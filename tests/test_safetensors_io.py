@@ -11,6 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 from npuconv.errors import InputError, OutputError
 from npuconv.io.safetensors_io import (
+    MAP_MIN_BYTES,
     StreamingWriter,
     TensorPlan,
     encode_header,
@@ -116,6 +117,31 @@ def test_truncated_tensor_read(tmp_path):
     infos, _ = read_header(path)
     path.write_bytes(path.read_bytes()[:-16])
     with pytest.raises(InputError, match="truncated"):
+        read_tensor(infos["t"])
+
+
+def test_large_tensors_are_mapped_privately(tmp_path):
+    # tensors of MAP_MIN_BYTES and more are mapped copy-on-write: same values, writable, and a write
+    # to the tensor never reaches the file (the input is never modified)
+    path = tmp_path / "x.safetensors"
+    values = torch.arange(MAP_MIN_BYTES // 4 + 3, dtype=torch.int32)
+    save_file({"small": torch.ones(3), "t": values}, path)
+    before = path.read_bytes()
+    infos, _ = read_header(path)
+    assert infos["t"].nbytes >= MAP_MIN_BYTES and infos["t"].start % 4096  # not page-aligned: offset handled
+    tensor = read_tensor(infos["t"])
+    assert torch.equal(tensor, values)
+    tensor.fill_(-1)
+    assert path.read_bytes() == before
+    assert torch.equal(read_tensor(infos["t"]), values)
+
+
+def test_truncated_mapped_tensor_read(tmp_path):
+    path = tmp_path / "x.safetensors"
+    save_file({"t": torch.zeros(MAP_MIN_BYTES // 4, dtype=torch.float32)}, path)
+    infos, _ = read_header(path)
+    path.write_bytes(path.read_bytes()[:-16])
+    with pytest.raises(InputError, match=r"truncated \(\d+ of \d+ bytes\)"):
         read_tensor(infos["t"])
 
 
