@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import struct
 
 import pytest
@@ -14,7 +15,9 @@ from npuconv.io.safetensors_io import (
     StreamingWriter,
     TensorPlan,
     encode_header,
+    iter_values,
     read_header,
+    read_ints,
     read_tensor,
     save_file,
 )
@@ -41,6 +44,44 @@ def test_round_trip_all_dtypes(tmp_path):
         got = read_tensor(infos[name])
         assert got.dtype == tensor.dtype and got.shape == tensor.shape
         assert torch.equal(got.view(torch.uint8), tensor.view(torch.uint8))
+
+
+def test_values_read_without_torch_equal_the_tensors(tmp_path, monkeypatch):
+    """iter_values (struct, no torch) gives torch's values for every dtype Python can hold, across chunks."""
+    monkeypatch.setattr("npuconv.io.safetensors_io.VALUES_PER_CHUNK", 3)
+    tensors = {
+        "bool": torch.tensor([[True, False, True], [False, False, True]]),
+        "u8": torch.tensor([0, 255, 7], dtype=torch.uint8),
+        "i8": torch.tensor([-128, 127, -1, 0], dtype=torch.int8),
+        "i16": torch.tensor([-32768, 32767], dtype=torch.int16),
+        "i32": torch.tensor([[-2**31, 2**31 - 1], [5, -6]], dtype=torch.int32),
+        "i64": torch.tensor([-2**63, 2**63 - 1, 3, 4, 5, 6, 7], dtype=torch.int64),
+        "f16": torch.tensor([0.1, -65504.0, float("inf"), 6e-8, -0.0, 3.0, 2.5], dtype=torch.float16),
+        "bf16": torch.tensor([[0.1, -3e38, float("-inf")], [1e-40, 8.0, -0.5]], dtype=torch.bfloat16),
+        "f32": torch.tensor([0.1, -1e-45, 3.4e38], dtype=torch.float32),
+        "f64": torch.tensor([0.1, 1e-300, -1e300, 0.5], dtype=torch.float64),
+        "empty": torch.zeros(0, 4, dtype=torch.float32),
+    }
+    path = tmp_path / "v.safetensors"
+    save_file(tensors, path)
+    infos, _ = read_header(path)
+    for name, tensor in tensors.items():
+        got = list(iter_values(infos[name]))
+        assert got == tensor.flatten().tolist(), name
+        assert all(type(a) is type(b) for a, b in zip(got, tensor.flatten().tolist())), name
+    nan = torch.tensor([float("nan")], dtype=torch.bfloat16)
+    save_file({"nan": nan}, path)
+    assert math.isnan(next(iter_values(read_header(path)[0]["nan"])))
+
+
+def test_values_of_float8_and_ints_of_floats_are_refused(tmp_path):
+    path = tmp_path / "v.safetensors"
+    save_file({"f8": torch.zeros(2).to(torch.float8_e4m3fn), "f32": torch.zeros(2)}, path)
+    infos, _ = read_header(path)
+    with pytest.raises(InputError, match="tensor 'f8' is float8_e4m3fn; expected an integer, bool or float16"):
+        iter_values(infos["f8"])
+    with pytest.raises(InputError, match="tensor 'f32' is float32, not an integer type"):
+        read_ints(infos["f32"])
 
 
 def test_compatible_with_reference_library(tmp_path):

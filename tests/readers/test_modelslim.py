@@ -716,6 +716,51 @@ def test_non_integer_offset(tmp_path):
         scan(root)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0.5, 2.0**15])
+def test_non_integer_offset_names_the_first_bad_value(tmp_path, bad):
+    # offsets are read without torch at scan (inspect); the message names the first bad one in storage order
+    offsets = f32([[0.0, 1.0], [bad, -0.25], [3.0, 0.0]])
+    root = build(tmp_path, {P: ("W8A16", {"weight": i8([[1, 2, 3, 4]] * 3), "weight_scale": torch.ones(3, 2),
+                                          "weight_offset": offsets})})
+    with pytest.raises(InputError, match=rf"'{P}\.weight_offset': offset {bad} is not an integer zero point"):
+        scan(root)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32])
+def test_offsets_of_every_stored_dtype(tmp_path, dtype):
+    # msModelSlim writes float32, the model dtype (bf16/fp16) or int64 offsets: all read exactly
+    root = build(tmp_path, {P: ("W8A16", {
+        "weight": i8([[1, 2, 3, 4], [5, 6, 7, 8]]), "weight_scale": torch.ones(2, 2),
+        "weight_offset": torch.tensor([[0, -3], [100, 0]], dtype=dtype),
+    })})
+    reader, spec, layer = read_one(root)
+    assert not spec.symmetric
+    assert layer.zero.tolist() == [[128, 125], [228, 128]]
+
+
+def test_float8_offsets_are_refused(tmp_path):
+    root = build(tmp_path, {P: ("W8A16", {**W8, "weight_offset": torch.zeros(1, 1).to(torch.float8_e4m3fn)})})
+    with pytest.raises(InputError, match=rf"'{P}\.weight_offset' is float8_e4m3fn; expected an integer"):
+        scan(root)
+
+
+@pytest.mark.parametrize("offset", [float("nan"), float("inf"), 0.5])
+def test_static_input_offset_not_an_integer(tmp_path, offset):
+    # nan and inf ended in a traceback (round(nan)) before offsets were read without torch
+    parts = static_parts(fp32_bits_int64([0.75, 0.375]), input_offset=f32([offset]))
+    root = build(tmp_path, {P: ("W8A8", parts)})
+    with pytest.raises(InputError, match=rf"'{P}\.input_offset': input offset {offset} is not an integer"):
+        scan(root)
+
+
+def test_static_input_scale_is_checked_as_float32(tmp_path):
+    # the scale is loaded as float32: a float64 1e-60 is 0 there, so it is refused at scan
+    parts = static_parts(fp32_bits_int64([0.75, 0.375]), input_scale=torch.tensor([1e-60], dtype=torch.float64))
+    root = build(tmp_path, {P: ("W8A8", parts)})
+    with pytest.raises(InputError, match=rf"'{P}\.input_scale': input scale 0.0 is not a positive number"):
+        scan(root)
+
+
 def test_missing_weight_scale(tmp_path):
     root = build(tmp_path, {P: ("W8A16", {"weight": W8["weight"], "weight_offset": W8["weight_offset"]})})
     with pytest.raises(InputError, match=rf"'{P}\.weight_scale' is missing"):
