@@ -15,6 +15,7 @@ from npuconv.io.safetensors_io import (
     StreamingWriter,
     TensorPlan,
     encode_header,
+    integer_range,
     iter_values,
     read_header,
     read_ints,
@@ -74,12 +75,40 @@ def test_values_read_without_torch_equal_the_tensors(tmp_path, monkeypatch):
     assert math.isnan(next(iter_values(read_header(path)[0]["nan"])))
 
 
-def test_values_of_float8_and_ints_of_floats_are_refused(tmp_path):
+@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.int8, torch.int16, torch.uint16, torch.int32,
+                                   torch.int64, torch.uint64, torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("values, expected", [
+    ([[3, 0, 3, 7], [7, 1, 0, 3]], (0, 7)),
+    ([[3, 0, 3, 7], [7, 1.5, 0, 3]], None),
+    ([[3, 0, float("nan"), 7], [7, 1, 0, 3]], None),
+    ([[3, 0, float("inf"), 7], [7, 1, 0, 3]], None),
+])
+def test_integer_range_is_the_same_with_and_without_torch(tmp_path, monkeypatch, dtype, values, expected):
+    tensor = torch.tensor(values)
+    if not dtype.is_floating_point:
+        if expected is None:
+            return  # an integer tensor holds only integers
+        expected = (0, 1) if dtype == torch.bool else expected
+    path = tmp_path / "r.safetensors"
+    save_file({"t": tensor.to(dtype)}, path)
+    info = read_header(path)[0]["t"]
+    without_torch = integer_range(info)
+    monkeypatch.setattr("npuconv.io.safetensors_io.TORCH_FREE_VALUES", 7)  # 8 values: read with torch
+    assert integer_range(info) == without_torch == expected
+    assert expected is None or list(map(type, without_torch)) == [int, int]
+
+
+def test_values_of_float8_and_ints_of_floats_are_refused(tmp_path, monkeypatch):
     path = tmp_path / "v.safetensors"
     save_file({"f8": torch.zeros(2).to(torch.float8_e4m3fn), "f32": torch.zeros(2)}, path)
     infos, _ = read_header(path)
     with pytest.raises(InputError, match="tensor 'f8' is float8_e4m3fn; expected an integer, bool or float16"):
         iter_values(infos["f8"])
+    with pytest.raises(InputError, match="tensor 'f8' is float8_e4m3fn"):
+        integer_range(infos["f8"])
+    monkeypatch.setattr("npuconv.io.safetensors_io.TORCH_FREE_VALUES", 1)  # the same dtypes when read with torch
+    with pytest.raises(InputError, match="tensor 'f8' is float8_e4m3fn"):
+        integer_range(infos["f8"])
     with pytest.raises(InputError, match="tensor 'f32' is float32, not an integer type"):
         read_ints(infos["f32"])
 

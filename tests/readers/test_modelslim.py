@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_reference, open_fixture
+from conftest import FIXTURES as FIXTURES_DIR, load_reference, open_fixture
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -51,6 +51,14 @@ def test_fixture_bit_exact(name):
         got = dequantize(reader.load(spec))
         assert got.dtype == torch.float32
         assert torch.equal(got, reference[f"{spec.name}.weight"]), spec.name
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in FIXTURES_DIR.glob("ms_*")))
+def test_offsets_read_with_or_without_torch_give_the_same_layers(name, monkeypatch):
+    # per-channel offsets are read without torch (inspect), large per-group ones with it: same specs
+    without_torch = open_fixture(name).linear_specs()
+    monkeypatch.setattr("npuconv.io.safetensors_io.TORCH_FREE_VALUES", 0)
+    assert open_fixture(name).linear_specs() == without_torch
 
 
 @pytest.mark.parametrize("name", sorted(FIXTURES))

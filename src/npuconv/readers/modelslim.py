@@ -111,7 +111,7 @@ from npuconv.lazy_torch import torch
 
 from npuconv import layouts
 from npuconv.io.checkpoint import Checkpoint
-from npuconv.io.safetensors_io import is_float, iter_values
+from npuconv.io.safetensors_io import integer_range, is_float, iter_values
 from npuconv.errors import InputError, UnsupportedError
 from npuconv.model import (
     FP8_E4M3,
@@ -336,7 +336,7 @@ class ModelSlimReader(Reader):
             n2, groups = self._scale_shape(second)
             self._expect(n2 == n, second, f"has {n2} rows, expected {n}")
             offset = self._offsets(plan.tensors.get("weight_offset"), n, 1)
-            if offset is not None and offset != {0}:
+            if offset not in (None, (0, 0)):
                 raise UnsupportedError(
                     f"tensor '{plan.tensors['weight_offset']}': a non-zero first-stage offset of two-stage "
                     "W4A8_DYNAMIC is not supported"
@@ -345,11 +345,11 @@ class ModelSlimReader(Reader):
             scale_dtype = "float32"
         else:
             zero = self._offsets(plan.tensors.get("weight_offset"), n, groups)
-            if bits == 4 and plan.layout == UNPACKED and zero is not None and max(zero) > 7:
+            if bits == 4 and plan.layout == UNPACKED and zero is not None and zero[1] > 7:
                 plan.unsigned = True  # AutoRound: codes 0..15, offsets in the same unsigned domain
-                zero = {value - 8 for value in zero}
+                zero = (zero[0] - 8, zero[1] - 8)
         plan.groups = groups
-        symmetric = zero is None or zero == {0}
+        symmetric = zero in (None, (0, 0))
         return self._finish(
             prefix,
             plan,
@@ -397,7 +397,7 @@ class ModelSlimReader(Reader):
             in_features=k,
             bits=8,
             group_size=self._group_size(k, groups, plan.tensors.get("weight_scale", weight.name)),
-            symmetric=zero is None or zero == {0},
+            symmetric=zero in (None, (0, 0)),
             scale_dtype=scale_dtype,
             activation=activation,
         )
@@ -410,7 +410,7 @@ class ModelSlimReader(Reader):
         n_scale, groups = self._scale_shape(scale_name)
         self._expect(n_scale == n, scale_name, f"has {n_scale} rows, expected {n}")
         offset = self._offsets(plan.tensors.get("weight_offset"), n, groups)
-        if offset is not None and offset != {0}:
+        if offset not in (None, (0, 0)):
             raise UnsupportedError(
                 f"tensor '{plan.tensors['weight_offset']}': non-zero offsets of FP8 weights are not supported"
             )
@@ -486,26 +486,21 @@ class ModelSlimReader(Reader):
         self._expect(groups > 0 and k % groups == 0, name, f"{groups} groups do not divide in_features {k}")
         return k // groups
 
-    def _offsets(self, name: str | None, n: int, groups: int) -> set[int] | None:
-        """The distinct integer zero points (signed domain) of ``[n, groups]`` offsets, or None when
-        absent. Read without torch (``inspect`` runs this at scan); a float offset must be an integer
-        of magnitude at most 2**14, else :class:`InputError` naming the first bad value. Loading
+    def _offsets(self, name: str | None, n: int, groups: int) -> tuple[int, int] | None:
+        """(min, max) of the integer zero points (signed domain) of ``[n, groups]`` offsets, or None
+        when absent. Checked at scan, per-channel offsets without torch (``inspect``; see
+        :func:`~npuconv.io.safetensors_io.integer_range`): a float offset must be an integer of
+        magnitude at most 2**14, else :class:`InputError` naming the first bad value. Loading
         (:meth:`_zero`) relies on this check."""
         if name is None:
             return None
         info = self.ckpt.info(name)
         self._expect(info.numel == n * groups, name, f"shape {list(info.shape)}, expected [{n}, {groups}]")
-        distinct = set(iter_values(info))
-        if not is_float(info.dtype_name):
-            return {int(value) for value in distinct}
-
-        def bad(value: float) -> bool:
-            return not math.isfinite(value) or value != round(value) or abs(value) > 2**14
-
-        if any(map(bad, distinct)):
-            value = next(filter(bad, iter_values(info)))
+        span = integer_range(info)
+        if is_float(info.dtype_name) and (span is None or any(map(_not_a_zero_point, span))):
+            value = next(filter(_not_a_zero_point, iter_values(info)))
             raise InputError(f"tensor '{name}': offset {value} is not an integer zero point")
-        return {int(value) for value in distinct}
+        return span
 
     def _input_offset(self, plan: _Plan, prefix: str) -> float:
         """The per-tensor input offset, after checking that the input scale is a positive float32
@@ -608,6 +603,11 @@ class ModelSlimReader(Reader):
         scale = self.tensor(name)
         self.check_scale(name, scale, e8m0=e8m0, negative_ok=negative_ok)
         return scale
+
+
+def _not_a_zero_point(offset: float) -> bool:
+    """An offset that is no integer zero point (not finite, fractional, or beyond ±2**14)."""
+    return not math.isfinite(offset) or offset != round(offset) or abs(offset) > 2**14
 
 
 def decode_deq_scale(deq: torch.Tensor) -> torch.Tensor:
