@@ -16,8 +16,8 @@ import hashlib
 import pytest
 import torch
 
-from conftest import FIXTURES
-from npuconv import model
+from conftest import FIXTURES, open_fixture
+from npuconv import model, packing
 from npuconv.convert import ConvertOptions, convert
 from npuconv.errors import NpuconvError
 from npuconv.model import LinearSpec, QuantizedLinear
@@ -64,8 +64,10 @@ def test_awq_word_to_bitstream_hand_worked():
     assert awq_words_to_bitstream(words(0x75316420)).tolist() == words(0x76543210).tolist()
 
 
+@pytest.mark.parametrize("chunk_words", [1 << 19, 7])  # one chunk; chunks of 7 words, the last partial
 @pytest.mark.parametrize("n, k", [(8, 8), (24, 64), (64, 40)])
-def test_repacks_match_unpack_then_pack(n, k):
+def test_repacks_match_unpack_then_pack(n, k, chunk_words, monkeypatch):
+    monkeypatch.setattr(packing, "CACHE_CHUNK_WORDS", chunk_words)
     codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(n * k))
     expected = pack_bitstream(codes.t().contiguous(), 4)  # [K, N/8], LSB-first along N
     along_k = pack_bitstream(codes, 4)  # [N, K/8]: CT weight_packed, or GPTQ qweight transposed
@@ -74,6 +76,10 @@ def test_repacks_match_unpack_then_pack(n, k):
     assert torch.equal(int4_words_nk_to_kn(along_k), expected)
     assert torch.equal(awq_words_to_bitstream(awq_pack(codes.t())), expected)
     assert torch.equal(gptq, along_k.t())  # inputs untouched
+    signed = pack_bitstream(codes.t().contiguous() ^ 8, 4)  # the flip: q - 8 as two's-complement nibbles
+    assert torch.equal(int4_words_k_to_n(gptq, NIBBLE_HIGH_BITS), signed)
+    assert torch.equal(int4_words_nk_to_kn(along_k, NIBBLE_HIGH_BITS), signed)
+    assert torch.equal(awq_words_to_bitstream(awq_pack(codes.t()), NIBBLE_HIGH_BITS), signed)
 
 
 def test_high_bits_constant_is_signed_offset():
@@ -84,9 +90,31 @@ def test_high_bits_constant_is_signed_offset():
 def test_packed_layer_unpacks_on_first_read():
     codes = torch.randint(0, 16, (16, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     spec = LinearSpec("m", out_features=16, in_features=32, bits=4, group_size=-1, symmetric=True)
-    layer = QuantizedLinear(spec, None, torch.ones(16, 1), packed_kn=pack_bitstream(codes.t().contiguous(), 4))
+    signed_words = pack_bitstream(codes.t().contiguous() ^ 8, 4)  # q - 8 as two's-complement nibbles
+    layer = QuantizedLinear(spec, None, torch.ones(16, 1), packed_kn=signed_words)
     assert torch.equal(layer.qweight, codes)
     assert torch.equal(model.dequantize(layer), codes.float() - 8)
+
+
+def test_signed_layer_makes_codes_on_first_read():
+    signed = torch.tensor([[-128, -1, 0, 127]], dtype=torch.int8)
+    spec = LinearSpec("m", out_features=1, in_features=4, bits=8, group_size=-1, symmetric=True)
+    layer = QuantizedLinear(spec, None, torch.ones(1, 1), signed=signed)
+    assert layer.signed_codes() is signed  # the stored bytes, untouched
+    assert layer.qweight.tolist() == [[0, 127, 128, 255]]  # q = s + 128
+    assert torch.equal(QuantizedLinear(spec, layer.qweight, torch.ones(1, 1)).signed_codes(), signed)
+    assert torch.equal(model.dequantize(layer), signed.float())
+
+
+@pytest.mark.parametrize("name", ["ct020_w8a8_int", "ms_w8a8_static_fp16", "ct020_moe_mixtral_w8a8_int"])
+def test_int8_readers_hand_over_the_stored_bytes(name):
+    reader = open_fixture(name)
+    specs = [spec for spec in reader.linear_specs() if spec.bits == 8]
+    assert specs
+    for spec in specs:
+        layer = reader.load(spec)
+        assert layer.signed is not None and layer.signed.dtype == torch.int8, spec.name
+        assert torch.equal(layer.signed_codes().view(torch.uint8) ^ 0x80, layer.qweight), spec.name
 
 
 def _tree(directory) -> dict[str, str]:

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from npuconv import layouts as L
+from npuconv.packing import transpose_byte_blocks
 
 FAST = settings(max_examples=60, deadline=None)
 
@@ -139,6 +140,33 @@ def test_nd_to_nz_padding_is_zero():
     assert nz[:, 1, 4:, :].abs().sum() == 0  # rows 20..31 (ops §3.1 padding = 0)
     assert nz[2, :, :, 8:].abs().sum() == 0  # cols 40..47
     assert nz.to(torch.float32).sum().item() == 20 * 40
+
+
+def test_byte_block_transpose_hand_worked():
+    # word j of matrix m holds bytes 0x<j><i> (i = byte index); transposed, word j byte i holds 0x<i><j>
+    rows = [int.from_bytes(bytes(16 * j + i for i in range(8)), "little", signed=True) for j in range(8)]
+    words = torch.tensor(rows, dtype=torch.int64).reshape(8, 1).repeat(1, 3).contiguous()
+    transpose_byte_blocks(words)
+    for j in range(8):
+        assert words[j, 2].item().to_bytes(8, "little", signed=True) == bytes(16 * i + j for i in range(8))
+
+
+@pytest.mark.parametrize("shape", [(32, 16), (64, 48), (2, 96, 32), (160, 48), (128, 1024)])
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.float8_e4m3fn])
+@pytest.mark.parametrize("chunk_bytes", [1 << 20, 3 * 32 * 48])  # one chunk; chunks of 3 bands, the last partial
+def test_nd_to_nz_of_transposed_bytes_places_every_element(shape, dtype, chunk_bytes, monkeypatch):
+    monkeypatch.setattr(L, "NZ_CHUNK_BYTES", chunk_bytes)
+    # the word-wise fast path (a transposed view of contiguous bytes, C0 = 32) against the rule
+    # itself, element by element: nz[..., c1, r1, r0, k] = t[..., 16 r1 + r0, 32 c1 + k]
+    gen = torch.Generator().manual_seed(len(shape) * shape[-1])
+    source = torch.randint(-128, 128, shape, dtype=torch.int8, generator=gen).view(dtype)
+    t = source.transpose(-1, -2)  # [*B, K, N]: rows K % 16 == 0, cols N % 32 == 0
+    nz = L.nd_to_nz(t, 32)
+    *batch, rows, cols = t.shape
+    assert nz.dtype == dtype and nz.is_contiguous() and tuple(nz.shape) == (*batch, cols // 32, rows // 16, 16, 32)
+    r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    placed = nz.view(torch.uint8)[..., c // 32, r // 16, r % 16, c % 32]
+    assert torch.equal(placed, t.view(torch.uint8))
 
 
 _NZ_DTYPES = [torch.float16, torch.bfloat16, torch.int8, torch.uint8, torch.int32, torch.float32]

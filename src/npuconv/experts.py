@@ -122,9 +122,12 @@ def stack_layers(spec: LinearSpec, layers: list[QuantizedLinear]) -> QuantizedLi
     stages = None  # two-stage scales only when every expert has them (else the product scale alone)
     if all(layer.scale_stages is not None for layer in layers):
         stages = tuple(torch.stack([l.scale_stages[i] for l in layers]) for i in range(2))
+    weight = {"qweight": torch.stack([layer.qweight for layer in layers])}
+    if all(layer.signed is not None for layer in layers):  # stored int8 bytes stay as they are (model.py)
+        weight = {"qweight": None, "signed": torch.stack([layer.signed for layer in layers])}
     return QuantizedLinear(
         spec=spec,
-        qweight=torch.stack([layer.qweight for layer in layers]),
+        **weight,
         scale=torch.stack([layer.scale for layer in layers]),
         zero=zero,
         g_idx=g_idx,
@@ -163,9 +166,10 @@ def unstack_layer(layer: QuantizedLinear) -> list[QuantizedLinear]:
 
     out = []
     for e, spec in enumerate(specs):
+        weight = {"qweight": layer.qweight[e]} if layer.signed is None else {"qweight": None, "signed": layer.signed[e]}
         out.append(QuantizedLinear(
             spec=spec,
-            qweight=layer.qweight[e],
+            **weight,
             scale=layer.scale[e],
             zero=None if layer.zero is None else layer.zero[e],
             g_idx=None if layer.g_idx is None else (layer.g_idx if layer.g_idx.dim() == 1 else layer.g_idx[e]),

@@ -25,7 +25,7 @@ import math
 from npuconv.lazy_torch import torch
 
 from npuconv.io.safetensors_io import name_of, torch_dtype
-from npuconv.packing import as_bytes, pack_nibbles, signed_nibbles, unpack_nibbles
+from npuconv.packing import as_bytes, pack_nibbles, signed_nibbles, transpose_byte_blocks, unpack_nibbles
 
 # ----------------------------------------------------------------------------------------------
 # Switches for uncertain facts
@@ -194,9 +194,45 @@ def nd_to_nz(t: torch.Tensor, c0: int) -> torch.Tensor:
         padded = t.new_zeros((*batch, r1 * 16, c1 * c0))
         padded[..., :rows, :cols] = t
         t = padded
+    source = t.transpose(-1, -2)
+    if t.element_size() == 1 and c0 == 32 and not (pad_r or pad_c) and source.is_contiguous() and source.storage_offset() % 8 == 0:
+        return _bytes_nz_of_transpose(source).view(t.dtype).view(*batch, c1, r1, 16, c0)
     nb = len(batch)
     tiles = t.reshape(*batch, r1, 16, c1, c0)
     return tiles.permute(*range(nb), nb + 2, nb, nb + 1, nb + 3).contiguous()
+
+
+# source bytes transposed at a time by _bytes_nz_of_transpose: its scratch stays in cache, and a
+# 45 MB layer takes ~20 chunks (best of 1–8 MiB, one 11008 × 4096 int8 layer, one core)
+NZ_CHUNK_BYTES = 2 << 20
+
+
+def _bytes_nz_of_transpose(s: torch.Tensor) -> torch.Tensor:
+    """FRACTAL_NZ (c0 = 32) of ``s.T`` for a contiguous 1-byte ``s`` ``[*B, N, K]``, N % 32 == 0 and
+    K % 16 == 0: int64 words ``[*B·N/32, K/16, 16, 4]`` holding the bytes of
+    ``nz[b, c1, r1, r0, k] = s[b, c1·32 + k, r1·16 + r0]`` — what :func:`nd_to_nz` of the view
+    computes with one byte-granular gather, here ~2× faster (one 11008 × 4096 int8 layer, one core).
+
+    In int64 words: source word ``[c1·32 + 8·kb + j, 2·r1 + rw]`` holds bytes ``r0 = 8·rw + i``
+    (i = 0..7) of row ``c1·32 + 8·kb + j``; output word ``[c1, r1, 8·rw + i, kb]`` holds bytes
+    ``k = 8·kb + j``. So the words are gathered 8 bytes at a time to ``[j, c1, r1, rw, kb]``, each
+    8 × 8 byte matrix (the 8 words along ``j``) is transposed in place
+    (:func:`npuconv.packing.transpose_byte_blocks`), and the words are placed at ``[c1, r1, rw, i, kb]``
+    — one band of 32 source rows after another, :data:`NZ_CHUNK_BYTES` at a time.
+    """
+    k = s.shape[-1]
+    bands, r1 = s.numel() // (32 * k), k // 16
+    source = as_bytes(s).view(torch.int64).view(bands, 4, 8, r1, 2)  # [c1, kb, j, r1, rw]
+    out = torch.empty(bands, r1, 2, 8, 4, dtype=torch.int64)  # [c1, r1, rw, i, kb]
+    per_chunk = max(1, NZ_CHUNK_BYTES // (32 * k))
+    scratch = torch.empty(8 * min(per_chunk, bands) * r1 * 8, dtype=torch.int64)
+    for first in range(0, bands, per_chunk):
+        count = min(per_chunk, bands - first)
+        words = scratch[: 8 * count * r1 * 8].view(8, -1)
+        words.view(8, count, r1, 2, 4).copy_(source[first : first + count].permute(2, 0, 3, 4, 1))
+        transpose_byte_blocks(words)
+        out[first : first + count].copy_(words.view(8, count, r1, 2, 4).permute(1, 2, 3, 0, 4))
+    return out
 
 
 def nz_to_nd(storage: torch.Tensor, rows: int, cols: int) -> torch.Tensor:

@@ -25,11 +25,19 @@ One rule dequantizes every layer::
   product of an exact integer, where ``(code - zero) * fl(group * channel)`` rounds twice).
 
 Packed 4-bit codes (a fast path, same values): a reader of a 4-bit integer format may hand over
-the codes still packed, as ``packed_kn`` int32 ``[K, N/8]`` whose word ``[k, j]`` holds code
-``qweight[8j + t, k]`` (unsigned) in bits ``4t..4t+3`` — the LSB-first bitstream along N of the
-``[K, N]`` code matrix, which is also Ascend's int4pack order. A target that writes that order
-uses the words directly; everything else reads ``qweight``, unpacked from them on first access.
+the codes still packed, as ``packed_kn`` int32 ``[K, N/8]`` whose word ``[k, j]`` holds
+``qweight[8j + t, k] - 8`` as a two's-complement nibble (the unsigned code with bit 3 flipped,
+:data:`npuconv.packing.NIBBLE_HIGH_BITS`) in bits ``4t..4t+3`` — the LSB-first bitstream along N
+of the ``[K, N]`` signed code matrix: Ascend's int4pack, order and values. A target that writes
+int4pack uses the words as they are; everything else reads ``qweight``, unpacked from them on
+first access.
 :data:`PACKED_CODES` turns the path off (the tests compare both).
+
+Signed 8-bit codes (a fast path, same values): a reader of signed int8 storage (compressed-tensors,
+msModelSlim) may hand over the stored bytes as ``signed`` int8 ``[..., N, K]`` = ``qweight - 128``
+(two's complement: the byte ``s`` is the code ``s ^ 0x80``). Targets that write signed int8 take
+:meth:`QuantizedLinear.signed_codes`, which is those bytes untouched; ``qweight`` is made from them
+only if something reads it. :data:`PACKED_CODES` turns this path off too.
 
 How each source format maps onto this rule is documented in its reader module.
 """
@@ -41,7 +49,7 @@ from dataclasses import dataclass, field, replace
 from npuconv.lazy_torch import torch
 
 from npuconv.io.safetensors_io import name_of
-from npuconv.packing import unpack_bitstream
+from npuconv.packing import NIBBLE_HIGH_BITS, unpack_bitstream
 from npuconv import layouts
 
 INT = "int"
@@ -126,7 +134,7 @@ class LinearSpec:
         return () if self.num_experts is None else (self.num_experts,)
 
 
-PACKED_CODES = True  # readers may set QuantizedLinear.packed_kn (False: always unpacked codes)
+PACKED_CODES = True  # readers may set QuantizedLinear.packed_kn / .signed (False: always canonical codes)
 
 
 @dataclass
@@ -144,9 +152,12 @@ class QuantizedLinear:
     # static activation zero point, fp32 [1], integer-valued, in the *signed* int8 domain:
     # x_q = clamp(round(x / input_scale) + input_zero, -128, 127)  (CT input_zero_point, msModelSlim input_offset)
     input_zero: torch.Tensor | None = None
-    # the same codes, 4-bit integer only, packed along N: int32 [K, N/8] (module docstring); whoever
+    # the same codes, 4-bit integer only, signed and packed along N: int32 [K, N/8] (module docstring); whoever
     # replaces qweight must drop it
     packed_kn: torch.Tensor | None = None
+    # the same codes, 8-bit integer only, as stored signed int8 [..., N, K] = qweight - 128 (module
+    # docstring); whoever replaces qweight must drop it
+    signed: torch.Tensor | None = None
     # (group [..., N, G], channel [..., N, 1]) float32 factors of ``scale``, applied in this order by
     # dequantize() (see the module docstring); None: ``scale`` alone
     scale_stages: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -157,7 +168,7 @@ class QuantizedLinear:
             name: getattr(self, name).to(device) if isinstance(getattr(self, name), torch.Tensor) else getattr(self, name)
             for name in ("qweight", "scale", "zero", "g_idx", "bias", "global_scale", "input_scale", "input_zero")
         }
-        moved["packed_kn"] = None  # qweight was moved (and unpacked)
+        moved["packed_kn"] = moved["signed"] = None  # qweight was moved (and unpacked)
         if self.scale_stages is not None:
             moved["scale_stages"] = tuple(t.to(device) for t in self.scale_stages)
         return replace(self, **moved)
@@ -181,6 +192,16 @@ class QuantizedLinear:
             scale = scale / self.global_scale.float().reshape(*self.spec.batch_shape, 1, 1)
         return scale
 
+    def signed_codes(self) -> torch.Tensor:
+        """int8 ``[..., N, K]``: the integer codes minus ``2**(bits-1)`` (two's complement), as
+        signed-int8 kernels and msModelSlim store them; the reader's stored bytes when it handed
+        them over (``signed``), else computed from ``qweight``. Integer codes of ≤ 8 bits only."""
+        if self.signed is not None:
+            return self.signed
+        if self.spec.bits == 8:
+            return (self.qweight ^ 0x80).view(torch.int8)  # q - 128 wraps onto q ^ 0x80 in a byte
+        return (self.qweight.to(torch.int16) - 2 ** (self.spec.bits - 1)).to(torch.int8)
+
     def decoded_codes(self) -> torch.Tensor:
         """float32 ``decode(qweight)`` minus nothing (no zero point applied)."""
         return decode_codes(self.qweight, self.spec.weight_format)
@@ -195,10 +216,14 @@ class QuantizedLinear:
 
 def _get_qweight(layer: QuantizedLinear) -> torch.Tensor:
     if layer._qweight is None:
-        if layer.packed_kn is None:
-            raise ValueError(f"{layer.spec.name}: a layer needs qweight or packed_kn")
-        n = layer.spec.out_features
-        layer._qweight = unpack_bitstream(layer.packed_kn, 4, n).transpose(-1, -2)  # [N, K] view of [K, N]
+        if layer.packed_kn is not None:
+            n = layer.spec.out_features
+            unsigned = layer.packed_kn ^ NIBBLE_HIGH_BITS
+            layer._qweight = unpack_bitstream(unsigned, 4, n).transpose(-1, -2)  # [N, K] view of [K, N]
+        elif layer.signed is not None:
+            layer._qweight = layer.signed.view(torch.uint8) ^ 0x80  # s + 128 wraps onto s ^ 0x80 in a byte
+        else:
+            raise ValueError(f"{layer.spec.name}: a layer needs qweight, packed_kn or signed")
     return layer._qweight
 
 
@@ -207,7 +232,7 @@ def _set_qweight(layer: QuantizedLinear, value: torch.Tensor | None) -> None:
 
 
 # qweight is a dataclass field (constructor argument, replace(), repr) backed by this property, so
-# a layer built from packed_kn alone unpacks its codes only if something reads them
+# a layer built from packed_kn or signed alone makes its codes only if something reads them
 QuantizedLinear.qweight = property(_get_qweight, _set_qweight)  # type: ignore[assignment]
 
 
@@ -253,7 +278,8 @@ def _row_slice(layer: QuantizedLinear, start: int, stop: int) -> QuantizedLinear
 
     stages = None if layer.scale_stages is None else tuple(rows(t) for t in layer.scale_stages)
     return replace(
-        layer, qweight=rows(layer.qweight), scale=rows(layer.scale), zero=rows(layer.zero), packed_kn=None, scale_stages=stages
+        layer, qweight=rows(layer.qweight), scale=rows(layer.scale), zero=rows(layer.zero), packed_kn=None, signed=None,
+        scale_stages=stages
     )
 
 

@@ -52,7 +52,7 @@ from npuconv.io.safetensors_io import is_float
 from npuconv.errors import InputError, UnsupportedError
 from npuconv import model
 from npuconv.model import LinearSpec, QuantizedLinear
-from npuconv.packing import awq_unpack, awq_words_to_bitstream, int4_words_nk_to_kn, unpack_bitstream
+from npuconv.packing import NIBBLE_HIGH_BITS, awq_unpack, awq_words_to_bitstream, int4_words_nk_to_kn, unpack_bitstream
 from npuconv.readers.base import Reader, module_prefixes
 
 GEMM = "gemm"
@@ -211,14 +211,14 @@ class AWQReader(Reader):
         packed = codes = None
         if self.config.version == GEMM:
             if fused:
-                packed = awq_words_to_bitstream(qweight)
+                packed = awq_words_to_bitstream(qweight, NIBBLE_HIGH_BITS)
             else:
                 codes = unpack_gemm(qweight, spec.out_features)
             zero = unpack_gemm(qzeros, spec.out_features)
             scale = scales.t().contiguous()
         else:
             if fused and qweight.shape[1] * 8 == spec.in_features:
-                packed = int4_words_nk_to_kn(qweight)
+                packed = int4_words_nk_to_kn(qweight, NIBBLE_HIGH_BITS)
             else:
                 codes = unpack_gemv(qweight, spec.in_features)
             zero = unpack_gemv(qzeros, groups)

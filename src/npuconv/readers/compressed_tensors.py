@@ -95,7 +95,7 @@ from npuconv.model import (
     LinearSpec,
     QuantizedLinear,
 )
-from npuconv.packing import int4_words_nk_to_kn, unpack_columns, unpack_nibbles, unpack_rows
+from npuconv.packing import NIBBLE_HIGH_BITS, int4_words_nk_to_kn, unpack_columns, unpack_nibbles, unpack_rows
 from npuconv.readers.base import Reader
 
 QUANT_METHOD = "compressed-tensors"
@@ -672,14 +672,16 @@ class CompressedTensorsReader(Reader):
         w = plan.weights
         n, k, bits = spec.out_features, spec.in_features, spec.bits
         raw = self.tensor(t["weight"])
-        packed = None
+        packed = signed = None
         if (plan.format == PACKED and model.PACKED_CODES and bits == 4 and raw.dim() == 2 and n % 8 == 0
                 and raw.shape[1] * 8 == k):
-            qweight, packed = None, int4_words_nk_to_kn(raw)  # fields are already q + 8: only nibbles move
+            qweight, packed = None, int4_words_nk_to_kn(raw, NIBBLE_HIGH_BITS)  # fields are q + 8: nibbles move, bit 3 flips
         elif plan.format == PACKED:
             qweight = unpack_rows(raw, bits, k, padded=plan.legacy)
         elif plan.format in (NVFP4, MXFP4):
             qweight = unpack_nibbles(raw)[:, :k].contiguous()
+        elif spec.weight_format == INT and bits == 8 and raw.dtype == torch.int8 and model.PACKED_CODES:
+            qweight, signed = None, raw  # stored q - 128: handed over as is (model.QuantizedLinear.signed)
         elif spec.weight_format == INT:
             qweight = self._signed_to_codes(raw, bits, t["weight"])
         else:
@@ -725,6 +727,7 @@ class CompressedTensorsReader(Reader):
             input_scale=input_scale,
             input_zero=input_zero,
             packed_kn=packed,
+            signed=signed,
         )
 
     @staticmethod

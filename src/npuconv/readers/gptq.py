@@ -106,7 +106,7 @@ from npuconv.io.safetensors_io import is_float, read_bytes, read_ints
 from npuconv.errors import InputError, UnsupportedError
 from npuconv import model
 from npuconv.model import LinearSpec, QuantizedLinear
-from npuconv.packing import int4_words_k_to_n, unpack_bitstream, unpack_columns
+from npuconv.packing import NIBBLE_HIGH_BITS, int4_words_k_to_n, unpack_bitstream, unpack_columns
 from npuconv.readers.base import Reader, module_prefixes
 
 V1 = "gptq"
@@ -554,7 +554,7 @@ class GPTQReader(Reader):
         qweight = self.tensor(f"{prefix}.qweight")
         packed = None
         if model.PACKED_CODES and bits == 4 and spec.out_features % 8 == 0 and spec.in_features % 8 == 0:
-            codes, packed = None, int4_words_k_to_n(qweight)  # word transposes only, no unpacked codes
+            codes, packed = None, int4_words_k_to_n(qweight, NIBBLE_HIGH_BITS)  # word moves only, no unpacked codes
         else:
             codes = unpack_qweight(qweight, bits, spec.in_features)
         qzeros = self.tensor(f"{prefix}.qzeros")

@@ -109,7 +109,7 @@ from functools import cached_property
 
 from npuconv.lazy_torch import torch
 
-from npuconv import layouts
+from npuconv import layouts, model
 from npuconv.io.checkpoint import Checkpoint
 from npuconv.io.safetensors_io import integer_range, is_float, iter_values
 from npuconv.errors import InputError, UnsupportedError
@@ -537,6 +537,16 @@ class ModelSlimReader(Reader):
         zero = offsets if unsigned else offsets + midpoint
         return None if not bool((zero != midpoint).any()) else zero.to(torch.int16)
 
+    def _int_weight(self, name: str, layout: str, bits: int, unsigned: bool = False) -> dict[str, torch.Tensor | None]:
+        """The weight fields of a :class:`QuantizedLinear`: two's complement int8 bytes are handed
+        over as they are stored (``signed``: the fast path of ``npuconv.model``), everything else
+        as canonical codes (``qweight``)."""
+        if bits == 8 and layout == UNPACKED and not unsigned and model.PACKED_CODES:
+            raw = self.tensor(name)
+            if raw.dtype == torch.int8:
+                return {"qweight": None, "signed": raw}
+        return {"qweight": self._int_codes(name, layout, bits, unsigned)}
+
     def _int_codes(self, name: str, layout: str, bits: int, unsigned: bool = False) -> torch.Tensor:
         raw = self.tensor(name)
         if unsigned:  # AutoRound int4: the stored bytes are the canonical codes 0..15
@@ -560,7 +570,7 @@ class ModelSlimReader(Reader):
 
     def _load_int(self, spec: LinearSpec, plan: _Plan) -> QuantizedLinear:
         t = plan.tensors
-        codes = self._int_codes(t["weight"], plan.layout, spec.bits, plan.unsigned)
+        weight = self._int_weight(t["weight"], plan.layout, spec.bits, plan.unsigned)
         scale = self._scale(t["weight_scale"], negative_ok=plan.unsigned)
         if "weight_scale_second" in t:
             # two-stage: msModelSlim's saver dequantizes (q * weight_scale_second) * weight_scale in
@@ -568,14 +578,14 @@ class ModelSlimReader(Reader):
             channel = scale.float().reshape(spec.out_features, 1)
             group = self._scale(t["weight_scale_second"]).float().reshape(spec.out_features, plan.groups)
             zero = self._zero(t.get("weight_offset_second"), spec, plan.groups)
-            return QuantizedLinear(spec, codes, channel * group, zero, scale_stages=(group, channel))
+            return QuantizedLinear(spec, scale=channel * group, zero=zero, scale_stages=(group, channel), **weight)
         scale = scale.reshape(spec.out_features, plan.groups)
         zero = self._zero(t.get("weight_offset"), spec, plan.groups, plan.unsigned)
-        return QuantizedLinear(spec, codes, scale, zero)
+        return QuantizedLinear(spec, scale=scale, zero=zero, **weight)
 
     def _load_static(self, spec: LinearSpec, plan: _Plan) -> QuantizedLinear:
         t = plan.tensors
-        codes = self._int_codes(t["weight"], UNPACKED, 8)
+        weight = self._int_weight(t["weight"], UNPACKED, 8)
         input_scale = self.tensor(t["input_scale"]).float().reshape(1)
         input_zero = self.tensor(t["input_offset"]).float().reshape(1)
         if "weight_scale" in t:
@@ -585,7 +595,7 @@ class ModelSlimReader(Reader):
             self.check_scale(t["deq_scale"], deq)
             scale = deq / input_scale
         zero = self._zero(t.get("weight_offset"), spec, plan.groups)
-        return QuantizedLinear(spec, codes, scale, zero, input_scale=input_scale, input_zero=input_zero)
+        return QuantizedLinear(spec, scale=scale, zero=zero, input_scale=input_scale, input_zero=input_zero, **weight)
 
     def _load_fp8(self, spec: LinearSpec, plan: _Plan) -> QuantizedLinear:
         t = plan.tensors

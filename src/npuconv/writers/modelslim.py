@@ -392,7 +392,10 @@ class ModelSlimTarget(Target):
     def _write_int(self, layer: QuantizedLinear, qtype: str) -> dict[str, torch.Tensor]:
         spec = layer.spec
         midpoint = 2 ** (STORAGE_BITS[qtype] - 1)
-        signed = (layer.qweight.to(torch.int16) - midpoint).to(torch.int8).contiguous()  # [N, K], as msModelSlim holds it
+        if STORAGE_BITS[qtype] == spec.bits:
+            signed = layer.signed_codes().contiguous()  # [N, K], as msModelSlim holds it
+        else:  # narrower codes in a wider type: centred on the type's midpoint (the offset below follows)
+            signed = (layer.qweight.to(torch.int16) - midpoint).to(torch.int8).contiguous()
         if qtype == "W8A8":
             return self._write_static(layer, signed)
         scale = layer.scale.to(torch.float32).contiguous()

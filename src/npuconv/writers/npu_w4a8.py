@@ -63,8 +63,7 @@ A8W4_MAX_K = 18432
 GROUP_SCALE_VIA_FP16 = True
 def signed_kn(layer: QuantizedLinear) -> torch.Tensor:
     """Signed int8 values ``q − 2**(bits−1)`` of the canonical codes, transposed to ``[..., K, N]``."""
-    midpoint = 2 ** (layer.spec.bits - 1)
-    return (layer.qweight.to(torch.int16) - midpoint).to(torch.int8).transpose(-1, -2).contiguous()
+    return layer.signed_codes().transpose(-1, -2).contiguous()
 
 
 def codes_from_signed_kn(values_kn: torch.Tensor, bits: int) -> torch.Tensor:

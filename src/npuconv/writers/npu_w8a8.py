@@ -106,7 +106,7 @@ class NpuW8A8Target(Target):
     def write_layer(self, layer: QuantizedLinear) -> dict[str, torch.Tensor]:
         spec = layer.spec
         entries = self.tensor_entries(spec)
-        signed = (layer.qweight - 128).view(torch.int8)  # [.., N, K]
+        signed = layer.signed_codes()  # int8 [.., N, K]
         weight_scale = layer.effective_scale()[..., 0]  # [.., N] fp32
         out = {
             # [.., K, N]: NZ tiles are gathered straight from the transposed view (one copy, not two)

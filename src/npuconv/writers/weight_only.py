@@ -38,7 +38,7 @@ from npuconv import layouts
 from npuconv.entries import tensor_entry
 from npuconv.io.safetensors_io import name_of
 from npuconv.model import INT, LinearSpec, QuantizedLinear
-from npuconv.packing import NIBBLE_HIGH_BITS, pack_nibbles
+from npuconv.packing import pack_nibbles
 from npuconv.errors import InputError
 from npuconv.writers.base import ROW, Target, Thresholds
 from npuconv.writers.npu_common import (
@@ -146,26 +146,25 @@ class WeightOnlyIntTarget(Target):
     def write_layer(self, layer: QuantizedLinear) -> dict[str, torch.Tensor]:
         spec = layer.spec
         entries = self.tensor_entries(spec)
-        midpoint = 2 ** (spec.bits - 1)
         out: dict[str, torch.Tensor] = {}
         if spec.act_order:
             assert layer.g_idx is not None
             out["perm"] = act_order_perm(layer.g_idx, spec.group_size, spec.name)
         if self.storage_bits == 4 and spec.bits == 4 and layer.packed_kn is not None:
-            # the reader's words are already int4pack-ordered unsigned codes: sort K rows, flip bit 3
+            # the reader's words are int4pack already (order and signed values): only sort K rows
             words = layer.packed_kn if "perm" not in out else layer.packed_kn[..., out["perm"].long(), :]
-            out["weight"] = maybe_nz(words ^ NIBBLE_HIGH_BITS, entries["weight"].get("c0"))
+            out["weight"] = maybe_nz(words, entries["weight"].get("c0"))
             return self._finish(layer, entries, out)
-        codes = layer.qweight if "perm" not in out else layer.qweight[..., out["perm"].long()]
-        codes_kn = codes.transpose(-1, -2).contiguous()  # free when the reader returned a [K, N] view
         if self.storage_bits == 4 and spec.bits == 4:
+            codes = layer.qweight if "perm" not in out else layer.qweight[..., out["perm"].long()]
+            codes_kn = codes.transpose(-1, -2).contiguous()  # free when the reader returned a [K, N] view
             # two's-complement nibble of q - 8 is q ^ 8: pack the codes, then flip bit 3 of both nibbles
             weight = (pack_nibbles(codes_kn) ^ 0x88).view(torch.int32)
-        elif self.storage_bits == 4:
-            weight = layouts.int4pack((codes_kn - midpoint).view(torch.int8))
-        else:  # unsigned code - 128, wrapping in uint8: the int8 view is the signed value
-            weight = (codes_kn - midpoint).view(torch.int8)
-        out["weight"] = maybe_nz(weight, entries["weight"].get("c0"))
+        else:
+            signed = layer.signed_codes() if "perm" not in out else layer.signed_codes()[..., out["perm"].long()]
+            signed_kn = signed.transpose(-1, -2)
+            weight = layouts.int4pack(signed_kn.contiguous()) if self.storage_bits == 4 else signed_kn
+        out["weight"] = maybe_nz(weight, entries["weight"].get("c0")).contiguous()  # NZ gathers from the view
         return self._finish(layer, entries, out)
 
     def _finish(self, layer: QuantizedLinear, entries: dict[str, dict], out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
