@@ -6,6 +6,7 @@ main's ``src``) the two sides alternate run by run, so a shared machine's load h
 
     python benchmarks/startup.py                                  # this checkout only
     python benchmarks/startup.py --before /path/to/main/src      # before/after table
+    python benchmarks/startup.py --fixtures ms_w4a8_dynamic gptq_v2_b4_g32_asym   # inspect of these
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
-COMMANDS = [
-    ["--help"],
-    ["--version"],
-    *[["inspect", str(FIXTURES / name), *extra]
-      for name in ("awq_gemm_g128", "ct020_w4a16_g32_asym", "ct020_w8a8_int", "ms_w8a8_mxfp8", "gptq_v1_b4_g32_sym")
-      for extra in ([], ["--json"])],
-]
+DEFAULT_FIXTURES = ("awq_gemm_g128", "ct020_w4a16_g32_asym", "ct020_w8a8_int", "ms_w8a8_mxfp8", "gptq_v1_b4_g32_sym")
+
+
+def commands(fixtures: list[str]) -> list[list[str]]:
+    """``--help``, ``--version``, then ``inspect`` and ``inspect --json`` of each fixture."""
+    inspect = [["inspect", str(FIXTURES / name), *extra] for name in fixtures for extra in ([], ["--json"])]
+    return [["--help"], ["--version"], *inspect]
 
 
 def timed(src: Path, args: list[str]) -> tuple[float, int]:
@@ -40,12 +41,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before", type=Path, help="the src/ directory of the version to compare against")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--fixtures", nargs="+", default=list(DEFAULT_FIXTURES), metavar="NAME",
+                        help="fixtures (tests/fixtures/NAME) to inspect")
     args = parser.parse_args()
     sides = {"after": ROOT / "src"} if args.before is None else {"before": args.before, "after": ROOT / "src"}
     print(f"load average {os.getloadavg()[0]:.2f}")
     print("| command | " + " | ".join(sides) + " |")
     print("|---|" + "---|" * len(sides))
-    for command in COMMANDS:
+    for command in commands(args.fixtures):
         runs: dict[str, list[tuple[float, int]]] = {side: [] for side in sides}
         for _ in range(args.repeats):
             for side, src in sides.items():

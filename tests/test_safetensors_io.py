@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import struct
 
 import pytest
@@ -11,10 +12,14 @@ from hypothesis import given, settings, strategies as st
 
 from npuconv.errors import InputError, OutputError
 from npuconv.io.safetensors_io import (
+    MAP_MIN_BYTES,
     StreamingWriter,
     TensorPlan,
     encode_header,
+    integer_range,
+    iter_values,
     read_header,
+    read_ints,
     read_tensor,
     save_file,
 )
@@ -41,6 +46,72 @@ def test_round_trip_all_dtypes(tmp_path):
         got = read_tensor(infos[name])
         assert got.dtype == tensor.dtype and got.shape == tensor.shape
         assert torch.equal(got.view(torch.uint8), tensor.view(torch.uint8))
+
+
+def test_values_read_without_torch_equal_the_tensors(tmp_path, monkeypatch):
+    """iter_values (struct, no torch) gives torch's values for every dtype Python can hold, across chunks."""
+    monkeypatch.setattr("npuconv.io.safetensors_io.VALUES_PER_CHUNK", 3)
+    tensors = {
+        "bool": torch.tensor([[True, False, True], [False, False, True]]),
+        "u8": torch.tensor([0, 255, 7], dtype=torch.uint8),
+        "i8": torch.tensor([-128, 127, -1, 0], dtype=torch.int8),
+        "i16": torch.tensor([-32768, 32767], dtype=torch.int16),
+        "i32": torch.tensor([[-2**31, 2**31 - 1], [5, -6]], dtype=torch.int32),
+        "i64": torch.tensor([-2**63, 2**63 - 1, 3, 4, 5, 6, 7], dtype=torch.int64),
+        "f16": torch.tensor([0.1, -65504.0, float("inf"), 6e-8, -0.0, 3.0, 2.5], dtype=torch.float16),
+        "bf16": torch.tensor([[0.1, -3e38, float("-inf")], [1e-40, 8.0, -0.5]], dtype=torch.bfloat16),
+        "f32": torch.tensor([0.1, -1e-45, 3.4e38], dtype=torch.float32),
+        "f64": torch.tensor([0.1, 1e-300, -1e300, 0.5], dtype=torch.float64),
+        "empty": torch.zeros(0, 4, dtype=torch.float32),
+    }
+    path = tmp_path / "v.safetensors"
+    save_file(tensors, path)
+    infos, _ = read_header(path)
+    for name, tensor in tensors.items():
+        got = list(iter_values(infos[name]))
+        assert got == tensor.flatten().tolist(), name
+        assert all(type(a) is type(b) for a, b in zip(got, tensor.flatten().tolist())), name
+    nan = torch.tensor([float("nan")], dtype=torch.bfloat16)
+    save_file({"nan": nan}, path)
+    assert math.isnan(next(iter_values(read_header(path)[0]["nan"])))
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.int8, torch.int16, torch.uint16, torch.int32,
+                                   torch.int64, torch.uint64, torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("values, expected", [
+    ([[3, 0, 3, 7], [7, 1, 0, 3]], (0, 7)),
+    ([[3, 0, 3, 7], [7, 1.5, 0, 3]], None),
+    ([[3, 0, float("nan"), 7], [7, 1, 0, 3]], None),
+    ([[3, 0, float("inf"), 7], [7, 1, 0, 3]], None),
+])
+def test_integer_range_is_the_same_with_and_without_torch(tmp_path, monkeypatch, dtype, values, expected):
+    tensor = torch.tensor(values)
+    if not dtype.is_floating_point:
+        if expected is None:
+            return  # an integer tensor holds only integers
+        expected = (0, 1) if dtype == torch.bool else expected
+    path = tmp_path / "r.safetensors"
+    save_file({"t": tensor.to(dtype)}, path)
+    info = read_header(path)[0]["t"]
+    without_torch = integer_range(info)
+    monkeypatch.setattr("npuconv.io.safetensors_io.TORCH_FREE_VALUES", 7)  # 8 values: read with torch
+    assert integer_range(info) == without_torch == expected
+    assert expected is None or list(map(type, without_torch)) == [int, int]
+
+
+def test_values_of_float8_and_ints_of_floats_are_refused(tmp_path, monkeypatch):
+    path = tmp_path / "v.safetensors"
+    save_file({"f8": torch.zeros(2).to(torch.float8_e4m3fn), "f32": torch.zeros(2)}, path)
+    infos, _ = read_header(path)
+    with pytest.raises(InputError, match="tensor 'f8' is float8_e4m3fn; expected an integer, bool or float16"):
+        iter_values(infos["f8"])
+    with pytest.raises(InputError, match="tensor 'f8' is float8_e4m3fn"):
+        integer_range(infos["f8"])
+    monkeypatch.setattr("npuconv.io.safetensors_io.TORCH_FREE_VALUES", 1)  # the same dtypes when read with torch
+    with pytest.raises(InputError, match="tensor 'f8' is float8_e4m3fn"):
+        integer_range(infos["f8"])
+    with pytest.raises(InputError, match="tensor 'f32' is float32, not an integer type"):
+        read_ints(infos["f32"])
 
 
 def test_compatible_with_reference_library(tmp_path):
@@ -116,6 +187,31 @@ def test_truncated_tensor_read(tmp_path):
     infos, _ = read_header(path)
     path.write_bytes(path.read_bytes()[:-16])
     with pytest.raises(InputError, match="truncated"):
+        read_tensor(infos["t"])
+
+
+def test_large_tensors_are_mapped_privately(tmp_path):
+    # tensors of MAP_MIN_BYTES and more are mapped copy-on-write: same values, writable, and a write
+    # to the tensor never reaches the file (the input is never modified)
+    path = tmp_path / "x.safetensors"
+    values = torch.arange(MAP_MIN_BYTES // 4 + 3, dtype=torch.int32)
+    save_file({"small": torch.ones(3), "t": values}, path)
+    before = path.read_bytes()
+    infos, _ = read_header(path)
+    assert infos["t"].nbytes >= MAP_MIN_BYTES and infos["t"].start % 4096  # not page-aligned: offset handled
+    tensor = read_tensor(infos["t"])
+    assert torch.equal(tensor, values)
+    tensor.fill_(-1)
+    assert path.read_bytes() == before
+    assert torch.equal(read_tensor(infos["t"]), values)
+
+
+def test_truncated_mapped_tensor_read(tmp_path):
+    path = tmp_path / "x.safetensors"
+    save_file({"t": torch.zeros(MAP_MIN_BYTES // 4, dtype=torch.float32)}, path)
+    infos, _ = read_header(path)
+    path.write_bytes(path.read_bytes()[:-16])
+    with pytest.raises(InputError, match=r"truncated \(\d+ of \d+ bytes\)"):
         read_tensor(infos["t"])
 
 

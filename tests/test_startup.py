@@ -2,9 +2,9 @@
 where no tensor has to be made. Not a timing test (speed is in ``benchmarks/RESULTS.md``): each
 command runs in a fresh interpreter and reports whether ``torch`` ended up in ``sys.modules``.
 
-Where ``inspect`` does need torch, by its format's own rule, the fixture is left out below:
-GPTQ tells v1 from v2 by the zero points (and codes) it unpacks, msModelSlim integer types decide
-``symmetric`` from the offset tensors.
+Where ``inspect`` does need torch, by its format's own rule, the fixture is left out below: an
+asymmetric GPTQ checkpoint tells v1 from v2 by statistics of the codes it unpacks (a symmetric one
+by its packed zero-point words, without torch; msModelSlim offsets are read without torch too).
 """
 
 from __future__ import annotations
@@ -44,6 +44,13 @@ TORCH_FREE_FIXTURES = [
     "ct020_moe_qwen2_w4a16_g32_asym",
     "ct020_moe_mixtral_w8a8_int",
     "ms_w8a8_mxfp8",
+    "gptq_v1_b4_g32_sym",
+    "ms_w8a8_static_fp16",
+    "ms_w8a16_per_group32_asym",
+    "ms_w4a8_dynamic",
+    "ms_v0_w4a8_dynamic_g32",
+    "ms_w4a4_dynamic_g32_asym_autoround",
+    "ms_mixed_w8a8dyn_attn_w4a8dyn_mlp",
 ]
 
 
@@ -95,5 +102,5 @@ def test_inspect_of_an_npuconv_output_does_not_import_torch(tmp_path):
 
 
 def test_the_probe_sees_torch_when_it_is_imported():
-    """The check can fail: GPTQ's v1/v2 detection unpacks zero points with torch."""
-    assert torch_imported(run_probe("inspect", str(FIXTURES / "gptq_v1_b4_g32_sym")))
+    """The check can fail: GPTQ's v1/v2 detection of an asymmetric checkpoint unpacks codes with torch."""
+    assert torch_imported(run_probe("inspect", str(FIXTURES / "gptq_v2_b4_g32_asym")))

@@ -19,7 +19,7 @@ from npuconv.io.checkpoint import Checkpoint
 from npuconv.errors import InputError, UnsupportedError
 from npuconv.model import dequantize
 from npuconv.readers import open_reader
-from npuconv.readers.gptq import V1, V2, GPTQReader, decode_zero_points, unpack_qweight
+from npuconv.readers.gptq import V1, V2, GPTQReader, decode_zero_points, symmetric_verdict, unpack_qweight, unpack_zero_fields
 from npuconv.io.safetensors_io import save_file
 
 # fixture → (detected format, bits, group_size, sym, desc_act)
@@ -170,6 +170,56 @@ def test_3bit_v1_zero_point_zero_is_per_field():
     stream = 7 | 4 << 3  # fields 7, 4, 0, ...
     qzeros = words(stream, 0, 0).reshape(1, 3)
     assert decode_zero_points(qzeros, 3, 32, V1).flatten().tolist()[:3] == [0, 5, 1]
+
+
+@pytest.mark.parametrize(
+    "bits, v1_word, v2_word",
+    [(2, 0x55555555, 0xAAAAAAAA), (4, 0x77777777, 0x88888888), (8, 0x7F7F7F7F, 0x80808080)],
+)
+def test_symmetric_verdict_from_the_stored_words(bits, v1_word, v2_word):
+    # §1.4: every field of a sym module is 2^(b-1) - 1 (v1) or 2^(b-1) (v2); decided on the bytes
+    n = 64 // bits  # [G=3, 2 words]
+    assert symmetric_verdict(words(*[v1_word] * 6).numpy().tobytes(), 2, bits, n) == (V1, 2 ** (bits - 1) - 1)
+    assert symmetric_verdict(words(*[v2_word] * 6).numpy().tobytes(), 2, bits, n) == (V2, 2 ** (bits - 1))
+    one_off = words(*[v1_word] * 5, v1_word ^ (1 << bits)).numpy().tobytes()  # field 1 of the last word
+    assert symmetric_verdict(one_off, 2, bits, n) is None
+
+
+def test_3bit_symmetric_verdict_ignores_the_padding_of_the_last_word():
+    # N = 8 fields of 3 bits fill bits 0..23 of one word; bits 24..31 are no field
+    v1 = sum(3 << (3 * i) for i in range(8))
+    assert symmetric_verdict(words(v1 | 0xFF000000, v1).numpy().tobytes(), 1, 3, 8) == (V1, 3)
+    assert symmetric_verdict(words(v1 | 1 << 23).numpy().tobytes(), 1, 3, 8) is None  # field 7: 0b011 → 0b111
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    bits=st.sampled_from([2, 3, 4, 8]),
+    n=st.integers(1, 80),
+    groups=st.integers(1, 3),
+    base=st.sampled_from(["v1", "v2"]),
+    flip=st.none() | st.tuples(st.integers(0, 239), st.integers(0, 7)),
+    padding=st.integers(0, 2**32 - 1),
+)
+def test_symmetric_verdict_matches_the_unpacked_fields(bits, n, groups, base, flip, padding):
+    """The packed-word rule agrees with comparing the fields :func:`unpack_zero_fields` unpacks."""
+    value = 2 ** (bits - 1) - (base == "v1")
+    fields = [[value] * n for _ in range(groups)]
+    if flip is not None:
+        row, bit = flip[0] % groups, flip[1] % bits
+        fields[row][flip[0] % n] ^= 1 << bit
+    nwords = -(-n * bits // 32)
+    unused = 32 * nwords - n * bits  # padding bits above field n - 1 in the last word
+    rows = [pack_stream(row, bits, nwords) for row in fields]
+    for row in rows:
+        row[-1] |= (padding << (32 - unused)) & 0xFFFFFFFF
+    qzeros = to_int32(rows)
+    unpacked = unpack_zero_fields(qzeros, bits, n)
+    midpoint = 2 ** (bits - 1)
+    expected = (V1, midpoint - 1) if bool((unpacked == midpoint - 1).all()) else (
+        (V2, midpoint) if bool((unpacked == midpoint).all()) else None)
+    assert symmetric_verdict(qzeros.numpy().tobytes(), nwords, bits, n) == expected
+    assert (expected is None) == (flip is not None)
 
 
 # ------------------------------------------------------------------- test-local packer (from the spec)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_reference, open_fixture
+from conftest import FIXTURES as FIXTURES_DIR, load_reference, open_fixture
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -51,6 +51,14 @@ def test_fixture_bit_exact(name):
         got = dequantize(reader.load(spec))
         assert got.dtype == torch.float32
         assert torch.equal(got, reference[f"{spec.name}.weight"]), spec.name
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in FIXTURES_DIR.glob("ms_*")))
+def test_offsets_read_with_or_without_torch_give_the_same_layers(name, monkeypatch):
+    # per-channel offsets are read without torch (inspect), large per-group ones with it: same specs
+    without_torch = open_fixture(name).linear_specs()
+    monkeypatch.setattr("npuconv.io.safetensors_io.TORCH_FREE_VALUES", 0)
+    assert open_fixture(name).linear_specs() == without_torch
 
 
 @pytest.mark.parametrize("name", sorted(FIXTURES))
@@ -713,6 +721,51 @@ def test_unexplained_tensor_of_a_layer(tmp_path):
 def test_non_integer_offset(tmp_path):
     root = build(tmp_path, {P: ("W8A16", {**W8, "weight_offset": f32([[0.5]])})})
     with pytest.raises(InputError, match=rf"'{P}\.weight_offset'.*0\.5"):
+        scan(root)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0.5, 2.0**15])
+def test_non_integer_offset_names_the_first_bad_value(tmp_path, bad):
+    # offsets are read without torch at scan (inspect); the message names the first bad one in storage order
+    offsets = f32([[0.0, 1.0], [bad, -0.25], [3.0, 0.0]])
+    root = build(tmp_path, {P: ("W8A16", {"weight": i8([[1, 2, 3, 4]] * 3), "weight_scale": torch.ones(3, 2),
+                                          "weight_offset": offsets})})
+    with pytest.raises(InputError, match=rf"'{P}\.weight_offset': offset {bad} is not an integer zero point"):
+        scan(root)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32])
+def test_offsets_of_every_stored_dtype(tmp_path, dtype):
+    # msModelSlim writes float32, the model dtype (bf16/fp16) or int64 offsets: all read exactly
+    root = build(tmp_path, {P: ("W8A16", {
+        "weight": i8([[1, 2, 3, 4], [5, 6, 7, 8]]), "weight_scale": torch.ones(2, 2),
+        "weight_offset": torch.tensor([[0, -3], [100, 0]], dtype=dtype),
+    })})
+    reader, spec, layer = read_one(root)
+    assert not spec.symmetric
+    assert layer.zero.tolist() == [[128, 125], [228, 128]]
+
+
+def test_float8_offsets_are_refused(tmp_path):
+    root = build(tmp_path, {P: ("W8A16", {**W8, "weight_offset": torch.zeros(1, 1).to(torch.float8_e4m3fn)})})
+    with pytest.raises(InputError, match=rf"'{P}\.weight_offset' is float8_e4m3fn; expected an integer"):
+        scan(root)
+
+
+@pytest.mark.parametrize("offset", [float("nan"), float("inf"), 0.5])
+def test_static_input_offset_not_an_integer(tmp_path, offset):
+    # nan and inf ended in a traceback (round(nan)) before offsets were read without torch
+    parts = static_parts(fp32_bits_int64([0.75, 0.375]), input_offset=f32([offset]))
+    root = build(tmp_path, {P: ("W8A8", parts)})
+    with pytest.raises(InputError, match=rf"'{P}\.input_offset': input offset {offset} is not an integer"):
+        scan(root)
+
+
+def test_static_input_scale_is_checked_as_float32(tmp_path):
+    # the scale is loaded as float32: a float64 1e-60 is 0 there, so it is refused at scan
+    parts = static_parts(fp32_bits_int64([0.75, 0.375]), input_scale=torch.tensor([1e-60], dtype=torch.float64))
+    root = build(tmp_path, {P: ("W8A8", parts)})
+    with pytest.raises(InputError, match=rf"'{P}\.input_scale': input scale 0.0 is not a positive number"):
         scan(root)
 
 

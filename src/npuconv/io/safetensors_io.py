@@ -13,6 +13,7 @@ streams each tensor's bytes as it is produced.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import mmap
@@ -21,7 +22,7 @@ import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable
+from typing import BinaryIO, Iterable, Iterator
 
 from npuconv.lazy_torch import torch
 
@@ -29,10 +30,11 @@ from npuconv.errors import InputError, OutputError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
-#: safetensors dtype code → (torch dtype name, bytes per element, ``struct`` format of an integer
-#: or bool type, else None): the one dtype table. Names are torch's attribute names (``torch.float16`` →
-#: ``"float16"``), so headers, specs and manifests carry names and torch is imported only where a
-#: tensor is made (:func:`torch_dtype`).
+#: safetensors dtype code → (torch dtype name, bytes per element, ``struct`` format of one element or
+#: None): the one dtype table. Names are torch's attribute names (``torch.float16`` → ``"float16"``), so
+#: headers, specs and manifests carry names and torch is imported only where a tensor is made
+#: (:func:`torch_dtype`). The format is None where ``struct`` has none: bfloat16 (:func:`iter_values`
+#: reads it as the high half of a float32) and the float8 types (read with torch only).
 DTYPES: dict[str, tuple[str, int, str | None]] = {
     "BOOL": ("bool", 1, "?"),
     "U8": ("uint8", 1, "B"),
@@ -43,15 +45,18 @@ DTYPES: dict[str, tuple[str, int, str | None]] = {
     "U32": ("uint32", 4, "I"),
     "I64": ("int64", 8, "q"),
     "U64": ("uint64", 8, "Q"),
-    "F16": ("float16", 2, None),
+    "F16": ("float16", 2, "e"),
     "BF16": ("bfloat16", 2, None),
-    "F32": ("float32", 4, None),
-    "F64": ("float64", 8, None),
+    "F32": ("float32", 4, "f"),
+    "F64": ("float64", 8, "d"),
     "F8_E4M3": ("float8_e4m3fn", 1, None),
     "F8_E5M2": ("float8_e5m2", 1, None),
 }
 _CODES: dict[str, str] = {name: code for code, (name, _, _) in DTYPES.items()}
-_INT_FORMATS: dict[str, str] = {name: fmt for name, _, fmt in DTYPES.values() if fmt}
+_FORMATS: dict[str, str] = {name: fmt for name, _, fmt in DTYPES.values() if fmt}
+_FORMATS["bfloat16"] = "f"  # after widening to float32 (iter_values)
+VALUES_PER_CHUNK = 1 << 16  # iter_values: Python objects made at a time
+TORCH_FREE_VALUES = 1 << 16  # integer_range: tensors up to this many values are read without torch
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -257,13 +262,8 @@ def _map_bytes(info: TensorInfo) -> torch.Tensor:
     return torch.frombuffer(mapped, dtype=torch.uint8, count=info.nbytes, offset=info.start - start)
 
 
-def read_ints(info: TensorInfo) -> list[int]:
-    """The values of an integer (or bool) tensor, flattened, as Python ints — read without torch (for small
-    index vectors such as GPTQ's ``g_idx``, checked by ``inspect``). Byte order: little-endian, as
-    stored (the host's, as :func:`read_tensor` assumes too)."""
-    fmt = _INT_FORMATS.get(info.dtype_name)
-    if fmt is None:
-        raise InputError(f"{info.path.name}: tensor '{info.name}' is {info.dtype_name}, not an integer type")
+def read_bytes(info: TensorInfo) -> bytes:
+    """The stored bytes of one tensor (row-major, little-endian), read without torch."""
     try:
         with open(info.path, "rb") as f:
             f.seek(info.start)
@@ -272,7 +272,68 @@ def read_ints(info: TensorInfo) -> list[int]:
         raise InputError(f"{info.path.name}: cannot read tensor '{info.name}': {e.strerror or e}") from None
     if len(data) != info.nbytes:
         raise InputError(f"{info.path.name}: tensor '{info.name}' is truncated ({len(data)} of {info.nbytes} bytes)")
-    return memoryview(data).cast(fmt).tolist()
+    return data
+
+
+def _value_format(info: TensorInfo) -> str:
+    """The ``struct`` format :func:`iter_values` reads ``info``'s elements with (bfloat16: widened to float32)."""
+    fmt = _FORMATS.get(info.dtype_name)
+    if fmt is None:
+        raise InputError(
+            f"{info.path.name}: tensor '{info.name}' is {info.dtype_name}; expected an integer, bool or "
+            "float16/bfloat16/float32/float64 tensor"
+        )
+    return fmt
+
+
+def iter_values(info: TensorInfo) -> Iterator[int | float | bool]:
+    """The values of a tensor, flattened (row-major), as Python objects — read without torch, for
+    the small tensors ``inspect`` looks at (GPTQ ``g_idx``, msModelSlim offsets). Integers and bool
+    as stored; float16/32/64 exactly (``struct``); bfloat16 exactly, as the float32 whose high 16
+    bits it is. Float8 types: :class:`InputError` (no Python type). Byte order: little-endian, as
+    stored (the host's, as :func:`read_tensor` assumes too). Objects are made
+    :data:`VALUES_PER_CHUNK` at a time: memory is the tensor's bytes plus one chunk."""
+    fmt = _value_format(info)
+    data = read_bytes(info)
+    if info.dtype_name == "bfloat16":  # float32 bytes (0, 0, low, high) per bfloat16 (low, high)
+        wide = bytearray(2 * len(data))
+        wide[2::4], wide[3::4] = data[0::2], data[1::2]
+        data = wide
+    size = struct.calcsize(fmt)
+    step = VALUES_PER_CHUNK * size
+    chunks = (
+        struct.unpack_from(f"<{min(step, len(data) - start) // size}{fmt}", data, start) for start in range(0, len(data), step)
+    )
+    return itertools.chain.from_iterable(chunks)
+
+
+def integer_range(info: TensorInfo) -> tuple[int, int] | None:
+    """(min, max) of a non-empty tensor's values when every value is an integer (float types: finite
+    and integral), else None. Dtypes as :func:`iter_values`.
+
+    Up to :data:`TORCH_FREE_VALUES` values are read without torch (per-channel vectors: ``inspect``
+    stays torch-free); a larger tensor is read with torch, since one Python object per value
+    (~60 ns) would make a model's per-group tensors (10^8 values) cost more than importing torch.
+    """
+    if info.numel <= TORCH_FREE_VALUES or info.dtype_name == "uint64":  # torch: no min/max of uint64
+        distinct = set(iter_values(info))
+        if is_float(info.dtype_name) and not all(value.is_integer() for value in distinct):
+            return None
+        return int(min(distinct)), int(max(distinct))
+    _value_format(info)  # the same dtypes either way
+    tensor = read_tensor(info)
+    if not tensor.is_floating_point():
+        tensor = tensor.to(torch.int64)  # exact; torch has no min/max of uint16/uint32
+    elif not bool((torch.isfinite(tensor) & (tensor == tensor.round())).all()):
+        return None
+    return int(tensor.min()), int(tensor.max())
+
+
+def read_ints(info: TensorInfo) -> list[int]:
+    """The values of an integer (or bool) tensor, flattened, as Python ints (:func:`iter_values`)."""
+    if is_float(info.dtype_name):
+        raise InputError(f"{info.path.name}: tensor '{info.name}' is {info.dtype_name}, not an integer type")
+    return list(iter_values(info))
 
 
 @dataclass(frozen=True)

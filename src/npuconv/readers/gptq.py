@@ -61,7 +61,8 @@ v1 or v2: detected from the data, not taken from the config
     1. **Symmetric modules (exact).** GPTQ's symmetric quantizer fixes ``z = 2**(b-1)``, so every
        field of a symmetric module is ``2**(b-1) - 1`` under v1 (``0x77777777`` words at 4 bits)
        and ``2**(b-1)`` under v2. The first symmetric module whose fields are all one of these
-       two values decides.
+       two values decides. This is read from the packed words, without unpacking and without torch
+       (:func:`symmetric_verdict`), so ``inspect`` of a symmetric checkpoint imports no torch.
     2. **Asymmetric modules (statistical).** The asymmetric quantizer maps ``w = 0`` to code ``z``
        (``q = round(w / s) + z`` with ``z = round(-min / s)``), and a group's weights are centred
        on zero, so the mean code of a group sits at ``z`` give or take ``mean(w) / s``. Per group,
@@ -73,7 +74,8 @@ v1 or v2: detected from the data, not taken from the config
        sampled in checkpoint order (at most :data:`DETECT_CODES_PER_MODULE` codes from the first
        output rows of each, at most :data:`DETECT_MAX_MODULES` modules) until the estimate is at
        least :data:`DETECT_Z` standard errors from 0.5 and inside ``[-0.5, 1.5]``, on at least
-       :data:`DETECT_MIN_GROUPS` groups.
+       :data:`DETECT_MIN_GROUPS` groups. This step unpacks codes and zero points with torch
+       (``inspect`` of an asymmetric checkpoint imports it: the statistics are tensor work).
     3. Otherwise (too few or contradictory data) the declared format is used, with a warning.
 
     Why not the distribution of the fields alone (mean field ``(2**b - 1) / 2`` under v2, one
@@ -100,7 +102,7 @@ from dataclasses import dataclass, field, replace
 from npuconv.lazy_torch import torch
 
 from npuconv.io.checkpoint import Checkpoint
-from npuconv.io.safetensors_io import is_float, read_ints
+from npuconv.io.safetensors_io import is_float, read_bytes, read_ints
 from npuconv.errors import InputError, UnsupportedError
 from npuconv import model
 from npuconv.model import LinearSpec, QuantizedLinear
@@ -141,13 +143,20 @@ def unpack_zero_fields(qzeros: torch.Tensor, bits: int, out_features: int) -> to
     return unpack_bitstream(qzeros, bits, out_features)
 
 
+def repeated_field(value: int, bits: int, count: int) -> int:
+    """``count`` ``bits``-bit fields all equal to ``value``, as the integer whose LSB-first bits they
+    are: ``sum_j value << (b*j)`` (field ``j`` at bits ``[j*b, j*b+b)``, the bitstream order of
+    :mod:`npuconv.packing`)."""
+    return value * sum(1 << (bits * j) for j in range(count))
+
+
 def add_one_per_field(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
     """GPTQModel's v1 → v2 word arithmetic: add ``sum_j 2**(b*j)`` to each int32 word, mod 2**32.
 
     This adds 1 to every ``b``-bit field at once, carries propagating into the next field (the
     exact inverse of GPTQModel's v2 → v1 export, borrow included). For b in {2, 4, 8} only.
     """
-    constant = sum(1 << (bits * j) for j in range(32 // bits))
+    constant = repeated_field(1, bits, 32 // bits)
     words = (qzeros.to(torch.int64) + constant) & 0xFFFFFFFF
     return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
 
@@ -168,13 +177,23 @@ def decode_zero_points(qzeros: torch.Tensor, bits: int, out_features: int, check
 
 
 # ----------------------------------------------------------------------------------- v1/v2 detection
-def symmetric_verdict(fields: torch.Tensor, bits: int) -> str | None:
-    """V1 if every raw field is ``2**(b-1) - 1``, V2 if every field is ``2**(b-1)``, else None."""
+def symmetric_verdict(qzeros: bytes, row_words: int, bits: int, out_features: int) -> tuple[str, int] | None:
+    """(V1, ``2**(b-1) - 1``) if every raw zero field is ``2**(b-1) - 1``, (V2, ``2**(b-1)``) if
+    every field is ``2**(b-1)``, else None.
+
+    ``qzeros``: the stored bytes of int32 ``[G, row_words]``. Decided on the packed words, without
+    unpacking (and without torch: ``inspect`` runs this): the N fields of a row all equal ``v``
+    exactly when the row's bits ``[0, N*b)``, read as one little-endian integer, equal
+    :func:`repeated_field` ``(v, b, N)`` (bits past field N, padding of the last word, are ignored,
+    as :func:`unpack_zero_fields` ignores them).
+    """
+    row_bytes = 4 * row_words
+    used = (1 << (bits * out_features)) - 1
+    rows = {int.from_bytes(qzeros[at : at + row_bytes], "little") & used for at in range(0, len(qzeros), row_bytes)}
     midpoint = 1 << (bits - 1)
-    if bool((fields == midpoint - 1).all()):
-        return V1
-    if bool((fields == midpoint).all()):
-        return V2
+    for verdict, field_value in ((V1, midpoint - 1), (V2, midpoint)):
+        if rows == {repeated_field(field_value, bits, out_features)}:
+            return verdict, field_value
     return None
 
 
@@ -498,12 +517,13 @@ class GPTQReader(Reader):
         """v1 or v2 from the first modules' zero points (rule in the module docstring)."""
         evidence = ZeroPointEvidence()
         for spec in specs[:DETECT_MAX_MODULES]:
-            fields = unpack_zero_fields(self.tensor(f"{spec.name}.qzeros"), spec.bits, spec.out_features)
-            if spec.symmetric:
-                verdict = symmetric_verdict(fields, spec.bits)
-                if verdict is not None:
-                    value = int(fields.flatten()[0])
+            qzeros = self.ckpt.info(f"{spec.name}.qzeros")
+            if spec.symmetric:  # exact, and without torch
+                found = symmetric_verdict(read_bytes(qzeros), qzeros.shape[1], spec.bits, spec.out_features)
+                if found is not None:
+                    verdict, value = found
                     return self._settle(verdict, f"every zero-point field of symmetric '{spec.name}' is {value}")
+            fields = unpack_zero_fields(self.tensor(qzeros.name), spec.bits, spec.out_features)  # torch from here
             rows = min(spec.out_features, max(1, DETECT_CODES_PER_MODULE // spec.in_features))
             codes = unpack_qweight(self.tensor(f"{spec.name}.qweight")[:, :rows], spec.bits, spec.in_features)
             g_idx = self.tensor(f"{spec.name}.g_idx").to(torch.int64) if spec.act_order else None

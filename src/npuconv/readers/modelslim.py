@@ -102,6 +102,8 @@ separate layers.
 
 from __future__ import annotations
 
+import math
+from array import array
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -109,7 +111,7 @@ from npuconv.lazy_torch import torch
 
 from npuconv import layouts, model
 from npuconv.io.checkpoint import Checkpoint
-from npuconv.io.safetensors_io import is_float
+from npuconv.io.safetensors_io import integer_range, is_float, iter_values
 from npuconv.errors import InputError, UnsupportedError
 from npuconv.model import (
     FP8_E4M3,
@@ -334,7 +336,7 @@ class ModelSlimReader(Reader):
             n2, groups = self._scale_shape(second)
             self._expect(n2 == n, second, f"has {n2} rows, expected {n}")
             offset = self._offsets(plan.tensors.get("weight_offset"), n, 1)
-            if offset is not None and bool((offset != 0).any()):
+            if offset not in (None, (0, 0)):
                 raise UnsupportedError(
                     f"tensor '{plan.tensors['weight_offset']}': a non-zero first-stage offset of two-stage "
                     "W4A8_DYNAMIC is not supported"
@@ -343,11 +345,11 @@ class ModelSlimReader(Reader):
             scale_dtype = "float32"
         else:
             zero = self._offsets(plan.tensors.get("weight_offset"), n, groups)
-            if bits == 4 and plan.layout == UNPACKED and zero is not None and bool((zero > 7).any()):
+            if bits == 4 and plan.layout == UNPACKED and zero is not None and zero[1] > 7:
                 plan.unsigned = True  # AutoRound: codes 0..15, offsets in the same unsigned domain
-                zero = zero - 8
+                zero = (zero[0] - 8, zero[1] - 8)
         plan.groups = groups
-        symmetric = zero is None or not bool((zero != 0).any())
+        symmetric = zero in (None, (0, 0))
         return self._finish(
             prefix,
             plan,
@@ -364,7 +366,7 @@ class ModelSlimReader(Reader):
         plan = _Plan(qtype, "static", tensors=self._present(prefix, SUFFIXES_STATIC))
         weight = self._weight_info(plan.tensors["weight"], ("int8",))
         n, k = weight.shape
-        input_scale, input_offset = self._input_quant(plan, prefix)
+        input_offset = self._input_offset(plan, prefix)
         if "weight_scale" in plan.tensors:  # v0 W8A8 / W8A8_MIX carry the real weight scale
             scale_name = plan.tensors["weight_scale"]
             n_scale, groups = self._scale_shape(scale_name)
@@ -395,7 +397,7 @@ class ModelSlimReader(Reader):
             in_features=k,
             bits=8,
             group_size=self._group_size(k, groups, plan.tensors.get("weight_scale", weight.name)),
-            symmetric=zero is None or not bool((zero != 0).any()),
+            symmetric=zero in (None, (0, 0)),
             scale_dtype=scale_dtype,
             activation=activation,
         )
@@ -408,7 +410,7 @@ class ModelSlimReader(Reader):
         n_scale, groups = self._scale_shape(scale_name)
         self._expect(n_scale == n, scale_name, f"has {n_scale} rows, expected {n}")
         offset = self._offsets(plan.tensors.get("weight_offset"), n, groups)
-        if offset is not None and bool((offset != 0).any()):
+        if offset not in (None, (0, 0)):
             raise UnsupportedError(
                 f"tensor '{plan.tensors['weight_offset']}': non-zero offsets of FP8 weights are not supported"
             )
@@ -484,34 +486,33 @@ class ModelSlimReader(Reader):
         self._expect(groups > 0 and k % groups == 0, name, f"{groups} groups do not divide in_features {k}")
         return k // groups
 
-    def _offsets(self, name: str | None, n: int, groups: int) -> torch.Tensor | None:
-        """Integer zero points (signed domain) ``[n, groups]`` int64, or None when absent."""
+    def _offsets(self, name: str | None, n: int, groups: int) -> tuple[int, int] | None:
+        """(min, max) of the integer zero points (signed domain) of ``[n, groups]`` offsets, or None
+        when absent. Checked at scan, per-channel offsets without torch (``inspect``; see
+        :func:`~npuconv.io.safetensors_io.integer_range`): a float offset must be an integer of
+        magnitude at most 2**14, else :class:`InputError` naming the first bad value. Loading
+        (:meth:`_zero`) relies on this check."""
         if name is None:
             return None
-        raw = self.tensor(name)
-        self._expect(raw.numel() == n * groups, name, f"shape {list(raw.shape)}, expected [{n}, {groups}]")
-        values = raw.reshape(n, groups)
-        if values.dtype.is_floating_point:
-            as_float = values.double()
-            bad = ~torch.isfinite(as_float) | (as_float != as_float.round()) | (as_float.abs() > 2**14)
-            if bool(bad.any()):
-                value = as_float[bad][0].item()
-                raise InputError(f"tensor '{name}': offset {value} is not an integer zero point")
-            return as_float.long()
-        return values.long()
+        info = self.ckpt.info(name)
+        self._expect(info.numel == n * groups, name, f"shape {list(info.shape)}, expected [{n}, {groups}]")
+        span = integer_range(info)
+        if is_float(info.dtype_name) and (span is None or any(map(_not_a_zero_point, span))):
+            value = next(filter(_not_a_zero_point, iter_values(info)))
+            raise InputError(f"tensor '{name}': offset {value} is not an integer zero point")
+        return span
 
-    def _input_quant(self, plan: _Plan, prefix: str) -> tuple[torch.Tensor, float]:
-        scale_name = self._need(plan, prefix, "input_scale")
-        offset_name = self._need(plan, prefix, "input_offset")
-        scale = self.tensor(scale_name)
-        offset = self.tensor(offset_name)
-        self._expect(scale.numel() == 1, scale_name, f"shape {list(scale.shape)}, expected [1] (per-tensor)")
-        self._expect(offset.numel() == 1, offset_name, f"shape {list(offset.shape)}, expected [1] (per-tensor)")
-        value = float(scale.reshape(()).float())
-        self._expect(value > 0 and value != float("inf"), scale_name, f"input scale {value} is not a positive number")
-        zero = float(offset.reshape(()).double())
-        self._expect(zero == round(zero), offset_name, f"input offset {zero} is not an integer")
-        return scale, zero
+    def _input_offset(self, plan: _Plan, prefix: str) -> float:
+        """The per-tensor input offset, after checking that the input scale is a positive float32
+        (the dtype :meth:`_load_static` reads it in) and the offset an integer. Without torch."""
+        scale, offset = (self.ckpt.info(self._need(plan, prefix, part)) for part in ("input_scale", "input_offset"))
+        for info in (scale, offset):
+            self._expect(info.numel == 1, info.name, f"shape {list(info.shape)}, expected [1] (per-tensor)")
+        value = array("f", iter_values(scale))[0]
+        self._expect(value > 0 and value != math.inf, scale.name, f"input scale {value} is not a positive number")
+        zero = float(next(iter_values(offset)))
+        self._expect(math.isfinite(zero) and zero == round(zero), offset.name, f"input offset {zero} is not an integer")
+        return zero
 
     # ---------------------------------------------------------------- load
     def load_layer(self, spec: LinearSpec) -> QuantizedLinear:
@@ -526,11 +527,13 @@ class ModelSlimReader(Reader):
         return layer
 
     def _zero(self, name: str | None, spec: LinearSpec, groups: int, unsigned: bool = False) -> torch.Tensor | None:
-        """Canonical zero points from the stored offsets (signed domain, or ``unsigned`` codes as stored)."""
-        offsets = self._offsets(name, spec.out_features, groups)
-        midpoint = 2 ** (spec.bits - 1)
-        if offsets is None:
+        """Canonical zero points from the stored offsets (signed domain, or ``unsigned`` codes as stored),
+        int16 ``[N, groups]``, or None when they are all the midpoint. The offsets were checked to be
+        integers of the right count when the layer was scanned (:meth:`_offsets`)."""
+        if name is None:
             return None
+        offsets = self.tensor(name).reshape(spec.out_features, groups).to(torch.int64)
+        midpoint = 2 ** (spec.bits - 1)
         zero = offsets if unsigned else offsets + midpoint
         return None if not bool((zero != midpoint).any()) else zero.to(torch.int16)
 
@@ -610,6 +613,11 @@ class ModelSlimReader(Reader):
         scale = self.tensor(name)
         self.check_scale(name, scale, e8m0=e8m0, negative_ok=negative_ok)
         return scale
+
+
+def _not_a_zero_point(offset: float) -> bool:
+    """An offset that is no integer zero point (not finite, fractional, or beyond ±2**14)."""
+    return not math.isfinite(offset) or offset != round(offset) or abs(offset) > 2**14
 
 
 def decode_deq_scale(deq: torch.Tensor) -> torch.Tensor:
