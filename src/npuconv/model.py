@@ -198,8 +198,6 @@ class QuantizedLinear:
         them over (``signed``), else computed from ``qweight``. Integer codes of ≤ 8 bits only."""
         if self.signed is not None:
             return self.signed
-        if self.spec.bits == 8:
-            return (self.qweight ^ 0x80).view(torch.int8)  # q - 128 wraps onto q ^ 0x80 in a byte
         return offset_codes(self.qweight, 2 ** (self.spec.bits - 1))
 
     def decoded_codes(self) -> torch.Tensor:

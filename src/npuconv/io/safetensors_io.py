@@ -236,15 +236,28 @@ def read_tensor(info: TensorInfo) -> torch.Tensor:
     else:
         data = torch.empty(info.nbytes, dtype=torch.uint8)
         if info.nbytes:
-            try:
-                with open(info.path, "rb") as f:
-                    f.seek(info.start)
-                    got = f.readinto(memoryview(data.numpy()))
-            except OSError as e:
-                raise InputError(f"{info.path.name}: cannot read tensor '{info.name}': {e.strerror or e}") from None
-            if got != info.nbytes:
-                raise InputError(f"{info.path.name}: tensor '{info.name}' is truncated ({got} of {info.nbytes} bytes)")
+            _read_into(info, memoryview(data.numpy()))
     return data.view(info.dtype).reshape(info.shape)
+
+
+def _read_into(info: TensorInfo, buffer) -> None:
+    """Read the tensor's ``nbytes`` stored bytes into a writable buffer of that size."""
+    try:
+        with open(info.path, "rb") as f:
+            f.seek(info.start)
+            got = f.readinto(buffer)
+    except OSError as e:
+        raise _unreadable(info, e) from None
+    if got != info.nbytes:
+        raise _truncated(info, got)
+
+
+def _unreadable(info: TensorInfo, error: OSError) -> InputError:
+    return InputError(f"{info.path.name}: cannot read tensor '{info.name}': {error.strerror or error}")
+
+
+def _truncated(info: TensorInfo, got: int) -> InputError:
+    return InputError(f"{info.path.name}: tensor '{info.name}' is truncated ({got} of {info.nbytes} bytes)")
 
 
 def _map_bytes(info: TensorInfo) -> torch.Tensor:
@@ -254,24 +267,17 @@ def _map_bytes(info: TensorInfo) -> torch.Tensor:
         with open(info.path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size < info.start + info.nbytes:
-                got = max(0, size - info.start)
-                raise InputError(f"{info.path.name}: tensor '{info.name}' is truncated ({got} of {info.nbytes} bytes)")
+                raise _truncated(info, max(0, size - info.start))
             mapped = mmap.mmap(f.fileno(), info.start + info.nbytes - start, offset=start, access=mmap.ACCESS_COPY)
     except OSError as e:
-        raise InputError(f"{info.path.name}: cannot read tensor '{info.name}': {e.strerror or e}") from None
+        raise _unreadable(info, e) from None
     return torch.frombuffer(mapped, dtype=torch.uint8, count=info.nbytes, offset=info.start - start)
 
 
-def read_bytes(info: TensorInfo) -> bytes:
+def read_bytes(info: TensorInfo) -> bytearray:
     """The stored bytes of one tensor (row-major, little-endian), read without torch."""
-    try:
-        with open(info.path, "rb") as f:
-            f.seek(info.start)
-            data = f.read(info.nbytes)
-    except OSError as e:
-        raise InputError(f"{info.path.name}: cannot read tensor '{info.name}': {e.strerror or e}") from None
-    if len(data) != info.nbytes:
-        raise InputError(f"{info.path.name}: tensor '{info.name}' is truncated ({len(data)} of {info.nbytes} bytes)")
+    data = bytearray(info.nbytes)
+    _read_into(info, data)
     return data
 
 
